@@ -1,0 +1,40 @@
+"""anefx: compile PyTorch models for the Apple Neural Engine by graph rewriting.
+
+    compiled = anefx.compile(model, (x,))
+    compiled.save("model.mlpackage")
+    print(compiled.report)
+"""
+
+from anefx.capture import Captured, capture
+from anefx.compile import CompiledModel, compile  # noqa: A004
+from anefx.debug import DebugOptions
+from anefx.errors import AnefxError, CaptureError, ConversionError, PassError, TargetUnavailableError
+from anefx.passes import Pass, PassContext, PassResult
+from anefx.pipeline import Pipeline
+from anefx.report import PassRecord, Report
+from anefx.reproducer import load_reproducer
+from anefx.validate import Tolerance, ValidationOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnefxError",
+    "CaptureError",
+    "Captured",
+    "CompiledModel",
+    "ConversionError",
+    "DebugOptions",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassRecord",
+    "PassResult",
+    "Pipeline",
+    "Report",
+    "TargetUnavailableError",
+    "Tolerance",
+    "ValidationOptions",
+    "capture",
+    "compile",
+    "load_reproducer",
+]

@@ -1,0 +1,166 @@
+"""Small helpers over ``torch.fx`` graphs shared by capture, passes, validation and targets.
+
+Nothing here knows about a particular pass or target: these are the graph facts every layer needs
+(cloning without copying weights, shape metadata, op histograms, where a node came from).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+aten = torch.ops.aten
+
+
+def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule with a copy of ``gm``'s graph that *shares* its parameters and buffers.
+
+    Passes edit the copy; rolling a pass back is dropping the copy. Weights are never duplicated
+    (a deepcopy would double the memory of a large model).
+    """
+    graph = copy.deepcopy(gm.graph)  # node_copy shares meta dicts' values; weights stay on gm
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for attr in ("meta",):
+        if hasattr(gm, attr):
+            setattr(new, attr, dict(getattr(gm, attr)))
+    return new
+
+
+def refresh_meta(gm: torch.fx.GraphModule, flat_inputs: Iterable[torch.Tensor]) -> None:
+    """Recompute ``node.meta["val"]`` (FakeTensors) for every node from the flat example inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+
+
+def val(node: torch.fx.Node):
+    """The FakeTensor (or other value) recorded for ``node``, or None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return node.meta.get("val", node.meta.get("tensor_meta"))
+
+
+def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """The static shape of ``node``'s tensor value, or None when unknown or symbolic."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in v.shape)
+    except (TypeError, RuntimeError):
+        return None
+
+
+def dtype(node: torch.fx.Node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """A stable short name for a node's operation: ``aten.linear``, ``placeholder``, ``call_module:foo``."""
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return f"{t.namespace}.{t._schema.name.split('::')[-1]}"
+        if isinstance(t, torch._ops.OpOverloadPacket):
+            return f"{t._qualified_op_name.replace('::', '.')}"
+        return getattr(t, "__name__", str(t))
+    if node.op in ("call_module", "call_method"):
+        return f"{node.op}:{node.target}"
+    return node.op
+
+
+def op_histogram(gm: torch.fx.GraphModule) -> collections.Counter:
+    """How often each operation occurs (only computing nodes: no placeholders, attributes, output)."""
+    return collections.Counter(
+        op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method")
+    )
+
+
+def count_ops(gm: torch.fx.GraphModule, *names: str) -> int:
+    hist = op_histogram(gm)
+    return sum(hist.get(name, 0) for name in names)
+
+
+def source_location(node: torch.fx.Node) -> str | None:
+    """``file:line`` of the user's code that produced ``node`` (from its recorded stack trace)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    last = None
+    for line in trace.strip().splitlines():
+        line = line.strip()
+        if line.startswith('File "'):
+            last = line
+    if last is None:
+        return None
+    try:
+        path = last.split('"')[1]
+        lineno = last.split("line ")[1].split(",")[0]
+    except IndexError:
+        return None
+    return f"{path}:{lineno}"
+
+
+def describe(node: torch.fx.Node) -> str:
+    """One line naming a node for error messages: ``%linear_3 (aten.linear) at model.py:42``."""
+    where = source_location(node)
+    text = f"%{node.name} ({op_name(node)})"
+    return f"{text} at {where}" if where else text
+
+
+def users_in_order(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return list(node.users)
+
+
+def is_param_like(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """True for ``get_attr`` nodes (parameters, buffers, constants)."""
+    return node.op == "get_attr"
+
+
+def get_attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    target = node.target
+    obj = gm
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def add_constant(gm: torch.fx.GraphModule, value: torch.Tensor, prefix: str) -> str:
+    """Register ``value`` as a buffer on ``gm`` under a fresh name; return the name."""
+    i = 0
+    while hasattr(gm, f"{prefix}{i}"):
+        i += 1
+    name = f"{prefix}{i}"
+    gm.register_buffer(name, value, persistent=True)
+    return name
+
+
+def walk_args(args) -> Iterator[torch.fx.Node]:
+    """Every Node inside a (nested) args structure."""
+    if isinstance(args, torch.fx.Node):
+        yield args
+    elif isinstance(args, (list, tuple)):
+        for a in args:
+            yield from walk_args(a)
+    elif isinstance(args, dict):
+        for a in args.values():
+            yield from walk_args(a)
+
+
+def erase_dead(gm: torch.fx.GraphModule) -> int:
+    """Remove unused pure nodes and get_attr nodes; return how many were removed."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    return before - len(gm.graph.nodes)

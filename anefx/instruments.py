@@ -1,0 +1,119 @@
+"""Pipeline instrumentation: print-IR, dump directory, opt-bisect lines, reproducers.
+
+All of it is driven by :class:`anefx.debug.DebugOptions`; with the defaults nothing is printed or
+written and the cost is nil.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx
+
+from anefx.report import PassRecord
+
+if TYPE_CHECKING:
+    from anefx.debug import DebugOptions
+    from anefx.passes.base import Pass
+    from anefx.pipeline import Pipeline
+
+
+def graph_text(gm: torch.fx.GraphModule) -> str:
+    """The graph as readable Python (what ``print(gm.code)`` shows), without the weight loads."""
+    lines = [ln for ln in gm.code.splitlines() if ln.strip()]
+    return "\n".join(lines) + "\n"
+
+
+class Instruments:
+    def __init__(self, debug: DebugOptions, pipeline: Pipeline, flat_inputs=(), stream=None):
+        self.debug = debug
+        self.flat_inputs = list(flat_inputs)
+        self.pipeline = pipeline
+        self.stream = stream or sys.stderr
+        self.dump_dir = Path(debug.dump_dir) if debug.dump_dir else None
+        self.summary: list[dict[str, Any]] = []
+
+    # -- hooks ------------------------------------------------------------------------------
+    def start(self, gm: torch.fx.GraphModule) -> None:
+        if self.dump_dir:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / "00_input.py").write_text(graph_text(gm))
+
+    def bisect_line(self, index: int, name: str, ran: bool) -> None:
+        if self.debug.bisect_limit is None:
+            return
+        verb = "running" if ran else "NOT running"
+        print(f"BISECT: {verb} pass ({index}) {name}", file=self.stream)
+
+    def before(self, index: int, p: Pass, gm: torch.fx.GraphModule) -> None:
+        if p.name in self.debug.print_ir_before:
+            self._print(f"IR Dump Before {p.name} ({index})", gm)
+
+    def after(self, index: int, p: Pass, before: torch.fx.GraphModule, after: torch.fx.GraphModule, rec: PassRecord):
+        d = self.debug
+        if d.print_ir_after_all or p.name in d.print_ir_after or (d.print_ir_after_change and rec.modified):
+            self._print(f"IR Dump After {p.name} ({index})", after)
+        if self.dump_dir:
+            self._dump(index, p, before, after, rec)
+
+    def failed(
+        self, index: int, p: Pass, before: torch.fx.GraphModule, rec: PassRecord, exc: BaseException | None
+    ) -> None:
+        print(f"anefx: pass {p.name} ({index}) rolled back: {rec.error}", file=self.stream)
+        if self.dump_dir:
+            self._dump(index, p, before, before, rec)
+        target = self.debug.reproducer_dir
+        if target is None and self.dump_dir is not None:
+            target = self.dump_dir / f"reproducer_{index:02d}_{p.name}"
+        if target is not None:
+            from anefx.reproducer import write_reproducer
+
+            path = write_reproducer(target, before, self.flat_inputs, self.pipeline, index, rec)
+            rec.stats["reproducer"] = str(path)
+
+    def finish(self, gm: torch.fx.GraphModule, records: list[PassRecord]) -> None:
+        if self.dump_dir:
+            (self.dump_dir / "99_output.py").write_text(graph_text(gm))
+            (self.dump_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _print(self, title: str, gm: torch.fx.GraphModule) -> None:
+        print(f"// ----- {title} ----- //", file=self.stream)
+        print(graph_text(gm), file=self.stream)
+
+    def _dump(self, index: int, p: Pass, before, after, rec: PassRecord) -> None:
+        assert self.dump_dir is not None
+        stem = f"{index + 1:02d}_{p.name}"
+        a, b = graph_text(before), graph_text(after)
+        (self.dump_dir / f"{stem}.before.py").write_text(a)
+        (self.dump_dir / f"{stem}.after.py").write_text(b)
+        diff = difflib.unified_diff(
+            a.splitlines(keepends=True), b.splitlines(keepends=True), f"{stem}.before.py", f"{stem}.after.py"
+        )
+        (self.dump_dir / f"{stem}.diff").write_text("".join(diff))
+        entry = {
+            "index": index,
+            "pass": p.name,
+            "status": rec.status,
+            "modified": rec.modified,
+            "rolled_back": rec.rolled_back,
+            "error": rec.error,
+            "max_abs_error": rec.max_abs_error,
+            "max_rel_error": rec.max_rel_error,
+            "seconds": rec.seconds,
+            "validation_seconds": rec.validation_seconds,
+            "stats": rec.stats,
+        }
+        (self.dump_dir / f"{stem}.error.json").write_text(json.dumps(entry, indent=2, default=str))
+        self.summary.append(entry)
+        if rec.modified and not rec.rolled_back:
+            from anefx.visualize import draw_graph
+
+            picture = draw_graph(after, self.dump_dir / f"{stem}.graph", changed_from=before)
+            if picture is not None:
+                entry["picture"] = picture.name

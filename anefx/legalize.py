@@ -1,0 +1,116 @@
+"""Graph legalization shared by the cleanup passes and the targets.
+
+These rewrites keep every value as it is and only change how the graph is spelled (no-ops removed,
+ops converters reject respelled, input-independent subgraphs evaluated). They live below both the
+passes and the targets so each can use them without knowing the other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from anefx.graph import add_constant, dtype, erase_dead, get_attr_value, shape, walk_args
+
+aten = torch.ops.aten
+
+_CHECKS = {aten._assert_tensor_metadata.default, aten._assert_async.msg, aten._assert_scalar.default}
+_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
+_CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
+_BITWISE = {
+    aten.__and__.Tensor: (aten.logical_and.default, aten.bitwise_and.Tensor),
+    aten.__or__.Tensor: (aten.logical_or.default, aten.bitwise_or.Tensor),
+    aten.__xor__.Tensor: (aten.logical_xor.default, aten.bitwise_xor.Tensor),
+}
+_NEW_FILLED = {aten.new_ones.default: 1, aten.new_zeros.default: 0}
+
+
+def _same_value(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    return isinstance(src, torch.fx.Node) and dtype(node) == dtype(src) and shape(node) == shape(src)
+
+
+def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Remove no-ops and respell ops converters reject; return counts of what changed."""
+    stats = {"checks_removed": 0, "identities_removed": 0, "ops_respelled": 0}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if t in _CHECKS and not node.users:
+            graph.erase_node(node)
+            stats["checks_removed"] += 1
+        elif t == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            stats["identities_removed"] += 1
+        elif (t in _IDENTITY or t in _CASTS) and _same_value(node, node.args[0]) and not node.kwargs.get(
+            "memory_format"
+        ):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            stats["identities_removed"] += 1
+        elif t in _BITWISE:
+            logical, bitwise = _BITWISE[t]
+            node.target = logical if dtype(node) == torch.bool else bitwise
+            stats["ops_respelled"] += 1
+        elif t in _NEW_FILLED:
+            src, size = node.args[0], node.args[1]
+            kwargs = {
+                "dtype": node.kwargs.get("dtype") or dtype(src),
+                "device": node.kwargs.get("device") or getattr(src.meta.get("val"), "device", None),
+            }
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            stats["ops_respelled"] += 1
+    return stats
+
+
+def _is_pure(node: torch.fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    tags = getattr(target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return False
+    schema = target._schema
+    if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+        return False
+    return bool(schema.returns)
+
+
+def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20) -> int:
+    """Replace input-independent subgraphs (not reading parameters) by constant buffers; return count."""
+    values: dict[torch.fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = get_attr_value(gm, node)
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                values[node] = value
+        elif node.op == "call_function" and _is_pure(node):
+            inputs = list(walk_args((node.args, node.kwargs)))
+            if all(i in values for i in inputs):
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+                with torch.no_grad():
+                    values[node] = node.target(*args, **kwargs)
+
+    folded = 0
+    for node, value in values.items():
+        if node.op == "get_attr" or not isinstance(value, torch.Tensor):
+            continue
+        if value.numel() > max_numel:
+            continue
+        if all(user in values and user.op != "output" for user in node.users):
+            continue  # an inner node of a folded subgraph: its users fold too
+        name = add_constant(gm, value.detach().clone().contiguous(), "_anefx_const")
+        with gm.graph.inserting_before(node):
+            const = gm.graph.get_attr(name)
+        const.meta = dict(node.meta)
+        node.replace_all_uses_with(const)
+        folded += 1
+    if folded:
+        erase_dead(gm)
+    return folded

@@ -1,0 +1,154 @@
+"""The pass pipeline: an immutable list of passes, run with validation and rollback after each.
+
+``Pipeline.default().without("fold_transposes").with_options("linear_to_conv", min_channels=64)``
+builds a new pipeline each time (presets return copies; nothing is shared or global).
+``Pipeline.run`` applies each pass to a clone of the graph (sharing the weights), refreshes shape
+metadata, validates, and keeps the result only if it validates; a failing pass is rolled back,
+recorded with its error, and the pipeline goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from anefx.debug import DebugOptions
+from anefx.graph import clone_graph_module, refresh_meta
+from anefx.instruments import Instruments
+from anefx.passes.base import Pass, PassContext
+from anefx.report import PassRecord
+from anefx.validate import ValidationOptions, Validator
+
+
+@dataclass
+class PipelineResult:
+    graph_module: torch.fx.GraphModule
+    records: list[PassRecord]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    passes: tuple[Pass, ...] = ()
+    validation: ValidationOptions = field(default_factory=ValidationOptions)
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> Pipeline:
+        from anefx.passes import default_passes
+
+        return cls(tuple(default_passes()))
+
+    @classmethod
+    def empty(cls) -> Pipeline:
+        return cls(())
+
+    @classmethod
+    def from_names(cls, names: Iterable[str]) -> Pipeline:
+        from anefx.passes import pass_by_name
+
+        return cls(tuple(pass_by_name(n) for n in names))
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def _index(self, name: str) -> int:
+        for i, p in enumerate(self.passes):
+            if p.name == name:
+                return i
+        raise KeyError(f"no pass named {name!r} in this pipeline; it has: {self.names}")
+
+    def without(self, *names: str) -> Pipeline:
+        for n in names:
+            self._index(n)
+        return Pipeline(tuple(p for p in self.passes if p.name not in names), self.validation)
+
+    def with_options(self, name: str, options=None, **overrides) -> Pipeline:
+        i = self._index(name)
+        old = self.passes[i]
+        new = type(old)(options if options is not None else old.options, **overrides)
+        return Pipeline(self.passes[:i] + (new,) + self.passes[i + 1 :], self.validation)
+
+    def append(self, *passes: Pass) -> Pipeline:
+        return Pipeline(self.passes + tuple(passes), self.validation)
+
+    def insert_before(self, name: str, *passes: Pass) -> Pipeline:
+        i = self._index(name)
+        return Pipeline(self.passes[:i] + tuple(passes) + self.passes[i:], self.validation)
+
+    def insert_after(self, name: str, *passes: Pass) -> Pipeline:
+        i = self._index(name) + 1
+        return Pipeline(self.passes[:i] + tuple(passes) + self.passes[i:], self.validation)
+
+    def with_validation(self, options: ValidationOptions | None = None, **overrides) -> Pipeline:
+        import dataclasses
+
+        base = options or self.validation
+        return Pipeline(self.passes, dataclasses.replace(base, **overrides) if overrides else base)
+
+    # -- running ----------------------------------------------------------------------------
+    def run(
+        self,
+        gm: torch.fx.GraphModule,
+        flat_inputs: Sequence,
+        *,
+        reference_outputs: Sequence | None = None,
+        debug: DebugOptions | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> PipelineResult:
+        """Run every pass on (a clone of) ``gm``; the input graph is never modified."""
+        debug = debug or DebugOptions()
+        instruments = Instruments(debug, self, flat_inputs)
+        validator = Validator(gm, flat_inputs, self.validation, reference_outputs)
+        ctx = PassContext(flat_inputs=list(flat_inputs))
+        current = gm
+        records: list[PassRecord] = []
+        instruments.start(current)
+        for index, p in enumerate(self.passes):
+            record = PassRecord(index=index, name=p.name)
+            records.append(record)
+            if progress:
+                progress(p.name)
+            if debug.bisect_limit is not None and debug.bisect_limit >= 0 and index >= debug.bisect_limit:
+                record.skipped = f"bisect limit {debug.bisect_limit}"
+                instruments.bisect_line(index, p.name, ran=False)
+                continue
+            instruments.bisect_line(index, p.name, ran=True)
+            instruments.before(index, p, current)
+            work = clone_graph_module(current)
+            t0 = time.perf_counter()
+            try:
+                result = p.run(work, ctx)
+                record.modified = bool(result.modified)
+                record.stats = dict(getattr(result, "stats", {}) or {})
+                work = result.graph_module
+                if record.modified:
+                    refresh_meta(work, flat_inputs)
+            except Exception as exc:  # a pass that raises is rolled back like one that validates badly
+                record.seconds = time.perf_counter() - t0
+                record.rolled_back = True
+                record.error = f"raised {type(exc).__name__}: {exc}"
+                instruments.failed(index, p, current, record, exc)
+                continue
+            record.seconds = time.perf_counter() - t0
+            if not record.modified:
+                instruments.after(index, p, current, current, record)
+                continue
+            t1 = time.perf_counter()
+            verdict = validator.check(work)
+            record.validation_seconds = time.perf_counter() - t1
+            record.max_abs_error = verdict.max_abs_error
+            record.max_rel_error = verdict.max_rel_error
+            if not verdict.ok:
+                record.rolled_back = True
+                record.error = verdict.message
+                instruments.failed(index, p, current, record, None)
+                continue
+            instruments.after(index, p, current, work, record)
+            current = work
+        instruments.finish(current, records)
+        return PipelineResult(current, records)

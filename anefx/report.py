@@ -1,0 +1,101 @@
+"""Per-pass records and the report that prints them."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassRecord:
+    """What one pass application did."""
+
+    index: int
+    name: str
+    modified: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    validation_seconds: float = 0.0
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    rolled_back: bool = False
+    skipped: str | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.skipped:
+            return f"skipped ({self.skipped})"
+        if self.rolled_back:
+            return "ROLLED BACK"
+        return "changed" if self.modified else "no change"
+
+
+@dataclass
+class Report:
+    """The pipeline's records plus the hand-off's summary; prints as a table."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    conversion: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [r for r in self.records if r.rolled_back]
+
+    def record(self, name: str) -> PassRecord:
+        for r in self.records:
+            if r.name == name:
+                return r
+        raise KeyError(f"no pass named {name!r} ran; ran: {[r.name for r in self.records]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [asdict(r) | {"status": r.status} for r in self.records], "conversion": self.conversion}
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str, **kwargs)
+
+    def rich_table(self):
+        from rich.table import Table
+
+        table = Table(title="anefx passes", show_lines=False)
+        for col, justify in (
+            ("#", "right"),
+            ("pass", "left"),
+            ("status", "left"),
+            ("stats", "left"),
+            ("time (s)", "right"),
+            ("max abs err", "right"),
+            ("max rel err", "right"),
+        ):
+            table.add_column(col, justify=justify)
+        for r in self.records:
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v) or "-"
+            status = r.status if not r.error else f"{r.status}: {r.error}"
+            style = "red" if r.rolled_back else ("green" if r.modified else None)
+            table.add_row(
+                str(r.index),
+                r.name,
+                status,
+                stats,
+                f"{r.seconds + r.validation_seconds:.3f}",
+                _fmt(r.max_abs_error),
+                _fmt(r.max_rel_error),
+                style=style,
+            )
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+        console.print(self.rich_table())
+        if self.conversion:
+            console.print(" ".join(f"{k}={v}" for k, v in self.conversion.items() if not isinstance(v, dict)))
+        return buf.getvalue()
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"

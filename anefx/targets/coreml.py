@@ -1,0 +1,163 @@
+"""Core ML hand-off: the validated graph → coremltools → ML Program (``.mlpackage``).
+
+Route: legalize a clone of the graph (respell ops coremltools 9 rejects, fold input-independent
+subgraphs) → ``torch.export`` → ``run_decompositions({})`` → ``ct.convert`` (mlprogram, fp16,
+``CPU_AND_NE``). Inputs keep the model's argument names, outputs the model's output names.
+
+Running the model (``predict``) and ``MLComputePlan`` need macOS; :func:`runtime_available` says
+whether this machine has them, and callers skip with its reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import platform
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from anefx.errors import ConversionError, TargetUnavailableError
+from anefx.graph import clone_graph_module, describe
+from anefx.legalize import canonicalize, fold_constants
+from anefx.targets.base import Artifact, HandOff, Target
+
+
+def _ct():
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        try:
+            import coremltools as ct
+        except ImportError as exc:  # pragma: no cover - coremltools is a hard dependency
+            raise TargetUnavailableError("the Core ML target needs coremltools: pip install coremltools") from exc
+    return ct
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence coremltools' import-time chatter (missing native libs on Linux, untested torch)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def runtime_available() -> tuple[bool, str]:
+    """Whether Core ML models can be *run* here (``predict``, ``MLComputePlan``), and why not."""
+    if platform.system() != "Darwin":
+        return False, f"running Core ML models needs macOS (this is {platform.system()})"
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError:
+        return False, "coremltools was installed without its native Core ML bindings"
+    return True, "macOS with Core ML"
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    """How the ML Program is built."""
+
+    minimum_deployment_target: str = "iOS16"
+    compute_precision: str = "float16"  # or "float32"
+    compute_units: str = "CPU_AND_NE"  # ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE
+    #: Extra keyword arguments for ``ct.convert`` (advanced).
+    convert_kwargs: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass
+class CoreMLArtifact(Artifact):
+    suffix = ".mlpackage"
+
+    @property
+    def mil_program(self):
+        return self.model._mil_program
+
+    def operations(self) -> list:
+        return list(self.mil_program.functions["main"].operations)
+
+    def op_histogram(self) -> collections.Counter:
+        """MIL op types of the main function (``const`` excluded: they are weights and literals)."""
+        return collections.Counter(op.op_type for op in self.operations() if op.op_type != "const")
+
+    def _write(self, path: Path) -> None:
+        self.model.save(str(path))
+
+    def predict(self, inputs: dict):
+        ok, why = runtime_available()
+        if not ok:
+            raise TargetUnavailableError(why)
+        return self.model.predict(inputs)
+
+
+class CoreMLTarget(Target):
+    name = "coreml"
+    Options = CoreMLOptions
+
+    def convert(self, handoff: HandOff) -> CoreMLArtifact:
+        ct = _ct()
+        opts: CoreMLOptions = self.options
+        gm = clone_graph_module(handoff.graph_module)
+        canonicalize(gm)
+        fold_constants(gm)
+        gm.recompile()
+        try:
+            ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
+            ep = ep.run_decompositions({})
+        except Exception as exc:
+            raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            target = getattr(ct.target, opts.minimum_deployment_target)
+        except AttributeError:
+            raise ConversionError(
+                f"unknown minimum_deployment_target {opts.minimum_deployment_target!r}; "
+                "use e.g. iOS16, iOS17, iOS18, macOS13"
+            ) from None
+        precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[opts.compute_precision]
+        outputs = [ct.TensorType(name=n) for n in handoff.output_names]
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                mlmodel = ct.convert(
+                    ep,
+                    convert_to="mlprogram",
+                    minimum_deployment_target=target,
+                    compute_precision=precision,
+                    compute_units=getattr(ct.ComputeUnit, opts.compute_units),
+                    outputs=outputs,
+                    skip_model_load=not runtime_available()[0],
+                    **dict(opts.convert_kwargs),
+                )
+        except Exception as exc:
+            raise ConversionError(_explain(exc, ep, handoff.graph_module)) from exc
+        seconds = time.perf_counter() - t0
+        return CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds})
+
+
+def _explain(exc: BaseException, ep, gm: torch.fx.GraphModule) -> str:
+    """Name the op coremltools choked on and where it came from in the user's code."""
+    text = str(exc)
+    m = re.search(r"Unsupported fx node (\w+), kind (\S+)", text) or re.search(r'Op "(\w+)"', text)
+    node = None
+    if m:
+        name = m.group(1)
+        node = next((n for n in ep.graph.nodes if n.name == name), None)
+        node = next((n for n in gm.graph.nodes if n.name == name), node)
+    where = f" at {describe(node)}" if node is not None else ""
+    hint = (
+        "anefx could not legalize this op for coremltools; rewrite it in the model, or add a pass "
+        "that lowers it (see passes_catalog/), or report it with the dump from ANEFX_DUMP_DIR"
+    )
+    first = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    return f"coremltools failed to convert{where}: {type(exc).__name__}: {first}. {hint}"
