@@ -1,8 +1,8 @@
 """anefx: compile PyTorch models for the Apple Neural Engine by graph rewriting.
 
-    compiled = anefx.compile(model, (x,))
-    compiled.save("model.mlpackage")
-    print(compiled.report)
+compiled = anefx.compile(model, (x,))
+compiled.save("model.mlpackage")
+print(compiled.report)
 """
 
 from anefx.capture import Captured, capture

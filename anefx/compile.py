@@ -44,7 +44,9 @@ class CompiledModel:
     def mlmodel(self):
         """The coremltools ``MLModel`` (Core ML target only)."""
         if self.target != "coreml" or self.artifact is None:
-            raise AttributeError(f"no Core ML model: this was compiled for target={self.target!r}, convert={self.artifact is not None}")
+            raise AttributeError(
+                f"no Core ML model: this was compiled for target={self.target!r}, convert={self.artifact is not None}"
+            )
         return self.artifact.model
 
     def op_histogram(self):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -23,7 +24,9 @@ def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Passes edit the copy; rolling a pass back is dropping the copy. Weights are never duplicated
     (a deepcopy would double the memory of a large model).
     """
-    graph = copy.deepcopy(gm.graph)  # node_copy shares meta dicts' values; weights stay on gm
+    with warnings.catch_warnings():  # deepcopy of pytree specs warns about a deprecated alias
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)  # node_copy shares meta values; weights stay on gm
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     for attr in ("meta",):
         if hasattr(gm, attr):
@@ -164,3 +167,47 @@ def erase_dead(gm: torch.fx.GraphModule) -> int:
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     return before - len(gm.graph.nodes)
+
+
+def insert_after(graph: torch.fx.Graph, node: torch.fx.Node):
+    """Insertion point right after ``node`` that keeps successive insertions in program order.
+
+    (``Graph.inserting_after`` puts each new node directly after ``node``, reversing a sequence.)
+    """
+    return graph.inserting_before(node.next)
+
+
+def is_constant(node) -> bool:
+    """True when ``node`` depends on no graph input: a parameter, buffer, or a computation on them."""
+    if not isinstance(node, torch.fx.Node):
+        return True
+    seen: dict[torch.fx.Node, bool] = {}
+    stack = [node]
+    result = True
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen[n] = True
+        if n.op == "get_attr":
+            continue
+        if n.op != "call_function":
+            result = False
+            break
+        stack.extend(walk_args((n.args, n.kwargs)))
+    return result
+
+
+def infer_meta(node: torch.fx.Node) -> None:
+    """Fill ``node.meta["val"]`` by running its op on its inputs' FakeTensors (no real compute)."""
+    from torch._guards import detect_fake_mode
+
+    if node.op != "call_function":
+        return
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    vals = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        return
+    with mode:
+        node.meta["val"] = node.target(*args, **kwargs)

@@ -40,12 +40,8 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
         if t in _CHECKS and not node.users:
             graph.erase_node(node)
             stats["checks_removed"] += 1
-        elif t == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            stats["identities_removed"] += 1
-        elif (t in _IDENTITY or t in _CASTS) and _same_value(node, node.args[0]) and not node.kwargs.get(
-            "memory_format"
+        elif (t == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False)) or (
+            (t in _IDENTITY or t in _CASTS) and _same_value(node, node.args[0]) and not node.kwargs.get("memory_format")
         ):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)

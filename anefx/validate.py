@@ -163,9 +163,7 @@ class Validator:
         self.input_sets: list[list] = [list(flat_inputs)]
         gen = torch.Generator().manual_seed(options.seed)
         for _ in range(options.random_inputs if options.mode == "numeric" else 0):
-            self.input_sets.append(
-                [random_like(t, gen) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
-            )
+            self.input_sets.append([random_like(t, gen) if isinstance(t, torch.Tensor) else t for t in flat_inputs])
         self.references: list[list] = []
         if options.mode == "numeric":
             for k, inputs in enumerate(self.input_sets):

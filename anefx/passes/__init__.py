@@ -9,10 +9,20 @@ from __future__ import annotations
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
 from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.fold_constants import FoldConstants
+from anefx.passes.fold_transposes import FoldTransposes
+from anefx.passes.grouped_projection import GroupedProjection
+from anefx.passes.layer_norm_bc1s import LayerNormBC1S
+from anefx.passes.linear_to_conv import LinearToConv
+from anefx.passes.to_bc1s import ToBC1S
 
 DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
     FoldConstants,
+    GroupedProjection,
+    LinearToConv,
+    LayerNormBC1S,
+    ToBC1S,
+    FoldTransposes,
 )
 
 ALL_PASSES: tuple[type[Pass], ...] = DEFAULT_PASSES
@@ -35,10 +45,15 @@ __all__ = [
     "DEFAULT_PASSES",
     "Canonicalize",
     "FoldConstants",
+    "FoldTransposes",
+    "GroupedProjection",
+    "LayerNormBC1S",
+    "LinearToConv",
     "NoOptions",
     "Pass",
     "PassContext",
     "PassResult",
+    "ToBC1S",
     "default_passes",
     "pass_by_name",
 ]

@@ -62,9 +62,7 @@ class Pass(abc.ABC):
             valid = {f.name for f in dataclasses.fields(self.Options)}
             unknown = sorted(set(overrides) - valid)
             if unknown:
-                raise TypeError(
-                    f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(valid) or 'none'}"
-                )
+                raise TypeError(f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(valid) or 'none'}")
             options = dataclasses.replace(options, **overrides)
         self.options = options
 

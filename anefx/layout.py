@@ -1,0 +1,171 @@
+"""The (B, C, 1, S) layout vocabulary shared by the ANE passes.
+
+A channels-last activation of rank 3, ``(B, S, C)``, lives on the ANE as ``(B, C, 1, S)``; one of rank
+2, ``(B, C)``, as ``(B, C, 1, 1)``. This module spells the two layout changes in ATen, recognises
+them in a graph, and maps axes and shapes between the layouts:
+
+=========  ===========================================  ===========================================
+rank       to (B, C, 1, S)                              from (B, C, 1, S)
+=========  ===========================================  ===========================================
+3          ``unsqueeze(permute(x, [0, 2, 1]), 2)``      ``permute(squeeze(y, 2), [0, 2, 1])``
+2          ``unsqueeze(unsqueeze(x, 2), 3)``            ``squeeze(y, [2, 3])``
+=========  ===========================================  ===========================================
+
+Every layout change anefx inserts is tagged ``node.meta["anefx_layout"] = "to_bc1s" | "from_bc1s"``
+on its last node, so graphs stay readable and the ANE report can point at them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from anefx.graph import insert_after, is_constant, shape
+
+aten = torch.ops.aten
+
+TAG = "anefx_layout"
+RANKS = (2, 3)
+
+#: orig axis -> bc1s axis, per orig rank
+_AXIS = {3: {0: 0, 1: 3, 2: 1}, 2: {0: 0, 1: 1}}
+
+
+def bc1s_axis(rank: int, axis: int) -> int:
+    """The (B, C, 1, S) axis holding original axis ``axis`` of a rank-``rank`` channels-last tensor."""
+    return _AXIS[rank][axis % rank]
+
+
+def bc1s_shape(shp: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shp) == 3:
+        b, s, c = shp
+        return (b, c, 1, s)
+    if len(shp) == 2:
+        b, c = shp
+        return (b, c, 1, 1)
+    raise ValueError(f"no (B, C, 1, S) form for rank {len(shp)}")
+
+
+def _tag(node: torch.fx.Node, kind: str, rank: int) -> torch.fx.Node:
+    node.meta[TAG] = kind
+    node.meta["anefx_rank"] = rank
+    return node
+
+
+def emit_to_bc1s(graph: torch.fx.Graph, x: torch.fx.Node, rank: int) -> torch.fx.Node:
+    """Insert (after ``x``'s current insertion point) the change of ``x`` into (B, C, 1, S)."""
+    if rank == 3:
+        p = graph.call_function(aten.permute.default, (x, [0, 2, 1]))
+        return _tag(graph.call_function(aten.unsqueeze.default, (p, 2)), "to_bc1s", 3)
+    if rank == 2:
+        u = graph.call_function(aten.unsqueeze.default, (x, 2))
+        return _tag(graph.call_function(aten.unsqueeze.default, (u, 3)), "to_bc1s", 2)
+    raise ValueError(f"no (B, C, 1, S) form for rank {rank}")
+
+
+def emit_from_bc1s(graph: torch.fx.Graph, y: torch.fx.Node, rank: int) -> torch.fx.Node:
+    """Insert the change of a (B, C, 1, S) tensor ``y`` back to its rank-``rank`` channels-last form."""
+    if rank == 3:
+        s = graph.call_function(aten.squeeze.dim, (y, 2))
+        return _tag(graph.call_function(aten.permute.default, (s, [0, 2, 1])), "from_bc1s", 3)
+    if rank == 2:
+        return _tag(graph.call_function(aten.squeeze.dims, (y, [2, 3])), "from_bc1s", 2)
+    raise ValueError(f"no (B, C, 1, S) form for rank {rank}")
+
+
+def _is(node, target, *args) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target != target:
+        return False
+    return all(a is None or _eq(node.args[i] if i < len(node.args) else None, a) for i, a in enumerate(args))
+
+
+def _eq(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def match_to_bc1s(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """If ``node`` ends a layout change into (B, C, 1, S), return (its channels-last input, rank)."""
+    if _is(node, aten.unsqueeze.default, None, 2):
+        p = node.args[0]
+        if _is(p, aten.permute.default, None, [0, 2, 1]):
+            return p.args[0], 3
+    if _is(node, aten.unsqueeze.default, None, 3):
+        u = node.args[0]
+        if _is(u, aten.unsqueeze.default, None, 2):
+            x = u.args[0]
+            s = shape(x)
+            if (s is None or len(s) == 2) and not is_constant(x):
+                return x, 2
+    return None
+
+
+def match_from_bc1s(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
+    """If ``node`` ends a layout change out of (B, C, 1, S), return (its (B, C, 1, S) input, rank)."""
+    if _is(node, aten.permute.default, None, [0, 2, 1]):
+        s = node.args[0]
+        if _is(s, aten.squeeze.dim, None, 2):
+            return s.args[0], 3
+    if _is(node, aten.squeeze.dims, None, [2, 3]):
+        y = node.args[0]
+        s = shape(y)
+        if s is None or (len(s) == 4 and s[2] == 1 and s[3] == 1):
+            return y, 2
+    return None
+
+
+def _anchor(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
+    """Where to insert code that uses ``node``: after it, or after the last input if it is one."""
+    if node.op != "placeholder":
+        return node
+    last = node
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            last = n
+    return last
+
+
+def to_bc1s(graph: torch.fx.Graph, x: torch.fx.Node, rank: int, memo: dict | None = None) -> torch.fx.Node:
+    """``x`` in (B, C, 1, S): reuses the source of a layout change out of it, or a memoised change."""
+    m = match_from_bc1s(x)
+    if m is not None and m[1] == rank:
+        return m[0]
+    if memo is not None and x in memo:
+        return memo[x]
+    with insert_after(graph, _anchor(graph, x)):
+        y = emit_to_bc1s(graph, x, rank)
+    if memo is not None:
+        memo[x] = y
+    return y
+
+
+def from_bc1s(graph: torch.fx.Graph, y: torch.fx.Node, rank: int, memo: dict | None = None) -> torch.fx.Node:
+    m = match_to_bc1s(y)
+    if m is not None and m[1] == rank:
+        return m[0]
+    if memo is not None and y in memo:
+        return memo[y]
+    with insert_after(graph, _anchor(graph, y)):
+        x = emit_from_bc1s(graph, y, rank)
+    if memo is not None:
+        memo[y] = x
+    return x
+
+
+def broadcast_to_bc1s(graph: torch.fx.Graph, operand: torch.fx.Node, out_rank: int) -> torch.fx.Node:
+    """Map an operand that *broadcasts* against a rank-``out_rank`` channels-last value into (B, C, 1, S).
+
+    A lower-rank operand is first given leading size-1 axes (right-aligned broadcasting), then changed
+    like a full value. For parameters and constants coremltools folds all of it into the constant.
+    """
+    s = shape(operand)
+    if s is None:
+        raise ValueError(f"%{operand.name} has no shape metadata")
+    if len(s) == 0 or (len(s) < out_rank and all(d == 1 for d in s)):
+        return operand  # a scalar-like tensor broadcasts the same in both layouts
+    x = operand
+    if len(s) < out_rank:
+        with insert_after(graph, _anchor(graph, operand)):
+            x = graph.call_function(aten.view.default, (operand, [1] * (out_rank - len(s)) + list(s)))
+    return to_bc1s(graph, x, out_rank)

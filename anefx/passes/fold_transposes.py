@@ -1,0 +1,191 @@
+"""``fold_transposes`` — cancel, merge and sink permutes and reshapes, to a fixed point.
+
+Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line each):
+
+* ``transpose(x, a, b)``                   → ``permute(x, p)``             (one spelling)
+* ``permute(permute(x, p), q)``            → ``permute(x, p∘q)``           (merge chains)
+* ``permute(x, identity)``                 → ``x``
+* ``unary(permute(x, p))``                 → ``permute(unary(x), p)``      (sink through activations)
+* ``binop(permute(a, p), permute(b, p))``  → ``permute(binop(a, b), p)``   (sink through elementwise)
+* shape-only chain (view/reshape/squeeze/unsqueeze/flatten) whose result has the shape of its
+  start                                     → the start
+* two or more shape-only ops in a row       → one ``reshape``
+
+Sinking only happens when the permute has a single user, so no permute is ever duplicated: the
+number of permutes never grows.
+
+Original::
+
+    %a = aten.permute(%x, [0, 2, 1])
+    %b = aten.relu(%a)
+    %c = aten.transpose(%b, 1, 2)
+    %d = aten.unsqueeze(aten.squeeze(%y, 2), 2)
+Result::
+
+    %b = aten.relu(%x)             # the two transposes cancelled around relu
+    %d = %y                        # squeeze/unsqueeze cancelled
+
+Options:
+  max_iterations: bound on fixed-point rounds (default 32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from anefx.graph import infer_meta, shape
+from anefx.layout_rules import BINARY, UNARY
+from anefx.passes.base import Pass, PassContext, PassResult, finish
+
+aten = torch.ops.aten
+
+SHAPE_ONLY = {
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.unsqueeze.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+}
+_SINK_UNARY = UNARY - {aten._to_copy.default, aten.to.dtype}
+
+
+@dataclass(frozen=True)
+class FoldTransposesOptions:
+    max_iterations: int = 32
+
+
+def _perm_of(node: torch.fx.Node) -> list[int] | None:
+    if node.op != "call_function":
+        return None
+    if node.target == aten.permute.default:
+        s = shape(node)
+        return [d % len(s) for d in node.args[1]] if s is not None else list(node.args[1])
+    if node.target == aten.transpose.int:
+        s = shape(node)
+        if s is None:
+            return None
+        p = list(range(len(s)))
+        a, b = node.args[1] % len(s), node.args[2] % len(s)
+        p[a], p[b] = p[b], p[a]
+        return p
+    return None
+
+
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new) -> None:
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+class FoldTransposes(Pass):
+    __doc__ = __doc__
+    name = "fold_transposes"
+    Options = FoldTransposesOptions
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats = {"merged": 0, "cancelled": 0, "sunk": 0, "reshapes_folded": 0}
+        graph = gm.graph
+        for _ in range(self.options.max_iterations):
+            changed = False
+            for node in list(graph.nodes):
+                if node.graph is not graph or node.op != "call_function":
+                    continue
+                changed |= self._rewrite(graph, node, stats)
+            graph.eliminate_dead_code()
+            if not changed:
+                break
+        return finish(gm, any(stats.values()), **stats)
+
+    def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
+        perm = _perm_of(node)
+        if perm is not None:
+            src = node.args[0]
+            if perm == list(range(len(perm))):
+                _replace(graph, node, src)
+                stats["cancelled"] += 1
+                return True
+            if node.target == aten.transpose.int:
+                node.target, node.args = aten.permute.default, (src, perm)
+                return True
+            inner = _perm_of(src) if isinstance(src, torch.fx.Node) else None
+            if inner is not None:
+                node.args = (src.args[0], [inner[i] for i in perm])
+                infer_meta(node)
+                stats["merged"] += 1
+                return True
+            return self._sink(graph, node, perm, stats)
+        if node.target in SHAPE_ONLY:
+            return self._fold_shapes(graph, node, stats)
+        return False
+
+    def _sink(self, graph: torch.fx.Graph, node: torch.fx.Node, perm: list[int], stats: dict) -> bool:
+        """Move ``node`` (a permute with one user) below an elementwise user."""
+        if len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        if user.op != "call_function":
+            return False
+        src = node.args[0]
+        if user.target in _SINK_UNARY and user.args[0] is node:
+            with graph.inserting_before(user):
+                moved = graph.call_function(user.target, (src, *user.args[1:]), dict(user.kwargs))
+                new_perm = graph.call_function(aten.permute.default, (moved, perm))
+            infer_meta(moved)
+            infer_meta(new_perm)
+            _replace(graph, user, new_perm)
+            graph.erase_node(node)
+            stats["sunk"] += 1
+            return True
+        if user.target in BINARY and len(BINARY[user.target]) == 2:
+            a, b = user.args[0], user.args[1]
+            other = b if a is node else a
+            if not isinstance(other, torch.fx.Node) or other is node:
+                return False
+            other_perm = _perm_of(other)
+            if other_perm != perm or len(other.users) != 1 or shape(other) != shape(node):
+                return False
+            with graph.inserting_before(user):
+                args = list(user.args)
+                args[0], args[1] = (src, other.args[0]) if a is node else (other.args[0], src)
+                moved = graph.call_function(user.target, tuple(args), dict(user.kwargs))
+                new_perm = graph.call_function(aten.permute.default, (moved, perm))
+            infer_meta(moved)
+            infer_meta(new_perm)
+            _replace(graph, user, new_perm)
+            graph.erase_node(node)
+            graph.erase_node(other)
+            stats["sunk"] += 1
+            return True
+        return False
+
+    def _fold_shapes(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node):
+            return False
+        out = shape(node)
+        if out is None:
+            return False
+        if shape(src) == out and shape(src) is not None:
+            _replace(graph, node, src)
+            stats["reshapes_folded"] += 1
+            return True
+        start = src
+        length = 1
+        while start.op == "call_function" and start.target in SHAPE_ONLY and len(start.users) == 1:
+            start = start.args[0]
+            length += 1
+            if shape(start) == out:
+                _replace(graph, node, start)
+                stats["reshapes_folded"] += 1
+                return True
+        if length >= 2 and shape(start) is not None:
+            node.target, node.args, node.kwargs = aten.reshape.default, (start, list(out)), {}
+            stats["reshapes_folded"] += 1
+            return True
+        return False

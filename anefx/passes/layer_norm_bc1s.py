@@ -1,0 +1,77 @@
+"""``layer_norm_bc1s`` — LayerNorm over the channel axis of a (B, C, 1, S) tensor.
+
+``nn.LayerNorm(C)`` on a channels-last (B, S, C) tensor normalises its last axis. In (B, C, 1, S)
+that axis is axis 1, which ``aten.layer_norm`` cannot address, so the pass spells it out (as Apple's
+``ml-ane-transformers`` does) with reductions over axis 1; coremltools recognises the pattern.
+Numerically it is the same LayerNorm (same eps, biased variance).
+
+Original::
+
+    %y = aten.layer_norm(%x, [C], %w, %b, 1e-05)       # x: (B, S, C)
+Result::
+
+    %x4   = aten.unsqueeze(aten.permute(%x, [0, 2, 1]), 2)      # (B, C, 1, S)
+    %mean = aten.mean(%x4, [1], True)
+    %zm   = aten.sub(%x4, %mean)
+    %var  = aten.mean(aten.mul(%zm, %zm), [1], True)
+    %n    = aten.mul(%zm, aten.rsqrt(aten.add(%var, 1e-05)))
+    %y4   = aten.add(aten.mul(%n, %w.view(1, C, 1, 1)), %b.view(1, C, 1, 1))
+    %y    = aten.permute(aten.squeeze(%y4, 2), [0, 2, 1])      # (B, S, C)
+
+Options: none.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from anefx.graph import shape
+from anefx.layout import RANKS, from_bc1s, to_bc1s
+from anefx.passes.base import Pass, PassContext, PassResult, finish
+
+aten = torch.ops.aten
+
+
+def emit_channel_layer_norm(graph: torch.fx.Graph, x4, weight, bias, eps: float, channels: int):
+    """LayerNorm over axis 1 of the (B, C, 1, S) node ``x4``; returns the (B, C, 1, S) result node."""
+
+    def call(op, *args):
+        return graph.call_function(op, args)
+
+    mean = call(aten.mean.dim, x4, [1], True)
+    zm = call(aten.sub.Tensor, x4, mean)
+    var = call(aten.mean.dim, call(aten.mul.Tensor, zm, zm), [1], True)
+    out = call(aten.mul.Tensor, zm, call(aten.rsqrt.default, call(aten.add.Tensor, var, eps)))
+    if weight is not None:
+        out = call(aten.mul.Tensor, out, call(aten.view.default, weight, [1, channels, 1, 1]))
+    if bias is not None:
+        out = call(aten.add.Tensor, out, call(aten.view.default, bias, [1, channels, 1, 1]))
+    return out
+
+
+class LayerNormBC1S(Pass):
+    __doc__ = __doc__
+    name = "layer_norm_bc1s"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        rewritten = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target != aten.layer_norm.default:
+                continue
+            x, normalized = node.args[0], node.args[1]
+            xs = shape(x)
+            if xs is None or len(xs) not in RANKS or list(normalized) != [xs[-1]]:
+                continue
+            args = list(node.args) + [None] * (5 - len(node.args))
+            weight, bias = args[2], args[3]
+            eps = args[4] if args[4] is not None else 1e-5
+            with graph.inserting_before(node):
+                x4 = to_bc1s(graph, x, len(xs))
+                y4 = emit_channel_layer_norm(graph, x4, weight, bias, float(eps), xs[-1])
+                y = from_bc1s(graph, y4, len(xs))
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            rewritten += 1
+        return finish(gm, bool(rewritten), rewritten=rewritten)

@@ -1,0 +1,154 @@
+"""``linear_to_conv`` — every projection by a weight becomes a 1x1 ``conv2d`` in (B, C, 1, S).
+
+``linear`` and the linears in disguise (``matmul``/``mm``/``addmm``/``einsum`` with a parameter or
+constant operand, e.g. ``x @ self.weight.T``) become a 1x1 convolution whose weight is the linear
+weight *viewed* as ``(O, I, 1, 1)`` (no copy; coremltools folds the view into the constant). A
+weight stored as (I, O), as in ``x @ W``, is transposed once (a constant, folded by coremltools). The input is changed into (B, C, 1, S) and the result back; when the input already comes
+out of (B, C, 1, S) (the previous projection), the pair cancels on the spot, and ``to_bc1s`` removes
+the rest.
+
+Original::
+
+    %y = aten.linear(%x, %w, %b)                 # x: (B, S, I), w: (O, I)
+Result::
+
+    %x4 = aten.unsqueeze(aten.permute(%x, [0, 2, 1]), 2)        # (B, I, 1, S)
+    %w4 = aten.view(%w, [O, I, 1, 1])                           # a view of w: no copy
+    %c  = aten.conv2d(%x4, %w4, %b)                             # (B, O, 1, S)
+    %y  = aten.permute(aten.squeeze(%c, 2), [0, 2, 1])          # (B, S, O)
+
+A (B, I) input is viewed as (B, I, 1, 1) and the result squeezed back to (B, O).
+
+Options:
+  min_channels: leave projections with fewer input channels than this alone (default 1: none)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from anefx.graph import is_constant, shape
+from anefx.layout import RANKS, from_bc1s, to_bc1s
+from anefx.passes.base import Pass, PassContext, PassResult, finish
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class LinearToConvOptions:
+    min_channels: int = 1
+
+
+@dataclass
+class Projection:
+    """A matched projection ``y = x @ W^T + b`` with ``W`` given as an (O, I) node (or a recipe)."""
+
+    x: torch.fx.Node
+    weight: torch.fx.Node
+    weight_is_io: bool  # the weight node is (I, O) and must be transposed
+    bias: torch.fx.Node | None
+
+
+def _einsum_projection(node: torch.fx.Node) -> Projection | None:
+    eq, operands = node.args[0], node.args[1]
+    if len(operands) != 2 or "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    a, b = lhs.split(",")
+    for (xs, x), (ws, w) in (((a, operands[0]), (b, operands[1])), ((b, operands[1]), (a, operands[0]))):
+        if not is_constant(w) or is_constant(x) or len(ws) != 2 or not xs:
+            continue
+        i = xs[-1]
+        if i not in ws or i in out:
+            continue
+        o = ws.replace(i, "")
+        if len(o) != 1 or o in xs or out != xs[:-1] + o:
+            continue
+        return Projection(x, w, weight_is_io=(ws == i + o), bias=None)
+    return None
+
+
+def match_projection(node: torch.fx.Node) -> Projection | None:
+    """Recognise ``node`` as a projection of an activation by a constant weight."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t == aten.linear.default:
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if is_constant(w) and not is_constant(x):
+            return Projection(x, w, weight_is_io=False, bias=b)
+    elif t in (aten.matmul.default, aten.mm.default):
+        x, w = node.args
+        ws = shape(w)
+        if is_constant(w) and not is_constant(x) and ws is not None and len(ws) == 2:
+            return Projection(x, w, weight_is_io=True, bias=None)
+    elif t == aten.addmm.default:
+        b, x, w = node.args[:3]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        bs = shape(b)
+        if is_constant(w) and is_constant(b) and not is_constant(x) and bs is not None and len(bs) == 1:
+            return Projection(x, w, weight_is_io=True, bias=b)
+    elif t == aten.einsum.default:
+        return _einsum_projection(node)
+    return None
+
+
+def emit_conv(
+    graph: torch.fx.Graph,
+    x: torch.fx.Node,
+    rank: int,
+    weight_oi: torch.fx.Node,
+    out_in: tuple[int, int],
+    bias: torch.fx.Node | None,
+    groups: int = 1,
+    memo: dict | None = None,
+) -> torch.fx.Node:
+    """Insert ``from_bc1s(conv2d(to_bc1s(x), weight_oi viewed (O, I/groups, 1, 1), bias))``.
+
+    ``weight_oi`` must be contiguous (a parameter, or a ``clone``/``cat`` of parameters), so the view
+    is free in PyTorch; coremltools folds it into the constant.
+    """
+    x4 = to_bc1s(graph, x, rank, memo)
+    w4 = graph.call_function(aten.view.default, (weight_oi, [*out_in, 1, 1]))
+    conv = graph.call_function(aten.conv2d.default, (x4, w4, bias, [1, 1], [0, 0], [1, 1], groups))
+    return from_bc1s(graph, conv, rank)
+
+
+class LinearToConv(Pass):
+    __doc__ = __doc__
+    name = "linear_to_conv"
+    Options = LinearToConvOptions
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        converted, skipped = 0, {}
+        memo: dict = {}  # one layout change per input, shared by q/k/v-style siblings
+        for node in list(graph.nodes):
+            proj = match_projection(node)
+            if proj is None:
+                continue
+            xs, ws = shape(proj.x), shape(proj.weight)
+            if xs is None or ws is None or len(xs) not in RANKS:
+                skipped["rank"] = skipped.get("rank", 0) + 1
+                continue
+            if xs[-1] < self.options.min_channels:
+                skipped["min_channels"] = skipped.get("min_channels", 0) + 1
+                continue
+            with graph.inserting_before(node):
+                w = proj.weight
+                out_in = (ws[1], ws[0]) if proj.weight_is_io else (ws[0], ws[1])
+                if proj.weight_is_io:  # (I, O) -> (O, I): a transposed copy, folded by coremltools
+                    w = graph.call_function(aten.clone.default, (graph.call_function(aten.t.default, (w,)),))
+                    w.kwargs = {"memory_format": torch.contiguous_format}
+                y = emit_conv(graph, proj.x, len(xs), w, out_in, proj.bias, memo=memo)
+            node.replace_all_uses_with(y)
+            graph.erase_node(node)
+            converted += 1
+        if converted:
+            graph.eliminate_dead_code()
+        return finish(gm, bool(converted), converted=converted, **{f"skipped_{k}": v for k, v in skipped.items()})

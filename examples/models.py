@@ -1,0 +1,198 @@
+"""Example models used by the examples, the command line, the catalog and the tests.
+
+Every factory returns ``(model, example_args, example_kwargs)`` with seeded random weights; nothing is
+downloaded. Use them from the shell:  ``anefx compile examples/models.py:mlp -o mlp.mlpackage``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# Small hand-written modules
+# --------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """The classic (B, I) MLP."""
+
+    def __init__(self, i=64, h=128, o=32, bias=True):
+        super().__init__()
+        self.fc1 = nn.Linear(i, h, bias=bias)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(h, o, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MLPBlock(nn.Module):
+    """A (B, S, C) feed-forward block with residual and LayerNorm (post-norm)."""
+
+    def __init__(self, c=64, h=128):
+        super().__init__()
+        self.fc1 = nn.Linear(c, h)
+        self.fc2 = nn.Linear(h, c)
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
+
+
+class BlockStack(nn.Module):
+    def __init__(self, n=2, c=64, h=128):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLPBlock(c, h) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written the eager way (view/transpose/matmul/softmax)."""
+
+    def __init__(self, c=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(c, c)
+        self.k = nn.Linear(c, c)
+        self.v = nn.Linear(c, c)
+        self.o = nn.Linear(c, c)
+
+    def forward(self, x):
+        b, s, c = x.shape
+        d = c // self.heads
+
+        def split(t):
+            return t.view(b, s, self.heads, d).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+        y = (w @ v).transpose(1, 2).reshape(b, s, c)
+        return self.o(y)
+
+
+class EncoderLayer(nn.Module):
+    """A pre-norm transformer encoder layer from nn.Linear, nn.LayerNorm and GELU."""
+
+    def __init__(self, c=64, heads=4, h=256):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c)
+        self.attn = SelfAttention(c, heads)
+        self.ln2 = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, h)
+        self.fc2 = nn.Linear(h, c)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class ParamMatmul(nn.Module):
+    """Projections written as ``x @ W`` on parameters (a linear in disguise)."""
+
+    def __init__(self, c=64, o=96):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(c, o) / math.sqrt(c))
+        self.w2 = nn.Parameter(torch.randn(c, o) / math.sqrt(o))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1) @ self.w2.T
+
+
+class GroupedProjection(nn.Module):
+    """Per-group linear layers on channel chunks, concatenated (a block-diagonal projection)."""
+
+    def __init__(self, c=64, groups=4, o=64):
+        super().__init__()
+        self.groups = groups
+        self.proj = nn.ModuleList(nn.Linear(c // groups, o // groups) for _ in range(groups))
+
+    def forward(self, x):
+        chunks = x.chunk(self.groups, dim=-1)
+        return torch.cat([p(ch) for p, ch in zip(self.proj, chunks)], dim=-1)
+
+
+class NiN(nn.Module):
+    """A Network-in-Network style conv net: a 3x3 stem, pointwise 1x1 convs, a grouped conv."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.pw1 = nn.Conv2d(c, 2 * c, 1)
+        self.gc = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=4)
+        self.pw2 = nn.Conv2d(2 * c, 10, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.pw1(x))
+        x = torch.relu(self.gc(x))
+        return self.pw2(x).mean(dim=(2, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Factories: (model, example_args, example_kwargs)
+# --------------------------------------------------------------------------------------------
+
+
+def _seed():
+    torch.manual_seed(0)
+
+
+def mlp(bias: bool = True):
+    _seed()
+    return MLP(bias=bias).eval(), (torch.randn(4, 64),), {}
+
+
+def mlp_block(seq: int = 16):
+    _seed()
+    return MLPBlock().eval(), (torch.randn(2, seq, 64),), {}
+
+
+def block_stack(n: int = 2, seq: int = 16):
+    _seed()
+    return BlockStack(n).eval(), (torch.randn(1, seq, 64),), {}
+
+
+def encoder_layer(seq: int = 16):
+    _seed()
+    return EncoderLayer().eval(), (torch.randn(1, seq, 64),), {}
+
+
+def param_matmul(seq: int = 16):
+    _seed()
+    return ParamMatmul().eval(), (torch.randn(1, seq, 64),), {}
+
+
+def grouped_projection(seq: int = 16):
+    _seed()
+    return GroupedProjection().eval(), (torch.randn(1, seq, 64),), {}
+
+
+def nin():
+    _seed()
+    return NiN().eval(), (torch.randn(1, 3, 16, 16),), {}
+
+
+def distilbert(n_layers: int = 6, dim: int = 768, heads: int = 12, seq: int = 128, attn: str = "sdpa", pad: int = 0):
+    """Stock ``transformers`` DistilBERT built from its config (defaults: the full-size model)."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    _seed()
+    cfg = DistilBertConfig(n_layers=n_layers, dim=dim, n_heads=heads, hidden_dim=4 * dim)
+    cfg._attn_implementation = attn
+    model = DistilBertModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    mask = torch.ones(1, seq, dtype=torch.long)
+    if pad:
+        mask[:, -pad:] = 0
+    return model, (ids,), {"attention_mask": mask}
+
+
+def distilbert_small(attn: str = "sdpa", pad: int = 0):
+    return distilbert(n_layers=2, dim=64, heads=4, seq=32, attn=attn, pad=pad)
