@@ -91,7 +91,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Run with every submodule in eval mode, then restore each module's own ``training`` flag."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        for m in model.modules():
+            m.training = False  # not model.eval(): an ExportedProgram's module refuses it
         yield
     finally:
         for m, flag in flags:
@@ -209,10 +210,7 @@ def _drop_guards(gm: torch.fx.GraphModule) -> None:
 
 
 def _describe_inputs(args, kwargs) -> str:
-    def one(x):
-        if isinstance(x, torch.Tensor):
-            return f"{x.dtype}{list(x.shape)}".replace("torch.", "")
-        return type(x).__name__
+    from anefx.graph import tensor_str
 
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    parts = [tensor_str(a) for a in args] + [f"{k}={tensor_str(v)}" for k, v in kwargs.items()]
     return ", ".join(parts)

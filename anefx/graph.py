@@ -211,3 +211,46 @@ def infer_meta(node: torch.fx.Node) -> None:
         return
     with mode:
         node.meta["val"] = node.target(*args, **kwargs)
+
+
+def _fmt_arg(a) -> str:
+    if isinstance(a, torch.fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(_fmt_arg(x) for x in a)
+        return f"[{inner}]"
+    if isinstance(a, torch.dtype):
+        return str(a).replace("torch.", "")
+    if isinstance(a, float):
+        return f"{a:g}"
+    return repr(a)
+
+
+def format_graph(gm: torch.fx.GraphModule) -> str:
+    """A compact, stable listing of the graph: one line per node, with its shape.
+
+    ``%conv2d = aten.conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)  # f32[1, 96, 1, 16]``
+    """
+    lines = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        note = ""
+        if isinstance(v, torch.Tensor):
+            note = f"  # {str(v.dtype).replace('torch.float', 'f').replace('torch.', '')}{list(v.shape)}"
+        if n.op == "placeholder":
+            lines.append(f"%{n.name} = input{note}")
+        elif n.op == "get_attr":
+            lines.append(f"%{n.name} = self.{n.target}{note}")
+        elif n.op == "output":
+            lines.append(f"return {_fmt_arg(n.args[0])}")
+        else:
+            args = [_fmt_arg(a) for a in n.args] + [f"{k}={_fmt_arg(v)}" for k, v in n.kwargs.items()]
+            lines.append(f"%{n.name} = {op_name(n)}({', '.join(args)}){note}")
+    return "\n".join(lines) + "\n"
+
+
+def tensor_str(t) -> str:
+    """``float32[1, 128, 768]`` for a tensor, the type name otherwise."""
+    if isinstance(t, torch.Tensor):
+        return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+    return type(t).__name__

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx
 
+from anefx.graph import format_graph
 from anefx.report import PassRecord
 
 if TYPE_CHECKING:
@@ -24,9 +25,8 @@ if TYPE_CHECKING:
 
 
 def graph_text(gm: torch.fx.GraphModule) -> str:
-    """The graph as readable Python (what ``print(gm.code)`` shows), without the weight loads."""
-    lines = [ln for ln in gm.code.splitlines() if ln.strip()]
-    return "\n".join(lines) + "\n"
+    """The graph, one node per line with its shape (see :func:`anefx.graph.format_graph`)."""
+    return format_graph(gm)
 
 
 class Instruments:
@@ -42,7 +42,7 @@ class Instruments:
     def start(self, gm: torch.fx.GraphModule) -> None:
         if self.dump_dir:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
-            (self.dump_dir / "00_input.py").write_text(graph_text(gm))
+            (self.dump_dir / "00_input.txt").write_text(graph_text(gm))
 
     def bisect_line(self, index: int, name: str, ran: bool) -> None:
         if self.debug.bisect_limit is None:
@@ -78,7 +78,7 @@ class Instruments:
 
     def finish(self, gm: torch.fx.GraphModule, records: list[PassRecord]) -> None:
         if self.dump_dir:
-            (self.dump_dir / "99_output.py").write_text(graph_text(gm))
+            (self.dump_dir / "99_output.txt").write_text(graph_text(gm))
             (self.dump_dir / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
 
     # -- helpers ----------------------------------------------------------------------------
@@ -90,10 +90,10 @@ class Instruments:
         assert self.dump_dir is not None
         stem = f"{index + 1:02d}_{p.name}"
         a, b = graph_text(before), graph_text(after)
-        (self.dump_dir / f"{stem}.before.py").write_text(a)
-        (self.dump_dir / f"{stem}.after.py").write_text(b)
+        (self.dump_dir / f"{stem}.before.txt").write_text(a)
+        (self.dump_dir / f"{stem}.after.txt").write_text(b)
         diff = difflib.unified_diff(
-            a.splitlines(keepends=True), b.splitlines(keepends=True), f"{stem}.before.py", f"{stem}.after.py"
+            a.splitlines(keepends=True), b.splitlines(keepends=True), f"{stem}.before.txt", f"{stem}.after.txt"
         )
         (self.dump_dir / f"{stem}.diff").write_text("".join(diff))
         entry = {

@@ -193,10 +193,9 @@ def _reduce_rule(node: torch.fx.Node, out_rank: int) -> Rule | None:
     dims = [d % in_rank for d in ([dims] if isinstance(dims, int) else dims)]
     if not dims:
         return None
-    if not keepdim:
-        # only dropping the sequence axis of (B, S, C) keeps a (B, C, 1, 1)-shaped result
-        if not (in_rank == 3 and dims == [1] and out_rank == 2):
-            return None
+    # without keepdim, only dropping the sequence axis of (B, S, C) keeps a (B, C, 1, 1)-shaped result
+    if not keepdim and not (in_rank == 3 and dims == [1] and out_rank == 2):
+        return None
     new_dims = [bc1s_axis(in_rank, d) for d in dims]
     extra = node.args[3:] if len(node.args) > 3 else ()
 

@@ -29,6 +29,16 @@ def _same_value(node: torch.fx.Node, src: torch.fx.Node) -> bool:
     return isinstance(src, torch.fx.Node) and dtype(node) == dtype(src) and shape(node) == shape(src)
 
 
+def _is_identity(node: torch.fx.Node) -> bool:
+    """Inference dropout, and clones/aliases/casts that keep shape and dtype."""
+    t = node.target
+    if t == aten.dropout.default:
+        return len(node.args) < 3 or node.args[2] is False
+    if t in _IDENTITY or t in _CASTS:
+        return _same_value(node, node.args[0]) and not node.kwargs.get("memory_format")
+    return False
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
     """Remove no-ops and respell ops converters reject; return counts of what changed."""
     stats = {"checks_removed": 0, "identities_removed": 0, "ops_respelled": 0}
@@ -40,9 +50,7 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
         if t in _CHECKS and not node.users:
             graph.erase_node(node)
             stats["checks_removed"] += 1
-        elif (t == aten.dropout.default and (len(node.args) < 3 or node.args[2] is False)) or (
-            (t in _IDENTITY or t in _CASTS) and _same_value(node, node.args[0]) and not node.kwargs.get("memory_format")
-        ):
+        elif _is_identity(node):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             stats["identities_removed"] += 1
@@ -58,6 +66,15 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
             }
             with graph.inserting_before(node):
                 new = graph.call_function(aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            stats["ops_respelled"] += 1
+        elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
+            cond, x, scalar = node.args
+            with graph.inserting_before(node):
+                inv = graph.call_function(aten.logical_not.default, (cond,))
+                new = graph.call_function(aten.masked_fill.Scalar, (x, inv, scalar))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)

@@ -71,7 +71,7 @@ class Pipeline:
         i = self._index(name)
         old = self.passes[i]
         new = type(old)(options if options is not None else old.options, **overrides)
-        return Pipeline(self.passes[:i] + (new,) + self.passes[i + 1 :], self.validation)
+        return Pipeline((*self.passes[:i], new, *self.passes[i + 1 :]), self.validation)
 
     def append(self, *passes: Pass) -> Pipeline:
         return Pipeline(self.passes + tuple(passes), self.validation)

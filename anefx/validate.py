@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 import torch.fx
 
-from anefx.graph import describe
+from anefx.graph import describe, tensor_str
 
 Mode = Literal["off", "lint", "numeric"]
 
@@ -100,12 +100,9 @@ def lint(gm: torch.fx.GraphModule, expected_outputs: Sequence | None = None) -> 
             return f"graph returns {len(outs)} outputs, the model {len(expected_outputs)}"
         for i, (node, ref) in enumerate(zip(outs, expected_outputs, strict=True)):
             v = node.meta.get("val") if isinstance(node, torch.fx.Node) else node
-            if isinstance(ref, torch.Tensor) and isinstance(v, torch.Tensor):
-                if tuple(v.shape) != tuple(ref.shape) or v.dtype != ref.dtype:
-                    return (
-                        f"output #{i} ({describe(node)}) is {v.dtype}{list(v.shape)}, "
-                        f"the model returns {ref.dtype}{list(ref.shape)}"
-                    )
+            mismatch = isinstance(ref, torch.Tensor) and isinstance(v, torch.Tensor)
+            if mismatch and (tuple(v.shape) != tuple(ref.shape) or v.dtype != ref.dtype):
+                return f"output #{i} ({describe(node)}) is {tensor_str(v)}, the model returns {tensor_str(ref)}"
     return None
 
 
@@ -121,8 +118,7 @@ def compare(actual: Sequence, expected: Sequence, options: ValidationOptions) ->
                 return ValidationResult(False, message=f"output #{i} is {a!r}, expected {e!r}")
             continue
         if not isinstance(a, torch.Tensor) or a.shape != e.shape or a.dtype != e.dtype:
-            got = f"{a.dtype}{list(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__
-            return ValidationResult(False, message=f"output #{i} is {got}, expected {e.dtype}{list(e.shape)}")
+            return ValidationResult(False, message=f"output #{i} is {tensor_str(a)}, expected {tensor_str(e)}")
         if not (e.dtype.is_floating_point or e.dtype.is_complex):
             if not torch.equal(a, e):
                 return ValidationResult(False, max_abs, max_rel, f"output #{i} ({e.dtype}) differs")

@@ -196,3 +196,72 @@ def distilbert(n_layers: int = 6, dim: int = 768, heads: int = 12, seq: int = 12
 
 def distilbert_small(attn: str = "sdpa", pad: int = 0):
     return distilbert(n_layers=2, dim=64, heads=4, seq=32, attn=attn, pad=pad)
+
+
+class MaskedScores(nn.Module):
+    """Attention-mask bookkeeping the way transformers 5.x writes it: new_ones, ``&``, arange, dropout."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.proj = nn.Linear(c, c)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x, mask):
+        s = x.shape[1]
+        causal = torch.arange(s)[:, None] >= torch.arange(s)[None, :]
+        keep = mask.bool()[:, None, :] & causal.new_ones(()) & causal
+        scores = self.drop(self.proj(x)) @ x.transpose(1, 2)
+        return scores.masked_fill(~keep, -1e4)
+
+
+def masked_scores(seq: int = 4):
+    _seed()
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -1] = 0
+    return MaskedScores().eval(), (torch.randn(1, seq, 8), mask), {}
+
+
+class TinyBlock(nn.Module):
+    """One small (B, S, C) block for the catalog: linear → GELU → linear, residual, LayerNorm."""
+
+    def __init__(self, c=8, h=16):
+        super().__init__()
+        self.fc1 = nn.Linear(c, h)
+        self.fc2 = nn.Linear(h, c)
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(nn.functional.gelu(self.fc1(x))))
+
+
+def tiny_block(seq: int = 4):
+    _seed()
+    return TinyBlock().eval(), (torch.randn(1, seq, 8),), {}
+
+
+class TinyGrouped(nn.Module):
+    def __init__(self, c=8, groups=2):
+        super().__init__()
+        self.inner = GroupedProjection(c, groups, c)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def tiny_grouped(seq: int = 4):
+    _seed()
+    return TinyGrouped().eval(), (torch.randn(1, seq, 8),), {}
+
+
+class TransposePairs(nn.Module):
+    """Transposes that cancel around elementwise ops (what a hand-written port often leaves behind)."""
+
+    def forward(self, x, y):
+        a = torch.relu(x.permute(0, 2, 1)).transpose(1, 2)
+        b = (x.transpose(1, 2) + y.transpose(1, 2)).permute(0, 2, 1)
+        return a * b
+
+
+def transpose_pairs(seq: int = 4):
+    _seed()
+    return TransposePairs().eval(), (torch.randn(1, seq, 8), torch.randn(1, seq, 8)), {}

@@ -11,10 +11,12 @@ Original::
     %t = aten._assert_tensor_metadata(%m, dtype=int64)    # a check with no users
     %o = aten.new_ones(%m, [1, 128], dtype=bool)
     %a = aten.__and__(%o, %b)
+    %w = aten.where.ScalarOther(%c, %x, -inf)
 Result::
 
     %o = aten.ones([1, 128], dtype=bool)
     %a = aten.logical_and(%o, %b)                         # uses %x where %c was used
+    %w = aten.masked_fill(%x, aten.logical_not(%c), -inf)
 
 Options: none.
 """

@@ -60,7 +60,7 @@ def _match(cat: torch.fx.Node) -> tuple[torch.fx.Node, list[Projection]] | None:
     wshapes = {shape(p.weight) for p in projs}
     if len(wshapes) != 1 or (None in wshapes) or len({p.bias is None for p in projs}) != 1:
         return None
-    (o_g, i_g) = next(iter(wshapes))
+    (_, i_g) = next(iter(wshapes))
     if i_g * len(projs) != xs[-1]:
         return None
     return split.args[0], projs

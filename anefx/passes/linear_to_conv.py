@@ -3,9 +3,10 @@
 ``linear`` and the linears in disguise (``matmul``/``mm``/``addmm``/``einsum`` with a parameter or
 constant operand, e.g. ``x @ self.weight.T``) become a 1x1 convolution whose weight is the linear
 weight *viewed* as ``(O, I, 1, 1)`` (no copy; coremltools folds the view into the constant). A
-weight stored as (I, O), as in ``x @ W``, is transposed once (a constant, folded by coremltools). The input is changed into (B, C, 1, S) and the result back; when the input already comes
-out of (B, C, 1, S) (the previous projection), the pair cancels on the spot, and ``to_bc1s`` removes
-the rest.
+weight stored as (I, O), as in ``x @ W``, is transposed once (a constant, folded by coremltools).
+The input is changed into (B, C, 1, S) and the result back; when the input already comes out of
+(B, C, 1, S) (the previous projection), the pair cancels on the spot, and ``to_bc1s`` removes the
+rest.
 
 Original::
 

@@ -6,7 +6,7 @@ residual adds, dropout, softmax, reductions, concat/split/slice …, see :mod:`a
 This pass decides, for every such op, whether it runs in (B, C, 1, S) or in the original layout, so
 that the number of layout changes left is *minimal*, then rewrites the graph accordingly.
 
-That choice is a minimum s–t cut (``networkx.minimum_cut``) on the dataflow graph: the source side
+That choice is a minimum s-t cut (``networkx.minimum_cut``) on the dataflow graph: the source side
 is (B, C, 1, S), the sink side the original layout; the outputs of layout changes out of
 (B, C, 1, S) and the inputs of changes into it are tied to the source, graph inputs/outputs and ops
 without a rule to the sink; each value that crosses sides costs one layout change (one unit of

@@ -58,6 +58,8 @@ class Artifact(abc.ABC):
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.exists():
             raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
+        if not parent.is_dir():
+            raise AnefxError(f"cannot save to {path}: {parent} is not a directory")
         try:
             tmp = Path(tempfile.mkdtemp(prefix=".anefx-", dir=parent))
         except OSError as exc:
