@@ -72,7 +72,7 @@ def test_bad_input_types_and_dynamic_shapes():
         anefx.capture(model, "not a tensor")
     with pytest.raises(CaptureError, match="static shapes"):
         anefx.capture(model, args, dynamic_shapes={"x": {0: torch.export.Dim("b")}})
-    with pytest.raises(CaptureError, match="wrap it in an nn.Module"):
+    with pytest.raises(CaptureError, match=r"wrap it in an nn\.Module"):
         anefx.capture(lambda x: x, args)
 
 
