@@ -254,3 +254,13 @@ def tensor_str(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
     return type(t).__name__
+
+
+def call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
+    """``graph.call_function`` that also fills the new node's shape metadata."""
+    node = graph.call_function(target, tuple(args), dict(kwargs or {}))
+    try:
+        infer_meta(node)
+    except Exception:  # metadata is refreshed after the pass anyway; never fail a rewrite on it
+        node.meta.pop("val", None)
+    return node

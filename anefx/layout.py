@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from anefx.graph import insert_after, is_constant, shape
+from anefx.graph import call, insert_after, is_constant, shape
 
 aten = torch.ops.aten
 
@@ -55,21 +55,21 @@ def _tag(node: torch.fx.Node, kind: str, rank: int) -> torch.fx.Node:
 def emit_to_bc1s(graph: torch.fx.Graph, x: torch.fx.Node, rank: int) -> torch.fx.Node:
     """Insert (after ``x``'s current insertion point) the change of ``x`` into (B, C, 1, S)."""
     if rank == 3:
-        p = graph.call_function(aten.permute.default, (x, [0, 2, 1]))
-        return _tag(graph.call_function(aten.unsqueeze.default, (p, 2)), "to_bc1s", 3)
+        p = call(graph, aten.permute.default, (x, [0, 2, 1]))
+        return _tag(call(graph, aten.unsqueeze.default, (p, 2)), "to_bc1s", 3)
     if rank == 2:
-        u = graph.call_function(aten.unsqueeze.default, (x, 2))
-        return _tag(graph.call_function(aten.unsqueeze.default, (u, 3)), "to_bc1s", 2)
+        u = call(graph, aten.unsqueeze.default, (x, 2))
+        return _tag(call(graph, aten.unsqueeze.default, (u, 3)), "to_bc1s", 2)
     raise ValueError(f"no (B, C, 1, S) form for rank {rank}")
 
 
 def emit_from_bc1s(graph: torch.fx.Graph, y: torch.fx.Node, rank: int) -> torch.fx.Node:
     """Insert the change of a (B, C, 1, S) tensor ``y`` back to its rank-``rank`` channels-last form."""
     if rank == 3:
-        s = graph.call_function(aten.squeeze.dim, (y, 2))
-        return _tag(graph.call_function(aten.permute.default, (s, [0, 2, 1])), "from_bc1s", 3)
+        s = call(graph, aten.squeeze.dim, (y, 2))
+        return _tag(call(graph, aten.permute.default, (s, [0, 2, 1])), "from_bc1s", 3)
     if rank == 2:
-        return _tag(graph.call_function(aten.squeeze.dims, (y, [2, 3])), "from_bc1s", 2)
+        return _tag(call(graph, aten.squeeze.dims, (y, [2, 3])), "from_bc1s", 2)
     raise ValueError(f"no (B, C, 1, S) form for rank {rank}")
 
 
@@ -167,5 +167,5 @@ def broadcast_to_bc1s(graph: torch.fx.Graph, operand: torch.fx.Node, out_rank: i
     x = operand
     if len(s) < out_rank:
         with insert_after(graph, _anchor(graph, operand)):
-            x = graph.call_function(aten.view.default, (operand, [1] * (out_rank - len(s)) + list(s)))
+            x = call(graph, aten.view.default, (operand, [1] * (out_rank - len(s)) + list(s)))
     return to_bc1s(graph, x, out_rank)

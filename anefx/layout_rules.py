@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import is_constant, shape
+from anefx.graph import call, is_constant, shape
 from anefx.layout import RANKS, bc1s_axis, broadcast_to_bc1s
 
 aten = torch.ops.aten
@@ -99,7 +99,7 @@ def _rank(node) -> int | None:
 
 
 def _copy(graph, node, args, kwargs=None):
-    new = graph.call_function(node.target, tuple(args), dict(node.kwargs if kwargs is None else kwargs))
+    new = call(graph, node.target, tuple(args), dict(node.kwargs if kwargs is None else kwargs))
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
@@ -116,7 +116,7 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
         if src in split_candidates:
             rank = _rank(node)
             return Rule(
-                [], lambda g, bc: g.call_function(operator.getitem, (bc(src), node.args[1])), rank or 0, tied_to=src
+                [], lambda g, bc: call(g, operator.getitem, (bc(src), node.args[1])), rank or 0, tied_to=src
             )
         return None
     out_rank = _rank(node)

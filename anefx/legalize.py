@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, dtype, erase_dead, get_attr_value, shape, walk_args
+from anefx.graph import add_constant, call, dtype, erase_dead, get_attr_value, shape, walk_args
 
 aten = torch.ops.aten
 
@@ -65,7 +65,7 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
                 "device": node.kwargs.get("device") or getattr(src.meta.get("val"), "device", None),
             }
             with graph.inserting_before(node):
-                new = graph.call_function(aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
+                new = call(graph, aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -73,8 +73,8 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
         elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
             cond, x, scalar = node.args
             with graph.inserting_before(node):
-                inv = graph.call_function(aten.logical_not.default, (cond,))
-                new = graph.call_function(aten.masked_fill.Scalar, (x, inv, scalar))
+                inv = call(graph, aten.logical_not.default, (cond,))
+                new = call(graph, aten.masked_fill.Scalar, (x, inv, scalar))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import infer_meta, shape
+from anefx.graph import call, infer_meta, shape
 from anefx.layout_rules import BINARY, UNARY
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -134,10 +134,8 @@ class FoldTransposes(Pass):
         src = node.args[0]
         if user.target in _SINK_UNARY and user.args[0] is node:
             with graph.inserting_before(user):
-                moved = graph.call_function(user.target, (src, *user.args[1:]), dict(user.kwargs))
-                new_perm = graph.call_function(aten.permute.default, (moved, perm))
-            infer_meta(moved)
-            infer_meta(new_perm)
+                moved = call(graph, user.target, (src, *user.args[1:]), dict(user.kwargs))
+                new_perm = call(graph, aten.permute.default, (moved, perm))
             _replace(graph, user, new_perm)
             graph.erase_node(node)
             stats["sunk"] += 1
@@ -153,10 +151,8 @@ class FoldTransposes(Pass):
             with graph.inserting_before(user):
                 args = list(user.args)
                 args[0], args[1] = (src, other.args[0]) if a is node else (other.args[0], src)
-                moved = graph.call_function(user.target, tuple(args), dict(user.kwargs))
-                new_perm = graph.call_function(aten.permute.default, (moved, perm))
-            infer_meta(moved)
-            infer_meta(new_perm)
+                moved = call(graph, user.target, tuple(args), dict(user.kwargs))
+                new_perm = call(graph, aten.permute.default, (moved, perm))
             _replace(graph, user, new_perm)
             graph.erase_node(node)
             graph.erase_node(other)

@@ -27,7 +27,7 @@ import operator
 import torch
 import torch.fx
 
-from anefx.graph import shape
+from anefx.graph import call, shape
 from anefx.layout import RANKS
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 from anefx.passes.linear_to_conv import Projection, emit_conv, match_projection
@@ -81,10 +81,10 @@ class GroupedProjection(Pass):
             g = len(projs)
             o_g, i_g = shape(projs[0].weight)
             with graph.inserting_before(node):
-                w = graph.call_function(aten.cat.default, ([p.weight for p in projs], 0))
+                w = call(graph, aten.cat.default, ([p.weight for p in projs], 0))
                 b = None
                 if projs[0].bias is not None:
-                    b = graph.call_function(aten.cat.default, ([p.bias for p in projs], 0))
+                    b = call(graph, aten.cat.default, ([p.bias for p in projs], 0))
                 y = emit_conv(graph, x, len(shape(x)), w, (o_g * g, i_g), b, groups=g)
             node.replace_all_uses_with(y)
             graph.erase_node(node)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from anefx.graph import shape
+from anefx.graph import call, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -36,17 +36,17 @@ aten = torch.ops.aten
 def emit_channel_layer_norm(graph: torch.fx.Graph, x4, weight, bias, eps: float, channels: int):
     """LayerNorm over axis 1 of the (B, C, 1, S) node ``x4``; returns the (B, C, 1, S) result node."""
 
-    def call(op, *args):
-        return graph.call_function(op, args)
+    def op(target, *args):
+        return call(graph, target, args)
 
-    mean = call(aten.mean.dim, x4, [1], True)
-    zm = call(aten.sub.Tensor, x4, mean)
-    var = call(aten.mean.dim, call(aten.mul.Tensor, zm, zm), [1], True)
-    out = call(aten.mul.Tensor, zm, call(aten.rsqrt.default, call(aten.add.Tensor, var, eps)))
+    mean = op(aten.mean.dim, x4, [1], True)
+    zm = op(aten.sub.Tensor, x4, mean)
+    var = op(aten.mean.dim, op(aten.mul.Tensor, zm, zm), [1], True)
+    out = op(aten.mul.Tensor, zm, op(aten.rsqrt.default, op(aten.add.Tensor, var, eps)))
     if weight is not None:
-        out = call(aten.mul.Tensor, out, call(aten.view.default, weight, [1, channels, 1, 1]))
+        out = op(aten.mul.Tensor, out, op(aten.view.default, weight, [1, channels, 1, 1]))
     if bias is not None:
-        out = call(aten.add.Tensor, out, call(aten.view.default, bias, [1, channels, 1, 1]))
+        out = op(aten.add.Tensor, out, op(aten.view.default, bias, [1, channels, 1, 1]))
     return out
 
 

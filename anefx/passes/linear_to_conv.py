@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import is_constant, shape
+from anefx.graph import call, is_constant, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -115,8 +115,8 @@ def emit_conv(
     is free in PyTorch; coremltools folds it into the constant.
     """
     x4 = to_bc1s(graph, x, rank, memo)
-    w4 = graph.call_function(aten.view.default, (weight_oi, [*out_in, 1, 1]))
-    conv = graph.call_function(aten.conv2d.default, (x4, w4, bias, [1, 1], [0, 0], [1, 1], groups))
+    w4 = call(graph, aten.view.default, (weight_oi, [*out_in, 1, 1]))
+    conv = call(graph, aten.conv2d.default, (x4, w4, bias, [1, 1], [0, 0], [1, 1], groups))
     return from_bc1s(graph, conv, rank)
 
 
@@ -144,7 +144,7 @@ class LinearToConv(Pass):
                 w = proj.weight
                 out_in = (ws[1], ws[0]) if proj.weight_is_io else (ws[0], ws[1])
                 if proj.weight_is_io:  # (I, O) -> (O, I): a transposed copy, folded by coremltools
-                    w = graph.call_function(aten.clone.default, (graph.call_function(aten.t.default, (w,)),))
+                    w = call(graph, aten.clone.default, (call(graph, aten.t.default, (w,)),))
                     w.kwargs = {"memory_format": torch.contiguous_format}
                 y = emit_conv(graph, proj.x, len(xs), w, out_in, proj.bias, memo=memo)
             node.replace_all_uses_with(y)
