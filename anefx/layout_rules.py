@@ -115,9 +115,7 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
         src = node.args[0]
         if src in split_candidates:
             rank = _rank(node)
-            return Rule(
-                [], lambda g, bc: call(g, operator.getitem, (bc(src), node.args[1])), rank or 0, tied_to=src
-            )
+            return Rule([], lambda g, bc: call(g, operator.getitem, (bc(src), node.args[1])), rank or 0, tied_to=src)
         return None
     out_rank = _rank(node)
     if t in SPLIT:
