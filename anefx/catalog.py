@@ -38,6 +38,7 @@ EXAMPLES: dict[str, CatalogExample] = {
     "grouped_projection": CatalogExample("tiny_grouped"),
     "linear_to_conv": CatalogExample("tiny_block"),
     "layer_norm_bc1s": CatalogExample("tiny_block"),
+    "attention_bc1s": CatalogExample("tiny_attention", ("linear_to_conv",)),
     "to_bc1s": CatalogExample("tiny_block", ("linear_to_conv", "layer_norm_bc1s")),
     "fold_transposes": CatalogExample("transpose_pairs"),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import operator
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -160,13 +161,8 @@ def walk_args(args) -> Iterator[torch.fx.Node]:
 
 
 def erase_dead(gm: torch.fx.GraphModule) -> int:
-    """Remove unused pure nodes and get_attr nodes; return how many were removed."""
-    before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    return before - len(gm.graph.nodes)
+    """Remove unused nodes (see :func:`dce`); return how many were removed."""
+    return dce(gm.graph)
 
 
 def insert_after(graph: torch.fx.Graph, node: torch.fx.Node):
@@ -264,3 +260,51 @@ def call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None)
     except Exception:  # metadata is refreshed after the pass anyway; never fail a rewrite on it
         node.meta.pop("val", None)
     return node
+
+
+def eval_constant(gm: torch.fx.GraphModule, node, _memo: dict | None = None):
+    """The value of a node that depends on no input (see :func:`is_constant`), computed now."""
+    memo = {} if _memo is None else _memo
+    if not isinstance(node, torch.fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    if node.op == "get_attr":
+        value = get_attr_value(gm, node)
+    elif node.op == "call_function":
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: eval_constant(gm, n, memo))
+        with torch.no_grad():
+            value = node.target(*args, **kwargs)
+    else:
+        raise ValueError(f"{describe(node)} depends on a graph input")
+    memo[node] = value
+    return value
+
+
+_KEEP = {"aten::_assert_async", "aten::_assert_scalar", "aten::_assert_tensor_metadata", "aten::sym_constrain_range"}
+
+
+def _removable(node: torch.fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        schema = t._schema
+        if schema.name in _KEEP:
+            return False
+        # mutating ops have side effects; ops merely tagged random (dropout, sdpa) are fine to drop
+        return not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    return t is operator.getitem or not node.is_impure()
+
+
+def dce(graph: torch.fx.Graph) -> int:
+    """Remove unused nodes, including ``dropout``/``scaled_dot_product_attention`` that torch.fx's own
+    dead-code elimination keeps because they are tagged nondeterministic. Returns how many."""
+    removed = 0
+    for node in reversed(list(graph.nodes)):
+        if not node.users and _removable(node):
+            graph.erase_node(node)
+            removed += 1
+    return removed

@@ -10,7 +10,17 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dtype, erase_dead, get_attr_value, shape, walk_args
+from anefx.graph import (
+    add_constant,
+    call,
+    dtype,
+    erase_dead,
+    eval_constant,
+    get_attr_value,
+    is_constant,
+    shape,
+    walk_args,
+)
 
 aten = torch.ops.aten
 
@@ -37,6 +47,28 @@ def _is_identity(node: torch.fx.Node) -> bool:
     if t in _IDENTITY or t in _CASTS:
         return _same_value(node, node.args[0]) and not node.kwargs.get("memory_format")
     return False
+
+
+def _index_is_reshape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """``x[i0, i1, …]`` with constant index grids that only reshape ``x`` (a gather that moves nothing).
+
+    transformers 5.x builds its padding mask as ``mask[batch_idx, kv_idx]`` with ``arange`` grids;
+    for static shapes that is ``mask.view(B, 1, 1, S)``, which needs no gather on the ANE.
+    """
+    src, indices = node.args[0], node.args[1]
+    src_shape, out_shape = shape(src), shape(node)
+    if src_shape is None or out_shape is None or not all(i is None or is_constant(i) for i in indices):
+        return False
+    numel = 1
+    for d in src_shape:
+        numel *= d
+    try:
+        idx = torch.arange(numel).reshape(src_shape)
+        values = [None if i is None else eval_constant(gm, i) for i in indices]
+        picked = idx[tuple(slice(None) if v is None else v for v in values)]
+    except Exception:
+        return False
+    return picked.numel() == numel and torch.equal(picked.reshape(-1), torch.arange(numel))
 
 
 def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
@@ -66,6 +98,13 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
             }
             with graph.inserting_before(node):
                 new = call(graph, aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            stats["ops_respelled"] += 1
+        elif t == aten.index.Tensor and _index_is_reshape(gm, node):
+            with graph.inserting_before(node):
+                new = call(graph, aten.view.default, (node.args[0], list(shape(node))))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)

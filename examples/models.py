@@ -265,3 +265,31 @@ class TransposePairs(nn.Module):
 def transpose_pairs(seq: int = 4):
     _seed()
     return TransposePairs().eval(), (torch.randn(1, seq, 8), torch.randn(1, seq, 8)), {}
+
+
+class TinyAttention(nn.Module):
+    """Two-head self-attention with SDPA and a (B, S) key padding mask, as transformers writes it."""
+
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(c, c)
+        self.k = nn.Linear(c, c)
+        self.v = nn.Linear(c, c)
+
+    def forward(self, x, mask):
+        b, s, c = x.shape
+
+        def split(t):
+            return t.view(b, s, self.heads, c // self.heads).transpose(1, 2)
+
+        keep = mask.bool()[:, None, None, :]
+        o = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)), keep)
+        return o.transpose(1, 2).reshape(b, s, c)
+
+
+def tiny_attention(seq: int = 4):
+    _seed()
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -1] = 0
+    return TinyAttention().eval(), (torch.randn(1, seq, 8), mask), {}

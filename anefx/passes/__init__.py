@@ -6,6 +6,7 @@ are available but not on by default.
 
 from __future__ import annotations
 
+from anefx.passes.attention_bc1s import AttentionBC1S
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
 from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.fold_constants import FoldConstants
@@ -21,6 +22,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     GroupedProjection,
     LinearToConv,
     LayerNormBC1S,
+    AttentionBC1S,
     ToBC1S,
     FoldTransposes,
 )
@@ -43,6 +45,7 @@ def pass_by_name(name: str, **options) -> Pass:
 __all__ = [
     "ALL_PASSES",
     "DEFAULT_PASSES",
+    "AttentionBC1S",
     "Canonicalize",
     "FoldConstants",
     "FoldTransposes",

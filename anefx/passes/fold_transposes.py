@@ -9,7 +9,7 @@ Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line e
 * ``binop(permute(a, p), permute(b, p))``  → ``permute(binop(a, b), p)``   (sink through elementwise)
 * shape-only chain (view/reshape/squeeze/unsqueeze/flatten) whose result has the shape of its
   start                                     → the start
-* two or more shape-only ops in a row       → one ``reshape``
+* two or more shape-only ops in a row, one a reshape → one ``reshape``
 
 Sinking only happens when the permute has a single user, so no permute is ever duplicated: the
 number of permutes never grows.
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, infer_meta, shape
+from anefx.graph import call, dce, infer_meta, shape
 from anefx.layout_rules import BINARY, UNARY
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -53,6 +53,7 @@ SHAPE_ONLY = {
     aten.flatten.using_ints,
     aten.unflatten.int,
 }
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
 _SINK_UNARY = UNARY - {aten._to_copy.default, aten.to.dtype}
 
 
@@ -97,7 +98,7 @@ class FoldTransposes(Pass):
                 if node.graph is not graph or node.op != "call_function":
                     continue
                 changed |= self._rewrite(graph, node, stats)
-            graph.eliminate_dead_code()
+            dce(graph)
             if not changed:
                 break
         return finish(gm, any(stats.values()), **stats)
@@ -172,15 +173,17 @@ class FoldTransposes(Pass):
             stats["reshapes_folded"] += 1
             return True
         start = src
-        length = 1
+        chain = [node]
         while start.op == "call_function" and start.target in SHAPE_ONLY and len(start.users) == 1:
+            chain.append(start)
             start = start.args[0]
-            length += 1
             if shape(start) == out:
                 _replace(graph, node, start)
                 stats["reshapes_folded"] += 1
                 return True
-        if length >= 2 and shape(start) is not None:
+        # merge a chain into one reshape only if it already holds one: squeeze/unsqueeze-only chains
+        # stay as they are (coremltools emits expand_dims/squeeze for them, not reshape)
+        if len(chain) >= 2 and shape(start) is not None and any(c.target in _RESHAPES for c in chain):
             node.target, node.args, node.kwargs = aten.reshape.default, (start, list(out)), {}
             stats["reshapes_folded"] += 1
             return True

@@ -27,7 +27,7 @@ import operator
 import torch
 import torch.fx
 
-from anefx.graph import call, shape
+from anefx.graph import call, dce, shape
 from anefx.layout import RANKS
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 from anefx.passes.linear_to_conv import Projection, emit_conv, match_projection
@@ -90,5 +90,5 @@ class GroupedProjection(Pass):
             graph.erase_node(node)
             fused += 1
         if fused:
-            graph.eliminate_dead_code()
+            dce(graph)
         return finish(gm, bool(fused), fused=fused)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, is_constant, shape
+from anefx.graph import call, dce, is_constant, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -151,5 +151,5 @@ class LinearToConv(Pass):
             graph.erase_node(node)
             converted += 1
         if converted:
-            graph.eliminate_dead_code()
+            dce(graph)
         return finish(gm, bool(converted), converted=converted, **{f"skipped_{k}": v for k, v in skipped.items()})

@@ -38,7 +38,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from anefx.graph import shape
+from anefx.graph import dce, shape
 from anefx.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
 from anefx.layout_rules import Rule, rule_for
 from anefx.passes.base import Pass, PassContext, PassResult, finish
@@ -174,6 +174,6 @@ class ToBC1S(Pass):
         for n in reversed(order):
             if not n.users:
                 graph.erase_node(n)
-        graph.eliminate_dead_code()
+        dce(graph)
         after = count_layout_changes(graph)
         return finish(gm, True, bc1s_ops=len(order), layout_changes_before=before, layout_changes_after=after)

@@ -1,0 +1,261 @@
+"""``attention_bc1s`` — attention as per-head einsums on the channel axis of (B, C, 1, S).
+
+This is the structure of Apple's hand-written ``ml-ane-transformers`` attention, produced from stock
+models. Two forms are recognised:
+
+* ``aten.scaled_dot_product_attention`` (transformers' default ``sdpa``), with or without a mask,
+  ``is_causal``, an explicit or implied scale, and grouped-query attention (``enable_gqa`` or
+  repeated K/V heads);
+* the eager form ``softmax(q @ k^T * scale + mask) @ v`` (also ``/ sqrt(d)``, masks added or
+  ``masked_fill``-ed, dropout in eval).
+
+Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
+data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
+simulating the reshuffle, see :mod:`anefx.heads`). Masks are lowered by :mod:`anefx.masks` to the
+additive per-key form with a finite negative. Attention whose inputs do not match is left alone.
+
+Original::
+
+    %q = aten.transpose(aten.view(%q_proj, [B, S, H, D]), 1, 2)       # (B, H, S, D); k, v alike
+    %o = aten.scaled_dot_product_attention(%q, %k, %v, %mask, scale=s)
+    %y = aten.reshape(aten.transpose(%o, 1, 2), [B, S, H*D])
+Result::
+
+    %Q = to_bc1s(%q_proj) * s ;  %K = to_bc1s(%k_proj) ;  %V = to_bc1s(%v_proj)   # (B, C, 1, S)
+    %KT = aten.permute(%K, [0, 3, 2, 1])                      # the one K transpose: (B, S, 1, C)
+    %q_h, %k_h, %v_h = split(%Q, D, 1)[h], split(%KT, D, 3)[h], split(%V, D, 1)[h]
+    %w_h = aten.softmax(einsum("bchq,bkhc->bkhq", %q_h, %k_h) + %mask_bc, 1)   # (B, S_k, 1, S_q)
+    %o_h = einsum("bkhq,bchk->bchq", %w_h, %v_h)                                 # (B, D, 1, S_q)
+    %y = from_bc1s(aten.cat([%o_0, …, %o_{H-1}], 1))
+
+Options:
+  mask_value: the finite negative used for masked positions (default -1e4, safe in fp16)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from anefx.graph import add_constant, call, dce, shape
+from anefx.heads import Heads, merge_users, trace_heads
+from anefx.layout import from_bc1s, to_bc1s
+from anefx.masks import MaskLowering, MaskTerm
+from anefx.passes.base import Pass, PassContext, PassResult, finish
+
+aten = torch.ops.aten
+_SOFTMAX = {aten.softmax.int, aten._softmax.default}
+_PASS = {aten.dropout.default, aten.clone.default, aten.alias.default}
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    mask_value: float = -1e4
+
+
+@dataclass
+class Core:
+    """One attention computation found in the graph."""
+
+    out: torch.fx.Node  # (B, H, S_q, D_v)
+    q: torch.fx.Node
+    k: torch.fx.Node
+    v: torch.fx.Node
+    scale: float
+    masks: list[tuple[torch.fx.Node, str]] = field(default_factory=list)
+    causal: bool = False
+
+
+def _scalar(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def match_sdpa(node: torch.fx.Node) -> Core | None:
+    if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+        return None
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    if a.get("dropout_p", 0.0):
+        return None
+    d = shape(a["query"])[-1]
+    scale = a.get("scale")
+    core = Core(node, a["query"], a["key"], a["value"], float(scale) if scale is not None else 1 / math.sqrt(d))
+    mask = a.get("attn_mask")
+    if mask is not None:
+        core.masks.append((mask, "keep" if mask.meta["val"].dtype == torch.bool else "add"))
+    core.causal = bool(a.get("is_causal", False))
+    return core
+
+
+def match_eager(node: torch.fx.Node) -> Core | None:
+    """``matmul(softmax(q @ k^T * scale + mask, -1), v)``."""
+    if node.op != "call_function" or node.target != aten.matmul.default:
+        return None
+    w, v = node.args
+    while w.op == "call_function" and w.target in _PASS:
+        w = w.args[0]
+    if w.op != "call_function" or w.target not in _SOFTMAX or w.args[1] not in (-1, 3):
+        return None
+    x = w.args[0]
+    masks: list[tuple[torch.fx.Node, str]] = []
+    scale = 1.0
+    while x.op == "call_function":
+        if x.target == aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in x.args[:2]):
+            left, right = x.args[:2]
+            mask, x = (right, left) if _depends_on_matmul(left) else (left, right)
+            masks.append((mask, "add"))
+        elif x.target == aten.masked_fill.Scalar:
+            masks.append((x.args[1], "drop"))
+            x = x.args[0]
+        elif x.target in (aten.mul.Tensor, aten.div.Tensor) and _scalar(x.args[1]) is not None:
+            s = _scalar(x.args[1])
+            scale = scale * s if x.target == aten.mul.Tensor else scale / s
+            x = x.args[0]
+        else:
+            break
+    if x.op != "call_function" or x.target != aten.matmul.default:
+        return None
+    q, kt = x.args
+    ks = shape(kt)
+    if kt.op != "call_function" or ks is None or len(ks) != 4:
+        return None
+    if not _swaps_last_two(kt):
+        return None
+    k = kt.args[0]
+    if q.op == "call_function" and q.target == aten.mul.Tensor and _scalar(q.args[1]) is not None:
+        scale *= _scalar(q.args[1])
+        q = q.args[0]
+    return Core(node, q, k, v, scale, masks)
+
+
+def _swaps_last_two(n: torch.fx.Node) -> bool:
+    if n.target == aten.transpose.int:
+        return sorted(d % 4 for d in n.args[1:]) == [2, 3]
+    return n.target == aten.permute.default and [d % 4 for d in n.args[1]] == [0, 1, 3, 2]
+
+
+def _depends_on_matmul(n: torch.fx.Node, depth: int = 4) -> bool:
+    for _ in range(depth):
+        if n.op != "call_function":
+            return False
+        if n.target == aten.matmul.default:
+            return True
+        n = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else n
+    return False
+
+
+def _causal_term(gm: torch.fx.GraphModule, graph, sq: int, sk: int, dtype, neg: float, before) -> MaskTerm:
+    q = torch.arange(sq).view(1, sq)
+    k = torch.arange(sk).view(sk, 1)
+    add = torch.where(k <= q + (sk - sq), 0.0, neg).to(dtype).view(1, sk, 1, sq)
+    name = add_constant(gm, add, "_anefx_mask")
+    with graph.inserting_before(before):
+        node = graph.get_attr(name)
+    return MaskTerm(node, per_head=False)
+
+
+class _Split:
+    """Per-head channel blocks of a (B, C, 1, S) tensor along ``axis``, as one split where possible."""
+
+    def __init__(self, graph, x4, axis: int, offsets: list[int], size: int, channels: int):
+        self.graph, self.x4, self.axis, self.size = graph, x4, axis, size
+        starts = sorted(set(offsets))
+        self.tiles = starts == list(range(0, channels, size)) and len(starts) * size == channels
+        self.parts: dict[int, torch.fx.Node] = {}
+        if self.tiles and len(starts) > 1:
+            split = call(graph, aten.split.Tensor, (x4, size, axis))
+            for i, s in enumerate(starts):
+                self.parts[s] = call(graph, operator.getitem, (split, i))
+        elif self.tiles:
+            self.parts[0] = x4
+
+    def __getitem__(self, offset: int) -> torch.fx.Node:
+        if offset not in self.parts:
+            self.parts[offset] = call(self.graph, aten.slice.Tensor, (self.x4, self.axis, offset, offset + self.size))
+        return self.parts[offset]
+
+
+class AttentionBC1S(Pass):
+    __doc__ = __doc__
+    name = "attention_bc1s"
+    Options = AttentionOptions
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        stats = {"rewritten": 0, "heads": 0, "unmatched": 0}
+        memo: dict = {}
+        lowering: dict = {}
+        for node in list(graph.nodes):
+            core = match_sdpa(node) or match_eager(node)
+            if core is None:
+                continue
+            traced = [trace_heads(t) for t in (core.q, core.k, core.v)]
+            if any(t is None for t in traced) or _blocked(core, traced):
+                stats["unmatched"] += 1
+                continue
+            self._rewrite(gm, core, *traced, memo, lowering)
+            stats["rewritten"] += 1
+            stats["heads"] += len(traced[0].offsets)
+        if stats["rewritten"]:
+            dce(graph)
+        return finish(gm, bool(stats["rewritten"]), **stats)
+
+    def _rewrite(self, gm, core: Core, qh: Heads, kh: Heads, vh: Heads, memo: dict, lowering: dict) -> None:
+        graph = gm.graph
+        b, h, sq, d = shape(core.q)
+        sk, dv = shape(core.k)[2], shape(core.v)[3]
+        dtype = core.q.meta["val"].dtype
+        k_offsets = kh.offsets if len(kh.offsets) == h else [kh.offsets[i // (h // len(kh.offsets))] for i in range(h)]
+        v_offsets = vh.offsets if len(vh.offsets) == h else [vh.offsets[i // (h // len(vh.offsets))] for i in range(h)]
+        neg = self.options.mask_value
+        low = lowering.setdefault(dtype, MaskLowering(gm, h, dtype, neg))
+        terms: list[MaskTerm] = []
+        for mask, kind in core.masks:
+            terms += low.lower(mask, kind)
+        with graph.inserting_before(core.out):
+            if core.causal:
+                terms.append(_causal_term(gm, graph, sq, sk, dtype, neg, core.out))
+            q4, k4, v4 = (self._bc(graph, t, memo) for t in (qh, kh, vh))
+            if core.scale != 1.0:
+                q4 = call(graph, aten.mul.Tensor, (q4, core.scale))
+            kt = call(graph, aten.permute.default, (k4, [0, 3, 2, 1]))  # (B, S_k, 1, C_k)
+            qs = _Split(graph, q4, 1, qh.offsets, d, shape(q4)[1] if shape(q4) else 0)
+            ks = _Split(graph, kt, 3, k_offsets, d, shape(kt)[3] if shape(kt) else 0)
+            vs = _Split(graph, v4, 1, v_offsets, dv, shape(v4)[1] if shape(v4) else 0)
+            outs = []
+            for i in range(h):
+                s = call(graph, aten.einsum.default, ("bchq,bkhc->bkhq", [qs[qh.offsets[i]], ks[k_offsets[i]]]))
+                for term in terms:
+                    t = term.node
+                    if term.per_head:
+                        t = call(graph, aten.slice.Tensor, (t, 2, i, i + 1))
+                    s = call(graph, aten.add.Tensor, (s, t))
+                w = call(graph, aten._softmax.default, (s, 1, False))
+                outs.append(call(graph, aten.einsum.default, ("bkhq,bchk->bchq", [w, vs[v_offsets[i]]])))
+            out4 = call(graph, aten.cat.default, (outs, 1)) if len(outs) > 1 else outs[0]
+        merged = from_bc1s(graph, out4, 3)
+        for m in merge_users(core.out):
+            m.replace_all_uses_with(merged)
+        if core.out.users:  # consumers that want (B, H, S_q, D_v): give it back to them
+            with graph.inserting_before(core.out):
+                heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
+                back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
+            core.out.replace_all_uses_with(back)
+
+    @staticmethod
+    def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
+        return heads.source if heads.source_is_bc1s else to_bc1s(graph, heads.source, 3, memo)
+
+
+def _blocked(core: Core, traced: list) -> bool:
+    """Shapes anefx does not rewrite (yet): batch or sequence mismatches, odd GQA ratios."""
+    q, k, v = (shape(t) for t in (core.q, core.k, core.v))
+    if None in (q, k, v) or q[0] != k[0] or k[2] != v[2]:
+        return True
+    h = len(traced[0].offsets)
+    return any(h % len(t.offsets) for t in traced[1:])
