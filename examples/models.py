@@ -293,3 +293,36 @@ def tiny_attention(seq: int = 4):
     mask = torch.ones(1, seq, dtype=torch.long)
     mask[:, -1] = 0
     return TinyAttention().eval(), (torch.randn(1, seq, 8), mask), {}
+
+
+def bert(layers: int = 2, dim: int = 64, heads: int = 4, seq: int = 32, attn: str = "sdpa", pad: int = 0):
+    """Stock ``transformers`` BertModel from a config (small by default)."""
+    from transformers import BertConfig, BertModel
+
+    _seed()
+    cfg = BertConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * dim)
+    cfg._attn_implementation = attn
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    mask = torch.ones(1, seq, dtype=torch.long)
+    if pad:
+        mask[:, -pad:] = 0
+    return model, (ids,), {"attention_mask": mask}
+
+
+def vit(layers: int = 2, dim: int = 64, heads: int = 4, image: int = 32, patch: int = 8, attn: str = "sdpa"):
+    """Stock ``transformers`` ViTModel from a config (small by default)."""
+    from transformers import ViTConfig, ViTModel
+
+    _seed()
+    cfg = ViTConfig(
+        hidden_size=dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * dim,
+        image_size=image,
+        patch_size=patch,
+    )
+    cfg._attn_implementation = attn
+    model = ViTModel(cfg, add_pooling_layer=False).eval()
+    return model, (torch.randn(1, 3, image, image),), {}

@@ -52,8 +52,6 @@ def test_full_size_distilbert(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 60_000_000
     compiled = anefx.compile(model, args, kwargs)
     _check(compiled, model, args, kwargs, tmp_path, "distilbert_full")
-    ops = compiled.op_histogram()
-    assert ops.get("linear", 0) == 0 and ops["conv"] == 36
 
 
 def test_report_prints_a_table():
