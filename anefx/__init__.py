@@ -5,6 +5,7 @@ compiled.save("model.mlpackage")
 print(compiled.report)
 """
 
+from anefx.backend import backend
 from anefx.capture import Captured, capture
 from anefx.compile import CompiledModel, compile  # noqa: A004
 from anefx.debug import DebugOptions
@@ -34,6 +35,7 @@ __all__ = [
     "TargetUnavailableError",
     "Tolerance",
     "ValidationOptions",
+    "backend",
     "capture",
     "compile",
     "load_reproducer",

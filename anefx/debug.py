@@ -36,6 +36,8 @@ class DebugOptions:
     bisect_limit: int | None = None
     #: Write a reproducer (graph before the failing pass + pipeline) here when a pass fails.
     reproducer_dir: Path | None = None
+    #: No BISECT lines and no rollback messages on stderr (for tools that drive the pipeline).
+    quiet: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DebugOptions:

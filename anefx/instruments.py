@@ -45,7 +45,7 @@ class Instruments:
             (self.dump_dir / "00_input.txt").write_text(graph_text(gm))
 
     def bisect_line(self, index: int, name: str, ran: bool) -> None:
-        if self.debug.bisect_limit is None:
+        if self.debug.bisect_limit is None or self.debug.quiet:
             return
         verb = "running" if ran else "NOT running"
         print(f"BISECT: {verb} pass ({index}) {name}", file=self.stream)
@@ -64,7 +64,8 @@ class Instruments:
     def failed(
         self, index: int, p: Pass, before: torch.fx.GraphModule, rec: PassRecord, exc: BaseException | None
     ) -> None:
-        print(f"anefx: pass {p.name} ({index}) rolled back: {rec.error}", file=self.stream)
+        if not self.debug.quiet:
+            print(f"anefx: pass {p.name} ({index}) rolled back: {rec.error}", file=self.stream)
         if self.dump_dir:
             self._dump(index, p, before, before, rec)
         target = self.debug.reproducer_dir
@@ -114,6 +115,6 @@ class Instruments:
         if rec.modified and not rec.rolled_back:
             from anefx.visualize import draw_graph
 
-            picture = draw_graph(after, self.dump_dir / f"{stem}.graph", changed_from=before)
+            picture = draw_graph(after, self.dump_dir / stem, changed_from=before)
             if picture is not None:
                 entry["picture"] = picture.name

@@ -41,6 +41,9 @@ def draw_graph(gm: torch.fx.GraphModule, stem: Path, changed_from: torch.fx.Grap
         node = by_name.get(name)
         if node is None:
             continue
+        label = dnode.get_label()
+        if label and ("<" in label or ">" in label):  # e.g. einsum equations: '<'/'>' are record ports
+            dnode.set_label(label.replace("<", "\\<").replace(">", "\\>"))
         dnode.set_fillcolor(_BC1S if _is_bc1s(node) else _OTHER)
         if old and node.format_node() not in old:
             dnode.set_color("red")

@@ -1,0 +1,222 @@
+"""The ``anefx`` command line.
+
+    anefx compile examples/models.py:distilbert -o distilbert.mlpackage
+    anefx compile my_pkg.models:build --input x:1x128x768:float32 -o model.mlpackage
+    anefx passes
+    anefx bisect examples/models.py:mlp_block --pipeline my_pipelines.py:broken
+
+A factory is ``<python file or module>:<function>``. It returns a model, or ``(model, args, kwargs)``;
+``--input name:shape:dtype`` builds example inputs (random, seeded) and overrides those it returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+
+def load_object(spec: str):
+    """``path/to/file.py:name`` or ``package.module:name`` → the object."""
+    if ":" not in spec:
+        raise SystemExit(f"anefx: expected <python-file-or-module>:<name>, got {spec!r}")
+    where, name = spec.rsplit(":", 1)
+    path = Path(where)
+    if where.endswith(".py") or path.exists():
+        if not path.exists():
+            raise SystemExit(f"anefx: no such file: {where}")
+        sys.path.insert(0, str(path.resolve().parent))
+        module_spec = importlib.util.spec_from_file_location(f"anefx_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise SystemExit(f"anefx: {where} has no attribute {name!r}") from None
+
+
+def parse_input(text: str) -> tuple[str, torch.Tensor]:
+    """``name:1x128:int64`` → (name, a seeded random tensor); integer inputs are in [0, 100)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"anefx: --input wants name:shape[:dtype], got {text!r}")
+    name, shape_text = parts[0], parts[1]
+    dtype_name = parts[2] if len(parts) == 3 else "float32"
+    if dtype_name not in _DTYPES:
+        raise SystemExit(f"anefx: unknown dtype {dtype_name!r}; choose from {sorted(_DTYPES)}")
+    try:
+        shape = [int(s) for s in shape_text.lower().split("x")]
+    except ValueError:
+        raise SystemExit(f"anefx: bad shape {shape_text!r} in {text!r} (write e.g. 1x128x768)") from None
+    gen = torch.Generator().manual_seed(0)
+    dtype = _DTYPES[dtype_name]
+    if dtype.is_floating_point:
+        return name, torch.randn(shape, generator=gen).to(dtype)
+    if dtype == torch.bool:
+        return name, torch.ones(shape, dtype=torch.bool)
+    return name, torch.randint(0, 100, shape, generator=gen, dtype=dtype)
+
+
+def load_model(spec: str, inputs: list[str]):
+    made = load_object(spec)()
+    if isinstance(made, tuple):
+        model, args, kwargs = [*made, (), {}][:3]
+    else:
+        model, args, kwargs = made, (), {}
+    if inputs:
+        args, kwargs = _bind_inputs(model, [parse_input(t) for t in inputs])
+    if not args and not kwargs:
+        raise SystemExit("anefx: the factory returned no example inputs; pass --input name:shape:dtype")
+    return model, tuple(args), dict(kwargs)
+
+
+def _bind_inputs(model, named: list[tuple[str, torch.Tensor]]) -> tuple[tuple, dict]:
+    """Inputs named like ``forward``'s parameters go by keyword; the others by position, in order."""
+    import inspect
+
+    try:
+        params = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = set()
+    args = tuple(t for name, t in named if name not in params)
+    kwargs = {name: t for name, t in named if name in params}
+    return args, kwargs
+
+
+def _console():
+    import os
+
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+    return Console(stderr=False, width=width)
+
+
+def cmd_compile(ns) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import anefx
+
+    model, args, kwargs = load_model(ns.factory, ns.input)
+    pipeline = load_object(ns.pipeline)() if ns.pipeline else anefx.Pipeline.default()
+    if ns.without:
+        pipeline = pipeline.without(*ns.without)
+    out = Path(ns.output)
+    console = _console()
+    steps = len(pipeline.passes) + 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("capture", total=steps)
+
+        def progress(step: str) -> None:
+            bar.update(task, description=step, advance=0 if step == pipeline.names[0] else 1)
+
+        compiled = anefx.compile(
+            model,
+            args,
+            kwargs,
+            pipeline=pipeline,
+            target=ns.target,
+            validate=ns.validate,
+            progress=progress,
+            dump_dir=ns.dump_dir,
+        )
+        bar.update(task, completed=steps, description="done")
+    console.print(compiled.report.rich_table())
+    ops = compiled.op_histogram()
+    console.print("ops: " + ", ".join(f"{k}={v}" for k, v in sorted(ops.items())))
+    console.print(f"max abs error vs the model: {compiled.max_error():.2e}")
+    compiled.save(out)
+    console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_passes(ns) -> int:
+    from rich.table import Table
+
+    from anefx.passes import ALL_PASSES, DEFAULT_PASSES
+
+    table = Table(title="anefx passes (default pipeline order)")
+    table.add_column("#", justify="right")
+    table.add_column("pass")
+    table.add_column("default")
+    table.add_column("what it does")
+    for i, cls in enumerate(ALL_PASSES, 1):
+        summary = (cls.__doc__ or "").strip().splitlines()[0].split("—", 1)[-1].strip()
+        table.add_row(str(i), cls.name, "yes" if cls in DEFAULT_PASSES else "no", summary)
+    _console().print(table)
+    if ns.name:
+        cls = next((c for c in ALL_PASSES if c.name == ns.name), None)
+        if cls is None:
+            raise SystemExit(f"anefx: no pass named {ns.name!r}")
+        print(cls.__doc__)
+    return 0
+
+
+def cmd_bisect(ns) -> int:
+    import anefx
+    from anefx.bisect import bisect
+
+    model, args, kwargs = load_model(ns.factory, ns.input)
+    pipeline = load_object(ns.pipeline)() if ns.pipeline else anefx.Pipeline.default()
+    result = bisect(model, args, kwargs, pipeline=pipeline)
+    print(result)
+    return 1 if result.culprit is not None else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="anefx", description="Compile PyTorch models for the Apple Neural Engine.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a model to .mlpackage (Core ML) or .aimodel (Core AI)")
+    c.add_argument("factory", help="<python-file-or-module>:<function> returning a model or (model, args, kwargs)")
+    c.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE", help="e.g. x:1x128x768:float32")
+    c.add_argument("-o", "--output", required=True, help="output path (.mlpackage or .aimodel)")
+    c.add_argument("--target", default="coreml", choices=["coreml", "coreai"])
+    c.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
+    c.add_argument("--without", action="append", default=[], metavar="PASS", help="drop a pass (repeatable)")
+    c.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
+    c.add_argument("--dump-dir", default=None, help="write per-pass graphs, diffs and pictures here")
+    c.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("passes", help="list the passes (the catalog)")
+    p.add_argument("name", nargs="?", help="show one pass's documentation")
+    p.set_defaults(func=cmd_passes)
+
+    b = sub.add_parser("bisect", help="find the first pass that makes the model wrong")
+    b.add_argument("factory")
+    b.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE")
+    b.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
+    b.set_defaults(func=cmd_bisect)
+    return ap
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except Exception as exc:
+        from anefx.errors import AnefxError
+
+        if isinstance(exc, AnefxError):
+            print(f"anefx: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

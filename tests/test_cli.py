@@ -1,0 +1,71 @@
+"""The anefx command line, run as users run it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import coremltools as ct
+
+ROOT = Path(__file__).resolve().parents[1]
+ANEFX = [sys.executable, "-m", "anefx.cli"]
+
+
+def run(*args, cwd=ROOT):
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run([*ANEFX, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_help():
+    res = run("--help")
+    assert res.returncode == 0 and "compile" in res.stdout and "bisect" in res.stdout
+
+
+def test_compile_from_a_file(tmp_path):
+    out = tmp_path / "mlp.mlpackage"
+    res = run("compile", "examples/models.py:block_stack", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "linear_to_conv" in res.stdout and f"wrote {out}" in res.stdout
+    assert ct.utils.load_spec(str(out)).WhichOneof("Type") == "mlProgram"
+
+
+def test_compile_with_explicit_inputs(tmp_path):
+    factory = tmp_path / "mine.py"
+    factory.write_text("import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(16, 4))\n")
+    out = tmp_path / "m.mlpackage"
+    res = run("compile", f"{factory}:build", "--input", "x:2x5x16:float32", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.exists()
+
+
+def test_bad_inputs_are_explained(tmp_path):
+    factory = tmp_path / "mine.py"
+    factory.write_text("import torch\n\ndef build():\n    return torch.nn.Linear(16, 4)\n")
+    res = run("compile", f"{factory}:build", "--input", "x:2x7:float32", "-o", str(tmp_path / "m.mlpackage"))
+    assert res.returncode == 2 and "do not fit" in res.stderr
+    assert not (tmp_path / "m.mlpackage").exists()
+    res = run("compile", f"{factory}:nope", "-o", "x.mlpackage")
+    assert res.returncode != 0 and "no attribute 'nope'" in res.stderr
+
+
+def test_passes_lists_every_pass():
+    from anefx.passes import ALL_PASSES
+
+    res = run("passes")
+    assert res.returncode == 0
+    for cls in ALL_PASSES:
+        assert cls.name in res.stdout
+
+
+def test_bisect_command(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "import anefx\n"
+        "from test_pipeline import FlipSign\n\n"
+        "def pipeline():\n"
+        "    return anefx.Pipeline.default().insert_after('to_bc1s', FlipSign())\n"
+    )
+    res = run("bisect", "examples/models.py:mlp_block", "--pipeline", f"{broken}:pipeline")
+    assert res.returncode == 1 and "first bad pass application: (7) flip_sign" in res.stdout
