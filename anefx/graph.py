@@ -7,6 +7,8 @@ Nothing here knows about a particular pass or target: these are the graph facts 
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import copy
 import operator
 import warnings
@@ -252,9 +254,28 @@ def tensor_str(t) -> str:
     return type(t).__name__
 
 
+_PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
+_provenance: contextvars.ContextVar[dict | None] = contextvars.ContextVar("anefx_provenance", default=None)
+
+
+@contextlib.contextmanager
+def provenance(node: torch.fx.Node):
+    """Nodes created by :func:`call` inside this block inherit ``node``'s source location, so
+    reports and converters can still point at the user's line after a rewrite."""
+    meta = {k: node.meta[k] for k in _PROVENANCE_KEYS if k in node.meta}
+    token = _provenance.set(meta)
+    try:
+        yield
+    finally:
+        _provenance.reset(token)
+
+
 def call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
-    """``graph.call_function`` that also fills the new node's shape metadata."""
+    """``graph.call_function`` that also fills the new node's shape metadata and provenance."""
     node = graph.call_function(target, tuple(args), dict(kwargs or {}))
+    inherited = _provenance.get()
+    if inherited:
+        node.meta.update(inherited)
     try:
         infer_meta(node)
     except Exception:  # metadata is refreshed after the pass anyway; never fail a rewrite on it

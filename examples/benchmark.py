@@ -3,8 +3,9 @@
     python examples/benchmark.py                       # stock DistilBERT, full size
     python examples/benchmark.py --models distilbert,bert,vit --attn eager
 
-For each model it prints, side by side, the MIL op histogram of the stock conversion (the captured
-graph handed to coremltools with no anefx pass) and of anefx's, then anefx's own time (passes +
+For each model it prints, side by side, the op histogram of the stock conversion (the captured graph
+handed to the converter with no anefx pass) and of anefx's, for Core ML (MIL ops) and, when the
+``anefx[coreai]`` extra is installed, for Core AI, with conversion times; then anefx's own time (passes +
 validation) against the time of ``ct.convert`` on the rewritten graph, the largest numeric error and
 the process's peak memory. Target: anefx's own work ≤ 0.5x ``ct.convert``'s time.
 """
@@ -35,13 +36,19 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def bench(name: str, attn: str) -> dict:
+def bench(name: str, attn: str, coreai: bool) -> dict:
     model, args, kwargs = FULL_SIZE[name](attn)
     stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty())
     t0 = time.perf_counter()
     compiled = anefx.compile(model, args, kwargs)
     total = time.perf_counter() - t0
-    return {
+    extra = {}
+    if coreai:
+        for label, pipeline in (("stock_ai", anefx.Pipeline.empty()), ("anefx_ai", None)):
+            c = anefx.compile(model, args, kwargs, pipeline=pipeline, target="coreai")
+            extra[label] = c.op_histogram()
+            extra[f"{label}_convert"] = c.timings["convert"]
+    return extra | {
         "name": f"{name} ({attn})",
         "stock": stock.op_histogram(),
         "anefx": compiled.op_histogram(),
@@ -55,12 +62,22 @@ def bench(name: str, attn: str) -> dict:
     }
 
 
+def _table(title: str, left: dict, right: dict, times: tuple[float, float] | None = None) -> None:
+    ops = sorted(set(left) | set(right), key=lambda o: (o not in KEY_OPS, o))
+    width = max([18, *(len(o) + 2 for o in ops)])
+    print(f"{title:<{width}}{'stock':>8}{'anefx':>8}")
+    for op in ops:
+        print(f"{op:<{width}}{left.get(op, 0):>8}{right.get(op, 0):>8}")
+    if times:
+        print(f"{'convert (s)':<{width}}{times[0]:>8.2f}{times[1]:>8.2f}")
+
+
 def print_result(r: dict) -> None:
     print(f"\n=== {r['name']} ===")
-    ops = sorted(set(r["stock"]) | set(r["anefx"]), key=lambda o: (o not in KEY_OPS, o))
-    print(f"{'MIL op':<18}{'stock':>8}{'anefx':>8}")
-    for op in ops:
-        print(f"{op:<18}{r['stock'].get(op, 0):>8}{r['anefx'].get(op, 0):>8}")
+    _table("Core ML (MIL op)", r["stock"], r["anefx"], (r["stock_convert"], r["convert"]))
+    if "anefx_ai" in r:
+        print()
+        _table("Core AI (op)", r["stock_ai"], r["anefx_ai"], (r["stock_ai_convert"], r["anefx_ai_convert"]))
     ratio = r["passes"] / r["convert"]
     verdict = "OK" if ratio <= 0.5 else "OVER TARGET"
     print(
@@ -76,9 +93,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="distilbert", help=f"comma-separated, from {sorted(FULL_SIZE)}")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--no-coreai", action="store_true", help="skip the Core AI conversions")
     args = ap.parse_args(argv)
+    from anefx.targets import coreai
+
+    use_coreai = not args.no_coreai and coreai.available()[0]
+    if not args.no_coreai and not use_coreai:
+        print(f"(Core AI columns skipped: {coreai.available()[1]})")
     for name in args.models.split(","):
-        print_result(bench(name.strip(), args.attn))
+        print_result(bench(name.strip(), args.attn, use_coreai))
     print(f"\npeak RSS of this process: {peak_rss_mb():.0f} MiB")
     return 0
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dce, shape
+from anefx.graph import add_constant, call, dce, provenance, shape
 from anefx.heads import Heads, merge_users, trace_heads
 from anefx.layout import from_bc1s, to_bc1s
 from anefx.masks import MaskLowering, MaskTerm
@@ -198,7 +198,8 @@ class AttentionBC1S(Pass):
             if any(t is None for t in traced) or _blocked(core, traced):
                 stats["unmatched"] += 1
                 continue
-            self._rewrite(gm, core, *traced, memo, lowering)
+            with provenance(core.out):
+                self._rewrite(gm, core, *traced, memo, lowering)
             stats["rewritten"] += 1
             stats["heads"] += len(traced[0].offsets)
         if stats["rewritten"]:

@@ -27,7 +27,7 @@ import operator
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, shape
+from anefx.graph import call, dce, provenance, shape
 from anefx.layout import RANKS
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 from anefx.passes.linear_to_conv import Projection, emit_conv, match_projection
@@ -80,7 +80,7 @@ class GroupedProjection(Pass):
             x, projs = m
             g = len(projs)
             o_g, i_g = shape(projs[0].weight)
-            with graph.inserting_before(node):
+            with graph.inserting_before(node), provenance(node):
                 w = call(graph, aten.cat.default, ([p.weight for p in projs], 0))
                 b = None
                 if projs[0].bias is not None:

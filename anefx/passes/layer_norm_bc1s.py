@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from anefx.graph import call, shape
+from anefx.graph import call, provenance, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -67,7 +67,7 @@ class LayerNormBC1S(Pass):
             args = list(node.args) + [None] * (5 - len(node.args))
             weight, bias = args[2], args[3]
             eps = args[4] if args[4] is not None else 1e-5
-            with graph.inserting_before(node):
+            with graph.inserting_before(node), provenance(node):
                 x4 = to_bc1s(graph, x, len(xs))
                 y4 = emit_channel_layer_norm(graph, x4, weight, bias, float(eps), xs[-1])
                 y = from_bc1s(graph, y4, len(xs))

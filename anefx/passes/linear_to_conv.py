@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, is_constant, shape
+from anefx.graph import call, dce, is_constant, provenance, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -140,7 +140,7 @@ class LinearToConv(Pass):
             if xs[-1] < self.options.min_channels:
                 skipped["min_channels"] = skipped.get("min_channels", 0) + 1
                 continue
-            with graph.inserting_before(node):
+            with graph.inserting_before(node), provenance(node):
                 w = proj.weight
                 out_in = (ws[1], ws[0]) if proj.weight_is_io else (ws[0], ws[1])
                 if proj.weight_is_io:  # (I, O) -> (O, I): a transposed copy, folded by coremltools

@@ -38,7 +38,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from anefx.graph import dce, shape
+from anefx.graph import dce, provenance, shape
 from anefx.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
 from anefx.layout_rules import Rule, rule_for
 from anefx.passes.base import Pass, PassContext, PassResult, finish
@@ -155,7 +155,7 @@ class ToBC1S(Pass):
 
         order = [n for n in graph.nodes if n in chosen]
         for n in order:
-            with graph.inserting_before(n):
+            with graph.inserting_before(n), provenance(n):
                 bc[n] = problem.rules[n].emit(graph, bc_of)
         # layout changes into (B, C, 1, S) of a value that now lives there disappear
         for t, x in problem.to_finals.items():
