@@ -5,6 +5,7 @@ compiled.save("model.mlpackage")
 print(compiled.report)
 """
 
+from anefx.ane.report import ANEReport, check
 from anefx.backend import backend
 from anefx.capture import Captured, capture
 from anefx.compile import CompiledModel, compile  # noqa: A004
@@ -19,6 +20,7 @@ from anefx.validate import Tolerance, ValidationOptions
 __version__ = "0.1.0"
 
 __all__ = [
+    "ANEReport",
     "AnefxError",
     "CaptureError",
     "Captured",
@@ -37,6 +39,7 @@ __all__ = [
     "ValidationOptions",
     "backend",
     "capture",
+    "check",
     "compile",
     "load_reproducer",
 ]

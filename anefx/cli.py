@@ -178,6 +178,26 @@ def cmd_bisect(ns) -> int:
     return 1 if result.culprit is not None else 0
 
 
+def cmd_check(ns) -> int:
+    import anefx
+    from anefx.ane.report import compare_estimates
+
+    model, args, kwargs = load_model(ns.factory, ns.input)
+    compiled = anefx.compile(model, args, kwargs)
+    report = compiled.ane_report
+    console = _console()
+    for table in report.rich_tables():
+        console.print(table)
+    console.print(f"real per-op devices: {report.compute_plan}")
+    if ns.compare_stock:
+        stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty()).ane_report
+        console.print(compare_estimates({"stock": stock, "anefx": report}))
+    if ns.json:
+        Path(ns.json).write_text(report.to_json())
+        console.print(f"wrote {ns.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="anefx", description="Compile PyTorch models for the Apple Neural Engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -202,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE")
     b.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
     b.set_defaults(func=cmd_bisect)
+    k = sub.add_parser("check", help="ANE readiness report: which ops leave the ANE, why, from which line")
+    k.add_argument("factory")
+    k.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE")
+    k.add_argument("--json", help="also write the report as JSON here")
+    k.add_argument("--compare-stock", action="store_true", help="estimate of the stock conversion side by side")
+    k.set_defaults(func=cmd_check)
     return ap
 
 

@@ -49,6 +49,15 @@ class CompiledModel:
             )
         return self.artifact.model
 
+    @property
+    def ane_report(self):
+        """The ANE readiness report (:func:`anefx.check`) of this compile; computed on first use."""
+        if "_ane_report" not in self.__dict__:
+            from anefx.ane.report import check
+
+            self.__dict__["_ane_report"] = check(self)
+        return self.__dict__["_ane_report"]
+
     def op_histogram(self):
         if self.artifact is None:
             raise AttributeError("compiled with convert=False: there is no converted program to inspect")

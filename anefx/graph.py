@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import copy
 import operator
+import os
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -96,23 +97,27 @@ def count_ops(gm: torch.fx.GraphModule, *names: str) -> int:
     return sum(hist.get(name, 0) for name in names)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
 def source_location(node: torch.fx.Node) -> str | None:
-    """``file:line`` of the user's code that produced ``node`` (from its recorded stack trace)."""
+    """``file:line`` of the code that produced ``node``: the innermost frame of its recorded stack
+    trace outside PyTorch itself (the model's own code, e.g. a transformers modeling file)."""
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
-    last = None
+    frames = []
     for line in trace.strip().splitlines():
         line = line.strip()
         if line.startswith('File "'):
-            last = line
-    if last is None:
+            try:
+                frames.append((line.split('"')[1], line.split("line ")[1].split(",")[0]))
+            except IndexError:
+                continue
+    if not frames:
         return None
-    try:
-        path = last.split('"')[1]
-        lineno = last.split("line ")[1].split(",")[0]
-    except IndexError:
-        return None
+    outside = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    path, lineno = (outside or frames)[-1]
     return f"{path}:{lineno}"
 
 

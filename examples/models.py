@@ -326,3 +326,18 @@ def vit(layers: int = 2, dim: int = 64, heads: int = 4, image: int = 32, patch: 
     cfg._attn_implementation = attn
     model = ViTModel(cfg, add_pooling_layer=False).eval()
     return model, (torch.randn(1, 3, image, image),), {}
+
+
+class MaskedScoresFp32Min(nn.Module):
+    """An additive padding mask built from ``torch.finfo(torch.float32).min`` (-inf once in fp16)."""
+
+    def forward(self, scores, mask):
+        add = (1.0 - mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        return torch.softmax(scores + add, dim=-1)
+
+
+def masked_scores_fp32min(seq: int = 4):
+    _seed()
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -1] = 0
+    return MaskedScoresFp32Min().eval(), (torch.randn(1, seq, seq), mask), {}

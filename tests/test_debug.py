@@ -53,7 +53,8 @@ def test_dump_dir_holds_every_pass(tmp_path, monkeypatch):
     pictures = [p for p in tmp_path.iterdir() if p.suffix in (".svg", ".dot")]
     assert pictures, "no graph picture"
     if shutil.which("dot"):
-        svg = tmp_path / "07_to_bc1s.svg"
+        position = anefx.Pipeline.default().names.index("to_bc1s") + 1
+        svg = tmp_path / f"{position:02d}_to_bc1s.svg"
         assert svg.exists() and "<svg" in svg.read_text()[:500]
         assert "#9ecae1" in svg.read_text()  # (B, C, 1, S) nodes are coloured
 

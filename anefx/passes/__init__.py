@@ -11,6 +11,7 @@ from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
 from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
+from anefx.passes.fp16_mask_values import Fp16MaskValues
 from anefx.passes.grouped_projection import GroupedProjection
 from anefx.passes.layer_norm_bc1s import LayerNormBC1S
 from anefx.passes.linear_to_conv import LinearToConv
@@ -23,6 +24,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     LinearToConv,
     LayerNormBC1S,
     AttentionBC1S,
+    Fp16MaskValues,
     ToBC1S,
     FoldTransposes,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "Canonicalize",
     "FoldConstants",
     "FoldTransposes",
+    "Fp16MaskValues",
     "GroupedProjection",
     "LayerNormBC1S",
     "LinearToConv",

@@ -77,6 +77,7 @@ class CoreMLOptions:
 
 @dataclass
 class CoreMLArtifact(Artifact):
+    exported_graph: torch.fx.GraphModule | None = None
     suffix = ".mlpackage"
 
     @property
@@ -98,6 +99,20 @@ class CoreMLArtifact(Artifact):
         if not ok:
             raise TargetUnavailableError(why)
         return self.model.predict(inputs)
+
+
+#: ATen overloads torch.export emits whose TorchScript spelling coremltools already converts.
+_ALIASES = {"lstm.input": "lstm", "gru.input": "gru", "rnn_tanh.input": "rnn_tanh", "rnn_relu.input": "rnn_relu"}
+
+
+def _ensure_aliases() -> None:
+    """Point export-only overload names at coremltools' existing converters (once, at conversion
+    time, never on import). Missing originals are left alone: the conversion error then says so."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY as reg
+
+    for alias, original in _ALIASES.items():
+        if alias not in reg.name_to_func_mapping and original in reg.name_to_func_mapping:
+            reg.set_func_by_name(reg.name_to_func_mapping[original], alias)
 
 
 class CoreMLTarget(Target):
@@ -125,6 +140,7 @@ class CoreMLTarget(Target):
             ) from None
         precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[opts.compute_precision]
         outputs = [ct.TensorType(name=n) for n in handoff.output_names]
+        _ensure_aliases()
         t0 = time.perf_counter()
         try:
             with warnings.catch_warnings(), _quiet():
@@ -142,7 +158,9 @@ class CoreMLTarget(Target):
         except Exception as exc:
             raise ConversionError(_explain(exc, ep, handoff.graph_module)) from exc
         seconds = time.perf_counter() - t0
-        return CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds})
+        artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds})
+        artifact.exported_graph = ep.graph_module  # MIL op names come from these nodes' names
+        return artifact
 
 
 def _explain(exc: BaseException, ep, gm: torch.fx.GraphModule) -> str:

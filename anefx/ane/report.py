@@ -1,0 +1,255 @@
+"""``anefx.check``: the ANE readiness report.
+
+For every MIL op of the converted program it applies the rules of :mod:`anefx.ane.rules` and names
+the op, the rule, the rule's source and the user's source line (through the node the op came from).
+It adds the fp16 range check (:mod:`anefx.ane.fp16`), a roofline estimate per chip
+(:mod:`anefx.ane.estimate`) and, on macOS with ``MLComputePlan``, the device Core ML really picks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from anefx.ane.estimate import CHIPS, Estimate, op_cost
+from anefx.ane.fp16 import RangeFinding, check_fp16_range
+from anefx.ane.rules import KNOWN_ANE_OPS, RULES, UNKNOWN_SOURCE, OpInfo
+
+_SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
+
+
+@dataclass
+class Finding:
+    op: str  # MIL op name
+    op_type: str
+    rule: str
+    verdict: str
+    reason: str
+    source: str
+    location: str | None
+    device: str | None = None  # from MLComputePlan, on macOS
+
+
+@dataclass
+class ANEReport:
+    findings: list[Finding] = field(default_factory=list)
+    fp16: list[RangeFinding] = field(default_factory=list)
+    estimate: dict[str, Any] = field(default_factory=dict)
+    compute_plan: str = ""  # why the real-device column is absent, or "MLComputePlan"
+    op_count: int = 0
+
+    def by_rule(self) -> dict[str, list[Finding]]:
+        out: dict[str, list[Finding]] = {}
+        for f in self.findings:
+            out.setdefault(f.rule, []).append(f)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ops": self.op_count,
+            "findings": [asdict(f) for f in self.findings],
+            "fp16_range": [asdict(f) for f in self.fp16],
+            "estimate": self.estimate,
+            "compute_plan": self.compute_plan,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def rich_tables(self) -> list:
+        from rich.table import Table
+
+        t = Table(title=f"ANE readiness: {len(self.findings)} of {self.op_count} ops flagged (predictions)")
+        for col in ("op", "MIL type", "verdict", "rule", "why", "your code"):
+            t.add_column(col)
+        with_device = any(f.device for f in self.findings)
+        if with_device:
+            t.add_column("Core ML device")
+        for f in self.findings:
+            row = [f.op, f.op_type, f.verdict, f.rule, f.reason, f.location or "-"]
+            t.add_row(*row, *([f.device or "-"] if with_device else []))
+        tables = [t]
+        if self.fp16:
+            r = Table(title="fp16 range (run in fp32 on the example inputs)")
+            for col in ("node", "|x| max", "problem", "fix", "your code"):
+                r.add_column(col)
+            for f in self.fp16:
+                r.add_row(f.op, f"{f.absmax:.3g}", f.problem, f.fix or "-", f.location or "-")
+            tables.append(r)
+        e = Table(title=self.estimate.get("label", "estimate"))
+        e.add_column("measure")
+        e.add_column("value", justify="right")
+        for key in ("gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_mib"):
+            e.add_row(key, str(self.estimate.get(key)))
+        for chip, ms in self.estimate.get("ms_per_chip", {}).items():
+            e.add_row(f"latency on {chip} (ms)", str(ms))
+        tables.append(e)
+        return tables
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=180, color_system=None)
+        for t in self.rich_tables():
+            console.print(t)
+        console.print(f"real per-op devices: {self.compute_plan}")
+        return buf.getvalue()
+
+
+def _op_info(op) -> tuple[OpInfo, list, list]:
+    from coremltools.converters.mil.mil import types
+
+    dtypes, shapes = [], []
+    for v in op.outputs:
+        dt = v.dtype
+        dtypes.append(types.builtin_to_string(dt) if dt is not None else "?")
+        try:
+            shapes.append(tuple(int(s) for s in v.shape))
+        except (TypeError, ValueError):
+            shapes.append(None)
+    const_inputs, in_shapes, weights, attrs = set(), [], [], {}
+    for key, var in op.inputs.items():
+        vars_ = var if isinstance(var, (list, tuple)) else [var]
+        for v in vars_:
+            is_const = v.op is not None and v.op.op_type == "const"
+            shape = tuple(int(s) for s in v.shape) if hasattr(v, "shape") and v.shape is not None else None
+            if is_const:
+                const_inputs.add(key)
+                if key == "weight" and shape:
+                    weights.append(shape)
+                if key in ("dilations", "equation") and v.val is not None:
+                    val = v.val
+                    attrs[key] = tuple(int(x) for x in val) if key == "dilations" else str(val)
+            else:
+                in_shapes.append(shape)
+    info = OpInfo(op.name, op.op_type, tuple(dtypes), tuple(shapes), frozenset(const_inputs), attrs)
+    return info, in_shapes, weights
+
+
+def _locations(artifact, graph_module) -> dict[str, str]:
+    """MIL op names come from torch node names: map both to the user's file:line."""
+    from anefx.graph import source_location
+
+    out: dict[str, str] = {}
+    for gm in (getattr(artifact, "exported_graph", None), graph_module):
+        if gm is None:
+            continue
+        for node in gm.graph.nodes:
+            loc = source_location(node)
+            if loc:
+                out.setdefault(node.name, loc)
+    return out
+
+
+def _lookup(name: str, locations: dict[str, str]) -> str | None:
+    """The longest prefix of the MIL op name (cut at ``_``) that names a torch node."""
+    base = _SUFFIXES.sub("", name)
+    for candidate in (name, base):
+        if candidate in locations:
+            return locations[candidate]
+    parts = base.split("_")
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = "_".join(parts[:end])
+        if candidate in locations:
+            return locations[candidate]
+    return None
+
+
+def _compute_plan(artifact) -> tuple[dict[str, str], str]:
+    """Real per-op devices from MLComputePlan (macOS only)."""
+    from anefx.targets.coreml import runtime_available
+
+    ok, why = runtime_available()
+    if not ok:
+        return {}, f"absent: {why} (MLComputePlan needs Core ML)"
+    try:  # pragma: no cover - macOS only
+        import tempfile
+
+        from coremltools.models.compute_plan import MLComputePlan
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = artifact.save(f"{tmp}/m.mlpackage")
+            compiled = artifact.model.__class__(str(path)).get_compiled_model_path()
+            plan = MLComputePlan.load_from_path(compiled)
+            devices = {}
+            for op in plan.model_structure.program.functions["main"].block.operations:
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+                if usage is not None and op.outputs:
+                    devices[op.outputs[0].name] = type(usage.preferred_compute_device).__name__
+        return devices, "MLComputePlan"
+    except Exception as exc:  # pragma: no cover
+        return {}, f"absent: MLComputePlan failed ({type(exc).__name__}: {exc})"
+
+
+def analyse(artifact, graph_module, flat_inputs) -> ANEReport:
+    """The report for a converted Core ML artifact and the rewritten graph it came from."""
+    locations = _locations(artifact, graph_module)
+    devices, plan_note = _compute_plan(artifact)
+    report = ANEReport(compute_plan=plan_note)
+    estimate = Estimate()
+    weight_bytes = 0
+    for op in artifact.operations():
+        if op.op_type == "const":
+            val = getattr(op, "val", None)
+            weight_bytes += getattr(getattr(val, "val", None), "size", 0) * 2
+            continue
+        report.op_count += 1
+        info, in_shapes, weights = _op_info(op)
+        estimate.ops.append(op_cost(info, in_shapes, weights))
+        location = _lookup(op.name, locations)
+        out_name = op.outputs[0].name if op.outputs else op.name
+        flagged = False
+        for rule in RULES:
+            reason = rule.check(info)
+            if reason:
+                flagged = True
+                report.findings.append(
+                    Finding(
+                        op.name, op.op_type, rule.id, rule.verdict, reason, rule.source, location, devices.get(out_name)
+                    )
+                )
+        if not flagged and op.op_type not in KNOWN_ANE_OPS and op.op_type != "cast":
+            report.findings.append(
+                Finding(
+                    op.name, op.op_type, "unknown", "unknown", f"no rule covers {op.op_type}", UNKNOWN_SOURCE, location
+                )
+            )
+    report.estimate = estimate.to_dict(weight_bytes)
+    report.estimate["chips"] = sorted(CHIPS)
+    report.fp16 = check_fp16_range(graph_module, flat_inputs)
+    return report
+
+
+def check(model_or_compiled, example_inputs=(), example_kwargs=None, **compile_options) -> ANEReport:
+    """ANE readiness report for a model (compiled with anefx's default pipeline) or a CompiledModel."""
+    from anefx.compile import CompiledModel
+    from anefx.compile import compile as anefx_compile
+
+    compiled = model_or_compiled
+    if not isinstance(compiled, CompiledModel):
+        compiled = anefx_compile(model_or_compiled, example_inputs, example_kwargs, **compile_options)
+    if compiled.target != "coreml" or compiled.artifact is None:
+        raise ValueError("the ANE report reads a Core ML program: compile with target='coreml' and convert=True")
+    return analyse(compiled.artifact, compiled.graph_module, compiled.captured.flat_inputs)
+
+
+def compare_estimates(reports: dict[str, ANEReport]):
+    """A table of the estimates of several reports side by side (e.g. stock vs anefx)."""
+    from rich.table import Table
+
+    t = Table(title="ANE estimate side by side (roofline ESTIMATE, not a measurement)")
+    t.add_column("measure")
+    for label in reports:
+        t.add_column(label, justify="right")
+    rows = ["gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_mib"]
+    for key in rows:
+        t.add_row(key, *(str(r.estimate.get(key)) for r in reports.values()))
+    chips = next(iter(reports.values())).estimate.get("ms_per_chip", {})
+    for chip in chips:
+        t.add_row(f"latency on {chip} (ms)", *(str(r.estimate["ms_per_chip"][chip]) for r in reports.values()))
+    t.add_row("flagged ops", *(str(len(r.findings)) for r in reports.values()))
+    return t

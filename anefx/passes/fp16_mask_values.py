@@ -1,0 +1,78 @@
+"""``fp16_mask_values`` — masks built from fp32 extremes get a large finite negative fp16 can hold.
+
+Additive attention masks are often built from ``torch.finfo(torch.float32).min`` (or ``-1e9``). In
+fp16 that is ``-inf``: a fully masked row then becomes NaN, and ``x + mask`` can overflow. Any
+finite negative beyond the fp16 range, used as a fill value or a scalar operand, or stored in a
+constant, is raised to ``-mask_value``. After a softmax the result is the same (the
+masked weights are exactly 0 in fp32 either way); validation checks it.
+
+Original::
+
+    %m = aten.mul(aten.rsub(%keep, 1.0), -3.4028e+38)      # torch.finfo(torch.float32).min
+    %s = aten.masked_fill(%scores, %pad, -3.4028e+38)
+Result::
+
+    %m = aten.mul(aten.rsub(%keep, 1.0), -10000.0)
+    %s = aten.masked_fill(%scores, %pad, -10000.0)
+
+Options:
+  mask_value: the magnitude used instead (default 1e4)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from anefx.graph import add_constant, get_attr_value
+from anefx.passes.base import Pass, PassContext, PassResult, finish
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Fp16MaskValuesOptions:
+    mask_value: float = 1e4
+
+
+def _too_big(x) -> bool:
+    """A finite negative beyond fp16's range: a stand-in for -inf (masks are negative fills)."""
+    return isinstance(x, float) and math.isfinite(x) and x < -FP16_MAX
+
+
+class Fp16MaskValues(Pass):
+    __doc__ = __doc__
+    name = "fp16_mask_values"
+    Options = Fp16MaskValuesOptions
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        v = self.options.mask_value
+        scalars = constants = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.meta.get("val") is not None:
+                val = node.meta["val"]
+                if isinstance(val, torch.Tensor) and not val.is_floating_point():
+                    continue
+                args = [-v if _too_big(a) else a for a in node.args]
+                kwargs = {k: (-v if _too_big(a) else a) for k, a in node.kwargs.items()}
+                if args != list(node.args) or kwargs != dict(node.kwargs):
+                    node.args, node.kwargs = tuple(args), kwargs
+                    scalars += 1
+            elif node.op == "get_attr":
+                value = get_attr_value(gm, node)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and not isinstance(value, torch.nn.Parameter)
+                    and value.is_floating_point()
+                    and value.numel()
+                ):
+                    finite = value[torch.isfinite(value)]
+                    if finite.numel() and float(finite.min()) < -FP16_MAX:
+                        clamped = torch.where(torch.isfinite(value), value.clamp_min(-v), value)
+                        name = add_constant(gm, clamped, "_anefx_fp16_const")
+                        node.target = name
+                        constants += 1
+        return finish(gm, bool(scalars or constants), scalars=scalars, constants=constants)

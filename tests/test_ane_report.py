@@ -1,0 +1,117 @@
+"""The ANE readiness report (anefx.check)."""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import anefx
+from anefx.ane.estimate import CHIPS
+from anefx.ane.rules import RULES, OpInfo, padding_factor
+from helpers import example
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(100, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, ids):
+        x = self.emb(ids)  # LINE_EMB
+        y, _ = self.lstm(x)  # LINE_LSTM
+        return torch.relu(self.fc(y)) + 100000.0  # LINE_FP32: beyond fp16, coremltools keeps it fp32
+
+
+def _line(tag: str) -> str:
+    src = Path(__file__).read_text().splitlines()
+    return f"{__file__}:{next(i + 1 for i, ln in enumerate(src) if ln.rstrip().endswith(tag) or tag + ':' in ln)}"
+
+
+def test_embedding_lstm_and_fp32_op_are_named_with_rule_source_and_line():
+    report = anefx.check(Mixed().eval(), (torch.randint(0, 100, (1, 8)),))
+    by_rule = report.by_rule()
+    gather = by_rule["gather"][0]
+    assert gather.op_type == "gather" and gather.location == _line("# LINE_EMB")
+    assert "hollance" in gather.source and gather.verdict == "off_ane"
+    lstm = by_rule["recurrent"][0]
+    assert lstm.op_type == "lstm" and lstm.location == _line("# LINE_LSTM")
+    assert "coremltools issue #337" in lstm.source
+    fp32 = [f for f in by_rule["fp32_compute"] if f.op_type == "add"]
+    assert fp32 and fp32[0].location == _line("# LINE_FP32")
+    assert any("overflows fp16" in f.problem for f in report.fp16)
+    data = json.loads(report.to_json())
+    assert {f["rule"] for f in data["findings"]} >= {"gather", "recurrent", "fp32_compute"}
+    assert "absent" in report.compute_plan or report.compute_plan == "MLComputePlan"
+    text = str(report)
+    assert "ANE readiness" in text and "ESTIMATE" in text
+
+
+def test_clean_distilbert_reports_only_its_embedding():
+    model, args, kwargs = example("distilbert_small")
+    report = anefx.compile(model, args, kwargs).ane_report
+    assert [(f.op_type, f.rule) for f in report.findings] == [("gather", "gather")]
+    assert report.findings[0].location.endswith("modeling_distilbert.py:98")
+    assert report.fp16 == []
+
+
+class Fp32MinMask(nn.Module):
+    def forward(self, scores, mask):
+        add = (1.0 - mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        return torch.softmax(scores + add, dim=-1)
+
+
+def test_fp16_check_flags_fp32_min_mask_and_the_fix_pass_removes_it():
+    args = (torch.randn(1, 4, 4), torch.tensor([[1, 1, 1, 0]]))
+    without = anefx.check(Fp32MinMask(), args, pipeline=anefx.Pipeline.default().without("fp16_mask_values"))
+    flagged = [f for f in without.fp16 if "fp32 extreme" in f.problem]
+    assert flagged and flagged[0].fix.startswith("the fp16_mask_values pass")
+    compiled = anefx.compile(Fp32MinMask(), args)
+    rec = compiled.report.record("fp16_mask_values")
+    assert rec.modified and not rec.rolled_back and rec.max_abs_error < 1e-6
+    assert not [f for f in compiled.ane_report.fp16 if "fp32 extreme" in f.problem]
+
+
+def test_rules_are_data_with_sources():
+    assert len({r.id for r in RULES}) == len(RULES)
+    for r in RULES:
+        assert r.source and r.verdict in ("off_ane", "slow")
+    by_id = {r.id: r for r in RULES}
+    op = OpInfo("x", "conv", ("fp16",), ((1, 1024, 1, 1),), frozenset(), {})
+    assert by_id["last_axis_padding"].check(op) is None  # too small to matter
+    big = OpInfo("x", "conv", ("fp16",), ((1, 4096, 64, 1),), frozenset(), {})
+    assert "32x" in by_id["last_axis_padding"].check(big)
+    assert padding_factor((1, 768, 1, 128)) == 1.0 and padding_factor((1, 8, 1, 1)) == 32.0
+    assert by_id["rank"].check(OpInfo("x", "add", ("fp16",), ((1, 2, 3, 4, 5, 6),), frozenset(), {}))
+    assert by_id["dimension_limit"].check(OpInfo("x", "add", ("fp16",), ((1, 20000),), frozenset(), {}))
+    assert by_id["int_tensor"].check(OpInfo("x", "add", ("int32",), ((4,),), frozenset(), {}))
+    assert by_id["dynamic_indexing"].check(OpInfo("x", "slice_by_index", ("fp16",), ((4,),), frozenset(), {}))
+    assert by_id["dilated_conv"].check(
+        OpInfo("x", "conv", ("fp16",), ((1, 4, 4, 4),), frozenset(), {"dilations": (2, 2)})
+    )
+
+
+def test_unknown_ops_are_reported_as_unknown():
+    class Cum(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=-1)
+
+    report = anefx.check(Cum(), (torch.randn(2, 8),))
+    unknown = [f for f in report.findings if f.rule == "unknown"]
+    assert unknown and unknown[0].op_type == "cumsum" and "does not guess" in unknown[0].source
+
+
+def test_estimate_stock_vs_anefx_distilbert():
+    model, args, kwargs = example("distilbert_small")
+    anefx_est = anefx.compile(model, args, kwargs).ane_report.estimate
+    stock_est = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty()).ane_report.estimate
+    assert anefx_est["layout_change_ops"] < stock_est["layout_change_ops"]
+    assert anefx_est["layout_change_mib"] < stock_est["layout_change_mib"]
+    assert math.isclose(anefx_est["gflops"], stock_est["gflops"], rel_tol=0.05)
+    assert set(anefx_est["ms_per_chip"]) == set(CHIPS) and "ESTIMATE" in anefx_est["label"]
+    for chip in CHIPS.values():
+        assert chip.source and chip.tops > 0
