@@ -71,6 +71,28 @@ def _index_is_reshape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return picked.numel() == numel and torch.equal(picked.reshape(-1), torch.arange(numel))
 
 
+def _functional_variant(node: torch.fx.Node):
+    """``aten.add_.Tensor`` → ``aten.add.Tensor`` when the mutated value is a temporary no one reads
+    afterwards (so the in-place write is invisible); None otherwise."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or not node.args:
+        return None
+    schema = t._schema
+    if not schema.arguments or not (schema.arguments[0].alias_info and schema.arguments[0].alias_info.is_write):
+        return None
+    base = schema.name.split("::")[-1]
+    if not base.endswith("_"):
+        return None
+    target = node.args[0]
+    if not isinstance(target, torch.fx.Node) or target.op != "call_function":
+        return None  # an input or a buffer: the write is visible outside
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    if any(order[u] > order[node] for u in target.users if u is not node):
+        return None
+    packet = getattr(torch.ops.aten, base[:-1], None)
+    return getattr(packet, t._overloadname, None) if packet is not None else None
+
+
 def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
     """Remove no-ops and respell ops converters reject; return counts of what changed."""
     stats = {"checks_removed": 0, "identities_removed": 0, "ops_respelled": 0}
@@ -78,6 +100,10 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
+        functional = _functional_variant(node)
+        if functional is not None:
+            node.target = functional
+            stats["ops_respelled"] += 1
         t = node.target
         if t in _CHECKS and not node.users:
             graph.erase_node(node)
@@ -157,6 +183,8 @@ def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20) -> int:
             continue
         if all(user in values and user.op != "output" for user in node.users):
             continue  # an inner node of a folded subgraph: its users fold too
+        if any(not _is_pure(user) for user in node.users if user.op == "call_function"):
+            continue  # an in-place op writes into it: a constant buffer would be mutated
         name = add_constant(gm, value.detach().clone().contiguous(), "_anefx_const")
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(name)

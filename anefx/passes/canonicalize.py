@@ -12,11 +12,13 @@ Original::
     %o = aten.new_ones(%m, [1, 128], dtype=bool)
     %a = aten.__and__(%o, %b)
     %w = aten.where.ScalarOther(%c, %x, -inf)
+    %i = aten.add_(%tmp, %j)                              # in place on a temporary no one reads again
 Result::
 
     %o = aten.ones([1, 128], dtype=bool)
     %a = aten.logical_and(%o, %b)                         # uses %x where %c was used
     %w = aten.masked_fill(%x, aten.logical_not(%c), -inf)
+    %i = aten.add(%tmp, %j)
 
 Options: none.
 """

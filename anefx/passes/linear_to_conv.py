@@ -18,7 +18,9 @@ Result::
     %c  = aten.conv2d(%x4, %w4, %b)                             # (B, O, 1, S)
     %y  = aten.permute(aten.squeeze(%c, 2), [0, 2, 1])          # (B, S, O)
 
-A (B, I) input is viewed as (B, I, 1, 1) and the result squeezed back to (B, O).
+A (B, I) input is viewed as (B, I, 1, 1) and the result squeezed back to (B, O). GPT-2's ``Conv1D``
+(``addmm`` on the input flattened to (B*S, I), viewed back to (B, S, O)) runs on the (B, S, I)
+tensor directly.
 
 Options:
   min_channels: leave projections with fewer input channels than this alone (default 1: none)
@@ -120,6 +122,24 @@ def emit_conv(
     return from_bc1s(graph, conv, rank)
 
 
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _flattened_sequence(node: torch.fx.Node, proj: Projection):
+    """GPT-2's ``Conv1D``: ``view(addmm(b, view(x, [B*S, I]), W), [B, S, O])``. Returns (x, views
+    back to (B, S, O)) so the projection runs on the (B, S, I) tensor, or None."""
+    x = proj.x
+    if x.op != "call_function" or x.target not in _VIEWS:
+        return None
+    x3, x3s, out = x.args[0], shape(x.args[0]), shape(node)
+    if x3s is None or out is None or len(x3s) != 3 or x3s[0] * x3s[1] != shape(x)[0]:
+        return None
+    back = [u for u in node.users if u.op == "call_function" and u.target in _VIEWS]
+    if len(back) != len(node.users) or any(shape(u) != (x3s[0], x3s[1], out[1]) for u in back):
+        return None
+    return x3, back
+
+
 class LinearToConv(Pass):
     __doc__ = __doc__
     name = "linear_to_conv"
@@ -134,6 +154,9 @@ class LinearToConv(Pass):
             if proj is None:
                 continue
             xs, ws = shape(proj.x), shape(proj.weight)
+            flattened = _flattened_sequence(node, proj) if xs is not None and len(xs) == 2 else None
+            if flattened is not None:
+                proj.x, xs = flattened[0], shape(flattened[0])
             if xs is None or ws is None or len(xs) not in RANKS:
                 skipped["rank"] = skipped.get("rank", 0) + 1
                 continue
@@ -147,6 +170,10 @@ class LinearToConv(Pass):
                     w = call(graph, aten.clone.default, (call(graph, aten.t.default, (w,)),))
                     w.kwargs = {"memory_format": torch.contiguous_format}
                 y = emit_conv(graph, proj.x, len(xs), w, out_in, proj.bias, memo=memo)
+            if flattened is not None:
+                for view in flattened[1]:
+                    view.replace_all_uses_with(y)
+                    graph.erase_node(view)
             node.replace_all_uses_with(y)
             graph.erase_node(node)
             converted += 1
