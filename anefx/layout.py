@@ -9,7 +9,11 @@ rank       to (B, C, 1, S)                              from (B, C, 1, S)
 =========  ===========================================  ===========================================
 3          ``unsqueeze(permute(x, [0, 2, 1]), 2)``      ``permute(squeeze(y, 2), [0, 2, 1])``
 2          ``unsqueeze(unsqueeze(x, 2), 3)``            ``squeeze(y, [2, 3])``
+4          ``permute(x, [0, 3, 1, 2])``                 ``permute(y, [0, 2, 3, 1])``
 =========  ===========================================  ===========================================
+
+Rank 4 is the image case: a channels-last (B, H, W, C) tensor (ConvNeXt's LayerNorm and Linear
+blocks) lives channels-first as (B, C, H, W), the layout of the convolutions around it.
 
 Every layout change anefx inserts is tagged ``node.meta["anefx_layout"] = "to_bc1s" | "from_bc1s"``
 on its last node, so graphs stay readable and the ANE report can point at them.
@@ -25,10 +29,13 @@ from anefx.graph import call, insert_after, is_constant, shape
 aten = torch.ops.aten
 
 TAG = "anefx_layout"
-RANKS = (2, 3)
+RANKS = (2, 3, 4)
+#: ranks whose layout ``to_bc1s`` chooses globally; rank-4 (image) changes are local permutes that
+#: ``fold_transposes`` cancels against the model's own permutes
+GLOBAL_RANKS = (2, 3)
 
 #: orig axis -> bc1s axis, per orig rank
-_AXIS = {3: {0: 0, 1: 3, 2: 1}, 2: {0: 0, 1: 1}}
+_AXIS = {3: {0: 0, 1: 3, 2: 1}, 2: {0: 0, 1: 1}, 4: {0: 0, 1: 2, 2: 3, 3: 1}}
 
 
 def bc1s_axis(rank: int, axis: int) -> int:
@@ -43,6 +50,9 @@ def bc1s_shape(shp: tuple[int, ...]) -> tuple[int, ...]:
     if len(shp) == 2:
         b, c = shp
         return (b, c, 1, 1)
+    if len(shp) == 4:
+        b, h, w, c = shp
+        return (b, c, h, w)
     raise ValueError(f"no (B, C, 1, S) form for rank {len(shp)}")
 
 
@@ -60,6 +70,8 @@ def emit_to_bc1s(graph: torch.fx.Graph, x: torch.fx.Node, rank: int) -> torch.fx
     if rank == 2:
         u = call(graph, aten.unsqueeze.default, (x, 2))
         return _tag(call(graph, aten.unsqueeze.default, (u, 3)), "to_bc1s", 2)
+    if rank == 4:
+        return _tag(call(graph, aten.permute.default, (x, [0, 3, 1, 2])), "to_bc1s", 4)
     raise ValueError(f"no (B, C, 1, S) form for rank {rank}")
 
 
@@ -70,6 +82,8 @@ def emit_from_bc1s(graph: torch.fx.Graph, y: torch.fx.Node, rank: int) -> torch.
         return _tag(call(graph, aten.permute.default, (s, [0, 2, 1])), "from_bc1s", 3)
     if rank == 2:
         return _tag(call(graph, aten.squeeze.dims, (y, [2, 3])), "from_bc1s", 2)
+    if rank == 4:
+        return _tag(call(graph, aten.permute.default, (y, [0, 2, 3, 1])), "from_bc1s", 4)
     raise ValueError(f"no (B, C, 1, S) form for rank {rank}")
 
 

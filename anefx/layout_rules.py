@@ -25,7 +25,8 @@ import torch
 import torch.fx
 
 from anefx.graph import call, is_constant, shape
-from anefx.layout import RANKS, bc1s_axis, broadcast_to_bc1s
+from anefx.layout import GLOBAL_RANKS as RANKS
+from anefx.layout import bc1s_axis, broadcast_to_bc1s
 
 aten = torch.ops.aten
 

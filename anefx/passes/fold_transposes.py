@@ -11,8 +11,11 @@ Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line e
   start                                     → the start
 * two or more shape-only ops in a row, one a reshape → one ``reshape``
 
-Sinking only happens when the permute has a single user, so no permute is ever duplicated: the
-number of permutes never grows.
+* ``binop(permute(a, p), c)``, c constant   → ``permute(binop(a, c'), p)`` with c' = c permuted by
+  p's inverse (a constant: coremltools folds it)
+
+Sinking only happens when the permute has a single user, so no permute of an activation is ever
+duplicated: the number of permutes on activations never grows.
 
 Original::
 
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, infer_meta, shape
+from anefx.graph import call, dce, infer_meta, is_constant, shape
 from anefx.layout_rules import BINARY, UNARY
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -144,22 +147,46 @@ class FoldTransposes(Pass):
         if user.target in BINARY and len(BINARY[user.target]) == 2:
             a, b = user.args[0], user.args[1]
             other = b if a is node else a
-            if not isinstance(other, torch.fx.Node) or other is node:
+            if other is node:
                 return False
-            other_perm = _perm_of(other)
-            if other_perm != perm or len(other.users) != 1 or shape(other) != shape(node):
-                return False
+            if isinstance(other, torch.fx.Node) and not is_constant(other):
+                other_perm = _perm_of(other)
+                if other_perm != perm or len(other.users) != 1 or shape(other) != shape(node):
+                    return False
+                new_other, drop = other.args[0], other
+            else:  # a scalar, or a constant we permute the other way (folded by coremltools)
+                new_other, drop = self._unpermute_constant(graph, user, other, perm), None
+                if new_other is None:
+                    return False
             with graph.inserting_before(user):
                 args = list(user.args)
-                args[0], args[1] = (src, other.args[0]) if a is node else (other.args[0], src)
+                args[0], args[1] = (src, new_other) if a is node else (new_other, src)
                 moved = call(graph, user.target, tuple(args), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
             _replace(graph, user, new_perm)
             graph.erase_node(node)
-            graph.erase_node(other)
+            if drop is not None:
+                graph.erase_node(drop)
             stats["sunk"] += 1
             return True
         return False
+
+    @staticmethod
+    def _unpermute_constant(graph, user: torch.fx.Node, other, perm: list[int]):
+        """``other`` as seen before ``permute(·, perm)``: pad to the rank, permute by the inverse."""
+        if not isinstance(other, torch.fx.Node):
+            return other
+        s = shape(other)
+        if s is None or len(s) > len(perm):
+            return None
+        if all(d == 1 for d in s):
+            return other
+        inverse = [perm.index(i) for i in range(len(perm))]
+        with graph.inserting_before(user):
+            padded = other
+            if len(s) < len(perm):
+                padded = call(graph, aten.view.default, (other, [1] * (len(perm) - len(s)) + list(s)))
+            return call(graph, aten.permute.default, (padded, inverse))
 
     def _fold_shapes(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
         src = node.args[0]

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from anefx.graph import call, dce, provenance, shape
-from anefx.layout import RANKS
+from anefx.layout import GLOBAL_RANKS as RANKS
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 from anefx.passes.linear_to_conv import Projection, emit_conv, match_projection
 

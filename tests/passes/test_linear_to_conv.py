@@ -73,9 +73,9 @@ def test_activation_products_and_other_ranks_are_left_alone():
             self.fc = nn.Linear(4, 4)
 
         def forward(self, q, k, img):
-            return q @ k.transpose(-1, -2), self.fc(img)  # activation @ activation; a rank-4 linear
+            return q @ k.transpose(-1, -2), self.fc(img)  # activation @ activation; a rank-5 linear
 
-    cap, gm = _capture(NotProjections(), torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 2, 3, 4))
+    cap, gm = _capture(NotProjections(), torch.randn(1, 3, 4), torch.randn(1, 3, 4), torch.randn(1, 2, 3, 2, 4))
     out, rec = apply("linear_to_conv", gm, cap)
     assert not rec.modified and rec.stats == {"converted": 0, "skipped_rank": 1}
     assert ops(out)["aten.matmul"] == 1
@@ -98,3 +98,14 @@ def test_fp16_numerics():
     rec = compiled.report.record("linear_to_conv")
     assert rec.modified and not rec.rolled_back and rec.max_abs_error < 1e-2
     assert compiled.graph_module(*args).dtype == torch.float16
+
+
+def test_channels_last_image_linear_becomes_conv():
+    """ConvNeXt-style: a Linear on (B, H, W, C) is a 1x1 conv on (B, C, H, W)."""
+    fc = nn.Linear(8, 6).eval()
+    x = torch.randn(1, 5, 7, 8)
+    cap = anefx.capture(fc, (x,))
+    out, rec = apply("linear_to_conv", cap.graph_module, cap)
+    conv = next(n for n in out.graph.nodes if n.target == aten.conv2d.default)
+    assert rec.stats["converted"] == 1 and list(conv.meta["val"].shape) == [1, 6, 5, 7]
+    assert max_abs_diff(out, cap) < 1e-5
