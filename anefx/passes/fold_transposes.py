@@ -6,6 +6,7 @@ Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line e
 * ``permute(permute(x, p), q)``            → ``permute(x, p∘q)``           (merge chains)
 * ``permute(x, identity)``                 → ``x``
 * ``unary(permute(x, p))``                 → ``permute(unary(x), p)``      (sink through activations)
+* ``unary(squeeze(x, d))``                  → ``squeeze(unary(x), d)``      (likewise)
 * ``binop(permute(a, p), permute(b, p))``  → ``permute(binop(a, b), p)``   (sink through elementwise)
 * shape-only chain (view/reshape/squeeze/unsqueeze/flatten) whose result has the shape of its
   start                                     → the start
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, infer_meta, is_constant, shape
+from anefx.graph import call, dce, infer_meta, is_constant, provenance, shape
 from anefx.layout_rules import BINARY, UNARY
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -93,6 +94,11 @@ class FoldTransposes(Pass):
     Options = FoldTransposesOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats = self.fold(gm)
+        return finish(gm, any(stats.values()), **stats)
+
+    def fold(self, gm: torch.fx.GraphModule) -> dict[str, int]:
+        """Apply the rules to a fixed point; return what was done (also used by ``to_bc1s``)."""
         stats = {"merged": 0, "cancelled": 0, "sunk": 0, "reshapes_folded": 0}
         graph = gm.graph
         for _ in range(self.options.max_iterations):
@@ -104,7 +110,7 @@ class FoldTransposes(Pass):
             dce(graph)
             if not changed:
                 break
-        return finish(gm, any(stats.values()), **stats)
+        return stats
 
     def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
         perm = _perm_of(node)
@@ -124,9 +130,26 @@ class FoldTransposes(Pass):
                 stats["merged"] += 1
                 return True
             return self._sink(graph, node, perm, stats)
+        if node.target in (aten.squeeze.dim, aten.squeeze.dims) and self._sink_squeeze(graph, node, stats):
+            return True
         if node.target in SHAPE_ONLY:
             return self._fold_shapes(graph, node, stats)
         return False
+
+    def _sink_squeeze(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
+        """``unary(squeeze(x, d))`` → ``squeeze(unary(x), d)``, so an ``unsqueeze`` below can cancel it."""
+        if len(node.users) != 1:
+            return False
+        user = next(iter(node.users))
+        if user.op != "call_function" or user.target not in _SINK_UNARY or user.args[0] is not node:
+            return False
+        with graph.inserting_before(user), provenance(user):
+            moved = call(graph, user.target, (node.args[0], *user.args[1:]), dict(user.kwargs))
+            squeezed = call(graph, node.target, (moved, *node.args[1:]))
+        _replace(graph, user, squeezed)
+        graph.erase_node(node)
+        stats["sunk"] += 1
+        return True
 
     def _sink(self, graph: torch.fx.Graph, node: torch.fx.Node, perm: list[int], stats: dict) -> bool:
         """Move ``node`` (a permute with one user) below an elementwise user."""
@@ -137,7 +160,7 @@ class FoldTransposes(Pass):
             return False
         src = node.args[0]
         if user.target in _SINK_UNARY and user.args[0] is node:
-            with graph.inserting_before(user):
+            with graph.inserting_before(user), provenance(user):
                 moved = call(graph, user.target, (src, *user.args[1:]), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
             _replace(graph, user, new_perm)
@@ -158,7 +181,7 @@ class FoldTransposes(Pass):
                 new_other, drop = self._unpermute_constant(graph, user, other, perm), None
                 if new_other is None:
                     return False
-            with graph.inserting_before(user):
+            with graph.inserting_before(user), provenance(user):
                 args = list(user.args)
                 args[0], args[1] = (src, new_other) if a is node else (new_other, src)
                 moved = call(graph, user.target, tuple(args), dict(user.kwargs))
@@ -182,7 +205,7 @@ class FoldTransposes(Pass):
         if all(d == 1 for d in s):
             return other
         inverse = [perm.index(i) for i in range(len(perm))]
-        with graph.inserting_before(user):
+        with graph.inserting_before(user), provenance(user):
             padded = other
             if len(s) < len(perm):
                 padded = call(graph, aten.view.default, (other, [1] * (len(perm) - len(s)) + list(s)))

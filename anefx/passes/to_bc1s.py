@@ -27,12 +27,18 @@ Result::
     %y4  = aten.add(%x4, aten.conv2d(%h4, %w2, %b2))
     return from_bc1s(%y4)                       # the one layout change out
 
-Options: none.
+After each assignment the permute pairs left over are cancelled (the ``fold_transposes`` rules),
+which can expose more ops to move; rounds repeat until nothing changes, so a second run changes
+nothing.
+
+Options:
+  max_rounds: bound on (fold, assign) rounds (default 4)
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
@@ -131,19 +137,45 @@ def _rank(node) -> int | None:
     return len(s) if s is not None else None
 
 
+@dataclass(frozen=True)
+class ToBC1SOptions:
+    #: rounds of (cancel permute pairs, min-cut assignment) until nothing moves
+    max_rounds: int = 4
+
+
 class ToBC1S(Pass):
     __doc__ = __doc__
     name = "to_bc1s"
+    Options = ToBC1SOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        from anefx.passes.fold_transposes import FoldTransposes
+
         graph = gm.graph
         before = count_layout_changes(graph)
+        moved, folded = 0, 0
+        for _ in range(self.options.max_rounds):
+            n = self._assign(gm)
+            # cancelling the permute pairs left over can expose ops that may then move too
+            f = sum(FoldTransposes().fold(gm).values())
+            moved, folded = moved + n, folded + f
+            if not n and not f:
+                break
+        modified = bool(moved or folded)
+        after = count_layout_changes(graph)
+        if not modified:
+            return finish(gm, False, layout_changes=before)
+        return finish(gm, True, bc1s_ops=moved, folded=folded, layout_changes_before=before, layout_changes_after=after)
+
+    def _assign(self, gm: torch.fx.GraphModule) -> int:
+        """One min-cut assignment and rewrite; returns how many ops moved into (B, C, 1, S)."""
+        graph = gm.graph
         problem = _Problem(graph)
         if not problem.from_finals and not problem.to_finals:
-            return finish(gm, False, layout_changes=before)
+            return 0
         chosen = problem.solve()
         if not chosen:
-            return finish(gm, False, layout_changes=before)
+            return 0
         bc: dict[torch.fx.Node, torch.fx.Node] = {u: y for u, y in problem.from_finals.items()}
         to_memo = {x: t for t, x in problem.to_finals.items()}
         from_memo = {y: u for u, y in problem.from_finals.items()}
@@ -175,5 +207,4 @@ class ToBC1S(Pass):
             if not n.users:
                 graph.erase_node(n)
         dce(graph)
-        after = count_layout_changes(graph)
-        return finish(gm, True, bc1s_ops=len(order), layout_changes_before=before, layout_changes_after=after)
+        return len(order)
