@@ -93,6 +93,7 @@ class CoreMLArtifact(Artifact):
 
     def _write(self, path: Path) -> None:
         self.model.save(str(path))
+        _deterministic_manifest(Path(path))
 
     def predict(self, inputs: dict):
         ok, why = runtime_available()
@@ -113,6 +114,40 @@ def _ensure_aliases() -> None:
     for alias, original in _ALIASES.items():
         if alias not in reg.name_to_func_mapping and original in reg.name_to_func_mapping:
             reg.set_func_by_name(reg.name_to_func_mapping[original], alias)
+
+
+def _deterministic_manifest(package: Path) -> None:
+    """Make a saved package reproducible: coremltools names its items with random UUIDs and protobuf
+    writes map fields in hash order. Derive the UUIDs from the content and serialize the spec
+    deterministically, so compiling the same model twice gives byte-identical packages (only the
+    ``conversion_date`` coremltools writes into the metadata changes with the day)."""
+    import hashlib
+    import json
+    import uuid
+
+    manifest = package / "Manifest.json"
+    data = json.loads(manifest.read_text())
+    # protobuf writes map fields in hash order: serialize the spec deterministically
+    from coremltools.proto import Model_pb2
+
+    for item in data.get("itemInfoEntries", {}).values():
+        spec_file = package / "Data" / item["path"]
+        if spec_file.suffix == ".mlmodel" and spec_file.is_file():
+            spec = Model_pb2.Model()
+            spec.ParseFromString(spec_file.read_bytes())
+            spec_file.write_bytes(spec.SerializeToString(deterministic=True))
+    renames = {}
+    for old, item in data.get("itemInfoEntries", {}).items():
+        target = package / "Data" / item["path"]
+        digest = hashlib.sha256(item["path"].encode())
+        files = sorted(target.rglob("*")) if target.is_dir() else [target]
+        for f in files:
+            if f.is_file():
+                digest.update(hashlib.sha256(f.read_bytes()).digest())
+        renames[old] = str(uuid.uuid5(uuid.NAMESPACE_URL, digest.hexdigest())).upper()
+    data["itemInfoEntries"] = {renames[k]: v for k, v in data["itemInfoEntries"].items()}
+    data["rootModelIdentifier"] = renames.get(data.get("rootModelIdentifier"), data.get("rootModelIdentifier"))
+    manifest.write_text(json.dumps(data, indent=4, sort_keys=True))
 
 
 class CoreMLTarget(Target):
