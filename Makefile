@@ -35,7 +35,7 @@ catalog: $(STAMP)
 	$(BIN)/python -m anefx.catalog
 
 bench: $(STAMP)
-	$(BIN)/python examples/benchmark.py
+	$(BIN)/python examples/benchmark.py --models all --memory --scaling
 
 clean:
 	rm -rf $(VENV) out
