@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     if not args.no_coreai and not use_coreai:
         print(f"(Core AI columns skipped: {coreai.available()[1]})")
     names = sorted(FULL_SIZE) if args.models == "all" else [n.strip() for n in args.models.split(",") if n.strip()]
+    names = [] if args.models == "none" else names
     for name in names:
         print_result(bench(name, args.attn, use_coreai))
     if args.memory:
