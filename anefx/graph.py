@@ -49,10 +49,33 @@ def refresh_meta(gm: torch.fx.GraphModule, flat_inputs: Iterable[torch.Tensor]) 
 
 
 def val(node: torch.fx.Node):
-    """The FakeTensor (or other value) recorded for ``node``, or None."""
+    """The FakeTensor (or other value) recorded for ``node``, or None.
+
+    Nodes a pass just created get their metadata here, on first use (see :func:`call`)."""
     if not isinstance(node, torch.fx.Node):
         return None
+    if "val" not in node.meta and "tensor_meta" not in node.meta and node.op == "call_function":
+        _infer_lazily(node)
     return node.meta.get("val", node.meta.get("tensor_meta"))
+
+
+def _infer_lazily(node: torch.fx.Node) -> None:
+    """Infer ``node``'s metadata and, first, that of the inputs that lack it (an explicit DFS)."""
+    pending = [node]
+    while pending:
+        n = pending[-1]
+        if "val" in n.meta:
+            pending.pop()
+            continue
+        missing = [i for i in n.all_input_nodes if "val" not in i.meta and i.op == "call_function"]
+        if missing:
+            pending.extend(missing)
+            continue
+        pending.pop()
+        try:
+            infer_meta(n)
+        except Exception:  # leave it unknown; the pipeline refreshes metadata after the pass
+            n.meta["val"] = None
 
 
 def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
@@ -276,15 +299,12 @@ def provenance(node: torch.fx.Node):
 
 
 def call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None) -> torch.fx.Node:
-    """``graph.call_function`` that also fills the new node's shape metadata and provenance."""
+    """``graph.call_function`` that also records provenance; the new node's shape metadata is
+    computed lazily, when a pass first asks for it (:func:`val`), and refreshed after the pass."""
     node = graph.call_function(target, tuple(args), dict(kwargs or {}))
     inherited = _provenance.get()
     if inherited:
         node.meta.update(inherited)
-    try:
-        infer_meta(node)
-    except Exception:  # metadata is refreshed after the pass anyway; never fail a rewrite on it
-        node.meta.pop("val", None)
     return node
 
 

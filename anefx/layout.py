@@ -140,31 +140,29 @@ def _anchor(graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node:
     return last
 
 
-def to_bc1s(graph: torch.fx.Graph, x: torch.fx.Node, rank: int, memo: dict | None = None) -> torch.fx.Node:
-    """``x`` in (B, C, 1, S): reuses the source of a layout change out of it, or a memoised change."""
-    m = match_from_bc1s(x)
+def _change(graph, node, rank, memo, undo, emit) -> torch.fx.Node:
+    """A layout change of ``node``: undoes the opposite change when ``node`` is one (``undo``),
+    reuses a memoised change, or inserts one right after ``node`` (``emit``)."""
+    m = undo(node)
     if m is not None and m[1] == rank:
         return m[0]
-    if memo is not None and x in memo:
-        return memo[x]
-    with insert_after(graph, _anchor(graph, x)):
-        y = emit_to_bc1s(graph, x, rank)
+    if memo is not None and node in memo:
+        return memo[node]
+    with insert_after(graph, _anchor(graph, node)):
+        out = emit(graph, node, rank)
     if memo is not None:
-        memo[x] = y
-    return y
+        memo[node] = out
+    return out
+
+
+def to_bc1s(graph: torch.fx.Graph, x: torch.fx.Node, rank: int, memo: dict | None = None) -> torch.fx.Node:
+    """``x`` in (B, C, 1, S): reuses the source of a layout change out of it, or a memoised change."""
+    return _change(graph, x, rank, memo, match_from_bc1s, emit_to_bc1s)
 
 
 def from_bc1s(graph: torch.fx.Graph, y: torch.fx.Node, rank: int, memo: dict | None = None) -> torch.fx.Node:
-    m = match_to_bc1s(y)
-    if m is not None and m[1] == rank:
-        return m[0]
-    if memo is not None and y in memo:
-        return memo[y]
-    with insert_after(graph, _anchor(graph, y)):
-        x = emit_from_bc1s(graph, y, rank)
-    if memo is not None:
-        memo[y] = x
-    return x
+    """``y`` back in its channels-last form (the mirror of :func:`to_bc1s`)."""
+    return _change(graph, y, rank, memo, match_to_bc1s, emit_from_bc1s)
 
 
 def broadcast_to_bc1s(graph: torch.fx.Graph, operand: torch.fx.Node, out_rank: int) -> torch.fx.Node:

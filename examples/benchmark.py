@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import anefx  # noqa: E402
-from examples import models  # noqa: E402
+import anefx
+from examples import models
 
 FULL_SIZE = {
     "distilbert": lambda attn: models.distilbert(attn=attn),
@@ -85,7 +85,11 @@ def coverage(compiled) -> tuple[float, list[str]]:
     costs = [c for c in _estimate_ops(compiled) if c.op_type in MATMUL_LIKE]
     total = sum(c.flops for c in costs) or 1.0
     good = sum(c.flops for c in costs if c.op_type in ("conv", "einsum"))
-    blocked = [f"{c.op_type} {c.name}" + (" (flagged)" if c.name in names else "") for c in costs if c.op_type in ("linear", "matmul")]
+    blocked = [
+        f"{c.op_type} {c.name}" + (" (flagged)" if c.name in names else "")
+        for c in costs
+        if c.op_type in ("linear", "matmul")
+    ]
     return good / total, blocked
 
 
@@ -148,7 +152,10 @@ def print_result(r: dict) -> None:
         _table("Core AI (op)", r["stock_ai"], r["anefx_ai"], (r["stock_ai_convert"], r["anefx_ai_convert"]))
     ratio = r["passes"] / r["convert"]
     verdict = "OK" if ratio <= 0.5 else "OVER TARGET"
-    print(f"coverage: {r['coverage']:.1%} of matmul-like FLOPs as conv/einsum" + (f"; blocked: {r['blocked'][:5]}" if r["blocked"] else ""))
+    print(
+        f"coverage: {r['coverage']:.1%} of matmul-like FLOPs as conv/einsum"
+        + (f"; blocked: {r['blocked'][:5]}" if r["blocked"] else "")
+    )
     print(
         f"anefx passes+validation {r['passes']:.2f}s vs ct.convert {r['convert']:.2f}s "
         f"(stock ct.convert {r['stock_convert']:.2f}s): ratio {ratio:.2f} [target <= 0.5: {verdict}]"

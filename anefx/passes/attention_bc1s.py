@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dce, provenance, shape
+from anefx.graph import add_constant, call, dce, provenance, shape, val
 from anefx.heads import Heads, merge_users, trace_heads
 from anefx.layout import from_bc1s, to_bc1s
 from anefx.masks import MaskLowering, MaskTerm
@@ -87,7 +87,7 @@ def match_sdpa(node: torch.fx.Node) -> Core | None:
     core = Core(node, a["query"], a["key"], a["value"], float(scale) if scale is not None else 1 / math.sqrt(d))
     mask = a.get("attn_mask")
     if mask is not None:
-        core.masks.append((mask, "keep" if mask.meta["val"].dtype == torch.bool else "add"))
+        core.masks.append((mask, "keep" if val(mask).dtype == torch.bool else "add"))
     core.causal = bool(a.get("is_causal", False))
     return core
 
@@ -225,7 +225,7 @@ class AttentionBC1S(Pass):
         graph = gm.graph
         b, h, sq, d = shape(core.q)
         sk, dv = shape(core.k)[2], shape(core.v)[3]
-        dtype = core.q.meta["val"].dtype
+        dtype = val(core.q).dtype
         k_offsets = kh.offsets if len(kh.offsets) == h else [kh.offsets[i // (h // len(kh.offsets))] for i in range(h)]
         v_offsets = vh.offsets if len(vh.offsets) == h else [vh.offsets[i // (h // len(vh.offsets))] for i in range(h)]
         neg = self.options.mask_value
