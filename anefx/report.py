@@ -67,7 +67,7 @@ class Report:
             ("stats", "left"),
             ("time (s)", "right"),
             ("max abs err", "right"),
-            ("max rel err", "right"),
+            ("max rel err (vs max |y|)", "right"),
         ):
             table.add_column(col, justify=justify)
         for r in self.records:
