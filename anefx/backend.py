@@ -16,8 +16,6 @@ backend must never break the user's program.
 
 from __future__ import annotations
 
-import json
-import logging
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,8 +26,6 @@ import torch
 import torch.fx
 
 from anefx.errors import AnefxError
-
-log = logging.getLogger("anefx.backend")
 
 _LIFTED = re.compile(r"(_parameters_|_buffers_|^L_self_|^l_self_)")
 
@@ -130,7 +126,3 @@ def backend(save_dir: str | Path | None = None, **compile_options: Any) -> Anefx
 def anefx_backend(gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
     """The default backend behind ``backend="anefx"`` (passes and validation; no conversion)."""
     return AnefxBackend()(gm, example_inputs)
-
-
-def write_summary(b: AnefxBackend, path: Path) -> None:
-    path.write_text(json.dumps([c.report.to_dict() for c in b.compiled], indent=2, default=str))

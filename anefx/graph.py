@@ -115,11 +115,6 @@ def op_histogram(gm: torch.fx.GraphModule) -> collections.Counter:
     )
 
 
-def count_ops(gm: torch.fx.GraphModule, *names: str) -> int:
-    hist = op_histogram(gm)
-    return sum(hist.get(name, 0) for name in names)
-
-
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
@@ -149,15 +144,6 @@ def describe(node: torch.fx.Node) -> str:
     where = source_location(node)
     text = f"%{node.name} ({op_name(node)})"
     return f"{text} at {where}" if where else text
-
-
-def users_in_order(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return list(node.users)
-
-
-def is_param_like(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    """True for ``get_attr`` nodes (parameters, buffers, constants)."""
-    return node.op == "get_attr"
 
 
 def get_attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
