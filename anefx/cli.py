@@ -156,8 +156,7 @@ def cmd_passes(ns) -> int:
     table.add_column("default")
     table.add_column("what it does")
     for i, cls in enumerate(ALL_PASSES, 1):
-        summary = (cls.__doc__ or "").strip().splitlines()[0].split("—", 1)[-1].strip()
-        table.add_row(str(i), cls.name, "yes" if cls in DEFAULT_PASSES else "no", summary)
+        table.add_row(str(i), cls.name, "yes" if cls in DEFAULT_PASSES else "no", cls.summary())
     _console().print(table)
     if ns.name:
         cls = next((c for c in ALL_PASSES if c.name == ns.name), None)

@@ -89,6 +89,21 @@ def shape(node: torch.fx.Node) -> tuple[int, ...] | None:
         return None
 
 
+def rank(node) -> int | None:
+    """The number of dimensions of ``node``'s tensor value, or None when unknown."""
+    s = shape(node) if isinstance(node, torch.fx.Node) else None
+    return len(s) if s is not None else None
+
+
+def replace_node(graph: torch.fx.Graph, old: torch.fx.Node, new, *, keep_meta: bool = False) -> None:
+    """Send every use of ``old`` to ``new`` and erase ``old``; ``keep_meta`` moves its metadata
+    (shape, provenance) onto ``new`` when ``new`` computes the same value."""
+    if keep_meta and isinstance(new, torch.fx.Node):
+        new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+
+
 def dtype(node: torch.fx.Node) -> torch.dtype | None:
     v = val(node)
     return v.dtype if isinstance(v, torch.Tensor) else None

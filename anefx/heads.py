@@ -79,6 +79,25 @@ def simulate(chain: list[torch.fx.Node], x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def index_map(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.Tensor] | None:
+    """Where ``node``'s elements come from: walk up the movement ops to their source and replay them
+    on ``arange`` in the source's shape. Returns (source, indices into the flattened source)."""
+    found = movement_chain(node)
+    if found is None:
+        return None
+    src, chain = found
+    src_shape = shape(src)
+    if src_shape is None or not chain:
+        return None
+    numel = 1
+    for d in src_shape:
+        numel *= d
+    try:
+        return src, simulate(chain, torch.arange(numel).reshape(src_shape))
+    except Exception:
+        return None
+
+
 def _index_in_bc1s(src_shape: tuple[int, ...]) -> torch.Tensor | None:
     """Indices of the source's elements, arranged as (B, C, 1, S)."""
     idx = torch.arange(int(torch.tensor(src_shape).prod())).reshape(src_shape)
@@ -103,22 +122,13 @@ def trace_heads(node: torch.fx.Node) -> Heads | None:
     out = shape(node)
     if out is None or len(out) != 4:
         return None
-    found = movement_chain(node)
-    if found is None:
+    mapped = index_map(node)
+    if mapped is None:
         return None
-    src, chain = found
+    src, r = mapped
     src_shape = shape(src)
-    if src_shape is None or not chain:
-        return None
     bc = _index_in_bc1s(src_shape)
-    if bc is None:
-        return None
-    src_idx = torch.arange(bc.numel()).reshape(src_shape)
-    try:
-        r = simulate(chain, src_idx)
-    except Exception:
-        return None
-    if tuple(r.shape) != out:
+    if bc is None or tuple(r.shape) != out:
         return None
     b, h, s, d = out
     if bc.shape[0] != b or bc.shape[3] != s:
@@ -143,18 +153,12 @@ def trace_merge(node: torch.fx.Node, heads_node: torch.fx.Node) -> bool:
     hs, out = shape(heads_node), shape(node)
     if hs is None or out is None or len(out) != 3:
         return False
-    found = movement_chain(node)
-    if found is None:
+    mapped = index_map(node)
+    if mapped is None or mapped[0] is not heads_node:
         return False
-    src, chain = found
-    if src is not heads_node:
-        return False
+    r = mapped[1]
     b, h, s, d = hs
     idx = torch.arange(b * h * s * d).reshape(b, h, s, d)
-    try:
-        r = simulate(chain, idx)
-    except Exception:
-        return False
     return tuple(r.shape) == out and torch.equal(r, idx.transpose(1, 2).reshape(b, s, h * d))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, is_constant, shape
+from anefx.graph import call, is_constant, rank
 from anefx.layout import GLOBAL_RANKS as RANKS
 from anefx.layout import bc1s_axis, broadcast_to_bc1s
 
@@ -94,11 +94,6 @@ class Rule:
     tied_to: torch.fx.Node | None = None
 
 
-def _rank(node) -> int | None:
-    s = shape(node) if isinstance(node, torch.fx.Node) else None
-    return len(s) if s is not None else None
-
-
 def _copy(graph, node, args, kwargs=None):
     new = call(graph, node.target, tuple(args), dict(node.kwargs if kwargs is None else kwargs))
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
@@ -115,26 +110,27 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
     if t is operator.getitem:
         src = node.args[0]
         if src in split_candidates:
-            rank = _rank(node)
-            return Rule([], lambda g, bc: call(g, operator.getitem, (bc(src), node.args[1])), rank or 0, tied_to=src)
+            return Rule(
+                [], lambda g, bc: call(g, operator.getitem, (bc(src), node.args[1])), rank(node) or 0, tied_to=src
+            )
         return None
-    out_rank = _rank(node)
+    out_rank = rank(node)
     if t in SPLIT:
         x = node.args[0]
-        rank = _rank(x)
-        if rank not in RANKS or any(u.target is not operator.getitem for u in node.users):
+        in_rank = rank(x)
+        if in_rank not in RANKS or any(u.target is not operator.getitem for u in node.users):
             return None
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
 
         def emit_split(g, bc):
-            return _copy(g, node, (bc(x), node.args[1], bc1s_axis(rank, dim)), {})
+            return _copy(g, node, (bc(x), node.args[1], bc1s_axis(in_rank, dim)), {})
 
-        return Rule([x], emit_split, rank, is_split=True)
+        return Rule([x], emit_split, in_rank, is_split=True)
     if out_rank not in RANKS:
         return None
     if t in UNARY:
         x = node.args[0]
-        if _rank(x) != out_rank:
+        if rank(x) != out_rank:
             return None
         return Rule([x], lambda g, bc: _copy(g, node, (bc(x), *node.args[1:])), out_rank)
     if t in BINARY:
@@ -142,7 +138,7 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
         edges = []
         for i in positions:
             a = node.args[i] if i < len(node.args) else None
-            if isinstance(a, torch.fx.Node) and _rank(a) == out_rank and not is_constant(a):
+            if isinstance(a, torch.fx.Node) and rank(a) == out_rank and not is_constant(a):
                 edges.append(a)
 
         def emit_binary(g, bc):
@@ -163,7 +159,7 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
     if t == aten.cat.default:
         tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if any(_rank(x) != out_rank for x in tensors):
+        if any(rank(x) != out_rank for x in tensors):
             return None
         edges = [x for x in tensors if not is_constant(x)]
 
@@ -174,7 +170,7 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
         return Rule(edges, emit_cat, out_rank)
     if t == aten.slice.Tensor:
         x = node.args[0]
-        if _rank(x) != out_rank:
+        if rank(x) != out_rank:
             return None
         dim = node.args[1] if len(node.args) > 1 else 0
         rest = node.args[2:]
@@ -184,7 +180,7 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
 
 def _reduce_rule(node: torch.fx.Node, out_rank: int) -> Rule | None:
     x = node.args[0]
-    in_rank = _rank(x)
+    in_rank = rank(x)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if in_rank not in RANKS or dims is None:

@@ -18,6 +18,7 @@ from anefx.graph import (
     eval_constant,
     get_attr_value,
     is_constant,
+    replace_node,
     shape,
     walk_args,
 )
@@ -109,8 +110,7 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
             graph.erase_node(node)
             stats["checks_removed"] += 1
         elif _is_identity(node):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
+            replace_node(graph, node, node.args[0])
             stats["identities_removed"] += 1
         elif t in _BITWISE:
             logical, bitwise = _BITWISE[t]
@@ -124,25 +124,19 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
             }
             with graph.inserting_before(node):
                 new = call(graph, aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
         elif t == aten.index.Tensor and _index_is_reshape(gm, node):
             with graph.inserting_before(node):
                 new = call(graph, aten.view.default, (node.args[0], list(shape(node))))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
         elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
             cond, x, scalar = node.args
             with graph.inserting_before(node):
                 inv = call(graph, aten.logical_not.default, (cond,))
                 new = call(graph, aten.masked_fill.Scalar, (x, inv, scalar))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
     return stats
 

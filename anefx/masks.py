@@ -24,7 +24,7 @@ import torch
 import torch.fx
 
 from anefx.graph import add_constant, call, eval_constant, is_constant, shape
-from anefx.heads import movement_chain, simulate
+from anefx.heads import index_map
 
 aten = torch.ops.aten
 _NOT = {aten.logical_not.default, aten.bitwise_not.default}
@@ -97,18 +97,11 @@ class MaskLowering:
         s = shape(n)
         if s is None or len(s) != 4 or s[1] != 1 or s[2] != 1:
             return None
-        found = movement_chain(n)
-        if found is None:
+        mapped = index_map(n)
+        if mapped is None:
             return None
-        src, chain = found
-        src_shape = shape(src)
-        if not chain or src_shape is None or src_shape != (s[0], s[3]):
-            return None
-        idx = torch.arange(s[0] * s[3]).reshape(src_shape)
-        try:
-            if not torch.equal(simulate(chain, idx).reshape(-1), idx.reshape(-1)):
-                return None
-        except Exception:
+        src, r = mapped
+        if shape(src) != (s[0], s[3]) or not torch.equal(r.reshape(-1), torch.arange(r.numel())):
             return None
         with self.graph.inserting_before(self._first_user(n)):
             add = self._emit_additive(src, kind)

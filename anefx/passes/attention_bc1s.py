@@ -226,8 +226,7 @@ class AttentionBC1S(Pass):
         b, h, sq, d = shape(core.q)
         sk, dv = shape(core.k)[2], shape(core.v)[3]
         dtype = val(core.q).dtype
-        k_offsets = kh.offsets if len(kh.offsets) == h else [kh.offsets[i // (h // len(kh.offsets))] for i in range(h)]
-        v_offsets = vh.offsets if len(vh.offsets) == h else [vh.offsets[i // (h // len(vh.offsets))] for i in range(h)]
+        k_offsets, v_offsets = _per_query_head(kh.offsets, h), _per_query_head(vh.offsets, h)
         neg = self.options.mask_value
         low = lowering.setdefault(dtype, MaskLowering(gm, h, dtype, neg))
         terms: list[MaskTerm] = []
@@ -267,6 +266,12 @@ class AttentionBC1S(Pass):
     @staticmethod
     def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
         return heads.source if heads.source_is_bc1s else to_bc1s(graph, heads.source, 3, memo)
+
+
+def _per_query_head(offsets: list[int], heads: int) -> list[int]:
+    """K/V offsets for each query head: with grouped-query attention, ``heads / len(offsets)`` query
+    heads share each K/V head."""
+    return [offsets[i // (heads // len(offsets))] for i in range(heads)]
 
 
 def _blocked(core: Core, traced: list) -> bool:

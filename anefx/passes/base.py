@@ -73,6 +73,12 @@ class Pass(abc.ABC):
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         return self.run(gm, PassContext())
 
+    @classmethod
+    def summary(cls) -> str:
+        """The docstring's first line without the pass name: what the pass does, in one line."""
+        first = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        return first.split("—", 1)[-1].strip()
+
     def with_options(self, **overrides: Any) -> Pass:
         return type(self)(self.options, **overrides)
 

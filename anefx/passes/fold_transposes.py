@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, infer_meta, is_constant, provenance, shape
+from anefx.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape
 from anefx.layout_rules import BINARY, UNARY
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -83,11 +83,6 @@ def _perm_of(node: torch.fx.Node) -> list[int] | None:
     return None
 
 
-def _replace(graph: torch.fx.Graph, node: torch.fx.Node, new) -> None:
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-
-
 class FoldTransposes(Pass):
     __doc__ = __doc__
     name = "fold_transposes"
@@ -117,7 +112,7 @@ class FoldTransposes(Pass):
         if perm is not None:
             src = node.args[0]
             if perm == list(range(len(perm))):
-                _replace(graph, node, src)
+                replace_node(graph, node, src)
                 stats["cancelled"] += 1
                 return True
             if node.target == aten.transpose.int:
@@ -146,7 +141,7 @@ class FoldTransposes(Pass):
         with graph.inserting_before(user), provenance(user):
             moved = call(graph, user.target, (node.args[0], *user.args[1:]), dict(user.kwargs))
             squeezed = call(graph, node.target, (moved, *node.args[1:]))
-        _replace(graph, user, squeezed)
+        replace_node(graph, user, squeezed)
         graph.erase_node(node)
         stats["sunk"] += 1
         return True
@@ -163,7 +158,7 @@ class FoldTransposes(Pass):
             with graph.inserting_before(user), provenance(user):
                 moved = call(graph, user.target, (src, *user.args[1:]), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
-            _replace(graph, user, new_perm)
+            replace_node(graph, user, new_perm)
             graph.erase_node(node)
             stats["sunk"] += 1
             return True
@@ -186,7 +181,7 @@ class FoldTransposes(Pass):
                 args[0], args[1] = (src, new_other) if a is node else (new_other, src)
                 moved = call(graph, user.target, tuple(args), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
-            _replace(graph, user, new_perm)
+            replace_node(graph, user, new_perm)
             graph.erase_node(node)
             if drop is not None:
                 graph.erase_node(drop)
@@ -219,7 +214,7 @@ class FoldTransposes(Pass):
         if out is None:
             return False
         if shape(src) == out and shape(src) is not None:
-            _replace(graph, node, src)
+            replace_node(graph, node, src)
             stats["reshapes_folded"] += 1
             return True
         start = src
@@ -228,7 +223,7 @@ class FoldTransposes(Pass):
             chain.append(start)
             start = start.args[0]
             if shape(start) == out:
-                _replace(graph, node, start)
+                replace_node(graph, node, start)
                 stats["reshapes_folded"] += 1
                 return True
         # merge a chain into one reshape only if it already holds one: squeeze/unsqueeze-only chains

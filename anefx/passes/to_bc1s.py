@@ -44,7 +44,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from anefx.graph import dce, provenance, shape
+from anefx.graph import dce, provenance, rank
 from anefx.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
 from anefx.layout_rules import Rule, rule_for
 from anefx.passes.base import Pass, PassContext, PassResult, finish
@@ -132,11 +132,6 @@ class _Problem:
         return {n for n in reachable if isinstance(n, torch.fx.Node) and n in self.rules}
 
 
-def _rank(node) -> int | None:
-    s = shape(node) if isinstance(node, torch.fx.Node) else None
-    return len(s) if s is not None else None
-
-
 @dataclass(frozen=True)
 class ToBC1SOptions:
     #: rounds of (cancel permute pairs, min-cut assignment) until nothing moves
@@ -183,7 +178,7 @@ class ToBC1S(Pass):
         def bc_of(v: torch.fx.Node) -> torch.fx.Node:
             if v in bc:
                 return bc[v]
-            return to_bc1s(graph, v, _rank(v), to_memo)
+            return to_bc1s(graph, v, rank(v), to_memo)
 
         order = [n for n in graph.nodes if n in chosen]
         for n in order:
