@@ -82,7 +82,7 @@ def coverage(compiled) -> tuple[float, list[str]]:
     """Share of matmul-like FLOPs that are convolutions or einsums, and the ops that blocked the rest."""
     report = compiled.ane_report
     names = {f.op for f in report.findings}
-    costs = [c for c in _estimate_ops(compiled) if c.op_type in MATMUL_LIKE]
+    costs = [c for c in report.costs if c.op_type in MATMUL_LIKE]
     total = sum(c.flops for c in costs) or 1.0
     good = sum(c.flops for c in costs if c.op_type in ("conv", "einsum"))
     blocked = [
@@ -91,18 +91,6 @@ def coverage(compiled) -> tuple[float, list[str]]:
         if c.op_type in ("linear", "matmul")
     ]
     return good / total, blocked
-
-
-def _estimate_ops(compiled):
-    from anefx.ane.estimate import op_cost
-    from anefx.ane.report import _op_info
-
-    out = []
-    for op in compiled.artifact.operations():
-        if op.op_type != "const":
-            info, in_shapes, weights = _op_info(op)
-            out.append(op_cost(info, in_shapes, weights))
-    return out
 
 
 def bench(name: str, attn: str, coreai: bool) -> dict:

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from anefx.ane.estimate import CHIPS, Estimate, op_cost
+from anefx.ane.estimate import CHIPS, Estimate, OpCost, op_cost
 from anefx.ane.fp16 import RangeFinding, check_fp16_range
 from anefx.ane.rules import KNOWN_ANE_OPS, RULES, UNKNOWN_SOURCE, OpInfo
 
@@ -40,6 +40,7 @@ class ANEReport:
     estimate: dict[str, Any] = field(default_factory=dict)
     compute_plan: str = ""  # why the real-device column is absent, or "MLComputePlan"
     op_count: int = 0
+    costs: list[OpCost] = field(default_factory=list)  # the estimate's per-op FLOPs and bytes
 
     def by_rule(self) -> dict[str, list[Finding]]:
         out: dict[str, list[Finding]] = {}
@@ -218,6 +219,7 @@ def analyse(artifact, graph_module, flat_inputs) -> ANEReport:
                     op.name, op.op_type, "unknown", "unknown", f"no rule covers {op.op_type}", UNKNOWN_SOURCE, location
                 )
             )
+    report.costs = estimate.ops
     report.estimate = estimate.to_dict(weight_bytes)
     report.estimate["chips"] = sorted(CHIPS)
     report.fp16 = check_fp16_range(graph_module, flat_inputs)
