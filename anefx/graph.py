@@ -191,11 +191,6 @@ def walk_args(args) -> Iterator[torch.fx.Node]:
             yield from walk_args(a)
 
 
-def erase_dead(gm: torch.fx.GraphModule) -> int:
-    """Remove unused nodes (see :func:`dce`); return how many were removed."""
-    return dce(gm.graph)
-
-
 def insert_after(graph: torch.fx.Graph, node: torch.fx.Node):
     """Insertion point right after ``node`` that keeps successive insertions in program order.
 

@@ -13,8 +13,8 @@ import torch.fx
 from anefx.graph import (
     add_constant,
     call,
+    dce,
     dtype,
-    erase_dead,
     eval_constant,
     get_attr_value,
     is_constant,
@@ -186,5 +186,5 @@ def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20) -> int:
         node.replace_all_uses_with(const)
         folded += 1
     if folded:
-        erase_dead(gm)
+        dce(gm.graph)
     return folded

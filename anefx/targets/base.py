@@ -75,6 +75,19 @@ class Artifact(abc.ABC):
         return path
 
 
+def legalized_clone(handoff: HandOff) -> torch.fx.GraphModule:
+    """A clone of the validated graph spelled the way converters accept (ops respelled, constants
+    folded): each target legalizes for itself, and the compiled graph is never touched."""
+    from anefx.graph import clone_graph_module
+    from anefx.legalize import canonicalize, fold_constants
+
+    gm = clone_graph_module(handoff.graph_module)
+    canonicalize(gm)
+    fold_constants(gm)
+    gm.recompile()
+    return gm
+
+
 class Target(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type]

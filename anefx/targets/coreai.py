@@ -28,9 +28,7 @@ from pathlib import Path
 import torch
 
 from anefx.errors import ConversionError, TargetUnavailableError
-from anefx.graph import clone_graph_module
-from anefx.legalize import canonicalize, fold_constants
-from anefx.targets.base import Artifact, HandOff, Target
+from anefx.targets.base import Artifact, HandOff, Target, legalized_clone
 
 INSTALL_HINT = (
     "the Core AI target needs the optional extra: pip install 'anefx[coreai]' "
@@ -137,10 +135,7 @@ class CoreAITarget(Target):
 
     def convert(self, handoff: HandOff) -> CoreAIArtifact:
         coreai_torch = _coreai_torch()
-        gm = clone_graph_module(handoff.graph_module)
-        canonicalize(gm)
-        fold_constants(gm)
-        gm.recompile()
+        gm = legalized_clone(handoff)
         t0 = time.perf_counter()
         try:
             ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)

@@ -25,9 +25,8 @@ import torch
 import torch.fx
 
 from anefx.errors import ConversionError, TargetUnavailableError
-from anefx.graph import clone_graph_module, describe
-from anefx.legalize import canonicalize, fold_constants
-from anefx.targets.base import Artifact, HandOff, Target
+from anefx.graph import describe
+from anefx.targets.base import Artifact, HandOff, Target, legalized_clone
 
 
 def _ct():
@@ -157,10 +156,7 @@ class CoreMLTarget(Target):
     def convert(self, handoff: HandOff) -> CoreMLArtifact:
         ct = _ct()
         opts: CoreMLOptions = self.options
-        gm = clone_graph_module(handoff.graph_module)
-        canonicalize(gm)
-        fold_constants(gm)
-        gm.recompile()
+        gm = legalized_clone(handoff)
         try:
             ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
             ep = ep.run_decompositions({})
