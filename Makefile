@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.anefx-installed
 
-.PHONY: demo test test-all test-props lint catalog bench clean
+.PHONY: demo test test-props lint catalog bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
-
-test-all: $(STAMP)
-	ANEFX_TEST_ALL=1 $(BIN)/python -m pytest -n 2 -q
 
 test-props: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q tests/test_properties.py
