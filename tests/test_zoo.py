@@ -36,7 +36,6 @@ def test_zoo_model(name):
     assert ops["conv"] == convs, ops
     assert ops.get("transpose", 0) <= transposes, ops
     torch.testing.assert_close(_out(compiled(*args, **kwargs)), _out(model(*args, **kwargs)), atol=1e-4, rtol=1e-4)
-    assert compiled.timings["passes"] < compiled.timings["convert"]  # anefx's own work is the small part
 
 
 def test_real_minilm_sentence_embeddings():
