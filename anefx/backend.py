@@ -10,8 +10,9 @@ anefx's capture (so the graph is normalised into the canonical ATen graph), the 
 per-pass validation and, when a save directory is given, the hand-off; it returns a callable that
 runs the rewritten graph in PyTorch (no ANE is needed to run it).
 
-A graph anefx cannot compile (dynamic shapes, a capture error) runs as it came, with a warning: a
-backend must never break the user's program.
+A graph anefx cannot compile runs as it came, with one warning naming the cause: dynamic shapes,
+a capture error, or any other exception raised inside anefx (a bug included). A backend must never
+break the user's program.
 """
 
 from __future__ import annotations
@@ -71,24 +72,27 @@ class AnefxBackend:
         self.compiled: list = []  # every CompiledModel made, in order (for inspection and tests)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
+        try:
+            if any(not isinstance(x, torch.Tensor) for x in example_inputs) or _is_dynamic(gm):
+                warnings.warn(
+                    "anefx compiles static shapes; this graph has dynamic sizes and runs uncompiled. "
+                    "Use torch.compile(..., dynamic=False) to get one static graph per shape.",
+                    stacklevel=2,
+                )
+                return gm.forward
+            return self._compile(gm, example_inputs)
+        except Exception as exc:  # anything inside anefx, a bug included, must not break the program
+            _warn_fallback(exc)
+            return gm.forward
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: Sequence) -> Callable:
         from anefx.compile import compile as anefx_compile
 
-        if any(not isinstance(x, torch.Tensor) for x in example_inputs) or _is_dynamic(gm):
-            warnings.warn(
-                "anefx compiles static shapes; this graph has dynamic sizes and runs uncompiled. "
-                "Use torch.compile(..., dynamic=False) to get one static graph per shape.",
-                stacklevel=2,
-            )
-            return gm.forward
         lifted = _lifted_positions(gm, example_inputs)
         user_inputs = tuple(x for i, x in enumerate(example_inputs) if i not in lifted)
         options = dict(self.options)
         options.setdefault("convert", self.save_dir is not None)
-        try:
-            compiled = anefx_compile(_Bound(gm, example_inputs, lifted), user_inputs, **options)
-        except AnefxError as exc:
-            warnings.warn(f"anefx could not compile this graph, running it uncompiled: {exc}", stacklevel=2)
-            return gm.forward
+        compiled = anefx_compile(_Bound(gm, example_inputs, lifted), user_inputs, **options)
         index = len(self.compiled)
         self.compiled.append(compiled)
         if self.save_dir is not None:
@@ -99,13 +103,26 @@ class AnefxBackend:
         graph_module = compiled.graph_module
         keep = [i for i in range(len(example_inputs)) if i not in lifted]
 
+        fallback: list = []  # set once the rewritten graph failed: the rest of the run stays eager
+
         def run(*args):
-            with torch.no_grad():
-                out = graph_module(*(args[i] for i in keep))
-            return out
+            if not fallback:
+                try:
+                    with torch.no_grad():
+                        return graph_module(*(args[i] for i in keep))
+                except Exception as exc:  # the rewritten graph must not break the program either
+                    _warn_fallback(exc)
+                    fallback.append(exc)
+            return gm.forward(*args)
 
         run.anefx_compiled = compiled  # type: ignore[attr-defined]
         return run
+
+
+def _warn_fallback(exc: BaseException) -> None:
+    """The one warning of a fallback to eager: it names the cause (an anefx bug shows its type)."""
+    kind = "" if isinstance(exc, AnefxError) else f"{type(exc).__name__} inside anefx: "
+    warnings.warn(f"anefx could not compile this graph, running it uncompiled: {kind}{exc}", stacklevel=3)
 
 
 def _is_dynamic(gm: torch.fx.GraphModule) -> bool:

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+import pytest
 import torch
 from torch import nn
 
@@ -76,3 +77,37 @@ def test_model_is_not_modified():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.compile(model, backend="anefx")(*args)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_any_exception_inside_anefx_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A bug in anefx (not an AnefxError) must not break the user's program: eager, one warning."""
+
+    def planted(*args, **kwargs):
+        raise ZeroDivisionError("planted failure in the pipeline")
+
+    monkeypatch.setattr(anefx.Pipeline, "run", planted)
+    model, args, _ = example("mlp_block")
+    b = anefx.backend()
+    with pytest.warns(UserWarning) as caught:
+        out = torch.compile(model, backend=b)(*args)
+    torch.testing.assert_close(out, model(*args))
+    ours = [w for w in caught if "anefx" in str(w.message)]
+    assert len(ours) == 1
+    assert "ZeroDivisionError" in str(ours[0].message) and "planted failure" in str(ours[0].message)
+    assert b.compiled == []
+
+
+def test_rewritten_graph_failing_at_run_time_falls_back_to_eager(monkeypatch):
+    model, args, _ = example("mlp_block")
+    b = anefx.backend()
+    compiled = torch.compile(model, backend=b)
+    compiled(*args)
+    gm = b.compiled[0].graph_module
+
+    def planted(*a, **k):
+        raise RuntimeError("planted run-time failure")
+
+    monkeypatch.setattr(gm, "forward", planted)
+    with pytest.warns(UserWarning, match="RuntimeError inside anefx: planted run-time failure"):
+        out = compiled(*args)
+    torch.testing.assert_close(out, model(*args))
