@@ -4,10 +4,31 @@ Two levels, chosen with ``ValidationOptions.mode`` (or ``ANEFX_VALIDATE=off|lint
 
 * ``lint``: ``torch.fx.Graph.lint()`` plus anefx's invariants (every node has shape metadata, the
   outputs keep their shapes and dtypes).
-* ``numeric`` (default): lint, then run the graph on the example inputs and on seeded random inputs
-  of the same shapes and dtypes, and compare every output with the reference (the graph as captured,
-  before any pass) under a per-dtype tolerance. Errors never accumulate unseen: each pass is measured
-  against the original, not against the pass before it.
+* ``numeric`` (default): lint, then run the graph on several input sets and compare every output
+  with the reference (the graph as captured, before any pass) under a per-dtype tolerance. Errors
+  never accumulate unseen: each pass is measured against the original, not against the pass before it.
+
+The input sets:
+
+* the example inputs;
+* ``random_inputs`` seeded random sets of the same shapes and dtypes, each value in the example's
+  domain (token ids stay valid ids; see :func:`random_like`);
+* when an input is *mask-like* (:func:`mask_like`), ``stress_inputs`` sets whose masks are the ones
+  that steer the computation: padding runs on the right, padding runs on the left, and rows with all
+  keys masked but one (the random sets give masks with random holes). A pass that ignores a mask is
+  thus caught even when the example's mask keeps everything. Models without a mask-like input pay
+  nothing for it.
+
+Tolerances are relative to each output's scale (see :class:`Tolerance`).
+
+Rows whose keys are all masked (the rule): an attention query row that masks every key has no
+meaning, and torch resolves it differently per spelling (``scaled_dot_product_attention`` returns
+zeros, a softmax over ``-inf`` NaN, a softmax over ``finfo.min`` the mean of V). Stress masks make
+such rows (left padding in a causal model, for instance). Validation compares only the output
+elements that do not depend on how these rows are resolved: the reference is run a second time with
+those rows resolved otherwise (:class:`_FullyMaskedRows`), and elements that change are not
+compared; nor are elements the reference leaves NaN. Everything else, infinities included, must
+match. With the example inputs and masks that keep a key in every row, everything is compared.
 """
 
 from __future__ import annotations
@@ -27,15 +48,21 @@ Mode = Literal["off", "lint", "numeric"]
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``|actual - expected| <= atol + rtol * |expected|`` elementwise."""
+    """``|actual - expected| <= atol * scale + rtol * |expected|`` elementwise, where ``scale`` is
+    the largest finite ``|expected|`` of that output.
 
-    atol: float
-    rtol: float
+    Both terms are relative: an output whose values are ~1e-5 (the probabilities of a 50k-way
+    softmax) is held to ~1e-10, not to a fixed 1e-4 that would let any answer through. An output
+    that is exactly zero everywhere must stay (almost) exactly zero.
+    """
+
+    atol: float  #: relative to the output's scale
+    rtol: float  #: relative to each element
 
 
 DEFAULT_TOLERANCES: Mapping[torch.dtype, Tolerance] = {
-    torch.float64: Tolerance(1e-8, 1e-7),
-    torch.float32: Tolerance(1e-4, 1e-4),
+    torch.float64: Tolerance(1e-9, 1e-7),
+    torch.float32: Tolerance(2e-5, 1e-4),
     torch.float16: Tolerance(1e-2, 1e-2),
     torch.bfloat16: Tolerance(5e-2, 5e-2),
 }
@@ -48,6 +75,9 @@ class ValidationOptions:
     mode: Mode = "numeric"
     #: Seeded random input sets besides the example inputs.
     random_inputs: int = 1
+    #: Input sets with stress masks (right padding, left padding, all-masked-but-one rows), added
+    #: only when the model has a mask-like input; at most three patterns, so at most three sets.
+    stress_inputs: int = 3
     seed: int = 0
     tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
 
@@ -84,6 +114,107 @@ def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.randn(t.shape, generator=gen, dtype=torch.float64) * std + mean).to(t.dtype)
 
 
+#: Values at or below this count as "masked" in an additive float mask.
+MASK_NEGATIVE = -1e4
+#: Integer inputs used as indices by these ops are ids, never masks.
+_INDEXING = {
+    torch.ops.aten.embedding.default: (1,),
+    torch.ops.aten.index.Tensor: (1,),
+    torch.ops.aten.index_select.default: (2,),
+    torch.ops.aten.gather.default: (2,),
+    torch.ops.aten.take.default: (1,),
+    torch.ops.aten.one_hot.default: (0,),
+}
+STRESS_PATTERNS = ("right_padding", "left_padding", "one_kept")
+
+
+@dataclass(frozen=True)
+class MaskLike:
+    """A mask-like input: which value keeps a position and which one masks it."""
+
+    keep: float | int | bool
+    masked: float | int | bool
+
+
+def _used_as_index(node: torch.fx.Node) -> bool:
+    """Whether the integer value of ``node`` reaches an indexing op as the index (through integer
+    arithmetic, views and casts that stay integer)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            positions = _INDEXING.get(user.target)
+            if positions is not None:
+                for i in positions:
+                    arg = user.args[i] if i < len(user.args) else None
+                    if arg is n or (isinstance(arg, (list, tuple)) and n in arg):
+                        return True
+            v = user.meta.get("val")
+            if isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool:
+                stack.append(user)
+    return False
+
+
+def mask_like(t, node: torch.fx.Node | None = None) -> MaskLike | None:
+    """Whether the input ``t`` (placeholder ``node``) looks like an attention mask, and its values.
+
+    * a bool tensor;
+    * an integer tensor of 0s and 1s that is never used as an index (ids, positions, token types
+      are indices);
+    * a float tensor of 0s and at least one large negative (≤ ``MASK_NEGATIVE`` or ``-inf``): an
+      additive mask. A float input of zeros only is not recognised (nothing tells it from data).
+
+    The value that *keeps* is the most frequent one in the example (masks keep more than they
+    drop), so both polarities (``True`` = attend, ``True`` = masked) are handled. Scalars and
+    tensors whose last axis has fewer than 2 positions have nothing to pad.
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[-1] < 2 or t.is_complex():
+        return None
+    if t.dtype == torch.bool:
+        keep = bool(t.sum() * 2 >= t.numel())
+        return MaskLike(keep, not keep)
+    if not t.dtype.is_floating_point:
+        if not bool(((t == 0) | (t == 1)).all()) or (node is not None and _used_as_index(node)):
+            return None
+        keep = int(t.sum() * 2 >= t.numel())
+        return MaskLike(keep, 1 - keep)
+    negative = t <= MASK_NEGATIVE
+    if not bool((negative | (t == 0)).all()) or not bool(negative.any()):
+        return None
+    return MaskLike(0.0, float(t.min()))
+
+
+def stress_mask(t: torch.Tensor, spec: MaskLike, pattern: str, gen: torch.Generator) -> torch.Tensor:
+    """A mask of ``t``'s shape and dtype whose last axis (the keys) follows ``pattern``.
+
+    ``right_padding`` / ``left_padding``: per batch element (axis 0), a run of 1 … S-1 masked
+    positions at the end / start, the same for every row of that element (a padding mask);
+    ``one_kept``: every row keeps exactly one key, at a random position; ``holes``: random
+    positions masked, every row keeping at least one.
+    """
+    s = t.shape[-1]
+    rows = t.reshape(-1, s).shape[0]
+    batch = t.shape[0] if t.dim() > 1 else 1
+    keep = torch.ones(rows, s, dtype=torch.bool)
+    pos = torch.arange(s)
+    if pattern in ("right_padding", "left_padding"):
+        runs = torch.randint(1, s, (batch,), generator=gen).repeat_interleave(rows // batch)
+        keep = pos < (s - runs)[:, None] if pattern == "right_padding" else pos >= runs[:, None]
+    elif pattern == "one_kept":
+        keep = pos == torch.randint(0, s, (rows, 1), generator=gen)
+    elif pattern == "holes":
+        keep = torch.rand(rows, s, generator=gen) > 0.3
+        keep[torch.arange(rows), torch.randint(0, s, (rows,), generator=gen)] = True
+    else:
+        raise ValueError(f"unknown mask pattern {pattern!r}; known: {(*STRESS_PATTERNS, 'holes')}")
+    keep = keep.reshape(t.shape)
+    out = torch.full(t.shape, spec.masked, dtype=t.dtype)
+    return out.masked_fill(keep, spec.keep)
+
+
 def lint(gm: torch.fx.GraphModule, expected_outputs: Sequence | None = None) -> str | None:
     """The first problem found in the graph's structure, or None."""
     try:
@@ -106,8 +237,58 @@ def lint(gm: torch.fx.GraphModule, expected_outputs: Sequence | None = None) -> 
     return None
 
 
-def compare(actual: Sequence, expected: Sequence, options: ValidationOptions) -> ValidationResult:
-    """Compare flat output lists under the per-dtype tolerances (NaN equals NaN)."""
+class _FullyMaskedRows(torch.fx.Interpreter):
+    """Runs a graph with the attention rows whose keys are all masked resolved otherwise (their
+    output shifted by one), to find the output elements that depend on them."""
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if n.op != "call_function" or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        if n.target in (torch.ops.aten._softmax.default, torch.ops.aten.softmax.int):
+            x = self.env[n.args[0]] if isinstance(n.args[0], torch.fx.Node) else n.args[0]
+            dim = n.args[1]
+            dead = (x <= MASK_NEGATIVE / 2).all(dim=dim, keepdim=True) | torch.isnan(x).all(dim=dim, keepdim=True)
+            return torch.where(dead, torch.ones_like(out), out) if bool(dead.any()) else out
+        if n.target == torch.ops.aten.scaled_dot_product_attention.default:
+            names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+            a = dict(zip(names, n.args)) | dict(n.kwargs)
+            q, k = (self.env[a[x]] for x in ("query", "key"))
+            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool)
+            if a.get("is_causal"):
+                keep = keep.tril()
+            mask = a.get("attn_mask")
+            if isinstance(mask, torch.fx.Node):
+                m = self.env[mask]
+                keep = keep & (m if m.dtype == torch.bool else m > MASK_NEGATIVE / 2)
+            dead = ~keep.any(dim=-1, keepdim=True)
+            return torch.where(dead, out + 1.0, out) if bool(dead.any()) else out
+        return out
+
+
+def undefined_elements(reference: torch.fx.GraphModule, flat_inputs: Sequence, expected: Sequence) -> list | None:
+    """Per output, the elements that depend on attention rows whose keys are all masked (or None
+    when no element does); see the module docstring."""
+    with torch.no_grad():
+        out = _FullyMaskedRows(reference).run(*flat_inputs)  # placeholders take the flat inputs
+    alt = torch.utils._pytree.tree_leaves(out)
+    masks = []
+    for a, e in zip(alt, expected, strict=False):
+        if isinstance(a, torch.Tensor) and isinstance(e, torch.Tensor) and e.is_floating_point():
+            masks.append(~((a == e) | (torch.isnan(a) & torch.isnan(e))))
+        else:
+            masks.append(None)
+    return masks if any(m is not None and bool(m.any()) for m in masks) else None
+
+
+def compare(
+    actual: Sequence, expected: Sequence, options: ValidationOptions, undefined: Sequence | None = None
+) -> ValidationResult:
+    """Compare flat output lists under the per-dtype tolerances, relative to each output's scale.
+
+    Elements the reference leaves undefined (NaN) are not compared; everything else must match,
+    infinities exactly.
+    """
     if len(actual) != len(expected):
         return ValidationResult(False, message=f"{len(actual)} outputs, expected {len(expected)}")
     max_abs = 0.0
@@ -124,24 +305,35 @@ def compare(actual: Sequence, expected: Sequence, options: ValidationOptions) ->
                 return ValidationResult(False, max_abs, max_rel, f"output #{i} ({e.dtype}) differs")
             continue
         a64, e64 = a.detach().double(), e.detach().double()
-        both_nan = torch.isnan(a64) & torch.isnan(e64)
-        diff = (a64 - e64).abs().masked_fill(both_nan, 0.0)
-        if torch.isnan(diff).any():
-            return ValidationResult(False, math.nan, math.nan, f"output #{i} has NaN where the reference has none")
+        defined = ~torch.isnan(e64)  # torch defines no value where the reference is NaN
+        if undefined is not None and i < len(undefined) and undefined[i] is not None:
+            defined &= ~undefined[i]  # depends on attention rows whose keys are all masked
+        finite = torch.isfinite(e64)
+        same_inf = ~finite & defined & (a64 == e64)
+        diff = (a64 - e64).abs().masked_fill(~defined | same_inf, 0.0)
+        if torch.isnan(diff).any() or torch.isinf(diff).any():
+            bad = int((torch.isnan(diff) | torch.isinf(diff)).sum())
+            return ValidationResult(
+                False,
+                math.inf,
+                math.inf,
+                f"output #{i} is NaN or infinite at {bad} elements where the reference is not",
+            )
+        scale = float(e64.abs().masked_fill(~finite, 0.0).max()) if e64.numel() else 0.0
         if diff.numel():
-            # relative to the output's scale (not elementwise, which explodes near zeros)
             max_abs = max(max_abs, float(diff.max()))
-            scale = float(e64.abs().masked_fill(torch.isnan(e64), 0.0).max())
-            max_rel = max(max_rel, float(diff.max()) / scale if scale > 0 else 0.0)
+            max_rel = max(max_rel, float(diff.max()) / scale if scale > 0 else (math.inf if diff.max() > 0 else 0.0))
         tol = options.tolerance(e.dtype)
-        bad = diff > tol.atol + tol.rtol * e64.abs()
+        floor = torch.finfo(e.dtype).tiny if e.dtype.is_floating_point else 0.0
+        bad = diff > tol.atol * max(scale, floor) + tol.rtol * e64.abs().masked_fill(~finite, 0.0)
         if bad.any():
             return ValidationResult(
                 False,
                 max_abs,
                 max_rel,
-                f"output #{i} differs by up to {float(diff.max()):.3g} "
-                f"(tolerance atol={tol.atol:g}, rtol={tol.rtol:g}; {int(bad.sum())} of {e.numel()} elements)",
+                f"output #{i} differs by up to {float(diff.max()):.3g}, {float(diff.max()) / max(scale, floor):.3g} "
+                f"of its scale {scale:.3g} (tolerance atol={tol.atol:g} of the scale, rtol={tol.rtol:g}; "
+                f"{int(bad.sum())} of {e.numel()} elements)",
             )
     return ValidationResult(True, max_abs, max_rel)
 
@@ -158,9 +350,10 @@ class Validator:
     ):
         self.options = options
         self.input_sets: list[list] = [list(flat_inputs)]
-        gen = torch.Generator().manual_seed(options.seed)
-        for _ in range(options.random_inputs if options.mode == "numeric" else 0):
-            self.input_sets.append([random_like(t, gen) if isinstance(t, torch.Tensor) else t for t in flat_inputs])
+        self.set_names: list[str] = ["example"]
+        self.masks: dict[int, MaskLike] = {}  # flat input index -> its mask values
+        if options.mode == "numeric":
+            self._add_sets(reference, list(flat_inputs))
         self.references: list[list] = []
         if options.mode == "numeric":
             for k, inputs in enumerate(self.input_sets):
@@ -169,6 +362,33 @@ class Validator:
                 else:
                     self.references.append(run_flat(reference, inputs))
         self.expected_outputs = self.references[0] if self.references else None
+        self.undefined: list = [None] * len(self.references)
+        for k in range(1, len(self.references)):  # the example set is compared everywhere
+            if self.masks:
+                self.undefined[k] = undefined_elements(reference, self.input_sets[k], self.references[k])
+
+    def _add_sets(self, reference: torch.fx.GraphModule, flat: list) -> None:
+        gen = torch.Generator().manual_seed(self.options.seed)
+        placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
+        nodes = placeholders if len(placeholders) == len(flat) else [None] * len(flat)
+        self.masks = masks = {i: m for i, (t, n) in enumerate(zip(flat, nodes)) if (m := mask_like(t, n)) is not None}
+
+        def one_set(pattern: str) -> list:
+            out = []
+            for i, t in enumerate(flat):
+                if i in masks:
+                    out.append(stress_mask(t, masks[i], pattern, gen))
+                else:
+                    out.append(random_like(t, gen) if isinstance(t, torch.Tensor) else t)
+            return out
+
+        for _ in range(self.options.random_inputs):
+            self.input_sets.append(one_set("holes"))
+            self.set_names.append("random" + (" (masks with holes)" if masks else ""))
+        if masks:
+            for pattern in STRESS_PATTERNS[: self.options.stress_inputs]:
+                self.input_sets.append(one_set(pattern))
+                self.set_names.append(f"stress: masks with {pattern.replace('_', ' ')}")
 
     def check(self, gm: torch.fx.GraphModule) -> ValidationResult:
         if self.options.mode == "off":
@@ -179,13 +399,16 @@ class Validator:
         if self.options.mode == "lint":
             return ValidationResult(True)
         worst = ValidationResult(True, 0.0, 0.0)
-        for inputs, expected in zip(self.input_sets, self.references, strict=True):
+        sets = zip(self.set_names, self.input_sets, self.references, self.undefined, strict=True)
+        for name, inputs, expected, undefined in sets:
             try:
                 actual = run_flat(gm, inputs)
             except Exception as exc:
                 return ValidationResult(False, message=f"the graph fails to run: {type(exc).__name__}: {exc}")
-            result = compare(actual, expected, self.options)
+            result = compare(actual, expected, self.options, undefined)
             if not result.ok:
+                if name != "example":
+                    result.message = f"{result.message} [inputs: {name}]"
                 return result
             worst.max_abs_error = max(worst.max_abs_error or 0.0, result.max_abs_error or 0.0)
             worst.max_rel_error = max(worst.max_rel_error or 0.0, result.max_rel_error or 0.0)

@@ -1,11 +1,13 @@
 """The Core AI hand-off (``target="coreai"``, optional extra ``anefx[coreai]``)."""
 
+import inspect
 import sys
 
 import pytest
 
 import anefx
 from anefx.targets import coreai
+from examples import models
 from helpers import example
 
 needs_coreai = pytest.mark.skipif(not coreai.available()[0], reason=coreai.available()[1])
@@ -40,7 +42,9 @@ def test_source_locations_reach_the_program():
     model, args, _ = example("mlp")
     compiled = anefx.compile(model, args, target="coreai")
     convs = [op for op in compiled.artifact.ops if op.name == "conv2d"]
-    assert convs and all(op.location and op.location.endswith("models.py:29") for op in convs)
+    forward = inspect.getsource(models.MLP.forward).splitlines()
+    line = inspect.getsourcelines(models.MLP.forward)[1] + next(i for i, t in enumerate(forward) if "self.fc2(" in t)
+    assert convs and all(op.location and op.location.endswith(f"models.py:{line}") for op in convs)
     assert "coreai.conv2d" in compiled.artifact.ir_text()
 
 

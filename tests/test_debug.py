@@ -64,23 +64,26 @@ def test_bisect_limit_lists_and_limits(capsys):
     c = anefx.compile(model, args, convert=False, bisect_limit=-1)
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("BISECT:")]
-    assert lines[0] == "BISECT: running pass (0) canonicalize" and len(lines) == len(anefx.Pipeline.default().names)
+    names = anefx.Pipeline.default().names
+    assert lines[0] == f"BISECT: running pass (0) {names[0]}" and len(lines) == len(names)
     assert all(not r.skipped for r in c.report.records)
     c = anefx.compile(model, args, convert=False, bisect_limit=4)
     assert [r.name for r in c.report.records if not r.skipped] == anefx.Pipeline.default().names[:4]
     assert "NOT running pass (4)" in capsys.readouterr().err
-    assert "aten.layer_norm.default" in {str(n.target) for n in c.graph_module.graph.nodes}  # pass 4 skipped
+    if "layer_norm_bc1s" not in names[:4]:  # not run: the LayerNorm stays as it was
+        assert "aten.layer_norm.default" in {str(n.target) for n in c.graph_module.graph.nodes}
 
 
 def test_reproducer_is_written_and_loads(tmp_path):
     model, args, _ = example("mlp_block")
     pipeline = anefx.Pipeline.default().insert_after("linear_to_conv", FlipSign())
     anefx.compile(model, args, pipeline=pipeline, convert=False, dump_dir=tmp_path)
-    repro = tmp_path / "reproducer_04_flip_sign"
+    repro = tmp_path / f"reproducer_{pipeline.names.index('flip_sign'):02d}_flip_sign"
     assert repro.is_dir()
     gm, inputs, info = anefx.load_reproducer(repro)
     assert info["failed_pass"] == "flip_sign" and "differs" in info["error"]
-    assert [p["name"] for p in info["pipeline"]][4] == "flip_sign"
+    names = [p["name"] for p in info["pipeline"]]
+    assert names.index("flip_sign") == names.index("linear_to_conv") + 1
     out = gm(*inputs)
     out = out[0] if isinstance(out, (tuple, list)) else out
     torch.testing.assert_close(out, model(*args), atol=1e-5, rtol=1e-5)  # the graph before the bad pass

@@ -35,7 +35,7 @@ class Raises(Pass):
 def test_pipeline_is_immutable_and_editable():
     p = anefx.Pipeline.default()
     names = p.names
-    assert names[:2] == ["canonicalize", "fold_constants"]
+    assert names.index("canonicalize") < names.index("fold_constants") < names.index("linear_to_conv")
     q = p.without("fold_transposes")
     assert "fold_transposes" not in q.names and p.names == names
     r = p.with_options("linear_to_conv", min_channels=64)
@@ -80,11 +80,11 @@ def test_records_hold_timing_errors_and_stats():
     recs = {r.name: r for r in compiled.report.records}
     assert list(recs) == anefx.Pipeline.default().names
     conv = recs["linear_to_conv"]
-    assert conv.modified and conv.stats["converted"] == 2 and conv.seconds > 0
+    assert conv.modified and conv.stats["converted"] == 2 and isinstance(conv.seconds, float)
     assert conv.max_abs_error is not None and conv.max_abs_error < 1e-5
     assert not recs["canonicalize"].modified and recs["canonicalize"].max_abs_error is None
     data = compiled.report.to_dict()
-    assert data["passes"][0]["name"] == "canonicalize" and "status" in data["passes"][0]
+    assert [p["name"] for p in data["passes"]] == list(recs) and all("status" in p for p in data["passes"])
 
 
 def test_lint_mode_does_not_catch_numeric_errors_but_numeric_does():

@@ -1,8 +1,21 @@
 import math
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-from anefx.validate import DEFAULT_TOLERANCES, Tolerance, ValidationOptions, compare, random_like
+from anefx.validate import (
+    DEFAULT_TOLERANCES,
+    STRESS_PATTERNS,
+    MaskLike,
+    Tolerance,
+    ValidationOptions,
+    Validator,
+    compare,
+    mask_like,
+    random_like,
+    stress_mask,
+)
 
 
 def test_compare_within_and_beyond_tolerance():
@@ -19,7 +32,21 @@ def test_per_dtype_tolerances_are_configurable():
     assert compare([a + 0.005], [a], ValidationOptions()).ok  # fp16 default 1e-2
     strict = ValidationOptions(tolerances={torch.float16: Tolerance(1e-4, 0.0)})
     assert not compare([a + 0.005], [a], strict).ok
-    assert DEFAULT_TOLERANCES[torch.float32].atol == 1e-4
+    assert DEFAULT_TOLERANCES[torch.float32].rtol == 1e-4
+
+
+def test_tolerance_is_relative_to_the_output_scale():
+    """A fixed atol=1e-4 would accept any answer for outputs of size 1e-5 (a 50k-way softmax)."""
+    opts = ValidationOptions()
+    p = torch.softmax(torch.randn(50_000, generator=torch.Generator().manual_seed(0)), 0)
+    assert float(p.max()) < 1e-2 and float(p.median()) < 1e-4
+    wrong = p.flip(0)  # the right values at the wrong tokens
+    res = compare([wrong], [p], opts)
+    assert not res.ok and res.max_rel_error > 0.1 and "of its scale" in res.message
+    assert compare([p * (1 + 1e-6)], [p], opts).ok  # float noise is still fine
+    big = torch.randn(64) * 1e4  # and large outputs are held to their scale, not to 1e-4
+    assert compare([big + 1e-2], [big], opts).ok
+    assert not compare([big + 1.0], [big], opts).ok
 
 
 def test_shape_dtype_and_nan_mismatches():
@@ -27,7 +54,11 @@ def test_shape_dtype_and_nan_mismatches():
     assert "expected float32[3]" in compare([torch.ones(2)], [torch.ones(3)], opts).message
     nan = torch.tensor([float("nan"), 1.0])
     assert compare([nan.clone()], [nan], opts).ok
+    assert compare([torch.tensor([0.0, 1.0])], [nan], opts).ok  # torch defines nothing there
     assert not compare([torch.tensor([float("nan"), 1.0])], [torch.tensor([0.0, 1.0])], opts).ok
+    inf = torch.tensor([float("-inf"), 1.0])
+    assert compare([inf.clone()], [inf], opts).ok
+    assert not compare([torch.tensor([-1e4, 1.0])], [inf], opts).ok
     assert not compare([torch.tensor([1, 2])], [torch.tensor([1, 3])], opts).ok
 
 
@@ -42,3 +73,75 @@ def test_random_inputs_stay_in_the_example_domain():
     x = torch.randn(2, 3) * 10 + 4
     y = random_like(x, gen)
     assert y.dtype == x.dtype and not torch.equal(x, y)
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2, 4)
+
+    def forward(self, types, keep):
+        return self.emb(types) * keep.unsqueeze(-1)
+
+
+def test_mask_like_inputs_are_recognised_and_ids_are_not():
+    assert mask_like(torch.ones(1, 8, dtype=torch.bool)) == MaskLike(True, False)
+    assert mask_like(torch.zeros(1, 8, dtype=torch.bool)) == MaskLike(False, True)  # masked_fill polarity
+    assert mask_like(torch.ones(2, 8, dtype=torch.long)) == MaskLike(1, 0)
+    assert mask_like(torch.tensor([[0, 5, 3]])) is None  # ids
+    additive = torch.zeros(1, 1, 4, 4).masked_fill(torch.ones(4, 4).triu(1).bool(), torch.finfo(torch.float32).min)
+    assert mask_like(additive) == MaskLike(0.0, torch.finfo(torch.float32).min)
+    assert mask_like(torch.zeros(1, 4)) is None and mask_like(torch.randn(1, 4)) is None
+    assert mask_like(torch.ones(1, 1, dtype=torch.long)) is None  # nothing to pad
+    # an integer 0/1 input used as an index (token types) is an id: its domain is the table's
+    import anefx
+
+    cap = anefx.capture(_Embed(), (torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)))
+    v = Validator(cap.graph_module, cap.flat_inputs, ValidationOptions())
+    assert list(v.masks) == [1]
+    assert v.set_names[2:] == [f"stress: masks with {p.replace('_', ' ')}" for p in STRESS_PATTERNS]
+    assert all(bool((s[0] == 0).all()) for s in v.input_sets)  # the ids stay in their domain
+
+
+@pytest.mark.parametrize("pattern", [*STRESS_PATTERNS, "holes"])
+def test_stress_masks(pattern):
+    gen = torch.Generator().manual_seed(1)
+    for example_mask in (torch.ones(3, 16, dtype=torch.long), torch.zeros(2, 1, 5, 16)):
+        spec = mask_like(example_mask) or MaskLike(0.0, -1e9)
+        m = stress_mask(example_mask, spec, pattern, gen)
+        assert m.shape == example_mask.shape and m.dtype == example_mask.dtype
+        keep = (m == spec.keep).reshape(-1, 16)
+        assert bool(keep.any(-1).all())  # every row keeps a key
+        assert bool((~keep).any(-1).all()) or pattern == "holes"  # and masks some
+        if pattern == "one_kept":
+            assert bool((keep.sum(-1) == 1).all())
+        if pattern == "right_padding":
+            assert bool(keep[:, 0].all()) and not bool(keep[:, -1].any())
+        if pattern == "left_padding":
+            assert bool(keep[:, -1].all()) and not bool(keep[:, 0].any())
+
+
+class _Causal(torch.nn.Module):
+    def forward(self, x, keep):
+        m = keep.bool()[:, None, None, :] & torch.ones(x.shape[2], x.shape[2], dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(x, x, x, attn_mask=m)
+
+
+def test_rows_whose_keys_are_all_masked_are_not_compared_the_rest_is():
+    """Left padding in a causal model masks every key of the first rows: torch returns zeros there,
+    a finite additive mask the mean of V; neither means anything, so those rows are not compared."""
+    import anefx
+
+    x = torch.randn(1, 2, 8, 4)
+    cap = anefx.capture(_Causal(), (x, torch.ones(1, 8, dtype=torch.long)))
+    v = Validator(cap.graph_module, cap.flat_inputs, ValidationOptions())
+    k = v.set_names.index("stress: masks with left padding")
+    keep, out = v.input_sets[k][1], v.references[k][0]
+    dead = int((keep[0] == 0).sum())  # the padded rows see no key
+    undefined = v.undefined[k][0]
+    assert bool(undefined[:, :, :dead].all()) and not bool(undefined[:, :, dead:].any())
+    other = out.clone()
+    other[:, :, :dead] = 123.0  # any value in the dead rows is as good
+    assert compare([other], [out], v.options, v.undefined[k]).ok
+    other[:, :, dead] += 1e-3  # but a live row must match
+    assert not compare([other], [out], v.options, v.undefined[k]).ok
