@@ -56,6 +56,13 @@ class Instruments:
 
     def after(self, index: int, p: Pass, before: torch.fx.GraphModule, after: torch.fx.GraphModule, rec: PassRecord):
         d = self.debug
+        if rec.excluded_sites and not d.quiet:
+            for e in rec.excluded_sites:
+                where = f" at {e['where']}" if e.get("where") else ""
+                print(
+                    f"anefx: pass {p.name} ({index}): site %{e['site']} ({e['op']}){where} excluded: {e['error']}",
+                    file=self.stream,
+                )
         if d.print_ir_after_all or p.name in d.print_ir_after or (d.print_ir_after_change and rec.modified):
             self._print(f"IR Dump After {p.name} ({index})", after)
         if self.dump_dir:
@@ -109,6 +116,7 @@ class Instruments:
             "seconds": rec.seconds,
             "validation_seconds": rec.validation_seconds,
             "stats": rec.stats,
+            "excluded_sites": rec.excluded_sites,
         }
         (self.dump_dir / f"{stem}.error.json").write_text(json.dumps(entry, indent=2, default=str))
         self.summary.append(entry)

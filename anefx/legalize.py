@@ -22,6 +22,7 @@ from anefx.graph import (
     shape,
     walk_args,
 )
+from anefx.sites import SiteFilter, every_site
 
 aten = torch.ops.aten
 
@@ -94,12 +95,14 @@ def _functional_variant(node: torch.fx.Node):
     return getattr(packet, t._overloadname, None) if packet is not None else None
 
 
-def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """Remove no-ops and respell ops converters reject; return counts of what changed."""
+def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dict[str, int]:
+    """Remove no-ops and respell ops converters reject; return counts of what changed.
+
+    Each rewritten node is a site (``site(node)`` says whether it may be rewritten)."""
     stats = {"checks_removed": 0, "identities_removed": 0, "ops_respelled": 0}
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or not _candidate(gm, node) or not site(node):
             continue
         functional = _functional_variant(node)
         if functional is not None:
@@ -141,6 +144,16 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[str, int]:
     return stats
 
 
+def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether :func:`canonicalize` would rewrite ``node`` (asked before declaring it a site)."""
+    t = node.target
+    if _functional_variant(node) is not None or _is_identity(node):
+        return True
+    if (t in _CHECKS and not node.users) or t in _BITWISE or t in _NEW_FILLED or t == aten.where.ScalarOther:
+        return True
+    return t == aten.index.Tensor and _index_is_reshape(gm, node)
+
+
 def _is_pure(node: torch.fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
@@ -154,8 +167,10 @@ def _is_pure(node: torch.fx.Node) -> bool:
     return bool(schema.returns)
 
 
-def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20) -> int:
-    """Replace input-independent subgraphs (not reading parameters) by constant buffers; return count."""
+def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20, site: SiteFilter = every_site) -> int:
+    """Replace input-independent subgraphs (not reading parameters) by constant buffers; return count.
+
+    Each folded frontier node is a site (``site(node)`` says whether it may be folded)."""
     values: dict[torch.fx.Node, object] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -179,6 +194,8 @@ def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20) -> int:
             continue  # an inner node of a folded subgraph: its users fold too
         if any(not _is_pure(user) for user in node.users if user.op == "call_function"):
             continue  # an in-place op writes into it: a constant buffer would be mutated
+        if not site(node):
+            continue
         name = add_constant(gm, value.detach().clone().contiguous(), "_anefx_const")
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(name)

@@ -23,6 +23,10 @@ class PassRecord:
     rolled_back: bool = False
     skipped: str | None = None
     error: str | None = None
+    #: rewrite sites the pass declared (None: it declares none)
+    sites: int | None = None
+    #: sites dropped because they failed validation: site (node name), op, where (source line), error
+    excluded_sites: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -30,6 +34,8 @@ class PassRecord:
             return f"skipped ({self.skipped})"
         if self.rolled_back:
             return "ROLLED BACK"
+        if self.excluded_sites:
+            return f"changed ({len(self.excluded_sites)} of {self.sites} sites excluded)"
         return "changed" if self.modified else "no change"
 
 
@@ -92,6 +98,10 @@ class Report:
         buf = io.StringIO()
         console = Console(file=buf, width=160, force_terminal=False, color_system=None)
         console.print(self.rich_table())
+        for r in self.records:
+            for e in r.excluded_sites if not r.rolled_back else ():
+                where = f" at {e['where']}" if e.get("where") else ""
+                console.print(f"{r.name}: site %{e['site']} ({e['op']}){where} excluded: {e['error']}")
         if self.conversion:
             console.print(" ".join(f"{k}={v}" for k, v in self.conversion.items() if not isinstance(v, dict)))
         return buf.getvalue()

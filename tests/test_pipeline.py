@@ -1,4 +1,5 @@
 import dataclasses
+import inspect
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 import anefx
 from anefx.passes import Pass, PassResult, pass_by_name
 from anefx.passes.base import finish
+from examples import models
 from helpers import example, ops
 
 
@@ -122,3 +124,72 @@ def test_passes_work_in_torch_pass_manager():
     assert result.modified
     assert ops(result.graph_module).get("aten.conv2d") == 2
     assert isinstance(pass_by_name("linear_to_conv")(gm), PassResult)
+
+
+class BreakOneSite(Pass):
+    """Rewrites every LayerNorm (its sites) into ``layer_norm * k``: k = 1 everywhere but at the
+    ``bad``-th LayerNorm, where the rewrite is wrong."""
+
+    name = "break_one_site"
+
+    def __init__(self, bad: int = 7):
+        super().__init__()
+        self.bad = bad
+
+    def run(self, gm, ctx):
+        norms = [n for n in gm.graph.nodes if n.target == torch.ops.aten.layer_norm.default]
+        changed = 0
+        for i, node in enumerate(norms):
+            if not ctx.site(node):
+                continue
+            with gm.graph.inserting_after(node):
+                scaled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node, 1.01 if i == self.bad else 1.0))
+            node.replace_all_uses_with(scaled, delete_user_cb=lambda u, s=scaled: u is not s)
+            changed += 1
+        return finish(gm, bool(changed), rewritten=changed)
+
+
+def _twelve_layers():
+    model, args, _ = example("block_stack", n=12)
+    torch.manual_seed(1)
+    with torch.no_grad():  # nothing zero or identity: norm weights around 1, every bias non-zero
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+    return model, args
+
+
+def test_a_pass_broken_at_one_site_of_twelve_keeps_the_other_eleven():
+    model, args = _twelve_layers()
+    compiled = anefx.compile(model, args, pipeline=anefx.Pipeline.empty().append(BreakOneSite(bad=7)), convert=False)
+    rec = compiled.report.record("break_one_site")
+    assert not rec.rolled_back and rec.sites == 12 and len(rec.excluded_sites) == 1
+    norms = [n for n in compiled.captured.graph_module.graph.nodes if n.target == torch.ops.aten.layer_norm.default]
+    site = rec.excluded_sites[0]
+    assert site["site"] == norms[7].name and site["op"] == "aten.layer_norm"
+    assert site["where"].endswith(f"models.py:{inspect.getsourcelines(models.MLPBlock.forward)[1] + 1}")
+    assert "differs by up to" in site["error"]
+    muls = [n for n in compiled.graph_module.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
+    assert len(muls) == 11 and all(m.args[1] == 1.0 for m in muls)
+    torch.testing.assert_close(compiled(*args), model(*args))
+    text = str(compiled.report)
+    assert "1 of 12 sites excluded" in text and f"site %{norms[7].name} (aten.layer_norm)" in text
+
+
+def test_each_pass_drops_only_its_own_bad_site_and_a_pass_without_sites_rolls_back_whole():
+    model, args = _twelve_layers()
+    broken = [BreakOneSite(bad=i) for i in (2, 9)]
+    both = anefx.compile(model, args, pipeline=anefx.Pipeline.empty().append(*broken), convert=False)
+    assert [len(r.excluded_sites) for r in both.report.records] == [1, 1]
+    raises = anefx.compile(model, args, pipeline=anefx.Pipeline.empty().append(Raises()), convert=False)
+    assert raises.report.records[0].rolled_back and raises.report.records[0].sites is None
+
+
+def test_site_wise_passes_declare_their_sites():
+    model, args, kwargs = example("bert")
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    sites = {r.name: r.sites for r in compiled.report.records}
+    layers = model.config.num_hidden_layers
+    assert sites["linear_to_conv"] == 6 * layers  # q, k, v, o, up, down
+    assert sites["layer_norm_bc1s"] == 2 * layers + 1  # two per layer and the embeddings'
+    assert sites["attention_bc1s"] == layers
+    assert all(not r.excluded_sites and not r.rolled_back for r in compiled.report.records)

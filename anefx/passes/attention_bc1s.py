@@ -213,6 +213,8 @@ class AttentionBC1S(Pass):
             if any(t is None for t in traced) or _blocked(core, traced):
                 stats["unmatched"] += 1
                 continue
+            if not ctx.site(core.out):
+                continue
             with provenance(core.out):
                 self._rewrite(gm, core, *traced, memo, lowering)
             stats["rewritten"] += 1

@@ -8,6 +8,12 @@ GraphModule).
 Passes read shapes from ``node.meta["val"]`` and never run the model. They may edit the GraphModule
 they are given in place: the pipeline hands every pass a clone (that shares the weights) so a failed
 pass is rolled back by dropping the clone.
+
+A pass that rewrites independent places declares them as *sites*: it calls ``ctx.site(anchor)``
+once per candidate place, with the node the rewrite replaces, and skips the place when that returns
+False. When such a pass fails validation, the pipeline re-runs it on subsets of its sites, finds
+the failing ones and keeps the others (see :mod:`anefx.sites`). A pass that never calls it is kept
+or rolled back whole.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult as _TorchPassResult
+
+from anefx.sites import SiteSelection
 
 
 class PassResult(_TorchPassResult):
@@ -40,9 +48,16 @@ class NoOptions:
 
 @dataclass
 class PassContext:
-    """What a pass may know besides the graph: the example inputs (flat, in placeholder order)."""
+    """What a pass may know besides the graph: the example inputs (flat, in placeholder order), and
+    which of its rewrite sites it may rewrite."""
 
     flat_inputs: list = field(default_factory=list)
+    sites: SiteSelection = field(default_factory=SiteSelection)
+
+    def site(self, anchor: torch.fx.Node) -> bool:
+        """Call once per candidate rewrite site, with the node the rewrite replaces; rewrite the
+        site only when this returns True (the pipeline excludes sites that failed validation)."""
+        return self.sites(anchor)
 
 
 class Pass(abc.ABC):

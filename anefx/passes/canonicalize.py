@@ -36,5 +36,5 @@ class Canonicalize(Pass):
     name = "canonicalize"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        stats = canonicalize(gm)
+        stats = canonicalize(gm, ctx.site)
         return finish(gm, any(stats.values()), **stats)

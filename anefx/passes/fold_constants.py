@@ -42,5 +42,5 @@ class FoldConstants(Pass):
     Options = FoldConstantsOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        folded = fold_constants(gm, self.options.max_numel)
+        folded = fold_constants(gm, self.options.max_numel, ctx.site)
         return finish(gm, bool(folded), folded=folded)

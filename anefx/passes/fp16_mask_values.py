@@ -58,7 +58,7 @@ class Fp16MaskValues(Pass):
                     continue
                 args = [-v if _too_big(a) else a for a in node.args]
                 kwargs = {k: (-v if _too_big(a) else a) for k, a in node.kwargs.items()}
-                if args != list(node.args) or kwargs != dict(node.kwargs):
+                if (args != list(node.args) or kwargs != dict(node.kwargs)) and ctx.site(node):
                     node.args, node.kwargs = tuple(args), kwargs
                     scalars += 1
             elif node.op == "get_attr":
@@ -70,7 +70,7 @@ class Fp16MaskValues(Pass):
                     and value.numel()
                 ):
                     finite = value[torch.isfinite(value)]
-                    if finite.numel() and float(finite.min()) < -FP16_MAX:
+                    if finite.numel() and float(finite.min()) < -FP16_MAX and ctx.site(node):
                         clamped = torch.where(torch.isfinite(value), value.clamp_min(-v), value)
                         name = add_constant(gm, clamped, "_anefx_fp16_const")
                         node.target = name

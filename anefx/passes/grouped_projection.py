@@ -75,7 +75,7 @@ class GroupedProjection(Pass):
         fused = 0
         for node in list(graph.nodes):
             m = _match(node)
-            if m is None:
+            if m is None or not ctx.site(node):
                 continue
             x, projs = m
             g = len(projs)

@@ -62,7 +62,7 @@ class LayerNormBC1S(Pass):
                 continue
             x, normalized = node.args[0], node.args[1]
             xs = shape(x)
-            if xs is None or len(xs) not in RANKS or list(normalized) != [xs[-1]]:
+            if xs is None or len(xs) not in RANKS or list(normalized) != [xs[-1]] or not ctx.site(node):
                 continue
             args = list(node.args) + [None] * (5 - len(node.args))
             weight, bias = args[2], args[3]

@@ -163,6 +163,8 @@ class LinearToConv(Pass):
             if xs[-1] < self.options.min_channels:
                 skipped["min_channels"] = skipped.get("min_channels", 0) + 1
                 continue
+            if not ctx.site(node):
+                continue
             with graph.inserting_before(node), provenance(node):
                 w = proj.weight
                 out_in = (ws[1], ws[0]) if proj.weight_is_io else (ws[0], ws[1])
