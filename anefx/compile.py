@@ -79,6 +79,17 @@ class CompiledModel:
         return max((float((a.double() - b.double()).abs().max()) for a, b in zip(out, ref, strict=True)), default=0.0)
 
 
+def _converter_input_errors(checks: dict) -> dict:
+    """The error of the graph actually handed to the converter, for the report's summary line."""
+    found = checks.get("converter_input")
+    if not isinstance(found, dict):
+        return {"converter_input": found} if found else {}
+    return {
+        "converter_input_max_abs_error": f"{found['max_abs_error']:.2e}",
+        "converter_input_max_rel_error": f"{found['max_rel_error']:.2e}",
+    }
+
+
 def compile(  # noqa: A001 - the public name users expect
     model,
     example_inputs=(),
@@ -136,20 +147,22 @@ def compile(  # noqa: A001 - the public name users expect
             progress(f"convert:{target}")
         tgt = target_by_name(target, target_options)
         t0 = time.perf_counter()
-        artifact = tgt.convert(
-            HandOff(
-                graph_module=result.graph_module,
-                example_args=captured.example_args,
-                example_kwargs=captured.example_kwargs,
-                input_names=captured.input_names,
-                output_names=captured.output_names,
-            )
+        handoff = HandOff(
+            graph_module=result.graph_module,
+            example_args=captured.example_args,
+            example_kwargs=captured.example_kwargs,
+            input_names=captured.input_names,
+            output_names=captured.output_names,
+            validator=result.validator,
         )
+        artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
         report.conversion = {
             "target": target,
             "seconds": round(timings["convert"], 3),
+            **_converter_input_errors(handoff.checks),
             "ops": dict(sorted(artifact.op_histogram().items())),
+            "checks": handoff.checks,
         }
     return CompiledModel(
         graph_module=result.graph_module,

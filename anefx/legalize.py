@@ -73,6 +73,14 @@ def _index_is_reshape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return picked.numel() == numel and torch.equal(picked.reshape(-1), torch.arange(numel))
 
 
+def _aliases(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with one of its inputs (a view, ``getitem``…)."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return node.op == "call_function"  # getitem of a multi-output op and the like: assume so
+    return any(r.alias_info is not None for r in t._schema.returns)
+
+
 def _functional_variant(node: torch.fx.Node):
     """``aten.add_.Tensor`` → ``aten.add.Tensor`` when the mutated value is a temporary no one reads
     afterwards (so the in-place write is invisible); None otherwise."""
@@ -88,6 +96,8 @@ def _functional_variant(node: torch.fx.Node):
     target = node.args[0]
     if not isinstance(target, torch.fx.Node) or target.op != "call_function":
         return None  # an input or a buffer: the write is visible outside
+    if _aliases(target) or any(_aliases(u) for u in target.users if u is not node):
+        return None  # a view of another tensor, or viewed by another node: the write is visible there
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     if any(order[u] > order[node] for u in target.users if u is not node):
         return None
@@ -167,12 +177,40 @@ def _is_pure(node: torch.fx.Node) -> bool:
     return bool(schema.returns)
 
 
+def _writes(node: torch.fx.Node) -> bool:
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or not t._schema.arguments:
+        return False
+    alias = t._schema.arguments[0].alias_info
+    return alias is not None and alias.is_write
+
+
+def _mutated(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes whose memory an in-place op writes: its target, the tensors it is a view of, and
+    every view of those (the write is visible through all of them)."""
+    seeds = [n.args[0] for n in graph.nodes if n.op == "call_function" and _writes(n) and n.args]
+    seen: set[torch.fx.Node] = set()
+    stack = [s for s in seeds if isinstance(s, torch.fx.Node)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and _aliases(n) and n.args and isinstance(n.args[0], torch.fx.Node):
+            stack.append(n.args[0])  # the base it views
+        stack.extend(u for u in n.users if u.op == "call_function" and (_aliases(u) or _writes(u)))
+    return seen
+
+
 def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20, site: SiteFilter = every_site) -> int:
     """Replace input-independent subgraphs (not reading parameters) by constant buffers; return count.
 
     Each folded frontier node is a site (``site(node)`` says whether it may be folded)."""
     values: dict[torch.fx.Node, object] = {}
+    mutated = _mutated(gm.graph)
     for node in gm.graph.nodes:
+        if node in mutated:
+            continue  # written in place (itself or through a view): its value changes during a run
         if node.op == "get_attr":
             value = get_attr_value(gm, node)
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):

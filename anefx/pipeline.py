@@ -9,12 +9,11 @@ failing sites are found (a binary search: about ``2·log2(n)`` re-runs for one b
 the pass is kept without them and the report names each excluded site with its op, source line and
 error. A pass without sites, or whose remaining sites still fail together, is rolled back whole,
 recorded with its error, and the pipeline goes on. :func:`apply_validated` is that mechanism for
-any transformation (the targets' legalization uses it too).
+any transformation (the targets' legalization uses it too); it lives in :mod:`anefx.validate`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,93 +21,10 @@ import torch
 import torch.fx
 
 from anefx.debug import DebugOptions
-from anefx.graph import clone_graph_module, refresh_meta
 from anefx.instruments import Instruments
 from anefx.passes.base import Pass, PassContext
 from anefx.report import PassRecord
-from anefx.sites import Site, SiteFilter, SiteSelection
-from anefx.validate import ValidationOptions, ValidationResult, Validator
-
-#: A transformation for :func:`apply_validated`: rewrites the GraphModule it is given (a clone)
-#: where the filter allows, returns (graph module, modified, stats).
-Transform = Callable[[torch.fx.GraphModule, SiteFilter], tuple[torch.fx.GraphModule, bool, dict]]
-
-
-@dataclass
-class Applied:
-    """The outcome of :func:`apply_validated`."""
-
-    graph_module: torch.fx.GraphModule | None  #: the validated result; None when nothing is kept
-    modified: bool
-    stats: dict
-    verdict: ValidationResult  #: of the kept result, or the first failure when nothing is kept
-    sites: list[Site]  #: every site the transformation declared (first run)
-    excluded: list[tuple[Site, str]]  #: sites dropped, each with its validation error
-    seconds: float = 0.0  #: running the transformation (all runs)
-    validation_seconds: float = 0.0
-    runs: int = 0
-
-
-def apply_validated(
-    transform: Transform,
-    gm: torch.fx.GraphModule,
-    flat_inputs: Sequence,
-    validator: Validator,
-    *,
-    max_runs: int = 48,
-) -> Applied:
-    """Apply ``transform`` to a clone of ``gm`` and validate it; when it fails, drop its failing
-    sites (found by bisection) and keep the rest, or drop it whole. ``gm`` is never modified."""
-    timing = {"run": 0.0, "check": 0.0, "runs": 0}
-
-    def attempt(selection: SiteSelection):
-        timing["runs"] += 1
-        t0 = time.perf_counter()
-        try:
-            work, modified, stats = transform(clone_graph_module(gm), selection)
-            if modified:
-                refresh_meta(work, flat_inputs)
-        except Exception as exc:  # a transformation that raises is rolled back like one that validates badly
-            timing["run"] += time.perf_counter() - t0
-            return None, False, {}, ValidationResult(False, message=f"raised {type(exc).__name__}: {exc}")
-        t1 = time.perf_counter()
-        timing["run"] += t1 - t0
-        verdict = validator.check(work) if modified else ValidationResult(True)
-        timing["check"] += time.perf_counter() - t1
-        return work, modified, stats, verdict
-
-    def done(work, modified, stats, verdict, sites, excluded) -> Applied:
-        keep = work if verdict.ok else None
-        return Applied(keep, modified, stats, verdict, sites, excluded, timing["run"], timing["check"], timing["runs"])
-
-    first = SiteSelection()
-    work, modified, stats, verdict = attempt(first)
-    sites = list(first.visited.values())
-    if verdict.ok or len(sites) < 2:
-        excluded = [(site, str(verdict.message)) for site in sites] if not verdict.ok else []
-        return done(work, modified, stats, verdict, sites, excluded)
-
-    def failing(group: list[Site], message: str) -> list[tuple[Site, str]]:
-        """The sites of ``group`` (which fails when enabled alone) that fail by themselves."""
-        if len(group) == 1:
-            return [(group[0], message)]
-        found: list[tuple[Site, str]] = []
-        mid = len(group) // 2
-        for half in (group[:mid], group[mid:]):
-            if timing["runs"] >= max_runs:
-                return [(s, "not bisected further (too many runs)") for s in group]
-            *_, v = attempt(SiteSelection(only={s.name for s in half}))
-            if not v.ok:
-                found += failing(half, str(v.message))
-        return found or [(s, f"fails only together with others: {message}") for s in group]
-
-    excluded = failing(sites, str(verdict.message))
-    bad = {s.name for s, _ in excluded}
-    if len(bad) < len(sites):
-        work, modified, stats, final = attempt(SiteSelection(excluded=bad))
-        if final.ok:
-            return done(work, modified, stats, final, sites, excluded)
-    return done(None, modified, stats, verdict, sites, excluded)
+from anefx.validate import ValidationOptions, Validator, apply_validated
 
 
 @dataclass

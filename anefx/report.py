@@ -102,6 +102,9 @@ class Report:
             for e in r.excluded_sites if not r.rolled_back else ():
                 where = f" at {e['where']}" if e.get("where") else ""
                 console.print(f"{r.name}: site %{e['site']} ({e['op']}){where} excluded: {e['error']}")
+        for step, check in self.conversion.get("checks", {}).get("legalization", {}).items():
+            for excluded in check.get("excluded", ()):
+                console.print(f"hand-off {step}: site {excluded} excluded")
         if self.conversion:
             console.print(" ".join(f"{k}={v}" for k, v in self.conversion.items() if not isinstance(v, dict)))
         return buf.getvalue()

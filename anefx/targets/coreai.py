@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from anefx.errors import ConversionError, TargetUnavailableError
-from anefx.targets.base import Artifact, HandOff, Target, legalized_clone
+from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
 
 INSTALL_HINT = (
     "the Core AI target needs the optional extra: pip install 'anefx[coreai]' "
@@ -140,6 +140,10 @@ class CoreAITarget(Target):
         try:
             ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
             ep = ep.run_decompositions(coreai_torch.get_decomp_table())
+        except Exception as exc:
+            raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+        check_converter_input(handoff, ep.module())
+        try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 program = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()

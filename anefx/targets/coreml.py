@@ -26,7 +26,7 @@ import torch.fx
 
 from anefx.errors import ConversionError, TargetUnavailableError
 from anefx.graph import describe
-from anefx.targets.base import Artifact, HandOff, Target, legalized_clone
+from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
 
 
 def _ct():
@@ -162,6 +162,7 @@ class CoreMLTarget(Target):
             ep = ep.run_decompositions({})
         except Exception as exc:
             raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+        check_converter_input(handoff, ep.module())
         try:
             target = getattr(ct.target, opts.minimum_deployment_target)
         except AttributeError:
