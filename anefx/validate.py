@@ -217,13 +217,14 @@ def stress_mask(t: torch.Tensor, spec: MaskLike, pattern: str, gen: torch.Genera
     return out.masked_fill(keep, spec.keep)
 
 
-def lint(gm: torch.fx.GraphModule, expected_outputs: Sequence | None = None) -> str | None:
-    """The first problem found in the graph's structure, or None."""
+def lint(gm: torch.fx.GraphModule, expected_outputs: Sequence | None = None, require_meta: bool = True) -> str | None:
+    """The first problem found in the graph's structure, or None. ``require_meta=False`` for graphs
+    anefx does not rewrite further (the converter's input), whose checks carry no shape metadata."""
     try:
         gm.graph.lint()
     except Exception as exc:  # torch's lint raises RuntimeError with the node in the text
         return f"graph lint failed: {exc}"
-    for node in gm.graph.nodes:
+    for node in gm.graph.nodes if require_meta else ():
         if node.op == "call_function" and "val" not in node.meta:
             return f"{describe(node)} has no shape metadata (meta['val'])"
     if expected_outputs is not None:
@@ -392,10 +393,10 @@ class Validator:
                 self.input_sets.append(one_set(pattern))
                 self.set_names.append(f"stress: masks with {pattern.replace('_', ' ')}")
 
-    def check(self, gm: torch.fx.GraphModule) -> ValidationResult:
+    def check(self, gm: torch.fx.GraphModule, require_meta: bool = True) -> ValidationResult:
         if self.options.mode == "off":
             return ValidationResult(True)
-        problem = lint(gm, self.expected_outputs)
+        problem = lint(gm, self.expected_outputs, require_meta)
         if problem:
             return ValidationResult(False, message=problem)
         if self.options.mode == "lint":

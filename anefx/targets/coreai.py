@@ -142,7 +142,8 @@ class CoreAITarget(Target):
             ep = ep.run_decompositions(coreai_torch.get_decomp_table())
         except Exception as exc:
             raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
-        check_converter_input(handoff, ep.module())
+        handed = ep.module()
+        check_converter_input(handoff, handed)
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
@@ -150,4 +151,10 @@ class CoreAITarget(Target):
         except Exception as exc:
             raise ConversionError(f"coreai-torch failed to convert: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - t0
-        return CoreAIArtifact(model=program, seconds=seconds, info={"convert_seconds": seconds}, ops=read_ops(program))
+        return CoreAIArtifact(
+            model=program,
+            seconds=seconds,
+            info={"convert_seconds": seconds},
+            converter_input=handed,
+            ops=read_ops(program),
+        )

@@ -162,7 +162,8 @@ class CoreMLTarget(Target):
             ep = ep.run_decompositions({})
         except Exception as exc:
             raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
-        check_converter_input(handoff, ep.module())
+        handed = ep.module()
+        check_converter_input(handoff, handed)
         try:
             target = getattr(ct.target, opts.minimum_deployment_target)
         except AttributeError:
@@ -191,6 +192,7 @@ class CoreMLTarget(Target):
             raise ConversionError(_explain(exc, ep, handoff.graph_module)) from exc
         seconds = time.perf_counter() - t0
         artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds})
+        artifact.converter_input = handed
         artifact.exported_graph = ep.graph_module  # MIL op names come from these nodes' names
         return artifact
 
