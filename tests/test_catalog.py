@@ -20,6 +20,13 @@ def test_page_is_up_to_date(cls):
     page = catalog.render_page(cls)
     assert (catalog.CATALOG_DIR / f"{cls.name}.md").read_text() == page
     assert "status: changed" in page, f"{cls.name}'s example does not exercise the pass"
+    # the page states a bound, not a measured error (float noise differs between CPUs)
+    assert "(relative to the\noutput's scale): < 1e-05." in page
+
+
+def test_index_explains_how_a_pass_declares_its_sites():
+    index = catalog.render_index()
+    assert "ctx.site(anchor)" in index and "excluded site" in index
 
 
 def test_index_is_up_to_date():
