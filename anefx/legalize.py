@@ -154,12 +154,51 @@ def _is_pure(node: torch.fx.Node) -> bool:
     return bool(schema.returns)
 
 
+def _writes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The arguments an op writes into (in-place ops, ``copy_``, ``index_put_`` …)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return []
+    written = []
+    for i, a in enumerate(target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            arg = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(arg, torch.fx.Node):
+                written.append(arg)
+    return written
+
+
+def _aliased_source(node: torch.fx.Node) -> torch.fx.Node:
+    """Walk up ops whose result is a view of their first argument (``slice``, ``select``, ``view`` …)."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        returns = node.target._schema.returns
+        if not (returns and returns[0].alias_info is not None and isinstance(node.args[0], torch.fx.Node)):
+            break
+        node = node.args[0]
+    return node
+
+
+def mutated_buffers(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the buffers the graph writes into (a KV cache updated in place, a step counter …)."""
+    names = set()
+    for node in gm.graph.nodes:
+        for arg in _writes(node):
+            src = _aliased_source(arg)
+            if src.op == "get_attr":
+                names.add(src.target)
+    return names
+
+
 def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20) -> int:
-    """Replace input-independent subgraphs (not reading parameters) by constant buffers; return count."""
+    """Replace input-independent subgraphs (not reading parameters, nor buffers the graph mutates)
+    by constant buffers; return count."""
     values: dict[torch.fx.Node, object] = {}
+    mutated = mutated_buffers(gm)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = get_attr_value(gm, node)
+            if node.target in mutated:
+                continue  # its value changes from call to call: nothing read from it is constant
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 values[node] = value
         elif node.op == "call_function" and _is_pure(node):

@@ -45,7 +45,7 @@ import torch
 import torch.fx
 
 from anefx.graph import add_constant, call, dtype, eval_constant, is_constant, shape
-from anefx.heads import index_map
+from anefx.heads import MOVEMENT, index_map
 
 aten = torch.ops.aten
 _NOT = {aten.logical_not.default, aten.bitwise_not.default}
@@ -219,8 +219,8 @@ class MaskLowering:
             union = conds[0]
             for c in conds[1:]:
                 union = call(g, aten.logical_or.default, (union, c))
-            full = call(g, aten.all.dim, (union, 1, True))
-            vis = call(g, aten._to_copy.default, (call(g, aten.logical_not.default, (full,)),), {"dtype": self.dtype})
+            keep = call(g, aten._to_copy.default, (call(g, aten.logical_not.default, (union,)),), {"dtype": self.dtype})
+            vis = call(g, aten.amax.default, (keep, [1], True))  # a float reduction: no integer tensor
         self.visible_memo[key] = MaskTerm(vis, per_head)
         return self.visible_memo[key]
 
@@ -231,3 +231,65 @@ class MaskLowering:
 
     def _insertion_point(self) -> torch.fx.Node:
         return self._before
+
+
+# ----------------------------------------------------------------------------------------------
+_SCORES = {
+    aten.matmul.default,
+    aten.mm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten.addmm.default,
+    aten.einsum.default,
+    aten.linear.default,
+    aten.conv2d.default,
+    aten.convolution.default,
+    aten.scaled_dot_product_attention.default,
+}
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+#: Ops a mask is built with and flows through on its way to the scores (besides data movement).
+_MASK_OPS = {
+    aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor,
+    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default,
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarSelf,
+    aten.where.ScalarOther, aten.where.Scalar, aten.clamp.default, aten.clamp_min.default,
+    aten.clamp_max.default, aten.minimum.default, aten.maximum.default, aten.full.default,
+    aten.full_like.default, aten.zeros_like.default, aten.ones_like.default, aten.fill.Scalar,
+    aten._to_copy.default, aten.to.dtype, aten.type_as.default, aten.cat.default, aten.index.Tensor,
+    aten.select.int, aten.repeat.default, aten.logical_not.default, aten.logical_and.default,
+    aten.logical_or.default, aten.bitwise_not.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
+}  # fmt: skip
+
+
+def mask_values(graph: torch.fx.Graph) -> tuple[set[torch.fx.Node], set[torch.fx.Node]]:
+    """Where a graph's attention masks are: ``(masks, masked)``.
+
+    ``masked`` holds the nodes whose value reaches a softmax's input (or an SDPA's ``attn_mask``)
+    through the arithmetic, selection, movement and cast ops masks are built with; ``masks`` those
+    of them that do not depend on a product of activations (``matmul``, ``linear``, ``conv``,
+    ``einsum`` …), i.e. mask tensors, not scores. A ``masked_fill`` in ``masked`` fills scores with
+    a mask value; ``x * -1e6`` on activations, or a ``clamp(min=-1e5)`` that no softmax reads, is
+    neither."""
+    masked: set[torch.fx.Node] = set()
+    pending = []
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target in SOFTMAX and isinstance(n.args[0], torch.fx.Node):
+            pending.append(n.args[0])
+        elif n.target == aten.scaled_dot_product_attention.default:
+            mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+            if isinstance(mask, torch.fx.Node):
+                pending.append(mask)
+    while pending:
+        n = pending.pop()
+        if n in masked:
+            continue
+        masked.add(n)
+        if n.op == "call_function" and (n.target in _MASK_OPS or n.target in MOVEMENT):
+            pending.extend(n.all_input_nodes)
+    scores: set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and (n.target in _SCORES or any(i in scores for i in n.all_input_nodes)):
+            scores.add(n)
+    return masked - scores, masked

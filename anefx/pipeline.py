@@ -99,12 +99,14 @@ class Pipeline:
         reference_outputs: Sequence | None = None,
         debug: DebugOptions | None = None,
         progress: Callable[[str], None] | None = None,
+        precision: str = "float16",
     ) -> PipelineResult:
-        """Run every pass on (a clone of) ``gm``; the input graph is never modified."""
+        """Run every pass on (a clone of) ``gm``; the input graph is never modified. ``precision`` is
+        the target's compute precision (``PassContext.precision``)."""
         debug = debug or DebugOptions()
         instruments = Instruments(debug, self, flat_inputs)
         validator = Validator(gm, flat_inputs, self.validation, reference_outputs)
-        ctx = PassContext(flat_inputs=list(flat_inputs))
+        ctx = PassContext(flat_inputs=list(flat_inputs), precision=precision)
         current = gm
         records: list[PassRecord] = []
         instruments.start(current)

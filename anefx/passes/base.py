@@ -40,9 +40,11 @@ class NoOptions:
 
 @dataclass
 class PassContext:
-    """What a pass may know besides the graph: the example inputs (flat, in placeholder order)."""
+    """What a pass may know besides the graph: the example inputs (flat, in placeholder order) and
+    the precision the target computes in (``"float16"`` or ``"float32"``)."""
 
     flat_inputs: list = field(default_factory=list)
+    precision: str = "float16"
 
 
 class Pass(abc.ABC):
