@@ -11,8 +11,12 @@ models. Two forms are recognised:
 
 Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
 data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
-simulating the reshuffle, see :mod:`anefx.heads`). Masks are lowered by :mod:`anefx.masks` to the
-additive per-key form with a finite negative. Attention whose inputs do not match is left alone.
+simulating the reshuffle, see :mod:`anefx.heads`). Masks keep torch's semantics exactly: they are
+lowered by :mod:`anefx.masks` to per-key terms applied in the model's order — fills (a
+``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
+additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
+rows whose keys are all masked give torch's result (see :mod:`anefx.masks`). Attention whose inputs
+do not match is left alone.
 
 Original::
 
@@ -24,7 +28,7 @@ Result::
     %Q = to_bc1s(%q_proj) * s ;  %K = to_bc1s(%k_proj) ;  %V = to_bc1s(%v_proj)   # (B, C, 1, S)
     %KT = aten.permute(%K, [0, 3, 2, 1])                      # the one K transpose: (B, S, 1, C)
     %q_h, %k_h, %v_h = split(%Q, D, 1)[h], split(%KT, D, 3)[h], split(%V, D, 1)[h]
-    %w_h = aten.softmax(einsum("bchq,bkhc->bkhq", %q_h, %k_h) + %mask_bc, 1)   # (B, S_k, 1, S_q)
+    %w_h = aten.softmax(einsum("bchq,bkhc->bkhq", %q_h, %k_h).masked_fill(%drop_bc, -1e4), 1)  # (B, S_k, 1, S_q)
     %o_h = einsum("bkhq,bchk->bchq", %w_h, %v_h)                                 # (B, D, 1, S_q)
     %y = from_bc1s(aten.cat([%o_0, …, %o_{H-1}], 1))
 
