@@ -11,9 +11,10 @@ is True with a value (``masked_fill``, MIL ``select``), so torch's semantics are
   still zero after softmax; ``-inf`` stays ``-inf``;
 * a boolean keep-mask (``aten.scaled_dot_product_attention``'s ``attn_mask``) fills with ``-inf``
   (torch's meaning); ``a & b`` becomes one fill each, ``~m`` flips the mask;
-* an additive mask built as ``masked_fill(zeros, m, v)`` / ``where(m, v, 0)`` with ``v`` at or
-  below the mask value is the fill of ``m`` with ``v`` (``scores + finfo.min`` *is*
-  ``finfo.min`` in fp32), so rows whose keys are all masked keep torch's uniform weights;
+* an additive mask built as ``masked_fill(zeros, m, v)``, ``where(m, v, 0)`` or
+  ``(1 - keep.float()) * v`` (``keep`` boolean) with ``v`` at or below the mask value is the fill
+  of ``m`` (``~keep``) with ``v`` (``scores + finfo.min`` *is* ``finfo.min`` in fp32), so rows
+  whose keys are all masked keep torch's uniform weights;
 * a constant (a causal mask) is transposed now, once, into a constant: a fill if its values are 0
   or masked, else an additive bias;
 * a padding mask reshaped from a ``(B, S_k)`` tensor becomes ``(B, S_k, 1, 1)`` with two
@@ -126,6 +127,10 @@ class MaskLowering:
             fill = self.fill_value(float(n.args[2]) * scale)
             if isinstance(base, torch.Tensor) and not base.any() and fill in (self.neg, NEG_INF):
                 terms = self._lower_bool(n.args[1], True, fill)  # s + finfo.min == finfo.min
+        elif t == aten.mul.Tensor and isinstance(n.args[1], (int, float)) and _bool_complement(n.args[0]):
+            fill = self.fill_value(float(n.args[1]) * scale)  # (1 - keep.float()) * finfo.min
+            if fill == self.neg:  # (a -inf factor gives NaN on kept keys in torch: left generic)
+                terms = self._lower_bool(_bool_complement(n.args[0]), False, fill)
         elif t == aten.expand.default:
             terms = self._lower_add(n.args[0], scale)
         if terms is None and is_constant(n):
@@ -231,6 +236,17 @@ class MaskLowering:
 
     def _insertion_point(self) -> torch.fx.Node:
         return self._before
+
+
+def _bool_complement(n: torch.fx.Node) -> torch.fx.Node | None:
+    """``b`` when ``n`` is ``1.0 - b.float()`` for a boolean ``b`` (so ``n`` is 0 or 1), else None."""
+    if n.op != "call_function" or n.target != aten.rsub.Scalar or n.args[1] != 1 or len(n.args) > 2:
+        return None
+    cast = n.args[0]
+    if cast.op != "call_function" or cast.target not in (aten.to.dtype, aten._to_copy.default):
+        return None
+    src = cast.args[0]
+    return src if isinstance(src, torch.fx.Node) and dtype(src) == torch.bool else None
 
 
 # ----------------------------------------------------------------------------------------------
