@@ -137,6 +137,7 @@ def compile(  # noqa: A001 - the public name users expect
         reference_outputs=captured.reference_outputs,
         debug=debug,
         progress=progress,
+        precision=getattr(target_options, "compute_precision", "float16"),
     )
     timings["passes"] = time.perf_counter() - t0
     report = Report(result.records)

@@ -185,7 +185,7 @@ def _writes(node: torch.fx.Node) -> bool:
     return alias is not None and alias.is_write
 
 
-def _mutated(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+def mutated_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     """Nodes whose memory an in-place op writes: its target, the tensors it is a view of, and
     every view of those (the write is visible through all of them)."""
     seeds = [n.args[0] for n in graph.nodes if n.op == "call_function" and _writes(n) and n.args]
@@ -202,17 +202,25 @@ def _mutated(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return seen
 
 
+def mutated_buffers(gm: torch.fx.GraphModule) -> set[str]:
+    """Names of the buffers the graph writes into (a KV cache updated in place, a step counter …)."""
+    return {n.target for n in mutated_nodes(gm.graph) if n.op == "get_attr"}
+
+
 def fold_constants(gm: torch.fx.GraphModule, max_numel: int = 1 << 20, site: SiteFilter = every_site) -> int:
     """Replace input-independent subgraphs (not reading parameters) by constant buffers; return count.
 
     Each folded frontier node is a site (``site(node)`` says whether it may be folded)."""
     values: dict[torch.fx.Node, object] = {}
-    mutated = _mutated(gm.graph)
+    mutated = mutated_nodes(gm.graph)
+    mutated_names = {n.target for n in mutated if n.op == "get_attr"}  # other get_attr nodes of them too
     for node in gm.graph.nodes:
         if node in mutated:
             continue  # written in place (itself or through a view): its value changes during a run
         if node.op == "get_attr":
             value = get_attr_value(gm, node)
+            if node.target in mutated_names:
+                continue  # its value changes from call to call: nothing read from it is constant
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 values[node] = value
         elif node.op == "call_function" and _is_pure(node):

@@ -104,8 +104,10 @@ class Pipeline:
         reference_outputs: Sequence | None = None,
         debug: DebugOptions | None = None,
         progress: Callable[[str], None] | None = None,
+        precision: str = "float16",
     ) -> PipelineResult:
-        """Run every pass on (a clone of) ``gm``; the input graph is never modified."""
+        """Run every pass on (a clone of) ``gm``; the input graph is never modified. ``precision`` is
+        the target's compute precision (``PassContext.precision``)."""
         debug = debug or DebugOptions()
         instruments = Instruments(debug, self, flat_inputs)
         validator = Validator(gm, flat_inputs, self.validation, reference_outputs)
@@ -125,7 +127,8 @@ class Pipeline:
             instruments.before(index, p, current)
 
             def transform(work, selection, p=p):
-                result = p.run(work, PassContext(flat_inputs=list(flat_inputs), sites=selection))
+                ctx = PassContext(flat_inputs=list(flat_inputs), sites=selection, precision=precision)
+                result = p.run(work, ctx)
                 return result.graph_module, bool(result.modified), dict(getattr(result, "stats", {}) or {})
 
             applied = apply_validated(transform, current, flat_inputs, validator)

@@ -1,14 +1,23 @@
 """Property tests: random graphs of linear / matmul / permute / transpose / reshape / add / mul / relu
-/ layer_norm / softmax / concat, with random shapes, through every pass.
+/ layer_norm / softmax / concat, with random shapes, and random attention in its common spellings
+(SDPA with and without ``is_causal``, boolean and additive masks, eager matmul-softmax-matmul with
+``masked_fill`` or additive masks and scales before or after them, grouped-query attention; batch 1
+and 2, ``S_q == S_k`` and ``S_q != S_k``), through every pass.
 
 Properties: every pass keeps the graph valid and its outputs equal (no pass is rolled back on a valid
-model); the layout passes never add a transpose of an activation; the default pipeline is
-idempotent. ``HYPOTHESIS_PROFILE=thorough`` (``make test-props``) runs 2,000 examples; CI runs a few.
+model); attention is rewritten and equals the model on *every* stress mask (padding on the right and
+on the left, holes, rows keeping one key, rows keeping none), not only on the example; the layout
+passes never add a transpose of an activation; the default pipeline is idempotent.
+``HYPOTHESIS_PROFILE=thorough`` (``make test-props``) runs 2,000 examples of each; CI runs a few.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mask_cases import keep_masks, keep_masks_4d
 from torch import nn
 
 import anefx
@@ -136,3 +145,118 @@ def test_passes_keep_random_graphs_valid_and_equal(case):
     torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)
     again = pipeline.run(gm, cap.flat_inputs)
     assert not [r.name for r in again.records if r.modified], f"not idempotent on {model.program}"
+
+
+# -- attention ----------------------------------------------------------------------------------
+FMIN = torch.finfo(torch.float32).min
+SPELLINGS = ["sdpa", "sdpa_causal", "sdpa_bool", "sdpa_additive", "eager", "eager_causal", "eager_additive"]
+
+
+class AttnNet(nn.Module):
+    """One attention layer (projections in, heads, attention, heads merged, projection out)."""
+
+    def __init__(self, spec, seed):
+        super().__init__()
+        self.spec = spec
+        h, hk, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
+        c = h * d
+        self.q, self.k, self.v, self.o = nn.Linear(c, c), nn.Linear(c, hk * d), nn.Linear(c, hk * d), nn.Linear(c, c)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # nothing zero or identity
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.6)
+
+    def heads(self, t, n):
+        b, s, _ = t.shape
+        return t.view(b, s, n, self.spec["head_dim"]).transpose(1, 2)
+
+    def forward(self, x, ctx, keep):
+        spec = self.spec
+        h, hk, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
+        src = x if spec["self"] else ctx
+        q, k, v = self.heads(self.q(x), h), self.heads(self.k(src), hk), self.heads(self.v(src), hk)
+        m = keep if keep.dim() == 4 else keep[:, None, None, :]
+        kind = spec["spelling"]
+        if kind.startswith("sdpa"):
+            gqa = hk != h
+            if kind == "sdpa":
+                o = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            elif kind == "sdpa_causal":
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            elif kind == "sdpa_bool":
+                o = F.scaled_dot_product_attention(q, k, v, m, enable_gqa=gqa)
+            else:
+                add = torch.zeros(m.shape).masked_fill(~m, FMIN)
+                o = F.scaled_dot_product_attention(q, k, v, add, enable_gqa=gqa)
+        else:
+            if hk != h:  # repeat_kv
+                b, _, sk, _ = k.shape
+                k = k[:, :, None].expand(b, hk, h // hk, sk, d).reshape(b, h, sk, d)
+                v = v[:, :, None].expand(b, hk, h // hk, sk, d).reshape(b, h, sk, d)
+            scale = 1 / math.sqrt(d)
+            w = q @ k.transpose(-1, -2)
+            if not spec["scale_after"]:
+                w = w * scale
+            if kind == "eager_causal":
+                m = m & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+            w = w + (1.0 - m.float()) * FMIN if kind == "eager_additive" else w.masked_fill(~m, spec["fill"])
+            if spec["scale_after"]:
+                w = w * scale
+            o = torch.softmax(w, dim=-1) @ v
+        b, _, s, _ = o.shape
+        return self.o(o.transpose(1, 2).reshape(b, s, h * d))
+
+
+@st.composite
+def attention_nets(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    spec = {
+        "spelling": draw(st.sampled_from(SPELLINGS)),
+        "heads": heads,
+        "kv_heads": draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0])),
+        "head_dim": draw(st.sampled_from([2, 4, 8])),
+        "fill": draw(st.sampled_from([float("-inf"), FMIN, -1e9, -2.0, 0.0])),
+        "scale_after": draw(st.booleans()),
+        "mask_4d": draw(st.booleans()),
+    }
+    b, sq = draw(st.integers(1, 2)), draw(st.integers(1, 7))
+    sk = sq if draw(st.booleans()) else draw(st.integers(1, 9))
+    spec["self"] = sk == sq and draw(st.booleans())
+    return AttnNet(spec, draw(st.integers(0, 1000))).eval(), (b, sq, sk)
+
+
+def _stress_masks(spec, b, sq, sk):
+    masks = list(keep_masks_4d(b, sq, sk) if spec["mask_4d"] else keep_masks(b, sk))
+    none = torch.zeros(b, 1, sq, sk, dtype=torch.bool) if spec["mask_4d"] else torch.zeros(b, sk, dtype=torch.bool)
+    none[0] = True
+    return [*masks, ("a_batch_row_keeps_nothing", none.flip(0) if b > 1 else none)]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(attention_nets())
+def test_attention_equal_on_every_stress_mask(case):
+    model, (b, sq, sk) = case
+    spec = model.spec
+    c = spec["heads"] * spec["head_dim"]
+    gen = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(b, sq, c, generator=gen), torch.randn(b, sk, c, generator=gen)
+    keep = next(iter(_stress_masks(spec, b, sq, sk)))[1]  # compiled with one mask, checked on all
+    cap = anefx.capture(model, (x, ctx, keep))
+    gm = cap.graph_module
+    for p in anefx.Pipeline.default().passes:
+        before = activation_permutes(gm)
+        res = anefx.Pipeline((p,)).run(gm, cap.flat_inputs, reference_outputs=cap.reference_outputs)
+        rec = res.records[0]
+        assert not rec.rolled_back, f"{p.name} broke {spec}: {rec.error}"
+        if p.name == "attention_bc1s":
+            assert rec.stats["rewritten"] == 1 and rec.stats["unmatched"] == 0, (spec, rec.stats)
+        gm = res.graph_module
+        if p.name in ("to_bc1s", "fold_transposes"):
+            assert activation_permutes(gm) <= before, f"{p.name} added transposes to {spec}"
+    for name, mask in _stress_masks(spec, b, sq, sk):
+        with torch.no_grad():
+            got, want = gm(x, ctx, mask), model(x, ctx, mask)
+        err = (got - want).abs().nan_to_num(0.0).max()
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4, equal_nan=True), f"{spec} on {name}: error {err:.3g}"
+    again = anefx.Pipeline.default().run(gm, cap.flat_inputs)
+    assert not [r.name for r in again.records if r.modified], f"not idempotent on {spec}"

@@ -11,8 +11,12 @@ models. Two forms are recognised:
 
 Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
 data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
-simulating the reshuffle, see :mod:`anefx.heads`). Masks are lowered by :mod:`anefx.masks` to the
-additive per-key form with a finite negative. Attention whose inputs do not match is left alone.
+simulating the reshuffle, see :mod:`anefx.heads`). Masks keep torch's semantics exactly: they are
+lowered by :mod:`anefx.masks` to per-key terms applied in the model's order — fills (a
+``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
+additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
+rows whose keys are all masked give torch's result (see :mod:`anefx.masks`). Attention whose inputs
+do not match is left alone.
 
 Original::
 
@@ -24,7 +28,7 @@ Result::
     %Q = to_bc1s(%q_proj) * s ;  %K = to_bc1s(%k_proj) ;  %V = to_bc1s(%v_proj)   # (B, C, 1, S)
     %KT = aten.permute(%K, [0, 3, 2, 1])                      # the one K transpose: (B, S, 1, C)
     %q_h, %k_h, %v_h = split(%Q, D, 1)[h], split(%KT, D, 3)[h], split(%V, D, 1)[h]
-    %w_h = aten.softmax(einsum("bchq,bkhc->bkhq", %q_h, %k_h) + %mask_bc, 1)   # (B, S_k, 1, S_q)
+    %w_h = aten.softmax(einsum("bchq,bkhc->bkhq", %q_h, %k_h).masked_fill(%drop_bc, -1e4), 1)  # (B, S_k, 1, S_q)
     %o_h = einsum("bkhq,bchk->bchq", %w_h, %v_h)                                 # (B, D, 1, S_q)
     %y = from_bc1s(aten.cat([%o_0, …, %o_{H-1}], 1))
 
@@ -44,7 +48,7 @@ import torch.fx
 from anefx.graph import add_constant, call, dce, provenance, shape, val
 from anefx.heads import Heads, merge_users, trace_heads
 from anefx.layout import from_bc1s, to_bc1s
-from anefx.masks import MaskLowering, MaskTerm
+from anefx.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -66,8 +70,9 @@ class Core:
     k: torch.fx.Node
     v: torch.fx.Node
     scale: float
-    masks: list[tuple[torch.fx.Node, str]] = field(default_factory=list)
+    masks: list[MaskUse] = field(default_factory=list)  # in the order they apply to the scores
     causal: bool = False
+    sdpa: bool = False  # torch's SDPA: rows whose keys are all masked give zeros
 
 
 def _scalar(x) -> float | None:
@@ -87,8 +92,9 @@ def match_sdpa(node: torch.fx.Node) -> Core | None:
     core = Core(node, a["query"], a["key"], a["value"], float(scale) if scale is not None else 1 / math.sqrt(d))
     mask = a.get("attn_mask")
     if mask is not None:
-        core.masks.append((mask, "keep" if val(mask).dtype == torch.bool else "add"))
+        core.masks.append(MaskUse(mask, "keep" if val(mask).dtype == torch.bool else "add"))
     core.causal = bool(a.get("is_causal", False))
+    core.sdpa = True
     return core
 
 
@@ -102,22 +108,25 @@ def match_eager(node: torch.fx.Node) -> Core | None:
     if w.op != "call_function" or w.target not in _SOFTMAX or w.args[1] not in (-1, 3):
         return None
     x = w.args[0]
-    masks: list[tuple[torch.fx.Node, str]] = []
-    scale = 1.0
+    masks: list[MaskUse] = []  # walked from the softmax back to the scores: reversed below
+    scale = 1.0  # the product of the scalar factors met so far (applied after the masks still to come)
     while x.op == "call_function":
         if x.target == aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in x.args[:2]):
             left, right = x.args[:2]
             mask, x = (right, left) if _depends_on_matmul(left) else (left, right)
-            masks.append((mask, "add"))
-        elif x.target == aten.masked_fill.Scalar:
-            masks.append((x.args[1], "drop"))
+            masks.append(MaskUse(mask, "add", scale=scale))
+        elif x.target == aten.masked_fill.Scalar and _scalar(x.args[2]) is not None:
+            masks.append(MaskUse(x.args[1], "drop", fill=_scalar(x.args[2]), scale=scale))
             x = x.args[0]
         elif x.target in (aten.mul.Tensor, aten.div.Tensor) and _scalar(x.args[1]) is not None:
             s = _scalar(x.args[1])
+            if s == 0 or (masks and s < 0):  # a negative factor after a mask would turn it into a bonus
+                return None
             scale = scale * s if x.target == aten.mul.Tensor else scale / s
             x = x.args[0]
         else:
             break
+    masks.reverse()
     if x.op != "call_function" or x.target != aten.matmul.default:
         return None
     q, kt = x.args
@@ -130,7 +139,7 @@ def match_eager(node: torch.fx.Node) -> Core | None:
     if q.op == "call_function" and q.target == aten.mul.Tensor and _scalar(q.args[1]) is not None:
         scale *= _scalar(q.args[1])
         q = q.args[0]
-    return Core(node, q, k, v, scale, masks)
+    return Core(node, q, k, v, scale, masks)  # every factor goes into Q; masks after one carry it
 
 
 def _swaps_last_two(n: torch.fx.Node) -> bool:
@@ -149,14 +158,15 @@ def _depends_on_matmul(n: torch.fx.Node, depth: int = 4) -> bool:
     return False
 
 
-def _causal_term(gm: torch.fx.GraphModule, graph, sq: int, sk: int, dtype, neg: float, before) -> MaskTerm:
+def _causal_term(gm: torch.fx.GraphModule, graph, sq: int, sk: int, before) -> MaskTerm:
+    """``is_causal``: torch's ``tril`` over (S_q, S_k), top-left aligned — key j is visible to query
+    i iff j <= i (also when S_q != S_k). As a fill mask in the scores' (1, S_k, 1, S_q) layout."""
     q = torch.arange(sq).view(1, sq)
     k = torch.arange(sk).view(sk, 1)
-    add = torch.where(k <= q + (sk - sq), 0.0, neg).to(dtype).view(1, sk, 1, sq)
-    name = add_constant(gm, add, "_anefx_mask")
+    name = add_constant(gm, (k > q).view(1, sk, 1, sq), "_anefx_mask")
     with graph.inserting_before(before):
         node = graph.get_attr(name)
-    return MaskTerm(node, per_head=False)
+    return MaskTerm(node, per_head=False, fill=NEG_INF)
 
 
 class _Split:
@@ -231,13 +241,17 @@ class AttentionBC1S(Pass):
         k_offsets, v_offsets = _per_query_head(kh.offsets, h), _per_query_head(vh.offsets, h)
         neg = self.options.mask_value
         low = lowering.setdefault(dtype, MaskLowering(gm, h, dtype, neg))
+        low.set_insertion_point(core.out)
         terms: list[MaskTerm] = []
-        for mask, kind in core.masks:
-            terms += low.lower(mask, kind)
+        for use in core.masks:
+            terms += low.lower(use)
+        if core.causal:
+            terms.append(_causal_term(gm, graph, sq, sk, core.out))
+        visible = low.visible(terms) if core.sdpa else None
+        if core.sdpa:  # -inf fills become finite; rows with no visible key are zeroed below, as torch does
+            terms = [MaskTerm(t.node, t.per_head, neg) if t.fill == NEG_INF else t for t in terms]
         splits: dict = {}
         with graph.inserting_before(core.out):
-            if core.causal:
-                terms.append(_causal_term(gm, graph, sq, sk, dtype, neg, core.out))
             q4, k4, v4 = (self._bc(graph, t, memo) for t in (qh, kh, vh))
             if core.scale != 1.0:
                 q4 = call(graph, aten.mul.Tensor, (q4, core.scale))
@@ -252,10 +266,18 @@ class AttentionBC1S(Pass):
                     t = term.node
                     if term.per_head:
                         t = call(graph, aten.slice.Tensor, (t, 2, i, i + 1))
-                    s = call(graph, aten.add.Tensor, (s, t))
+                    if term.fill is None:
+                        s = call(graph, aten.add.Tensor, (s, t))
+                    else:
+                        s = call(graph, aten.masked_fill.Scalar, (s, t, term.fill))
                 w = call(graph, aten._softmax.default, (s, 1, False))
-                outs.append(call(graph, aten.einsum.default, ("bkhq,bchk->bchq", [w, vs[v_offsets[i]]])))
+                o = call(graph, aten.einsum.default, ("bkhq,bchk->bchq", [w, vs[v_offsets[i]]]))
+                if visible is not None and visible.per_head:
+                    o = call(graph, aten.mul.Tensor, (o, call(graph, aten.slice.Tensor, (visible.node, 2, i, i + 1))))
+                outs.append(o)
             out4 = call(graph, aten.cat.default, (outs, 1)) if len(outs) > 1 else outs[0]
+            if visible is not None and not visible.per_head:
+                out4 = call(graph, aten.mul.Tensor, (out4, visible.node))
         merged = from_bc1s(graph, out4, 3)
         for m in merge_users(core.out):
             m.replace_all_uses_with(merged)

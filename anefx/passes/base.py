@@ -48,11 +48,13 @@ class NoOptions:
 
 @dataclass
 class PassContext:
-    """What a pass may know besides the graph: the example inputs (flat, in placeholder order), and
-    which of its rewrite sites it may rewrite."""
+    """What a pass may know besides the graph: the example inputs (flat, in placeholder order), the
+    precision the target computes in (``"float16"`` or ``"float32"``), and which of its rewrite sites
+    it may rewrite."""
 
     flat_inputs: list = field(default_factory=list)
     sites: SiteSelection = field(default_factory=SiteSelection)
+    precision: str = "float16"
 
     def site(self, anchor: torch.fx.Node) -> bool:
         """Call once per candidate rewrite site, with the node the rewrite replaces; rewrite the

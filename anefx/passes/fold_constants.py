@@ -15,7 +15,9 @@ Result::
     %mask = aten.logical_and(%_anefx_const0, %padding)
 
 Weights are never folded (no second copy of a parameter is made): a subgraph that reads an
-``nn.Parameter`` is left alone, and so is any result larger than ``max_numel`` elements.
+``nn.Parameter`` is left alone, and so is any result larger than ``max_numel`` elements. Neither is
+a subgraph that reads a buffer the model mutates (an in-place KV cache update, a step counter): its
+value changes from call to call.
 
 Options:
   max_numel: largest folded constant, in elements (default 1,048,576)

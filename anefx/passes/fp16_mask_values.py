@@ -1,10 +1,14 @@
 """``fp16_mask_values`` — masks built from fp32 extremes get a large finite negative fp16 can hold.
 
 Additive attention masks are often built from ``torch.finfo(torch.float32).min`` (or ``-1e9``). In
-fp16 that is ``-inf``: a fully masked row then becomes NaN, and ``x + mask`` can overflow. Any
-finite negative beyond the fp16 range, used as a fill value or a scalar operand, or stored in a
-constant, is raised to ``-mask_value``. After a softmax the result is the same (the
-masked weights are exactly 0 in fp32 either way); validation checks it.
+fp16 that is ``-inf``: a fully masked row then becomes NaN, and ``x + mask`` can overflow. A finite
+negative beyond the fp16 range is raised to ``-mask_value`` where it is a *mask*: a fill value of a
+``masked_fill`` whose result reaches a softmax, a scalar operand of an op that builds a mask (its
+result reaches a softmax's input or an SDPA ``attn_mask``, and it is not computed from the
+activations' products), or a constant buffer that reaches a softmax. The same values elsewhere
+(``x * -1e6`` on activations, a ``clamp(min=-1e5)`` no softmax reads) are left alone, and nothing
+changes when the target computes in fp32 (``PassContext.precision``). After a softmax the result
+is the same (the masked weights are exactly 0 in fp32 either way); validation checks it.
 
 Original::
 
@@ -28,9 +32,11 @@ import torch
 import torch.fx
 
 from anefx.graph import add_constant, get_attr_value
+from anefx.masks import mask_values
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 FP16_MAX = 65504.0
+_FILLS = {torch.ops.aten.masked_fill.Scalar, torch.ops.aten.where.ScalarOther, torch.ops.aten.where.ScalarSelf}
 
 
 @dataclass(frozen=True)
@@ -49,19 +55,25 @@ class Fp16MaskValues(Pass):
     Options = Fp16MaskValuesOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        if ctx.precision != "float16":
+            return finish(gm, False, scalars=0, constants=0)
         v = self.options.mask_value
+        masks, masked = mask_values(gm.graph)
         scalars = constants = 0
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.meta.get("val") is not None:
                 val = node.meta["val"]
                 if isinstance(val, torch.Tensor) and not val.is_floating_point():
                     continue
-                args = [-v if _too_big(a) else a for a in node.args]
+                fill = node.target in _FILLS and node in masked
+                if not (fill or node in masks):
+                    continue
+                args = [-v if _too_big(a) else a for a in node.args]  # a fill's only scalar is its value
                 kwargs = {k: (-v if _too_big(a) else a) for k, a in node.kwargs.items()}
                 if (args != list(node.args) or kwargs != dict(node.kwargs)) and ctx.site(node):
                     node.args, node.kwargs = tuple(args), kwargs
                     scalars += 1
-            elif node.op == "get_attr":
+            elif node.op == "get_attr" and node in masked:
                 value = get_attr_value(gm, node)
                 if (
                     isinstance(value, torch.Tensor)

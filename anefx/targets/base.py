@@ -157,9 +157,9 @@ def _legalize(handoff: HandOff, gm: torch.fx.GraphModule, steps: dict, validator
 
 def has_mutations(gm: torch.fx.GraphModule) -> bool:
     """Whether the graph writes a tensor in place (``add_``, ``copy_`` into a view …)."""
-    from anefx.legalize import _mutated
+    from anefx.legalize import mutated_nodes
 
-    return bool(_mutated(gm.graph))
+    return bool(mutated_nodes(gm.graph))
 
 
 def _functionalized(handoff: HandOff, validator: Validator | None) -> torch.fx.GraphModule:
