@@ -139,7 +139,9 @@ class CoreAITarget(Target):
         t0 = time.perf_counter()
         try:
             ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
-            ep = ep.run_decompositions(coreai_torch.get_decomp_table())
+            from anefx.ops import DECOMPOSITIONS
+
+            ep = ep.run_decompositions({**coreai_torch.get_decomp_table(), **DECOMPOSITIONS})
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 program = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
