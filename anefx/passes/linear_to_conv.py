@@ -19,8 +19,15 @@ Result::
     %y  = aten.permute(aten.squeeze(%c, 2), [0, 2, 1])          # (B, S, O)
 
 A (B, I) input is viewed as (B, I, 1, 1) and the result squeezed back to (B, O). GPT-2's ``Conv1D``
-(``addmm`` on the input flattened to (B*S, I), viewed back to (B, S, O)) runs on the (B, S, I)
-tensor directly.
+(``addmm`` on the input flattened to (B*S, I), viewed back to (B, S, O)) and OPT's FFN (``linear``
+on hidden states flattened to (B*S, I)) run on the (B, S, I) tensor directly, so they stay in
+(B, C, 1, S) instead of becoming (B*S, C, 1, 1).
+
+LM heads: a ``*ForCausalLM`` vocabulary projection is a projection like any other and becomes a
+conv; its logits keep the model's own layout, (B, S, V) (the conv's (B, V, 1, S) is changed back
+once, at the output). When the head's weight is tied to the input embedding, the embedding lookup
+is made to read the conv's (V, C, 1, 1) view of the same tensor (``index_select`` on axis 0, viewed
+back to (B, S, C)), so the converted program holds the table once instead of twice.
 
 Options:
   min_channels: leave projections with fewer input channels than this alone (default 1: none)
@@ -33,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, is_constant, provenance, shape
+from anefx.graph import call, dce, get_attr_value, is_constant, provenance, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -140,6 +147,54 @@ def _flattened_sequence(node: torch.fx.Node, proj: Projection):
     return x3, back
 
 
+def _tensor_of(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    value = get_attr_value(gm, node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (
+        a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+    )
+
+
+def _share_tied_embeddings(gm: torch.fx.GraphModule) -> int:
+    """Embedding lookups whose table is a conv weight (tied LM head) read the conv's (V, C, 1, 1)
+    view, so the converted program stores the table once. Returns how many lookups changed."""
+    graph = gm.graph
+    views = []  # (tensor, the 4-D view node feeding a conv)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == aten.view.default:
+            t = _tensor_of(gm, node.args[0])
+            feeds_conv = any(u.target == aten.conv2d.default and u.args[1] is node for u in node.users)
+            if t is not None and t.dim() == 2 and feeds_conv and list(node.args[1]) == [*t.shape, 1, 1]:
+                views.append((t, node))
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.embedding.default:
+            continue
+        table, ids = _tensor_of(gm, node.args[0]), node.args[1]
+        ids_shape = shape(ids)
+        if table is None or ids_shape is None or table.dim() != 2:
+            continue
+        view = next((v for t, v in views if _same_storage(t, table)), None)
+        if view is None:
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if order[view] > order[node]:
+            node.prepend(view)  # the view reads only the weight: move it before the lookup
+        with graph.inserting_before(node), provenance(node):
+            flat = call(graph, aten.view.default, (ids, [-1]))
+            rows = call(graph, aten.index_select.default, (view, 0, flat))  # (N, C, 1, 1)
+            out = call(graph, aten.view.default, (rows, [*ids_shape, table.shape[1]]))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        changed += 1
+    return changed
+
+
 class LinearToConv(Pass):
     __doc__ = __doc__
     name = "linear_to_conv"
@@ -177,6 +232,8 @@ class LinearToConv(Pass):
             node.replace_all_uses_with(y)
             graph.erase_node(node)
             converted += 1
+        tied = _share_tied_embeddings(gm) if converted else 0
         if converted:
             dce(graph)
-        return finish(gm, bool(converted), converted=converted, **{f"skipped_{k}": v for k, v in skipped.items()})
+        stats = {"converted": converted, **({"tied_embeddings": tied} if tied else {})}
+        return finish(gm, bool(converted), **stats, **{f"skipped_{k}": v for k, v in skipped.items()})
