@@ -42,6 +42,7 @@ import torch.fx
 
 from anefx.graph import call, dce, get_attr_value, is_constant, provenance, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
+from anefx.layout_rules import BINARY, UNARY
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -195,6 +196,83 @@ def _share_tied_embeddings(gm: torch.fx.GraphModule) -> int:
     return changed
 
 
+def _row_region(flat: torch.fx.Node, rows: int, batch: int, seq: int):
+    """The row-wise ops computed on the flattened (B*S, C) tensor ``flat``, and the views that bring
+    their results back to (B, S, C'); None when anything else reads the region."""
+    region: list[torch.fx.Node] = []
+    exits: list[torch.fx.Node] = []
+    inside = {flat}
+    queue = [flat]
+    while queue:
+        node = queue.pop()
+        for user in node.users:
+            if user in inside or user in exits:
+                continue
+            us = shape(user)
+            if us is None or user.op != "call_function":
+                return None
+            if user.target in _VIEWS and user.args[0] is node and us == (batch, seq, shape(node)[-1]):
+                exits.append(user)
+            elif len(us) == 2 and us[0] == rows and len(region) < 64:
+                inside.add(user)
+                region.append(user)
+                queue.append(user)
+            else:
+                return None
+    if not exits or not region or not all(_row_wise(n, inside) for n in region):
+        return None
+    return region, exits
+
+
+def _row_wise(node: torch.fx.Node, inside: set) -> bool:
+    """Whether ``node`` treats each row of its (N, C) operands in ``inside`` on its own, so it
+    computes the same on (B, S, C)."""
+    t, args = node.target, node.args
+    if t in (aten.linear.default, aten.matmul.default):
+        return args[0] in inside and all(is_constant(a) for a in args[1:])
+    if t == aten.layer_norm.default:
+        return args[0] in inside and len(args[1]) == 1 and all(is_constant(a) for a in args[2:4])
+    if t in UNARY:
+        return args[0] in inside and all(not isinstance(a, torch.fx.Node) for a in args[1:])
+    if t in BINARY and t != aten.where.self:
+        tensors = [a for a in args if isinstance(a, torch.fx.Node)]
+        return any(a in inside for a in tensors) and all(
+            a in inside or (is_constant(a) and len(shape(a) or (0, 0)) <= 1) for a in tensors
+        )
+    return False
+
+
+def _unflatten_rows(gm: torch.fx.GraphModule) -> int:
+    """OPT's FFN: ``view(x, [B*S, C])`` → row-wise ops (layer_norm, linear, relu, residual add) →
+    ``view(·, [B, S, C])``. The same ops run on the (B, S, C) tensor instead, so the projections
+    become convs in (B, C, 1, S) and not (B*S, C, 1, 1). Returns how many regions changed."""
+    graph = gm.graph
+    changed = 0
+    for flat in list(graph.nodes):
+        if flat.op != "call_function" or flat.target not in _VIEWS or flat.graph is not graph:
+            continue
+        src = flat.args[0]
+        ss, fs = shape(src), shape(flat)
+        if ss is None or fs is None or len(ss) != 3 or fs != (ss[0] * ss[1], ss[2]):
+            continue
+        found = _row_region(flat, fs[0], ss[0], ss[1])
+        if found is None:
+            continue
+        region, exits = found
+        new = {flat: src}
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for node in sorted(region, key=order.__getitem__):
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a, new=new: new.get(a, a))
+            with graph.inserting_before(node), provenance(node):
+                new[node] = call(graph, node.target, args, kwargs)
+        for view in exits:
+            view.replace_all_uses_with(new[view.args[0]])
+            graph.erase_node(view)
+        dce(graph)
+        changed += 1
+    return changed
+
+
 class LinearToConv(Pass):
     __doc__ = __doc__
     name = "linear_to_conv"
@@ -202,6 +280,7 @@ class LinearToConv(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
+        unflattened = _unflatten_rows(gm)
         converted, skipped = 0, {}
         memo: dict = {}  # one layout change per input, shared by q/k/v-style siblings
         for node in list(graph.nodes):
@@ -235,5 +314,7 @@ class LinearToConv(Pass):
         tied = _share_tied_embeddings(gm) if converted else 0
         if converted:
             dce(graph)
-        stats = {"converted": converted, **({"tied_embeddings": tied} if tied else {})}
-        return finish(gm, bool(converted), **stats, **{f"skipped_{k}": v for k, v in skipped.items()})
+        stats = {"converted": converted}
+        stats.update({k: v for k, v in (("unflattened", unflattened), ("tied_embeddings", tied)) if v})
+        stats.update({f"skipped_{k}": v for k, v in skipped.items()})
+        return finish(gm, bool(converted or unflattened), **stats)
