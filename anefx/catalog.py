@@ -38,6 +38,7 @@ EXAMPLES: dict[str, CatalogExample] = {
     "grouped_projection": CatalogExample("tiny_grouped"),
     "linear_to_conv": CatalogExample("tiny_block"),
     "layer_norm_bc1s": CatalogExample("tiny_block"),
+    "rms_norm_bc1s": CatalogExample("tiny_rms_norm", ("canonicalize",)),
     "attention_bc1s": CatalogExample("tiny_attention", ("linear_to_conv",)),
     "fp16_mask_values": CatalogExample("masked_scores_fp32min"),
     "to_bc1s": CatalogExample("tiny_block", ("linear_to_conv", "layer_norm_bc1s")),

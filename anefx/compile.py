@@ -37,6 +37,9 @@ class CompiledModel:
     timings: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, *args, **kwargs):
+        """Run the rewritten graph. Inputs specialised at capture (``use_cache=False`` …) may be
+        given again with the same value or left out; a different value raises ``CaptureError``."""
+        args, kwargs = self.captured.constants.strip(args, kwargs)
         with torch.no_grad():
             return self.graph_module(*args, **kwargs)
 
@@ -73,6 +76,7 @@ class CompiledModel:
         """Largest absolute difference between the rewritten graph and the captured model."""
         from anefx.capture import flatten_inputs
 
+        args, kwargs = self.captured.constants.strip(args, kwargs)
         flat = flatten_inputs(args, kwargs) if (args or kwargs) else self.captured.flat_inputs
         ref = run_flat(self.captured.graph_module, flat)
         out = run_flat(self.graph_module, flat)

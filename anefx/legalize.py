@@ -105,6 +105,21 @@ def _functional_variant(node: torch.fx.Node):
     return getattr(packet, t._overloadname, None) if packet is not None else None
 
 
+def _drop_empty_cat_operands(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    """``cat([empty, x])`` (a 1-D size-0 operand, which ``cat`` skips; transformers' ``DynamicCache``
+    starts from one) → ``cat([x])``, and a ``cat`` of a single operand of the result's shape → that
+    operand. Returns whether the node changed."""
+    tensors = node.args[0]
+    keep = [a for a in tensors if shape(a) != (0,)]
+    if len(keep) == len(tensors) or not keep:
+        return False
+    if len(keep) == 1 and shape(keep[0]) == shape(node) and dtype(keep[0]) == dtype(node):
+        replace_node(graph, node, keep[0])
+    else:
+        node.args = (keep, *node.args[1:])
+    return True
+
+
 def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dict[str, int]:
     """Remove no-ops and respell ops converters reject; return counts of what changed.
 
@@ -144,6 +159,8 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
                 new = call(graph, aten.view.default, (node.args[0], list(shape(node))))
             replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
+        elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
+            stats["identities_removed"] += 1
         elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
             cond, x, scalar = node.args
             with graph.inserting_before(node):

@@ -240,6 +240,27 @@ def tiny_block(seq: int = 4):
     return TinyBlock().eval(), (torch.randn(1, seq, 8),), {}
 
 
+class TinyRMSNorm(nn.Module):
+    """RMSNorm spelled as Llama/Qwen/Mistral spell it (``LlamaRMSNorm``), weights away from 1."""
+
+    def __init__(self, c=8, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.2 * torch.randn(c))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def tiny_rms_norm(seq: int = 4):
+    _seed()
+    return TinyRMSNorm().eval(), (torch.randn(1, seq, 8),), {}
+
+
 class TinyGrouped(nn.Module):
     def __init__(self, c=8, groups=2):
         super().__init__()

@@ -15,6 +15,7 @@ from anefx.passes.fp16_mask_values import Fp16MaskValues
 from anefx.passes.grouped_projection import GroupedProjection
 from anefx.passes.layer_norm_bc1s import LayerNormBC1S
 from anefx.passes.linear_to_conv import LinearToConv
+from anefx.passes.rms_norm_bc1s import RMSNormBC1S
 from anefx.passes.to_bc1s import ToBC1S
 
 DEFAULT_PASSES: tuple[type[Pass], ...] = (
@@ -23,6 +24,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     GroupedProjection,
     LinearToConv,
     LayerNormBC1S,
+    RMSNormBC1S,
     AttentionBC1S,
     Fp16MaskValues,
     ToBC1S,
@@ -59,6 +61,7 @@ __all__ = [
     "Pass",
     "PassContext",
     "PassResult",
+    "RMSNormBC1S",
     "ToBC1S",
     "default_passes",
     "pass_by_name",

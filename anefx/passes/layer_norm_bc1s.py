@@ -1,8 +1,11 @@
 """``layer_norm_bc1s`` — LayerNorm over the channel axis of a (B, C, 1, S) tensor.
 
 ``nn.LayerNorm(C)`` on a channels-last (B, S, C) tensor normalises its last axis. In (B, C, 1, S)
-that axis is axis 1, which ``aten.layer_norm`` cannot address, so the pass spells it out (as Apple's
-``ml-ane-transformers`` does) with reductions over axis 1; coremltools recognises the pattern.
+that axis is axis 1, which ``aten.layer_norm`` cannot address, so the pass emits anefx's own op
+``anefx::channel_layer_norm`` (:mod:`anefx.ops`): one op, whatever the weights, that the Core ML
+target converts to one MIL ``layer_norm`` over ``axes=[1]`` and the Core AI target decomposes into
+reductions over axis 1. (Spelled with reductions, whether coremltools fuses LayerNorm back depends
+on the values of the weights: stock DistilBERT fresh from its config kept 24 ``reduce_mean``.)
 Numerically it is the same LayerNorm (same eps, biased variance).
 
 Original::
@@ -10,13 +13,9 @@ Original::
     %y = aten.layer_norm(%x, [C], %w, %b, 1e-05)       # x: (B, S, C)
 Result::
 
-    %x4   = aten.unsqueeze(aten.permute(%x, [0, 2, 1]), 2)      # (B, C, 1, S)
-    %mean = aten.mean(%x4, [1], True)
-    %zm   = aten.sub(%x4, %mean)
-    %var  = aten.mean(aten.mul(%zm, %zm), [1], True)
-    %n    = aten.mul(%zm, aten.rsqrt(aten.add(%var, 1e-05)))
-    %y4   = aten.add(aten.mul(%n, %w.view(1, C, 1, 1)), %b.view(1, C, 1, 1))
-    %y    = aten.permute(aten.squeeze(%y4, 2), [0, 2, 1])      # (B, S, C)
+    %x4 = aten.unsqueeze(aten.permute(%x, [0, 2, 1]), 2)      # (B, C, 1, S)
+    %y4 = anefx.channel_layer_norm(%x4, %w, %b, 1e-05)        # MIL: layer_norm(axes=[1])
+    %y  = aten.permute(aten.squeeze(%y4, 2), [0, 2, 1])      # (B, S, C)
 
 Options: none.
 """
@@ -26,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+import anefx.ops  # noqa: F401 - defines anefx::channel_layer_norm
 from anefx.graph import call, provenance, shape
 from anefx.layout import RANKS, from_bc1s, to_bc1s
 from anefx.passes.base import Pass, PassContext, PassResult, finish
@@ -35,19 +35,8 @@ aten = torch.ops.aten
 
 def emit_channel_layer_norm(graph: torch.fx.Graph, x4, weight, bias, eps: float, channels: int):
     """LayerNorm over axis 1 of the (B, C, 1, S) node ``x4``; returns the (B, C, 1, S) result node."""
-
-    def op(target, *args):
-        return call(graph, target, args)
-
-    mean = op(aten.mean.dim, x4, [1], True)
-    zm = op(aten.sub.Tensor, x4, mean)
-    var = op(aten.mean.dim, op(aten.mul.Tensor, zm, zm), [1], True)
-    out = op(aten.mul.Tensor, zm, op(aten.rsqrt.default, op(aten.add.Tensor, var, eps)))
-    if weight is not None:
-        out = op(aten.mul.Tensor, out, op(aten.view.default, weight, [1, channels, 1, 1]))
-    if bias is not None:
-        out = op(aten.add.Tensor, out, op(aten.view.default, bias, [1, channels, 1, 1]))
-    return out
+    del channels  # the op reads C from x4
+    return call(graph, torch.ops.anefx.channel_layer_norm.default, (x4, weight, bias, eps))
 
 
 class LayerNormBC1S(Pass):

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from anefx.errors import ConversionError, TargetUnavailableError
+from anefx.ops import DECOMPOSITIONS
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
 
 INSTALL_HINT = (
@@ -139,7 +140,7 @@ class CoreAITarget(Target):
         t0 = time.perf_counter()
         try:
             ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
-            ep = ep.run_decompositions(coreai_torch.get_decomp_table())
+            ep = ep.run_decompositions({**coreai_torch.get_decomp_table(), **DECOMPOSITIONS})
         except Exception as exc:
             raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
         handed = ep.module()

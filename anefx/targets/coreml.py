@@ -115,6 +115,30 @@ def _ensure_aliases() -> None:
             reg.set_func_by_name(reg.name_to_func_mapping[original], alias)
 
 
+def _convert_channel_layer_norm(context, node):
+    """``anefx::channel_layer_norm`` → one MIL ``layer_norm`` over axis 1."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+
+    x, weight, bias, eps = _get_inputs(context, node, expected=4)
+    eps = 1e-5 if eps is None else float(eps.val)
+    context.add(mb.layer_norm(x=x, axes=[1], gamma=weight, beta=bias, epsilon=eps, name=node.name))
+
+
+def _ensure_anefx_ops() -> None:
+    """Register the converters of anefx's own torch ops (:mod:`anefx.ops`) through coremltools'
+    public ``register_torch_op``, once, at conversion time (never on import)."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY as reg
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+    from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
+
+    import anefx.ops  # noqa: F401 - defines the anefx:: torch ops
+
+    kind = sanitize_op_kind(torch.ops.anefx.channel_layer_norm.default.name())
+    if kind not in reg:
+        register_torch_op(_convert_channel_layer_norm, torch_alias=[kind], override=True)
+
+
 def _deterministic_manifest(package: Path) -> None:
     """Make a saved package reproducible: coremltools names its items with random UUIDs and protobuf
     writes map fields in hash order. Derive the UUIDs from the content and serialize the spec
@@ -174,6 +198,7 @@ class CoreMLTarget(Target):
         precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[opts.compute_precision]
         outputs = [ct.TensorType(name=n) for n in handoff.output_names]
         _ensure_aliases()
+        _ensure_anefx_ops()
         t0 = time.perf_counter()
         try:
             with warnings.catch_warnings(), _quiet():

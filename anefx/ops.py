@@ -1,0 +1,54 @@
+"""anefx's own torch ops: normalisation over the channel axis of a (B, C, 1, S) tensor.
+
+``aten.layer_norm`` normalises trailing axes only, so LayerNorm over axis 1 has no ATen spelling
+of its own; spelled with reductions, whether coremltools fuses it back into one ``layer_norm``
+depends on the values of the weights and on the order of an op's users. ``anefx::channel_layer_norm``
+is one op instead, and each target lowers it for itself:
+
+* in PyTorch (validation, the compiled graph) it runs ``F.layer_norm`` on the channel axis;
+* for Core ML, :mod:`anefx.targets.coreml` registers a converter (at conversion time) that emits one
+  MIL ``layer_norm`` over ``axes=[1]``;
+* for Core AI and anything else, :data:`DECOMPOSITIONS` spells it with ATen reductions over axis 1
+  (``ExportedProgram.run_decompositions`` takes it with the target's own table).
+
+Numerics are those of ``nn.LayerNorm``: biased variance, ``eps`` added to the variance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+
+@torch.library.custom_op("anefx::channel_layer_norm", mutates_args=())
+def channel_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over axis 1 of ``x`` (rank ≥ 2), with per-channel ``weight`` and ``bias`` of shape (C,)."""
+    y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), weight, bias, eps)
+    return y.movedim(-1, 1).contiguous()
+
+
+@channel_layer_norm.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def decompose_channel_layer_norm(x, weight, bias, eps):
+    """``channel_layer_norm`` with ATen reductions over axis 1 (same eps, biased variance)."""
+    mean = aten.mean.dim(x, [1], True)
+    zm = aten.sub.Tensor(x, mean)
+    var = aten.mean.dim(aten.mul.Tensor(zm, zm), [1], True)
+    out = aten.mul.Tensor(zm, aten.rsqrt.default(aten.add.Tensor(var, eps)))
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if weight is not None:
+        out = aten.mul.Tensor(out, aten.view.default(weight, shape))
+    if bias is not None:
+        out = aten.add.Tensor(out, aten.view.default(bias, shape))
+    return out
+
+
+#: ATen decompositions of anefx's ops, for ``ExportedProgram.run_decompositions``.
+DECOMPOSITIONS = {torch.ops.anefx.channel_layer_norm.default: decompose_channel_layer_norm}
