@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dce, provenance, shape, val
+from anefx.graph import add_constant, call, dce, describe, provenance, shape, val
 from anefx.head_program import REDUCE_OPS, HeadProgram, Step, chunk_axis, side_index, trace_program
 from anefx.heads import Heads, merge_users, trace_heads
 from anefx.layout import from_bc1s, to_bc1s
@@ -208,10 +208,12 @@ class AttentionBC1S(Pass):
         memo: dict = {}
         lowering: dict = {}
         sides: dict = {}
+        seen: set[torch.fx.Node] = set()
         for node in list(graph.nodes):
             core = match_sdpa(node) or match_eager(node)
             if core is None:
                 continue
+            seen.add(core.out)
             traced = _trace_inputs(core)
             if isinstance(traced, str) or _blocked(core, traced):
                 stats["unmatched"] += 1
@@ -224,6 +226,11 @@ class AttentionBC1S(Pass):
                 self._rewrite(gm, core, *traced, memo, lowering)
             stats["rewritten"] += 1
             stats["heads"] += len(traced[0].offsets)
+        for node in graph.nodes:  # attention no matcher recognised: counted, never silent
+            why = _unrecognised(node, seen)
+            if why is not None:
+                stats["unmatched"] += 1
+                reasons[why] = reasons.get(why, 0) + 1
         if reasons:
             stats["unmatched_reasons"] = reasons
         if stats["rewritten"]:
@@ -299,6 +306,37 @@ class AttentionBC1S(Pass):
         parts = [chunk(found.base, j) for j in range(found.base_heads)]
         src = call(graph, aten.cat.default, (parts, 1)) if len(parts) > 1 else parts[0]
         return Heads(src, [j * found.head_dim for j in found.head_map], found.head_dim, True)
+
+
+_SCORES = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+_SCORE_STEPS = {aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.masked_fill.Scalar, aten.view.default}
+
+
+def _unrecognised(node: torch.fx.Node, seen: set) -> str | None:
+    """Why a softmax over ``q @ k^T`` scores that feeds a matmul was not matched, or None when
+    ``node`` is no such softmax (or belongs to an attention already counted, in ``seen``)."""
+    if node.op != "call_function" or node.target not in _SOFTMAX or len(shape(node) or ()) < 3:
+        return None
+    users = list(node.users)
+    users += [v for u in users if u.op == "call_function" and u.target in _PASS for v in u.users]
+    if not any(u.op == "call_function" and u.target in _SCORES for u in users) or any(u in seen for u in users):
+        return None
+    x, blocker = node.args[0], None
+    for _ in range(8):
+        if x.op != "call_function":
+            return None
+        if x.target in _SCORES:
+            break
+        if x.target not in _SCORE_STEPS and blocker is None:
+            blocker = x
+        x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else x
+    else:
+        return None
+    if x.target in _SCORES and x.target != aten.matmul.default or len(shape(x) or ()) == 3:
+        return f"{describe(x)}: attention over 3-D (B·H, S, D) bmm/baddbmm is not rewritten"
+    if blocker is not None:
+        return f"{describe(blocker)} between QK^T and softmax (e.g. logit soft-capping) is not rewritten"
+    return f"{describe(node)}: softmax over QK^T scores in an unrecognised form"
 
 
 def _trace_inputs(core: Core) -> list | str:
