@@ -138,6 +138,12 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
         if heads is not None:
             prog.steps[node] = Step(node, "leaf", roles, heads=heads)
             return None
+        src, src_shape = mapped[0], shape(mapped[0])
+        if src_shape is not None and len(src_shape) == 3 and src_shape[:2] == (s[roles.index(S)], s[0]) != (1, 1):
+            return f"{describe(node)} reads heads of a sequence-first (S, B, C) tensor (nn.MultiheadAttention)"
+        no_leaf = f"{describe(node)} reads {describe(src)} {list(src_shape or ())} but not one channel block per head"
+    else:
+        no_leaf = f"{describe(node)} between the head split and attention has no per-head form"
     if node.op != "call_function":
         return f"{describe(node)}: attention inputs that are not channel blocks of a projection"
     t = node.target
@@ -178,7 +184,7 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
         if roles[dim % 4] not in (D, S):
             return f"{describe(node)} concatenates heads"
     else:
-        return f"{describe(node)} between the head split and attention has no per-head form"
+        return no_leaf
     head_args = []
     for a in operands:
         a_shape = shape(a)

@@ -173,3 +173,10 @@ def test_unrecognised_attention_is_counted_with_a_reason(kind):
     assert rec.stats["unmatched"] == 1, rec.stats
     (reason,) = rec.stats["unmatched_reasons"]
     assert ("tanh" in reason) if kind == "softcap" else ("bmm" in reason), reason
+
+
+def test_unmatched_attention_reaches_the_ane_report():
+    model = SoftCapped(kind="softcap").eval()
+    compiled = anefx.compile(model, (torch.randn(1, 8, 16),))
+    found = compiled.ane_report.by_rule().get("unmatched_attention", [])
+    assert len(found) == 1 and "tanh" in found[0].reason, found

@@ -11,8 +11,14 @@ models. Two forms are recognised:
 
 Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
 data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
-simulating the reshuffle, see :mod:`anefx.heads`). Masks are lowered by :mod:`anefx.masks` to the
-additive per-key form with a finite negative. Attention whose inputs do not match is left alone.
+simulating the reshuffle, see :mod:`anefx.heads`), or through per-head work between the head split
+and attention — rotary embeddings (half-rotation, interleaved, partial), QK-norm, casts, then
+``repeat_kv`` — which is replayed head by head on (B, D, 1, S) channel chunks (``rotate_half``
+becomes a split + ``neg`` + ``cat`` on the channel axis; cos/sin enter as (1, D, 1, S) tensors, once
+for all layers), see :mod:`anefx.head_program`. Masks are lowered by :mod:`anefx.masks` to the
+additive per-key form with a finite negative. Attention whose inputs do not match is left alone and
+counted in ``unmatched`` with the reason in ``unmatched_reasons`` — also a softmax over ``q @ k^T``
+scores no matcher recognises (logit soft-capping, 3-D ``bmm`` attention).
 
 Original::
 
@@ -42,7 +48,14 @@ import torch
 import torch.fx
 
 from anefx.graph import add_constant, call, dce, describe, provenance, shape, val
-from anefx.head_program import REDUCE_OPS, HeadProgram, Step, chunk_axis, side_index, trace_program
+from anefx.head_program import (
+    REDUCE_OPS,
+    HeadProgram,
+    Step,
+    chunk_axis,
+    side_index,
+    trace_program,
+)
 from anefx.heads import Heads, merge_users, trace_heads
 from anefx.layout import from_bc1s, to_bc1s
 from anefx.masks import MaskLowering, MaskTerm
@@ -332,7 +345,7 @@ def _unrecognised(node: torch.fx.Node, seen: set) -> str | None:
         x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else x
     else:
         return None
-    if x.target in _SCORES and x.target != aten.matmul.default or len(shape(x) or ()) == 3:
+    if x.target != aten.matmul.default or len(shape(x) or ()) == 3:
         return f"{describe(x)}: attention over 3-D (B·H, S, D) bmm/baddbmm is not rewritten"
     if blocker is not None:
         return f"{describe(blocker)} between QK^T and softmax (e.g. logit soft-capping) is not rewritten"
