@@ -40,6 +40,7 @@ MOVEMENT = {
     aten.unflatten.int,
     aten.flatten.using_ints,
     aten.slice.Tensor,
+    aten.select.int,
 }
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 
@@ -125,12 +126,17 @@ def trace_heads(node: torch.fx.Node) -> Heads | None:
     mapped = index_map(node)
     if mapped is None:
         return None
-    src, r = mapped
+    return heads_from_index(*mapped)
+
+
+def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
+    """``r`` (B, H, S, D) indexes the flattened ``src``: the heads it reads when each head is a channel
+    block of ``src`` (B, S, C) or (B, C, 1, S), else None."""
     src_shape = shape(src)
-    bc = _index_in_bc1s(src_shape)
-    if bc is None or tuple(r.shape) != out:
+    bc = _index_in_bc1s(src_shape) if src_shape is not None else None
+    if bc is None or r.dim() != 4:
         return None
-    b, h, s, d = out
+    b, h, s, d = r.shape
     if bc.shape[0] != b or bc.shape[3] != s:
         return None
     # where each source element sits in (B, C, 1, S): channel of the first element of every head

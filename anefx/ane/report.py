@@ -236,7 +236,15 @@ def check(model_or_compiled, example_inputs=(), example_kwargs=None, **compile_o
         compiled = anefx_compile(model_or_compiled, example_inputs, example_kwargs, **compile_options)
     if compiled.target != "coreml" or compiled.artifact is None:
         raise ValueError("the ANE report reads a Core ML program: compile with target='coreml' and convert=True")
-    return analyse(compiled.artifact, compiled.graph_module, compiled.captured.flat_inputs)
+    report = analyse(compiled.artifact, compiled.graph_module, compiled.captured.flat_inputs)
+    for record in compiled.report.records:  # attention left in stock form, with the pass's reason
+        if record.rolled_back:
+            continue
+        for reason, count in (record.stats.get("unmatched_reasons") or {}).items():
+            for _ in range(count):
+                finding = Finding("attention", "attention", "unmatched_attention", "slow", reason, record.name, None)
+                report.findings.append(finding)
+    return report
 
 
 def compare_estimates(reports: dict[str, ANEReport]):

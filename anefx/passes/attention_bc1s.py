@@ -11,12 +11,18 @@ models. Two forms are recognised:
 
 Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
 data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
-simulating the reshuffle, see :mod:`anefx.heads`). Masks keep torch's semantics exactly: they are
+simulating the reshuffle, see :mod:`anefx.heads`), or through per-head work between the head split
+and attention — rotary embeddings (half-rotation, interleaved, partial), QK-norm, casts, then
+``repeat_kv`` — which is replayed head by head on (B, D, 1, S) channel chunks (``rotate_half``
+becomes a split + ``neg`` + ``cat`` on the channel axis; cos/sin enter as (1, D, 1, S) tensors, once
+for all layers), see :mod:`anefx.head_program`. Masks keep torch's semantics exactly: they are
 lowered by :mod:`anefx.masks` to per-key terms applied in the model's order — fills (a
 ``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
 additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
 rows whose keys are all masked give torch's result (see :mod:`anefx.masks`). Attention whose inputs
-do not match is left alone.
+do not match is left alone and counted in ``unmatched`` with the reason in ``unmatched_reasons`` —
+also a softmax over ``q @ k^T`` scores no matcher recognises (logit soft-capping, 3-D ``bmm``
+attention).
 
 Original::
 
@@ -45,7 +51,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dce, provenance, shape, val
+from anefx.graph import add_constant, call, dce, describe, provenance, shape, val
+from anefx.head_program import (
+    REDUCE_OPS,
+    HeadProgram,
+    Step,
+    chunk_axis,
+    side_index,
+    trace_program,
+)
 from anefx.heads import Heads, merge_users, trace_heads
 from anefx.layout import from_bc1s, to_bc1s
 from anefx.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
@@ -213,22 +227,37 @@ class AttentionBC1S(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         stats = {"rewritten": 0, "heads": 0, "unmatched": 0}
+        reasons: dict[str, int] = {}
         memo: dict = {}
         lowering: dict = {}
+        sides: dict = {}
+        seen: set[torch.fx.Node] = set()
         for node in list(graph.nodes):
             core = match_sdpa(node) or match_eager(node)
             if core is None:
                 continue
-            traced = [trace_heads(t) for t in (core.q, core.k, core.v)]
-            if any(t is None for t in traced) or _blocked(core, traced):
+            seen.add(core.out)
+            traced = _trace_inputs(core)
+            if isinstance(traced, str) or _blocked(core, traced):
                 stats["unmatched"] += 1
+                why = traced if isinstance(traced, str) else "batch, sequence or GQA ratio mismatch"
+                reasons[why] = reasons.get(why, 0) + 1
                 continue
             if not ctx.site(core.out):
                 continue
             with provenance(core.out):
+                with graph.inserting_before(core.out):
+                    traced = [self._materialise(graph, t, memo, sides) for t in traced]
                 self._rewrite(gm, core, *traced, memo, lowering)
             stats["rewritten"] += 1
             stats["heads"] += len(traced[0].offsets)
+        for node in graph.nodes:  # attention no matcher recognised: counted, never silent
+            why = _unrecognised(node, seen)
+            if why is not None:
+                stats["unmatched"] += 1
+                reasons[why] = reasons.get(why, 0) + 1
+        if reasons:
+            stats["unmatched_reasons"] = reasons
         if stats["rewritten"]:
             dce(graph)
         return finish(gm, bool(stats["rewritten"]), **stats)
@@ -291,6 +320,115 @@ class AttentionBC1S(Pass):
     def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
         return heads.source if heads.source_is_bc1s else to_bc1s(graph, heads.source, 3, memo)
 
+    def _materialise(self, graph, found: Heads | HeadProgram, memo: dict, sides: dict) -> Heads:
+        """A per-head program replayed head by head on (B, D, 1, S) chunks, concatenated on channels."""
+        if isinstance(found, Heads):
+            return found
+        chunks: dict = {}
+        splits: dict = {}
+
+        def chunk(node: torch.fx.Node, j: int) -> torch.fx.Node:
+            if (node, j) not in chunks:
+                step = found.steps[node]
+                if step.kind == "leaf":
+                    hd = step.heads
+                    out = _splitter(splits, graph, self._bc(graph, hd, memo), 1, hd.head_dim)[hd.offsets[j]]
+                elif step.kind == "move":
+                    out = chunk(node.args[0], j)
+                else:
+                    out = _replay(graph, step, lambda a: chunk(a, j), sides)
+                chunks[(node, j)] = out
+            return chunks[(node, j)]
+
+        parts = [chunk(found.base, j) for j in range(found.base_heads)]
+        src = call(graph, aten.cat.default, (parts, 1)) if len(parts) > 1 else parts[0]
+        return Heads(src, [j * found.head_dim for j in found.head_map], found.head_dim, True)
+
+
+_SCORES = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+_SCORE_STEPS = {aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.masked_fill.Scalar, aten.view.default}
+
+
+def _unrecognised(node: torch.fx.Node, seen: set) -> str | None:
+    """Why a softmax over ``q @ k^T`` scores that feeds a matmul was not matched, or None when
+    ``node`` is no such softmax (or belongs to an attention already counted, in ``seen``)."""
+    if node.op != "call_function" or node.target not in _SOFTMAX or len(shape(node) or ()) < 3:
+        return None
+    users = list(node.users)
+    users += [v for u in users if u.op == "call_function" and u.target in _PASS for v in u.users]
+    if not any(u.op == "call_function" and u.target in _SCORES for u in users) or any(u in seen for u in users):
+        return None
+    x, blocker = node.args[0], None
+    for _ in range(8):
+        if x.op != "call_function":
+            return None
+        if x.target in _SCORES:
+            break
+        if x.target not in _SCORE_STEPS and blocker is None:
+            blocker = x
+        x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else x
+    else:
+        return None
+    if x.target != aten.matmul.default or len(shape(x) or ()) == 3:
+        return f"{describe(x)}: attention over 3-D (B·H, S, D) bmm/baddbmm is not rewritten"
+    if blocker is not None:
+        return f"{describe(blocker)} between QK^T and softmax (e.g. logit soft-capping) is not rewritten"
+    return f"{describe(node)}: softmax over QK^T scores in an unrecognised form"
+
+
+def _trace_inputs(core: Core) -> list | str:
+    """Q, K and V as channel blocks (:class:`Heads`) or per-head programs, or why not."""
+    traced = []
+    for t in (core.q, core.k, core.v):
+        found = trace_heads(t)
+        if found is None:
+            found = trace_program(t)
+            if isinstance(found, str):
+                return found
+        traced.append(found)
+    return traced
+
+
+def _replay(graph, step: Step, head, sides: dict) -> torch.fx.Node:
+    """``step``'s op on per-head (B, D, 1, S) chunks: ``head(operand)`` gives a head operand's chunk;
+    side operands are broadcast into the chunk layout once (shared by every head and layer)."""
+    n, roles = step.node, step.roles
+
+    def arg(a):
+        if not isinstance(a, torch.fx.Node):
+            return a
+        return head(a) if a in step.head_args else _side(graph, a, roles, sides)
+
+    t = n.target
+    if t == aten.slice.Tensor:
+        return call(graph, t, (head(n.args[0]), chunk_axis(roles, n.args[1]), *n.args[2:]))
+    if t in REDUCE_OPS:
+        kwargs = {k: v for k, v in n.kwargs.items() if k != "keepdim"}
+        dims = [chunk_axis(roles, d) for d in n.args[1]]
+        return call(graph, t, (head(n.args[0]), dims, True, *n.args[3:]), kwargs)
+    if t == aten.cat.default:
+        dim = n.args[1] if len(n.args) > 1 else 0
+        return call(graph, t, ([arg(a) for a in n.args[0]], chunk_axis(roles, dim)))
+    return call(graph, t, tuple(arg(a) for a in n.args), dict(n.kwargs))
+
+
+def _side(graph, a: torch.fx.Node, roles: tuple[int, ...], sides: dict) -> torch.fx.Node:
+    """A tensor broadcasting over heads (cos/sin, a norm weight) in the (B, D, 1, S) chunk layout."""
+    key = (side_index(a), roles)
+    if key not in sides:
+        s = shape(a)
+        x = a
+        if s:
+            if len(s) < 4:
+                x = call(graph, aten.view.default, (a, [1] * (4 - len(s)) + list(s)))
+            perm = [0] * 4
+            for axis in range(4):
+                perm[chunk_axis(roles, axis)] = axis
+            if perm != [0, 1, 2, 3]:
+                x = call(graph, aten.permute.default, (x, perm))
+        sides[key] = x
+    return sides[key]
+
 
 def _per_query_head(offsets: list[int], heads: int) -> list[int]:
     """K/V offsets for each query head: with grouped-query attention, ``heads / len(offsets)`` query
@@ -303,5 +441,9 @@ def _blocked(core: Core, traced: list) -> bool:
     q, k, v = (shape(t) for t in (core.q, core.k, core.v))
     if None in (q, k, v) or q[0] != k[0] or k[2] != v[2]:
         return True
-    h = len(traced[0].offsets)
-    return any(h % len(t.offsets) for t in traced[1:])
+    h = len(_heads_of(traced[0]))
+    return any(h % len(_heads_of(t)) for t in traced[1:])
+
+
+def _heads_of(t: Heads | HeadProgram) -> list[int]:
+    return t.offsets if isinstance(t, Heads) else t.head_map

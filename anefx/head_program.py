@@ -1,0 +1,213 @@
+"""Per-head work between the head split and attention, replayed on (B, D, 1, S) chunks.
+
+Decoders compute per head after splitting a projection into heads and before attention: rotary
+position embeddings (``q * cos + rotate_half(q) * sin``, interleaved, partial as in GPT-NeoX),
+QK-norm (Qwen3's RMSNorm over ``head_dim``), dtype casts, then ``repeat_kv`` for grouped-query
+attention. :func:`trace_program` finds that work: walking up from what attention reads, every node
+is either
+
+* a *leaf*: a channel block per head of a (B, S, C) or (B, C, 1, S) tensor, through pure data
+  movement (:func:`anefx.heads.heads_from_index`);
+* a *move*: a ``permute``/``transpose`` of heads (the program just relabels axes);
+* an *op*: elementwise work (the :mod:`anefx.layout_rules` unary/binary ops), a ``slice``/``cat``
+  on the head_dim or sequence axis, or a reduction over them with ``keepdim`` (RMSNorm's ``mean``),
+  whose other operands are either heads too or *side* tensors that broadcast over heads (cos/sin
+  tables of shape (1, 1, S, D), a norm weight (D,), scalars).
+
+Each head's chunk then lives in (B, D, 1, S): axes map B → 0, head_dim → 1, head → 2 (size 1),
+sequence → 3, so the program is replayed head by head on channel chunks without leaving the ANE
+layout (``rotate_half`` becomes a ``slice`` + ``neg`` + ``cat`` on the channel axis). What
+attention reads is finally a movement of the program's result that picks, for each query head, one
+head of it (``repeat_kv``'s ``expand`` + ``reshape``, or none): the ``head_map``.
+
+A node the program cannot replay is reported by :func:`trace_program` as the reason, naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from anefx.graph import describe, shape
+from anefx.heads import Heads, heads_from_index, index_map
+from anefx.layout_rules import BINARY, UNARY
+
+aten = torch.ops.aten
+
+#: canonical roles of a head tensor's axes
+B, H, S, D = 0, 1, 2, 3
+#: role -> axis of the per-head (B, D, 1, S) chunk
+CHUNK_AXIS = (0, 2, 3, 1)
+#: axis orders a head tensor is found in: (B, H, S, D) and (B, S, H, D) (QK-norm before the transpose)
+ROLE_ORDERS = ((B, H, S, D), (B, S, H, D))
+_MOVES = {aten.permute.default, aten.transpose.int}
+REDUCE_OPS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+
+
+@dataclass
+class Step:
+    node: torch.fx.Node
+    kind: str  # "leaf" | "move" | "op"
+    roles: tuple[int, ...]  # role of each axis of ``node``
+    heads: Heads | None = None  # leaf: where each head's channels are
+    head_args: frozenset = frozenset()  # op: the operands that are heads (the rest are sides)
+
+
+@dataclass
+class HeadProgram:
+    """What attention reads (``root``, (B, H, S, D)): head ``i`` is head ``head_map[i]`` of ``base``,
+    which ``steps`` compute head by head."""
+
+    root: torch.fx.Node
+    base: torch.fx.Node
+    head_map: list[int]
+    base_heads: int
+    head_dim: int
+    steps: dict[torch.fx.Node, Step] = field(default_factory=dict)
+
+    @property
+    def base_step(self) -> Step:
+        return self.steps[self.base]
+
+
+def chunk_axis(roles: tuple[int, ...], axis: int) -> int:
+    """The (B, D, 1, S) chunk axis holding ``axis`` of a head tensor whose axes have ``roles``."""
+    return CHUNK_AXIS[roles[axis % len(roles)]]
+
+
+def _canonical(idx: torch.Tensor, roles: tuple[int, ...]) -> torch.Tensor:
+    """``idx`` (axes with ``roles``) permuted to (B, H, S, D)."""
+    return idx.permute([roles.index(r) for r in range(4)])
+
+
+def _head_map(root: torch.fx.Node) -> tuple[torch.fx.Node, tuple[int, ...], list[int]]:
+    """The tensor whose heads ``root`` reads, its axis roles, and which of its heads each root head is."""
+    out = shape(root)
+    mapped = index_map(root)
+    if mapped is not None:
+        src, r = mapped
+        s = shape(src)
+        if s is not None and len(s) == 4:
+            for roles in ROLE_ORDERS:
+                idx = _canonical(torch.arange(_numel(s)).reshape(s), roles)
+                if (idx.shape[0], idx.shape[2], idx.shape[3]) != (out[0], out[2], out[3]):
+                    continue
+                heads = []
+                for i in range(out[1]):
+                    j = [h for h in range(idx.shape[1]) if int(idx[0, h, 0, 0]) == int(r[0, i, 0, 0])]
+                    if not j or not torch.equal(idx[:, j[0]], r[:, i]):
+                        break
+                    heads.append(j[0])
+                else:
+                    return src, roles, heads
+    return root, (B, H, S, D), list(range(out[1]))
+
+
+def _numel(s) -> int:
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
+def trace_program(root: torch.fx.Node, max_nodes: int = 64) -> HeadProgram | str:
+    """The per-head program computing ``root`` (B, H, S, D), or the reason there is none."""
+    out = shape(root)
+    if out is None or len(out) != 4:
+        return f"{describe(root)} has no static (B, H, S, D) shape"
+    base, roles, head_map = _head_map(root)
+    bs = shape(base)
+    prog = HeadProgram(root, base, head_map, bs[roles.index(H)], out[3])
+    reason = _trace(base, roles, prog, max_nodes)
+    return reason if reason is not None else prog
+
+
+def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budget: int) -> str | None:
+    if node in prog.steps:
+        return None if prog.steps[node].roles == roles else f"{describe(node)} is read in two head layouts"
+    if len(prog.steps) >= budget:
+        return f"more than {budget} ops between the head split and attention"
+    s = shape(node)
+    if s is None or len(s) != 4:
+        return f"{describe(node)} between the head split and attention is not a 4-D head tensor"
+    mapped = index_map(node)
+    if mapped is not None:
+        heads = heads_from_index(mapped[0], _canonical(mapped[1], roles))
+        if heads is not None:
+            prog.steps[node] = Step(node, "leaf", roles, heads=heads)
+            return None
+        src, src_shape = mapped[0], shape(mapped[0])
+        if src_shape is not None and len(src_shape) == 3 and src_shape[:2] == (s[roles.index(S)], s[0]) != (1, 1):
+            return f"{describe(node)} reads heads of a sequence-first (S, B, C) tensor (nn.MultiheadAttention)"
+        no_leaf = f"{describe(node)} reads {describe(src)} {list(src_shape or ())} but not one channel block per head"
+    else:
+        no_leaf = f"{describe(node)} between the head split and attention has no per-head form"
+    if node.op != "call_function":
+        return f"{describe(node)}: attention inputs that are not channel blocks of a projection"
+    t = node.target
+    if t in _MOVES and isinstance(node.args[0], torch.fx.Node):
+        dims = list(range(4))
+        if t == aten.transpose.int:
+            a, b = (d % 4 for d in node.args[1:3])
+            dims[a], dims[b] = dims[b], dims[a]
+        else:
+            dims = [d % 4 for d in node.args[1]]
+        inner = [0] * 4
+        for a, d in enumerate(dims):
+            inner[d] = roles[a]
+        reason = _trace(node.args[0], tuple(inner), prog, budget)
+        if reason is None:
+            prog.steps[node] = Step(node, "move", roles)
+        return reason
+    h_axis = roles.index(H)
+    heads_n = s[h_axis]
+    if t in UNARY or t in BINARY:
+        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if t in UNARY:
+            operands = operands[:1]
+    elif t == aten.slice.Tensor or t in REDUCE_OPS:
+        operands = [node.args[0]]
+        if t == aten.slice.Tensor:
+            dim = node.args[1] if len(node.args) > 1 else 0
+            if roles[dim % 4] not in (D, S) or any(isinstance(a, torch.fx.Node) for a in node.args[2:]):
+                return f"{describe(node)} slices heads"
+        else:
+            dims = node.args[1] if len(node.args) > 1 else None
+            keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if not keep or dims is None or any(roles[d % 4] in (B, H) for d in dims):
+                return f"{describe(node)} reduces across heads"
+    elif t == aten.cat.default:
+        operands = list(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else 0
+        if roles[dim % 4] not in (D, S):
+            return f"{describe(node)} concatenates heads"
+    else:
+        return no_leaf
+    head_args = []
+    for a in operands:
+        a_shape = shape(a)
+        if a_shape is None or len(a_shape) > 4:
+            return f"{describe(a)} (an operand of {describe(node)}) has no static shape"
+        padded = (1,) * (4 - len(a_shape)) + a_shape
+        if padded[h_axis] == heads_n and len(a_shape) == 4 and (heads_n > 1 or _trace(a, roles, prog, budget) is None):
+            reason = _trace(a, roles, prog, budget)
+            if reason is not None:
+                return reason
+            head_args.append(a)
+        elif padded[h_axis] != 1:
+            return f"{describe(a)} (an operand of {describe(node)}) differs per head"
+    if not head_args:
+        return f"{describe(node)} reads no head"
+    prog.steps[node] = Step(node, "op", roles, head_args=frozenset(head_args))
+    return None
+
+
+def side_index(node: torch.fx.Node):
+    """A key naming the value of a side operand up to data movement, so layers share its chunk form."""
+    mapped = index_map(node)
+    if mapped is None:
+        return node
+    src, r = mapped
+    return src, tuple(r.shape), r.numpy().tobytes()

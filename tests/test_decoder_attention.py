@@ -1,0 +1,182 @@
+"""Issue 12 (items 2 and 5): decoder attention in Apple's per-head form.
+
+Small decoders from ``transformers`` configs with re-initialised random weights: rotary embeddings
+(half rotation, partial as in GPT-NeoX), QK-norm (Qwen3), GQA through ``repeat_kv``, sliding windows
+(Mistral). Judged on the Core ML program's MIL ops and on numerics with right-padded masks the
+compile never saw.
+"""
+
+import pytest
+import torch
+import transformers as tf
+from torch import nn
+
+import anefx
+
+VOCAB, SEQ, HIDDEN = 256, 32, 64
+
+
+def _reinit(model: nn.Module) -> nn.Module:
+    """Nothing zero or identity: norm weights 1 ± 0.2, every other parameter N(0, 0.1)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def build(name: str, layers: int) -> nn.Module:
+    common = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
+    if name in ("llama", "llama_lm"):
+        cfg = tf.LlamaConfig(num_key_value_heads=2, **common)
+        model = tf.LlamaForCausalLM(cfg) if name == "llama_lm" else tf.LlamaModel(cfg)
+    elif name == "qwen3":
+        model = tf.Qwen3Model(tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **common))
+    elif name == "mistral":
+        model = tf.MistralModel(tf.MistralConfig(num_key_value_heads=2, sliding_window=8, **common))
+    elif name == "neox":
+        model = tf.GPTNeoXModel(tf.GPTNeoXConfig(rotary_pct=0.5, **common))
+    elif name == "opt":
+        cfg = tf.OPTConfig(
+            hidden_size=HIDDEN,
+            ffn_dim=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            vocab_size=VOCAB,
+            max_position_embeddings=128,
+            word_embed_proj_dim=HIDDEN,
+        )
+        model = tf.OPTModel(cfg)
+    else:
+        raise KeyError(name)
+    model.config.use_cache = False  # until capture drops cache objects (issue 12 item 1)
+    return _reinit(model)
+
+
+def inputs(pad: int = 0):
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, SEQ, dtype=torch.long)
+    if pad:
+        mask[:, -pad:] = 0
+    return (ids,), {"attention_mask": mask}
+
+
+def _main_output(out) -> torch.Tensor:
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr):
+            return getattr(out, attr)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_numerics(model, compiled):
+    """Within 1e-4 relative on the example and, on the valid tokens, with right padding."""
+    for pad in (0, 5, 13):
+        args, kwargs = inputs(pad)
+        with torch.no_grad():
+            ref = _main_output(model(*args, **kwargs))[:, : SEQ - pad]
+        out = _main_output(compiled(*args, **kwargs))[:, : SEQ - pad]
+        err = float((out - ref).abs().max() / ref.abs().max())
+        assert err < 1e-4, (pad, err)
+
+
+def _attention_record(compiled):
+    (rec,) = [r for r in compiled.report.records if r.name == "attention_bc1s"]
+    assert not rec.rolled_back, rec.error
+    return rec
+
+
+DECODERS = ["llama", "qwen3", "mistral", "neox", "llama_lm"]
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoder_attention_is_per_head_at_depth_2_and_4(name):
+    counts = {}
+    for layers in (2, 4):
+        model = build(name, layers)
+        args, kwargs = inputs()
+        compiled = anefx.compile(model, args, kwargs)
+        rec = _attention_record(compiled)
+        assert rec.stats["rewritten"] == layers and rec.stats["unmatched"] == 0, rec.stats
+        assert rec.stats["heads"] == 4 * layers
+        ops = compiled.op_histogram()
+        assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, ops
+        assert ops["einsum"] == 2 * 4 * layers and ops["softmax"] == 4 * layers, ops
+        assert ops.get("gather_nd", 0) == 0, ops  # cos/sin reach the heads as (1, D, 1, S) tensors
+        counts[layers] = (ops.get("transpose", 0), ops.get("reshape", 0))
+        _check_numerics(model, compiled)
+    (t2, r2), (t4, r4) = counts[2], counts[4]
+    assert t4 - t2 <= 2, counts  # at most one transpose per added layer: the K transpose
+    assert r4 == r2 == 0, counts
+
+
+def test_rotary_runs_on_channel_chunks_without_leaving_bc1s():
+    """No rank-4 head tensor in (B, H, S, D) is left: every op between the projections and the
+    einsums reads (B, C, 1, S) chunks; rotate_half is a split, a neg and a cat on the channel axis."""
+    model = build("llama", 2)
+    args, kwargs = inputs()
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    aten = torch.ops.aten
+    for n in compiled.graph_module.graph.nodes:
+        if n.target in (aten.neg.default, aten.einsum.default, aten._softmax.default):
+            assert n.meta["val"].shape[2] == 1, n.format_node()  # (B, D or S_k, 1, S)
+    hist = {str(n.target) for n in compiled.graph_module.graph.nodes}
+    assert "aten.scaled_dot_product_attention.default" not in hist
+
+
+def test_opt_attention_is_rewritten():
+    model = build("opt", 2)
+    args, kwargs = inputs()
+    compiled = anefx.compile(model, args, kwargs)
+    rec = _attention_record(compiled)
+    assert rec.stats["rewritten"] == 2 and rec.stats["unmatched"] == 0, rec.stats
+    ops = compiled.op_histogram()
+    assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, ops
+    _check_numerics(model, compiled)
+
+
+class SoftCapped(nn.Module):
+    """Gemma-2 style logit soft-capping between QK^T and softmax, over 3-D (B·H, S, D) bmm."""
+
+    def __init__(self, c=16, heads=4, kind="softcap"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.h, self.d, self.kind = heads, c // heads, kind
+        self.qkv = nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        b, s, c = x.shape
+        q, k, v = (t.view(b, s, self.h, self.d).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        if self.kind == "softcap":
+            w = torch.tanh(q @ k.transpose(-1, -2) / 5.0) * 5.0
+            return (w.softmax(-1) @ v).transpose(1, 2).reshape(b, s, c)
+        q, k, v = (t.reshape(b * self.h, s, self.d) for t in (q, k, v))
+        w = torch.bmm(q, k.transpose(1, 2)) * self.d**-0.5
+        return torch.bmm(w.softmax(-1), v).view(b, self.h, s, self.d).transpose(1, 2).reshape(b, s, c)
+
+
+@pytest.mark.parametrize("kind", ["softcap", "bmm"])
+def test_unrecognised_attention_is_counted_with_a_reason(kind):
+    model = SoftCapped(kind=kind).eval()
+    x = torch.randn(1, 8, 16)
+    compiled = anefx.compile(model, (x,), convert=False)
+    rec = _attention_record(compiled)
+    assert rec.stats["unmatched"] == 1, rec.stats
+    (reason,) = rec.stats["unmatched_reasons"]
+    assert ("tanh" in reason) if kind == "softcap" else ("bmm" in reason), reason
+
+
+def test_unmatched_attention_reaches_the_ane_report():
+    model = SoftCapped(kind="softcap").eval()
+    compiled = anefx.compile(model, (torch.randn(1, 8, 16),))
+    found = compiled.ane_report.by_rule().get("unmatched_attention", [])
+    assert len(found) == 1 and "tanh" in found[0].reason, found
