@@ -39,6 +39,7 @@ EXAMPLES: dict[str, CatalogExample] = {
     "linear_to_conv": CatalogExample("tiny_block"),
     "layer_norm_bc1s": CatalogExample("tiny_block"),
     "attention_bc1s": CatalogExample("tiny_attention", ("linear_to_conv",)),
+    "attention_chunks": CatalogExample("long_attention", ("linear_to_conv", "attention_bc1s")),
     "fp16_mask_values": CatalogExample("masked_scores_fp32min"),
     "to_bc1s": CatalogExample("tiny_block", ("linear_to_conv", "layer_norm_bc1s")),
     "fold_transposes": CatalogExample("transpose_pairs"),
