@@ -40,6 +40,7 @@ EXAMPLES: dict[str, CatalogExample] = {
     "layer_norm_bc1s": CatalogExample("tiny_block"),
     "rms_norm_bc1s": CatalogExample("tiny_rms_norm", ("canonicalize",)),
     "attention_bc1s": CatalogExample("tiny_attention", ("linear_to_conv",)),
+    "attention_chunks": CatalogExample("long_attention", ("linear_to_conv", "attention_bc1s")),
     "fp16_mask_values": CatalogExample("masked_scores_fp32min"),
     "to_bc1s": CatalogExample("tiny_block", ("linear_to_conv", "layer_norm_bc1s")),
     "fold_transposes": CatalogExample("transpose_pairs"),

@@ -26,7 +26,9 @@ class CompiledModel:
 
     ``graph_module`` is the rewritten graph; it runs in PyTorch with the model's inputs and returns
     the model's output structure. ``artifact`` is the target's converted model (``mlmodel`` for Core
-    ML). ``report`` holds one record per pass.
+    ML). ``report`` holds one record per pass. ``timings`` holds the seconds of every stage:
+    ``capture``, ``passes`` (of which ``passes.validation``), ``convert`` (of which ``convert.export``,
+    building the program handed to the converter, and ``convert.ct_convert``) and ``total``.
     """
 
     graph_module: torch.fx.GraphModule
@@ -123,7 +125,7 @@ def compile(  # noqa: A001 - the public name users expect
             keyword overrides (``print_ir_after_all=True``, ``dump_dir=...``, ``bisect_limit=3``…).
     """
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs)
     timings["capture"] = time.perf_counter() - t0
 
@@ -145,6 +147,7 @@ def compile(  # noqa: A001 - the public name users expect
     )
     timings["passes"] = time.perf_counter() - t0
     report = Report(result.records)
+    timings["passes.validation"] = sum(r.validation_seconds for r in result.records)
 
     artifact = None
     if convert:
@@ -162,6 +165,8 @@ def compile(  # noqa: A001 - the public name users expect
         )
         artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
+        for stage, seconds in artifact.info.get("timings", {}).items():
+            timings[f"convert.{stage}"] = seconds
         report.conversion = {
             "target": target,
             "seconds": round(timings["convert"], 3),
@@ -169,6 +174,8 @@ def compile(  # noqa: A001 - the public name users expect
             "ops": dict(sorted(artifact.op_histogram().items())),
             "checks": handoff.checks,
         }
+    timings["total"] = time.perf_counter() - start
+    report.timings = dict(timings)
     return CompiledModel(
         graph_module=result.graph_module,
         report=report,

@@ -21,12 +21,31 @@ on its last node, so graphs stay readable and the ANE report can point at them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 
 from anefx.graph import call, insert_after, is_constant, shape
 
 aten = torch.ops.aten
+
+
+def padding_factor(shape: tuple[int, ...] | None, itemsize: int = 2) -> float:
+    """How much larger a tensor is on the ANE, whose last axis is padded to 64 bytes."""
+    if not shape:
+        return 1.0
+    last = shape[-1] * itemsize
+    return (math.ceil(last / 64) * 64) / last if last else 1.0
+
+
+def padded_bytes(shape: tuple[int, ...] | None, itemsize: int = 2) -> int:
+    """Bytes of a tensor on the ANE (fp16 by default), its last axis padded to 64 bytes."""
+    if not shape:
+        return itemsize
+    n = math.prod(shape) * itemsize
+    return int(n * padding_factor(shape, itemsize))
+
 
 TAG = "anefx_layout"
 RANKS = (2, 3, 4)

@@ -45,6 +45,8 @@ class Report:
 
     records: list[PassRecord] = field(default_factory=list)
     conversion: dict[str, Any] = field(default_factory=dict)
+    #: Seconds per compile stage (see ``CompiledModel.timings``).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -57,7 +59,11 @@ class Report:
         raise KeyError(f"no pass named {name!r} ran; ran: {[r.name for r in self.records]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passes": [asdict(r) | {"status": r.status} for r in self.records], "conversion": self.conversion}
+        return {
+            "passes": [asdict(r) | {"status": r.status} for r in self.records],
+            "conversion": self.conversion,
+            "timings": self.timings,
+        }
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str, **kwargs)
@@ -107,6 +113,8 @@ class Report:
                 console.print(f"hand-off {step}: site {excluded} excluded")
         if self.conversion:
             console.print(" ".join(f"{k}={v}" for k, v in self.conversion.items() if not isinstance(v, dict)))
+        if self.timings:
+            console.print("stages (s): " + ", ".join(f"{k}={v:.2f}" for k, v in self.timings.items()))
         return buf.getvalue()
 
 

@@ -317,6 +317,15 @@ def tiny_attention(seq: int = 4):
     return TinyAttention().eval(), (torch.randn(1, seq, 8), mask), {}
 
 
+def long_attention(seq: int = 1000):
+    """One head of self-attention over ``seq`` tokens with a key padding mask: its (1, S, 1, S) score
+    tensor is larger than ``attention_chunks``' default limit, so it is computed in query chunks."""
+    _seed()
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -3:] = 0
+    return TinyAttention(c=4, heads=1).eval(), (torch.randn(1, seq, 4), mask), {}
+
+
 def bert(layers: int = 2, dim: int = 64, heads: int = 4, seq: int = 32, attn: str = "sdpa", pad: int = 0):
     """Stock ``transformers`` BertModel from a config (small by default)."""
     from transformers import BertConfig, BertModel

@@ -125,3 +125,31 @@ def test_predict_off_macos_says_why():
     compiled = anefx.compile(model, args)
     with pytest.raises(anefx.TargetUnavailableError, match="needs macOS"):
         compiled.artifact.predict({"x": args[0].numpy()})
+
+
+@pytest.mark.parametrize("name", ["distilbert_small", "vit", "t5_encoder"])
+def test_fast_conversion_gives_the_same_program_as_coremltools_route(name):
+    """The lifted ExportedProgram and the faster MIL pipeline change conversion time, never the program:
+    op for op (type and output dtype) the same as a fresh torch.export + coremltools' own pipeline."""
+    from anefx.targets.base import HandOff, legalized_clone
+    from anefx.targets.coreml import CoreMLTarget
+    from anefx.targets.lift import lifted_program
+
+    model, args, kwargs = example(name)
+    fast = anefx.compile(model, args, kwargs)
+    handoff = HandOff(
+        fast.graph_module,
+        fast.captured.example_args,
+        fast.captured.example_kwargs,
+        fast.captured.input_names,
+        fast.captured.output_names,
+    )
+    assert lifted_program(legalized_clone(handoff)) is not None  # the fast route really ran
+    slow = CoreMLTarget(CoreMLOptions(fast_conversion=False)).convert(handoff)
+
+    def program(artifact):
+        return [(op.op_type, str(op.outputs[0].dtype)) for op in artifact.operations()]
+
+    assert fast.op_histogram() == slow.op_histogram()
+    assert program(fast.artifact) == program(slow)
+    assert fast.report.timings.keys() >= {"capture", "passes", "convert", "convert.export", "convert.ct_convert"}

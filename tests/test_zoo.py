@@ -36,6 +36,13 @@ def test_zoo_model(name):
     assert ops["conv"] == convs, ops
     assert ops.get("transpose", 0) <= transposes, ops
     torch.testing.assert_close(_out(compiled(*args, **kwargs)), _out(model(*args, **kwargs)), atol=1e-4, rtol=1e-4)
+    # never worse than stock: no more layout changes than the plain coremltools conversion of the model
+    stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty(), validate="off").op_histogram()
+    assert _layout_changes(ops) <= _layout_changes(stock), (ops, stock)
+
+
+def _layout_changes(hist) -> int:
+    return hist.get("transpose", 0) + hist.get("reshape", 0)
 
 
 def test_real_minilm_sentence_embeddings():

@@ -7,9 +7,10 @@ checks, its verdict, and the public source it rests on. Ops no rule knows are re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from anefx.layout import padded_bytes, padding_factor
 
 SOURCES = {
     "apple_transformers": (
@@ -126,21 +127,6 @@ def _dims(op: OpInfo) -> str | None:
         if s and max(s) > MAX_DIM:
             return f"an axis of size {max(s)} > {MAX_DIM}"
     return None
-
-
-def padding_factor(shape: tuple[int, ...] | None, itemsize: int = 2) -> float:
-    """How much larger a tensor is on the ANE, whose last axis is padded to 64 bytes."""
-    if not shape:
-        return 1.0
-    last = shape[-1] * itemsize
-    return (math.ceil(last / 64) * 64) / last if last else 1.0
-
-
-def padded_bytes(shape: tuple[int, ...] | None, itemsize: int = 2) -> int:
-    if not shape:
-        return itemsize
-    n = math.prod(shape) * itemsize
-    return int(n * padding_factor(shape, itemsize))
 
 
 PADDING_MIN_BYTES = 256 * 1024  # ignore small tensors: their padding does not matter

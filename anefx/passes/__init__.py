@@ -7,6 +7,7 @@ are available but not on by default.
 from __future__ import annotations
 
 from anefx.passes.attention_bc1s import AttentionBC1S
+from anefx.passes.attention_chunks import AttentionChunks
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
 from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.fold_constants import FoldConstants
@@ -26,6 +27,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     LayerNormBC1S,
     RMSNormBC1S,
     AttentionBC1S,
+    AttentionChunks,
     Fp16MaskValues,
     ToBC1S,
     FoldTransposes,
@@ -50,6 +52,7 @@ __all__ = [
     "ALL_PASSES",
     "DEFAULT_PASSES",
     "AttentionBC1S",
+    "AttentionChunks",
     "Canonicalize",
     "FoldConstants",
     "FoldTransposes",

@@ -1,8 +1,11 @@
 """Core ML hand-off: the validated graph → coremltools → ML Program (``.mlpackage``).
 
 Route: legalize a clone of the graph (respell ops coremltools 9 rejects, fold input-independent
-subgraphs) → ``torch.export`` → ``run_decompositions({})`` → ``ct.convert`` (mlprogram, fp16,
-``CPU_AND_NE``). Inputs keep the model's argument names, outputs the model's output names.
+subgraphs) → an ``ExportedProgram`` lifted from it directly (:mod:`anefx.targets.lift`; a fresh
+``torch.export`` + ``run_decompositions({})`` when that is not possible, or with
+``fast_conversion=False``) → ``ct.convert`` (mlprogram, fp16, ``CPU_AND_NE``) with coremltools'
+default MIL pipeline and equivalent faster passes (:mod:`anefx.targets.mil_pipeline`). Inputs keep
+the model's argument names, outputs the model's output names.
 
 Running the model (``predict``) and ``MLComputePlan`` need macOS; :func:`runtime_available` says
 whether this machine has them, and callers skip with its reason elsewhere.
@@ -24,9 +27,12 @@ from pathlib import Path
 import torch
 import torch.fx
 
+import anefx.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
 from anefx.errors import ConversionError, TargetUnavailableError
 from anefx.graph import describe
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
+from anefx.targets.lift import lifted_program
+from anefx.targets.mil_pipeline import pass_pipeline
 
 
 def _ct():
@@ -70,6 +76,11 @@ class CoreMLOptions:
     minimum_deployment_target: str = "iOS16"
     compute_precision: str = "float16"  # or "float32"
     compute_units: str = "CPU_AND_NE"  # ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE
+    #: Hand the graph to coremltools as an ``ExportedProgram`` built directly (no second
+    #: ``torch.export``) and run coremltools' default MIL pipeline with its faster equivalent passes
+    #: (:mod:`anefx.targets.mil_pipeline`). The program is the same either way; False takes
+    #: coremltools' own route (slower), e.g. to compare.
+    fast_conversion: bool = True
     #: Extra keyword arguments for ``ct.convert`` (advanced).
     convert_kwargs: tuple[tuple[str, object], ...] = ()
 
@@ -127,16 +138,30 @@ def _convert_channel_layer_norm(context, node):
 
 def _ensure_anefx_ops() -> None:
     """Register the converters of anefx's own torch ops (:mod:`anefx.ops`) through coremltools'
-    public ``register_torch_op``, once, at conversion time (never on import)."""
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY as reg
+    public ``register_torch_op``, at conversion time (never on import); registering again is a no-op."""
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
     from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
 
-    import anefx.ops  # noqa: F401 - defines the anefx:: torch ops
-
     kind = sanitize_op_kind(torch.ops.anefx.channel_layer_norm.default.name())
-    if kind not in reg:
-        register_torch_op(_convert_channel_layer_norm, torch_alias=[kind], override=True)
+    register_torch_op(_convert_channel_layer_norm, torch_alias=[kind], override=True)
+
+
+def _unconvertible(ep) -> list[str]:
+    """ATen ops of ``ep`` coremltools' torch frontend has no converter for (by its own op naming).
+
+    Reads coremltools' registry table directly: its public ``is_torch_fx_node_supported`` warns
+    (deprecated ``__contains__``) once per node and asserts on in-place ops, which stateful graphs have."""
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY as reg
+    from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
+
+    missing = []
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = node.target.name() if hasattr(node.target, "name") else getattr(node.target, "__name__", "")
+        if sanitize_op_kind(name) not in reg.name_to_func_mapping:
+            missing.append(name)
+    return missing
 
 
 def _deterministic_manifest(package: Path) -> None:
@@ -180,14 +205,23 @@ class CoreMLTarget(Target):
     def convert(self, handoff: HandOff) -> CoreMLArtifact:
         ct = _ct()
         opts: CoreMLOptions = self.options
-        gm = legalized_clone(handoff)
-        try:
-            ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ep = lifted_program(legalized_clone(handoff)) if opts.fast_conversion else None
+        if ep is not None and _unconvertible(ep):  # ops only their decompositions spell for coremltools
             ep = ep.run_decompositions({})
-        except Exception as exc:
-            raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+        if ep is None:
+            gm = legalized_clone(handoff)
+            try:
+                ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
+                ep = ep.run_decompositions({})
+            except Exception as exc:
+                raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+        timings["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         handed = ep.module()
         check_converter_input(handoff, handed)
+        timings["check_converter_input"] = time.perf_counter() - t0
         try:
             target = getattr(ct.target, opts.minimum_deployment_target)
         except AttributeError:
@@ -197,6 +231,9 @@ class CoreMLTarget(Target):
             ) from None
         precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[opts.compute_precision]
         outputs = [ct.TensorType(name=n) for n in handoff.output_names]
+        kwargs = dict(opts.convert_kwargs)
+        if "pass_pipeline" not in kwargs and opts.fast_conversion:
+            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.compute_precision == "float16")
         _ensure_aliases()
         _ensure_anefx_ops()
         t0 = time.perf_counter()
@@ -211,12 +248,13 @@ class CoreMLTarget(Target):
                     compute_units=getattr(ct.ComputeUnit, opts.compute_units),
                     outputs=outputs,
                     skip_model_load=not runtime_available()[0],
-                    **dict(opts.convert_kwargs),
+                    **kwargs,
                 )
         except Exception as exc:
             raise ConversionError(_explain(exc, ep, handoff.graph_module)) from exc
         seconds = time.perf_counter() - t0
-        artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds})
+        timings["ct_convert"] = seconds
+        artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds, "timings": timings})
         artifact.converter_input = handed
         artifact.exported_graph = ep.graph_module  # MIL op names come from these nodes' names
         return artifact
