@@ -48,6 +48,10 @@ class LMFunction:
     mlmodel: object
     seconds: float
 
+    @property
+    def model(self):
+        return self.mlmodel
+
     def operations(self) -> list:
         return list(self.mlmodel._mil_program.functions["main"].operations)
 
