@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,6 +147,11 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         ops = lm.package.functions[fn].operations()
         on_weights = [op.name for op in ops if op.op_type in ("matmul", "linear") and _weight_operand(op)]
         assert not on_weights, on_weights
+        # fp16-safe masks: no infinite constant anywhere (bool masks become -3e4 in coremltools)
+        consts = [op.outputs[0].val for op in ops if op.op_type == "const" and op.outputs[0].val is not None]
+        assert not any(
+            np.isinf(np.asarray(v, dtype=np.float64)).any() for v in consts if np.asarray(v).dtype.kind == "f"
+        )
 
     path = lm.save(tmp_path / "lm.mlpackage")
     import coremltools as ct
@@ -245,3 +251,20 @@ def test_smollm2_answers_like_hf():
     assert text.strip() == "The capital of France is Paris."
     assert out.stop_reason == "eos" and out.new_tokens[-1] == 2
     assert lm.states["key_cache_0"] == (1, 192, 1, 64) and len(lm.states) == 60
+
+
+def test_cli_generate_streams_hf_tokens(capsys):
+    from pathlib import Path
+
+    from anefx.cli import main
+    from examples.models import tiny_llama_lm
+
+    factory = str(Path(__file__).resolve().parents[1] / "examples" / "models.py") + ":tiny_llama_lm"
+    prompt = _prompt(50, 20)
+    argv = ["generate", factory, "--prompt-ids", ",".join(str(int(t)) for t in prompt[0])]
+    argv += ["--context-length", "64", "--prefill-length", "16", "--check-tokens", "4", "--no-convert"]
+    assert main([*argv, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    expected = _hf_greedy(tiny_llama_lm(), prompt, 6, eos=[2])
+    assert " ".join(map(str, expected)) in out and f"[{len(expected)} tokens, stopped:" in out
+    assert "greedy tokens equal" in out
