@@ -72,14 +72,14 @@ class CompiledLM:
 
     layout: CacheLayout
     prefill_length: int
-    graphs: dict[str, torch.fx.GraphModule]
-    reports: dict[str, Report]
-    package: LMPackage | None
-    metadata: dict[str, str]
+    graphs: dict[str, torch.fx.GraphModule] = field(repr=False)
+    reports: dict[str, Report] = field(repr=False)
+    package: LMPackage | None = field(repr=False)
+    metadata: dict[str, str] = field(repr=False)
     eos_token_ids: list[int]
     check: EndToEndCheck | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    examples: dict[str, list] = field(default_factory=dict)  #: each function's flat example inputs
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+    examples: dict[str, list] = field(default_factory=dict, repr=False)  #: each function's flat example inputs
 
     def __post_init__(self):
         shared = self.layout.zeros()
