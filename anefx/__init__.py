@@ -11,6 +11,7 @@ from anefx.capture import Captured, capture
 from anefx.compile import CompiledModel, compile  # noqa: A004
 from anefx.debug import DebugOptions
 from anefx.errors import AnefxError, CaptureError, ConversionError, PassError, TargetUnavailableError
+from anefx.lm import CompiledLM, compile_lm
 from anefx.passes import Pass, PassContext, PassResult
 from anefx.pipeline import Pipeline
 from anefx.report import PassRecord, Report
@@ -24,6 +25,7 @@ __all__ = [
     "AnefxError",
     "CaptureError",
     "Captured",
+    "CompiledLM",
     "CompiledModel",
     "ConversionError",
     "DebugOptions",
@@ -41,5 +43,6 @@ __all__ = [
     "capture",
     "check",
     "compile",
+    "compile_lm",
     "load_reproducer",
 ]

@@ -4,6 +4,8 @@
     anefx compile my_pkg.models:build --input x:1x128x768:float32 -o model.mlpackage
     anefx passes
     anefx bisect examples/models.py:mlp_block --pipeline my_pipelines.py:broken
+    anefx compile-lm examples/models.py:smollm2 -o smollm2.mlpackage --context-length 256
+    anefx generate examples/models.py:smollm2 --prompt "What is the capital of France?" --chat
 
 A factory is ``<python file or module>:<function>``. It returns a model, or ``(model, args, kwargs)``;
 ``--input name:shape:dtype`` builds example inputs (random, seeded) and overrides those it returned.
@@ -145,6 +147,108 @@ def cmd_compile(ns) -> int:
     return 0
 
 
+def load_lm(spec: str):
+    """A causal-LM factory returns a model, or ``(model, tokenizer)``."""
+    made = load_object(spec)()
+    if isinstance(made, tuple):
+        return made[0], (made[1] if len(made) > 1 else None)
+    return made, None
+
+
+def _compile_lm(ns, console, model, *, convert: bool, check_prompt=None):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import anefx
+
+    steps = 2 * (len(anefx.Pipeline.default().passes) + 1) + (3 if convert else 0) + 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("probe", total=steps)
+        lm = anefx.compile_lm(
+            model,
+            context_length=ns.context_length,
+            prefill_length=ns.prefill_length,
+            validate=ns.validate,
+            convert=convert,
+            check_prompt=check_prompt,
+            check_tokens=ns.check_tokens,
+            progress=lambda step: bar.update(task, description=step, advance=1),
+        )
+        bar.update(task, completed=steps, description="done")
+    return lm
+
+
+def lm_table(lm):
+    """Both functions' MIL op histograms side by side, and the states."""
+    from rich.table import Table
+
+    table = Table(title=f"prefill ({lm.prefill_length} tokens) and decode (1 token): MIL ops")
+    table.add_column("op")
+    for fn in lm.functions:
+        table.add_column(fn, justify="right")
+    hists = {fn: lm.op_histogram(fn) for fn in lm.functions}
+    for op in sorted(set().union(*hists.values()), key=lambda o: (-hists["decode"][o], o)):
+        table.add_row(op, *(str(hists[fn][op]) for fn in lm.functions))
+    states = Table(title=f"KV cache as Core ML states (fp16, context {lm.context_length})")
+    states.add_column("state")
+    states.add_column("shape")
+    states.add_column("bytes", justify="right")
+    for name, shape in lm.states.items():
+        states.add_row(name, "x".join(map(str, shape)), f"{2 * torch.Size(shape).numel():,}")
+    states.add_row("total", "", f"{lm.layout.state_bytes():,}")
+    return table, states
+
+
+def cmd_compile_lm(ns) -> int:
+    console = _console()
+    model, _ = load_lm(ns.factory)
+    lm = _compile_lm(ns, console, model, convert=True)
+    for name, report in lm.reports.items():
+        console.print(f"[bold]{name}[/bold]")
+        console.print(report.rich_table())
+    for table in lm_table(lm):
+        console.print(table)
+    if lm.check is not None:
+        console.print(str(lm.check))
+    lm.save(ns.output)
+    console.print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_generate(ns) -> int:
+    console = _console()
+    model, tok = load_lm(ns.factory)
+    if ns.prompt_ids:
+        ids = torch.tensor([[int(t) for t in ns.prompt_ids.split(",")]])
+    elif ns.prompt is not None:
+        if tok is None:
+            raise SystemExit("anefx: this factory returns no tokenizer: pass --prompt-ids 1,2,3")
+        if ns.chat:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": ns.prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = ns.prompt
+        ids = tok(text, return_tensors="pt")["input_ids"]
+    else:
+        raise SystemExit("anefx: pass --prompt TEXT (with a tokenizer) or --prompt-ids 1,2,3")
+    lm = _compile_lm(ns, console, model, convert=not ns.no_convert, check_prompt=ids)
+    if lm.check is not None:
+        console.print(str(lm.check))
+    pieces = []
+
+    def show(token: int) -> None:
+        pieces.append(token)
+        console.print(tok.decode([token]) if tok is not None else f"{token} ", end="")
+
+    out = lm.generate(ids, ns.max_new_tokens, runtime=ns.runtime, on_token=show)
+    console.print()
+    console.print(f"[{len(out.new_tokens)} tokens, stopped: {out.stop_reason}] {out.message}")
+    if ns.output and lm.package is not None:
+        lm.save(ns.output)
+        console.print(f"wrote {ns.output}")
+    return 0
+
+
 def cmd_passes(ns) -> int:
     from rich.table import Table
 
@@ -227,6 +331,30 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", help="also write the report as JSON here")
     k.add_argument("--compare-stock", action="store_true", help="estimate of the stock conversion side by side")
     k.set_defaults(func=cmd_check)
+
+    def lm_options(sp):
+        sp.add_argument(
+            "factory", help="<python-file-or-module>:<function> returning a causal LM or (model, tokenizer)"
+        )
+        sp.add_argument("--context-length", type=int, default=512, help="tokens the KV cache holds")
+        sp.add_argument("--prefill-length", type=int, default=64, help="tokens per prefill call")
+        sp.add_argument("--check-tokens", type=int, default=16, help="new tokens compared with the model's generate")
+        sp.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
+
+    cl = sub.add_parser("compile-lm", help="compile a causal LM: prefill + decode, KV cache as state, one .mlpackage")
+    lm_options(cl)
+    cl.add_argument("-o", "--output", required=True, help="output .mlpackage")
+    cl.set_defaults(func=cmd_compile_lm)
+    g = sub.add_parser("generate", help="compile a causal LM and generate greedily with the compiled graphs")
+    lm_options(g)
+    g.add_argument("--prompt", help="prompt text (needs a tokenizer from the factory)")
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
+    g.add_argument("--prompt-ids", help="comma-separated prompt token ids")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--runtime", choices=["torch", "coreml"], default="torch", help="coreml needs macOS")
+    g.add_argument("--no-convert", action="store_true", help="skip the Core ML conversion (torch runtime only)")
+    g.add_argument("-o", "--output", help="also save the .mlpackage here")
+    g.set_defaults(func=cmd_generate)
     return ap
 
 

@@ -3,6 +3,8 @@
     python examples/benchmark.py                         # stock DistilBERT, full size
     python examples/benchmark.py --models all            # the whole zoo, full size
     python examples/benchmark.py --memory --scaling      # the memory and depth-scaling checks
+    python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
+    python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
 
 For each model it prints, side by side, the op histogram of the stock conversion (the captured graph
 handed to the converter with no anefx pass) and of anefx's, for Core ML (MIL ops) and, when the
@@ -262,6 +264,49 @@ def scaling_check() -> None:
     print(f"ratio {ratio:.2f} for 4x the depth [linear: <= 6: {'OK' if ratio <= 6 else 'SUPERLINEAR'}]")
 
 
+LMS = {"tiny_llama": lambda: (models.tiny_llama_lm(), None), "smollm2": models.smollm2}
+
+
+def bench_lm(name: str, context: int, prefill: int) -> None:
+    """Generation: both functions' MIL histograms, state and weight bytes, a roofline ESTIMATE of the
+    prefill latency and the decode tokens/s per chip."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from anefx.ane.estimate import CHIPS
+    from anefx.cli import lm_table
+
+    model, _tok = LMS[name]()
+    t0 = time.perf_counter()
+    lm = anefx.compile_lm(model, context_length=context, prefill_length=prefill, check_tokens=8)
+    seconds = time.perf_counter() - t0
+    console = Console(width=160)
+    console.print(
+        f"\n[bold]{name}: compile_lm (context {lm.context_length}, prefill {prefill})[/bold] in {seconds:.1f} s"
+    )
+    for table in lm_table(lm):
+        console.print(table)
+    console.print(f"state bytes (fp16): {lm.layout.state_bytes():,}; weight bytes (package): {lm.weight_bytes():,}")
+    console.print(str(lm.check))
+    reports = {fn: lm.ane_report(fn) for fn in lm.functions}
+    est = Table(
+        title="ESTIMATE (roofline from published peak figures, not a measurement): per-op max(FLOPs/peak, "
+        "activation bytes/bandwidth), plus the weights and the KV cache streamed once per call"
+    )
+    est.add_column("chip")
+    est.add_column(f"prefill {prefill} tokens (ms)", justify="right")
+    est.add_column("decode (ms/token)", justify="right")
+    est.add_column("decode (tokens/s)", justify="right")
+    streamed = lm.weight_bytes() + lm.layout.state_bytes()
+    for chip, spec in CHIPS.items():
+        memory_ms = streamed / (spec.bandwidth_gbs * 1e9) * 1e3
+        p_ms = reports["prefill"].estimate["ms_per_chip"][chip] + memory_ms
+        d_ms = reports["decode"].estimate["ms_per_chip"][chip] + memory_ms
+        est.add_row(chip, f"{p_ms:.3f}", f"{d_ms:.3f}", f"{1000 / d_ms:.0f}")
+    console.print(est)
+    console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="distilbert", help=f"comma-separated from {sorted(FULL_SIZE)}, or 'all'")
@@ -269,6 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-coreai", action="store_true", help="skip the Core AI conversions")
     ap.add_argument("--memory", action="store_true", help="the >= 300M-parameter memory check")
     ap.add_argument("--scaling", action="store_true", help="the 12 vs 48 layers time check")
+    ap.add_argument("--lm", default="", help=f"generation section for these causal LMs: {sorted(LMS)}")
+    ap.add_argument("--lm-context", type=int, default=256)
+    ap.add_argument("--lm-prefill", type=int, default=64)
     args = ap.parse_args(argv)
     from anefx.targets import coreai
 
@@ -279,6 +327,8 @@ def main(argv=None) -> int:
     names = [] if args.models == "none" else names
     for name in names:
         print_result(bench(name, args.attn, use_coreai))
+    for name in [n.strip() for n in args.lm.split(",") if n.strip()]:
+        bench_lm(name, args.lm_context, args.lm_prefill)
     if args.memory:
         memory_check()
     if args.scaling:

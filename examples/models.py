@@ -518,3 +518,36 @@ def smollm2_chat_ids(tok, prompt: str = SMOLLM2_PROMPT) -> torch.Tensor:
     """The chat-templated prompt as a (1, T) id tensor (what SmolLM2-Instruct expects)."""
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     return tok(text, return_tensors="pt")["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# Causal LMs for compile_lm (factories return a model, or (model, tokenizer))
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_llama_lm(seed: int = 0):
+    """A small random-weight LlamaForCausalLM (GQA: 4 heads, 2 KV heads), nothing zero or identity."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.2 * noise)
+    return model
+
+
+def smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer (trained weights, offline): ``(model, tokenizer)``."""
+    return smollm2_model_and_tokenizer()

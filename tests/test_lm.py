@@ -1,0 +1,270 @@
+"""compile_lm: stateful prefill + decode, greedy tokens equal to transformers' generate, one package."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import anefx
+from anefx.errors import AnefxError, TargetUnavailableError
+from anefx.lm.cache import one_hot_positions, write_one_hot
+from anefx.targets.coreml import runtime_available
+
+CONTEXT, PREFILL, PROMPT, NEW = 128, 32, 40, 32
+
+
+def _reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Nothing zero or identity: every weight random, norm weights around 1 ± 0.2."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.2 * noise)
+    return model.eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return _reinit(LlamaForCausalLM(cfg), 0)
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    return _reinit(Qwen3ForCausalLM(cfg), 1)
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        sliding_window=24,  # smaller than the prompt: the window must be applied at every step
+    )
+    return _reinit(MistralForCausalLM(cfg), 2)
+
+
+MODELS = {"llama": _llama, "qwen3": _qwen3, "mistral": _mistral}
+
+
+def _prompt(seed: int, n: int = PROMPT, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_greedy(model, prompt, n, eos=None):
+    with torch.no_grad():
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, prompt.shape[1] :]]
+
+
+def _weight_operand(op) -> bool:
+    """A matmul/linear with a constant tensor operand (x, y or weight): a projection left unconverted."""
+    operands = [op.inputs.get(k) for k in ("x", "y", "weight")]
+    return any(v is not None and v.op is not None and v.op.op_type == "const" for v in operands)
+
+
+@pytest.fixture(scope="module")
+def compiled_llama():
+    model = _llama()
+    return model, anefx.compile_lm(model, context_length=CONTEXT, prefill_length=PREFILL, check_tokens=NEW)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+def test_greedy_tokens_equal_hf(arch):
+    model = MODELS[arch]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lm = anefx.compile_lm(model, context_length=CONTEXT, prefill_length=PREFILL, convert=False, check_tokens=NEW)
+    assert lm.check.tokens_equal and lm.check.new_tokens == NEW and lm.check.prompt_tokens == PROMPT
+    assert lm.check.max_logit_error < 1e-3
+    for seed in (10, 11):  # prompts the compile never saw, two prefill chunks each
+        prompt = _prompt(seed)
+        out = lm.generate(prompt, NEW, eos_token_id=None)
+        assert out.new_tokens == _hf_greedy(model, prompt, NEW, eos=None)
+        assert len(out.new_tokens) == NEW and out.stop_reason == "max_new_tokens"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # never modified
+
+
+def test_llama_generation_and_package(compiled_llama, tmp_path):
+    model, lm = compiled_llama
+    assert lm.check.tokens_equal and lm.check.prompt_tokens == PROMPT
+    # this model's greedy answer reaches its EOS (id 2) after 11 tokens: both stop there
+    assert lm.check.new_tokens == NEW or lm.check.compiled[-1] in lm.eos_token_ids
+    prompt = _prompt(20)
+    out = lm.generate(prompt, NEW, eos_token_id=None)
+    assert out.new_tokens == _hf_greedy(model, prompt, NEW, eos=None)
+    assert out.sequences.shape == (1, PROMPT + NEW)
+    # a prompt shorter than one chunk, and one that fills exactly one chunk
+    for n in (5, PREFILL):
+        p = _prompt(21 + n, n)
+        assert lm.generate(p, 8, eos_token_id=None).new_tokens == _hf_greedy(model, p, 8, eos=None)
+
+    assert lm.functions == ["prefill", "decode"]
+    assert lm.states == {
+        **{f"key_cache_{i}": (1, 32, 1, CONTEXT) for i in range(2)},
+        **{f"value_cache_{i}": (1, 32, 1, CONTEXT) for i in range(2)},
+    }
+    for fn in lm.functions:
+        hist = lm.op_histogram(fn)
+        assert hist["read_state"] == 4 and hist["coreml_update_state"] == 4, hist
+        assert hist["gather_nd"] == 0 and hist["scatter"] == 0 and hist["slice_update"] == 0, hist
+        assert hist["linear"] == 0, hist
+        ops = lm.package.functions[fn].operations()
+        on_weights = [op.name for op in ops if op.op_type in ("matmul", "linear") and _weight_operand(op)]
+        assert not on_weights, on_weights
+        # fp16-safe masks: no infinite constant anywhere (bool masks become -3e4 in coremltools)
+        consts = [op.outputs[0].val for op in ops if op.op_type == "const" and op.outputs[0].val is not None]
+        assert not any(
+            np.isinf(np.asarray(v, dtype=np.float64)).any() for v in consts if np.asarray(v).dtype.kind == "f"
+        )
+
+    path = lm.save(tmp_path / "lm.mlpackage")
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    functions = {f.name: f for f in spec.description.functions}
+    assert set(functions) == {"prefill", "decode"}
+    assert spec.description.defaultFunctionName == "decode"
+    for f in functions.values():
+        assert {s.name for s in f.state} == set(lm.states)
+        assert [i.name for i in f.input] == ["input_ids", "position_ids"]
+    for fn, tokens in (("prefill", PREFILL), ("decode", 1)):
+        assert [list(i.type.multiArrayType.shape) for i in functions[fn].input] == [[1, tokens]] * 2
+    meta = dict(spec.description.metadata.userDefined)
+    assert meta["co.huggingface.exporters.task"] == "text-generation"
+    assert int(meta["anefx.context_length"]) == CONTEXT and int(meta["anefx.prefill_length"]) == PREFILL
+    assert json.loads(meta["anefx.eos_token_ids"]) == lm.eos_token_ids == [2]
+    assert set(json.loads(meta["anefx.inputs"])) == {"input_ids", "position_ids", "logits"}
+    # weights are shared: one copy of the weights for both functions
+    weights = sum(f.stat().st_size for f in path.rglob("weight.bin"))
+    params = sum(p.numel() for p in model.parameters())
+    assert weights < 1.5 * 2 * params
+
+
+def test_stops_at_context_length_and_eos(compiled_llama):
+    model, lm = compiled_llama
+    prompt = _prompt(30, CONTEXT - 4)
+    with pytest.warns(UserWarning, match="cache is full"):
+        out = lm.generate(prompt, 50, eos_token_id=None)
+    assert out.stop_reason == "context_length" and "context_length" in out.message
+    assert len(out.new_tokens) == 5  # the last prompt token's logits, then one per free slot
+    assert out.new_tokens == _hf_greedy(model, prompt, 5, eos=None)
+    first = lm.generate(_prompt(31), 4, eos_token_id=None).new_tokens
+    stopped = lm.generate(_prompt(31), 4, eos_token_id=first[1])
+    assert stopped.new_tokens == first[:2] and stopped.stop_reason == "eos"
+    with pytest.raises(AnefxError, match="context_length"):
+        lm.generate(_prompt(32, CONTEXT + 1), 1)
+
+
+def test_coreml_runtime_is_guarded(compiled_llama):
+    _, lm = compiled_llama
+    ok, why = runtime_available()
+    if ok:  # pragma: no cover - macOS
+        prompt = _prompt(40)
+        assert lm.generate(prompt, 8, runtime="coreml").new_tokens == lm.generate(prompt, 8).new_tokens
+    else:
+        with pytest.raises(TargetUnavailableError, match="macOS"):
+            lm.generate(_prompt(40), 1, runtime="coreml")
+        pytest.skip(f"Core ML runtime: {why}")
+
+
+@pytest.mark.parametrize("positions", [[3], [0, 1, 2, 3], [5, 6, 200, 201]])
+def test_one_hot_write_equals_index_copy(positions):
+    """The one-hot write is an index_copy at the positions, dropping those outside the cache."""
+    gen = torch.Generator().manual_seed(0)
+    ctx, channels = 64, 24
+    cache = torch.randn(1, 32, 1, ctx, generator=gen)
+    cache[:, channels:] = 0
+    new = torch.randn(1, channels, len(positions), generator=gen)
+    pos = torch.tensor([positions], dtype=torch.int32)
+    got = write_one_hot(cache, new, one_hot_positions(pos, ctx, torch.float32))
+    expected = cache.clone()
+    for t, p in enumerate(positions):
+        if p < ctx:
+            expected[0, :channels, 0, p] = new[0, :, t]
+    assert torch.equal(got, expected)
+
+
+def test_bad_arguments_are_explained():
+    with pytest.raises(AnefxError, match="prefill_length"):
+        anefx.compile_lm(_llama(), context_length=32, prefill_length=64)
+    with pytest.raises(AnefxError, match="coreml"):
+        anefx.compile_lm(_llama(), target="coreai")
+
+    class NoCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 8)
+
+        def forward(self, input_ids, position_ids=None, past_key_values=None, use_cache=True):
+            return (self.emb(input_ids),)
+
+    with pytest.raises(AnefxError, match=r"past_key_values\.update"):
+        anefx.compile_lm(NoCache(), context_length=32, prefill_length=8)
+
+
+def test_smollm2_answers_like_hf():
+    """Trained weights: SmolLM2-135M-Instruct answers the chat prompt with HF's tokens."""
+    from examples.models import smollm2_chat_ids, smollm2_model_and_tokenizer
+
+    model, tok = smollm2_model_and_tokenizer()
+    ids = smollm2_chat_ids(tok)
+    lm = anefx.compile_lm(model, context_length=64, prefill_length=32, check_prompt=ids, check_tokens=16, convert=False)
+    assert lm.check.tokens_equal and lm.check.compiled[-1] == 2  # both stop at <|im_end|>
+    out = lm.generate(ids, 16)
+    text = tok.decode(out.new_tokens, skip_special_tokens=True)
+    assert text.strip() == "The capital of France is Paris."
+    assert out.stop_reason == "eos" and out.new_tokens[-1] == 2
+    assert lm.states["key_cache_0"] == (1, 192, 1, 64) and len(lm.states) == 60
+
+
+def test_cli_generate_streams_hf_tokens(capsys):
+    from pathlib import Path
+
+    from anefx.cli import main
+    from examples.models import tiny_llama_lm
+
+    factory = str(Path(__file__).resolve().parents[1] / "examples" / "models.py") + ":tiny_llama_lm"
+    prompt = _prompt(50, 20)
+    argv = ["generate", factory, "--prompt-ids", ",".join(str(int(t)) for t in prompt[0])]
+    argv += ["--context-length", "64", "--prefill-length", "16", "--check-tokens", "4", "--no-convert"]
+    assert main([*argv, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    expected = _hf_greedy(tiny_llama_lm(), prompt, 6, eos=[2])
+    assert " ".join(map(str, expected)) in out and f"[{len(expected)} tokens, stopped:" in out
+    assert "greedy tokens equal" in out
