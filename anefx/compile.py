@@ -13,6 +13,7 @@ import torch.fx
 
 from anefx.capture import Captured, capture
 from anefx.debug import DebugOptions, validate_mode_from_env
+from anefx.errors import AnefxError
 from anefx.pipeline import Pipeline
 from anefx.report import Report
 from anefx.targets.base import Artifact, HandOff
@@ -35,6 +36,8 @@ class CompiledModel:
     artifact: Artifact | None = None
     target: str = "coreml"
     timings: dict[str, float] = field(default_factory=dict)
+    #: the weight compression applied (``compression=``): plan, measured quality, reference model
+    compression: Any = None
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
@@ -69,6 +72,37 @@ class CompiledModel:
             raise AttributeError("compiled with convert=False: there is nothing to save")
         return self.artifact.save(path)
 
+    def lm_quality(self, prompts, new_tokens: int = 64, *, ids_input: str = "input_ids", pad_id: int = 0):
+        """Greedy-token agreement and mean KL of the compressed weights against the fp16 package for a
+        causal LM compiled with a full-sequence forward (``config.use_cache=False``): each prompt is
+        continued greedily by the fp16 model, then both score every continuation token teacher forced.
+        Other inputs keep their example values (e.g. an all-ones attention mask)."""
+        from anefx.targets.quality import greedy_continuations, lm_agreement, padded_logits_fn
+
+        if self.compression is None:
+            raise AttributeError("compiled without compression=: there is nothing to compare")
+        names = list(self.captured.input_names)
+        if ids_input not in names:
+            raise ValueError(f"no input named {ids_input!r}; the inputs are {names}")
+        at = names.index(ids_input)
+        flat = list(self.captured.flat_inputs)
+        length = flat[at].shape[-1]
+
+        def runner(variant):
+            over = self.compression.overrides(variant)
+
+            def run(ids):
+                inputs = [ids if i == at else t for i, t in enumerate(flat)]
+                return self.compression.swap.swap(inputs, over)[0][0]
+
+            return padded_logits_fn(run, length, pad_id)
+
+        ref, cand = runner("fp16"), runner("compressed")
+        sequences = greedy_continuations(ref, prompts, new_tokens)
+        lm = lm_agreement(ref, cand, sequences, [p.shape[-1] for p in prompts])
+        self.compression.quality.lm = lm
+        return lm
+
     def max_error(self, *args, **kwargs) -> float:
         """Largest absolute difference between the rewritten graph and the captured model."""
         from anefx.capture import flatten_inputs
@@ -88,6 +122,8 @@ def compile(  # noqa: A001 - the public name users expect
     target: str = "coreml",
     target_options: Any = None,
     convert: bool = True,
+    compression: Any = None,
+    max_chunk_mb: float | None = None,
     validate: str | None = None,
     validation: ValidationOptions | None = None,
     debug: DebugOptions | None = None,
@@ -103,10 +139,17 @@ def compile(  # noqa: A001 - the public name users expect
         target: ``"coreml"`` (``.mlpackage``) or ``"coreai"`` (``.aimodel``).
         target_options: the target's options dataclass (e.g. ``CoreMLOptions``).
         convert: False stops after the passes (no hand-off).
+        compression: ``"lut4" | "lut6" | "lut8" | "int8"`` or a ``CompressionOptions``: compress the
+            converted program's weights (Core ML) and measure the shipped weights against the fp16
+            package in PyTorch (``compiled.compression.quality``). Refused schemes and deployment
+            targets that cannot hold the scheme fail here, before capture.
+        max_chunk_mb: split the model at layer boundaries into packages of at most this many MB
+            (``compiled.chunks``; ``save`` writes them and a manifest).
         validate: ``off``, ``lint`` or ``numeric`` (default from ``ANEFX_VALIDATE``, else numeric).
         debug: :class:`DebugOptions`; defaults come from the ``ANEFX_*`` environment variables and
             keyword overrides (``print_ir_after_all=True``, ``dump_dir=...``, ``bisect_limit=3``…).
     """
+    comp, target_options = _check_deploy_options(compression, target, target_options, convert)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs)
@@ -151,6 +194,14 @@ def compile(  # noqa: A001 - the public name users expect
             "seconds": round(timings["convert"], 3),
             "ops": dict(sorted(artifact.op_histogram().items())),
         }
+    compressed = None
+    if comp is not None:
+        from anefx.targets.compression import compress_artifact
+
+        t0 = time.perf_counter()
+        artifact, compressed = compress_artifact(artifact, comp, captured.flat_inputs, progress)
+        timings["compress"] = time.perf_counter() - t0
+        report.conversion["compression"] = compressed.quality.summary()
     return CompiledModel(
         graph_module=result.graph_module,
         report=report,
@@ -158,4 +209,28 @@ def compile(  # noqa: A001 - the public name users expect
         artifact=artifact,
         target=target,
         timings=timings,
+        compression=compressed,
     )
+
+
+def _check_deploy_options(compression, target: str, target_options, convert: bool):
+    """Resolve ``compression=`` and refuse what cannot work, before any long work starts. Without
+    ``target_options`` a scheme that needs iOS18 gets ``minimum_deployment_target="iOS18"``; an
+    explicit earlier target is refused with the reason."""
+    from anefx.targets.compression import check_deployment_target, needs_ios18, resolve
+
+    comp = resolve(compression)
+    if comp is None:
+        return None, target_options
+    if not convert:
+        raise AnefxError("compression= compresses the converted program: it needs convert=True")
+    if target == "coreml":
+        from anefx.targets.coreml import CoreMLOptions
+
+        if target_options is None:
+            target_options = CoreMLOptions(minimum_deployment_target="iOS18" if needs_ios18(comp) else "iOS16")
+        check_deployment_target(comp, target, target_options.minimum_deployment_target)
+    else:
+        check_deployment_target(comp, target, "")
+    return comp, target_options
+

@@ -77,6 +77,8 @@ class CoreMLOptions:
 @dataclass
 class CoreMLArtifact(Artifact):
     exported_graph: torch.fx.GraphModule | None = None
+    #: the program ct.convert read (its node names are the MIL names; compression measures with it)
+    exported_program: torch.export.ExportedProgram | None = None
     suffix = ".mlpackage"
 
     @property
@@ -191,6 +193,7 @@ class CoreMLTarget(Target):
         seconds = time.perf_counter() - t0
         artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds})
         artifact.exported_graph = ep.graph_module  # MIL op names come from these nodes' names
+        artifact.exported_program = ep
         return artifact
 
 
