@@ -141,7 +141,9 @@ def cmd_compile(ns) -> int:
     console.print(compiled.report.rich_table())
     if compiled.compression is not None:
         console.print(compiled.compression.quality.rich_table())
-        console.print("compression: " + ", ".join(f"{k}={v}" for k, v in compiled.compression.quality.summary().items()))
+        console.print(
+            "compression: " + ", ".join(f"{k}={v}" for k, v in compiled.compression.quality.summary().items())
+        )
     ops = compiled.op_histogram()
     console.print("ops: " + ", ".join(f"{k}={v}" for k, v in sorted(ops.items())))
     console.print(f"max abs error vs the model: {compiled.max_error():.2e}")

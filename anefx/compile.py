@@ -38,6 +38,8 @@ class CompiledModel:
     timings: dict[str, float] = field(default_factory=dict)
     #: the weight compression applied (``compression=``): plan, measured quality, reference model
     compression: Any = None
+    #: the chain of packages when the model was split (``max_chunk_mb=``); ``artifact`` is then None
+    chunks: Any = None
 
     def __call__(self, *args, **kwargs):
         with torch.no_grad():
@@ -62,21 +64,55 @@ class CompiledModel:
         return self.__dict__["_ane_report"]
 
     def op_histogram(self):
+        if self.chunks is not None:
+            import collections
+
+            return sum((c.artifact.op_histogram() for c in self.chunks.chunks), collections.Counter())
         if self.artifact is None:
             raise AttributeError("compiled with convert=False: there is no converted program to inspect")
         return self.artifact.op_histogram()
 
     def save(self, path) -> Path:
-        """Write the converted model (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI)."""
+        """Write the converted model (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI); a chunked
+        model is written as a folder of packages with ``manifest.json``."""
+        if self.chunks is not None:
+            return self.chunks.save(path)
         if self.artifact is None:
             raise AttributeError("compiled with convert=False: there is nothing to save")
         return self.artifact.save(path)
 
-    def lm_quality(self, prompts, new_tokens: int = 64, *, ids_input: str = "input_ids", pad_id: int = 0):
+    def with_compression(self, compression, progress=None) -> CompiledModel:
+        """This compile with ``compression`` applied to its converted fp16 program (no new capture or
+        conversion): how the benchmark compares schemes side by side."""
+        import dataclasses
+
+        from anefx.targets.compression import check_deployment_target, compress_artifact, resolve
+
+        comp = resolve(compression)
+        if self.artifact is None or self.chunks is not None:
+            raise AnefxError("with_compression needs one converted program (compile with convert=True, unchunked)")
+        base = self.artifact if self.compression is None else dataclasses.replace(self.artifact)
+        if self.compression is not None:
+            base.model = self.compression.fp16_model
+        deployment = self.artifact.model.get_spec().specificationVersion
+        check_deployment_target(comp, self.target, "iOS18" if deployment >= 9 else "iOS17")
+        artifact, done = compress_artifact(base, comp, self.captured.flat_inputs, progress)
+        return dataclasses.replace(self, artifact=artifact, compression=done)
+
+    def lm_quality(
+        self,
+        prompts,
+        new_tokens: int = 64,
+        *,
+        sequences=None,
+        ids_input: str = "input_ids",
+        pad_id: int = 0,
+    ):
         """Greedy-token agreement and mean KL of the compressed weights against the fp16 package for a
         causal LM compiled with a full-sequence forward (``config.use_cache=False``): each prompt is
-        continued greedily by the fp16 model, then both score every continuation token teacher forced.
-        Other inputs keep their example values (e.g. an all-ones attention mask)."""
+        continued greedily by the fp16 model (or ``sequences``: prompt + continuation, given), then both
+        score every continuation token teacher forced. Other inputs keep their example values (e.g.
+        an all-ones attention mask)."""
         from anefx.targets.quality import greedy_continuations, lm_agreement, padded_logits_fn
 
         if self.compression is None:
@@ -98,7 +134,8 @@ class CompiledModel:
             return padded_logits_fn(run, length, pad_id)
 
         ref, cand = runner("fp16"), runner("compressed")
-        sequences = greedy_continuations(ref, prompts, new_tokens)
+        if sequences is None:
+            sequences = greedy_continuations(ref, prompts, new_tokens)
         lm = lm_agreement(ref, cand, sequences, [p.shape[-1] for p in prompts])
         self.compression.quality.lm = lm
         return lm
@@ -149,7 +186,7 @@ def compile(  # noqa: A001 - the public name users expect
         debug: :class:`DebugOptions`; defaults come from the ``ANEFX_*`` environment variables and
             keyword overrides (``print_ir_after_all=True``, ``dump_dir=...``, ``bisect_limit=3``…).
     """
-    comp, target_options = _check_deploy_options(compression, target, target_options, convert)
+    comp, target_options, cap = _check_deploy_options(model, compression, max_chunk_mb, target, target_options, convert)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs)
@@ -173,21 +210,24 @@ def compile(  # noqa: A001 - the public name users expect
     timings["passes"] = time.perf_counter() - t0
     report = Report(result.records)
 
-    artifact = None
+    artifact = chunked = None
+    handoff = HandOff(
+        graph_module=result.graph_module,
+        example_args=captured.example_args,
+        example_kwargs=captured.example_kwargs,
+        input_names=captured.input_names,
+        output_names=captured.output_names,
+    )
+    if convert and cap is not None:
+        chunked = _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings)
+        report.conversion = {"target": target, "chunks": len(chunked.chunks), "max_chunk_mb": cap}
+        convert = False
     if convert:
         if progress:
             progress(f"convert:{target}")
         tgt = target_by_name(target, target_options)
         t0 = time.perf_counter()
-        artifact = tgt.convert(
-            HandOff(
-                graph_module=result.graph_module,
-                example_args=captured.example_args,
-                example_kwargs=captured.example_kwargs,
-                input_names=captured.input_names,
-                output_names=captured.output_names,
-            )
-        )
+        artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
         report.conversion = {
             "target": target,
@@ -195,7 +235,7 @@ def compile(  # noqa: A001 - the public name users expect
             "ops": dict(sorted(artifact.op_histogram().items())),
         }
     compressed = None
-    if comp is not None:
+    if comp is not None and artifact is not None:
         from anefx.targets.compression import compress_artifact
 
         t0 = time.perf_counter()
@@ -210,18 +250,66 @@ def compile(  # noqa: A001 - the public name users expect
         target=target,
         timings=timings,
         compression=compressed,
+        chunks=chunked,
     )
 
 
-def _check_deploy_options(compression, target: str, target_options, convert: bool):
-    """Resolve ``compression=`` and refuse what cannot work, before any long work starts. Without
-    ``target_options`` a scheme that needs iOS18 gets ``minimum_deployment_target="iOS18"``; an
-    explicit earlier target is refused with the reason."""
+def _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings):
+    """Split at layer boundaries, convert (and compress) each chunk, validate the chain in torch."""
+    from anefx.errors import ConversionError
+    from anefx.targets.chunking import bytes_per_weight, export_program, split
+    from anefx.targets.quality import WeightSwap
+
+    t0 = time.perf_counter()
+    ep = export_program(handoff)
+    flat = captured.flat_inputs
+    chunked = split(ep, flat, captured.output_names, cap, bytes_per_weight(comp))
+    got = chunked.run(flat)
+    want = WeightSwap(ep).swap(flat, {})[0]
+    for name, a, b in zip(captured.output_names, got, want, strict=True):
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise ConversionError(f"the chained chunks differ from the whole graph on output {name!r}")
+    timings["split"] = time.perf_counter() - t0
+    tgt = target_by_name(target, target_options)
+    t0 = time.perf_counter()
+    for c in chunked.chunks:
+        if progress:
+            progress(f"convert:{target}:chunk{c.index}")
+        c.artifact = tgt.convert(HandOff(c.graph_module, tuple(c.example_inputs), {}, c.inputs, c.outputs))
+        if comp is not None:
+            from anefx.targets.compression import compress_artifact
+
+            c.artifact, c.compression = compress_artifact(c.artifact, comp, c.example_inputs, progress)
+    timings["convert"] = time.perf_counter() - t0
+    return chunked
+
+
+def _check_deploy_options(model, compression, max_chunk_mb, target: str, target_options, convert: bool):
+    """Resolve ``compression=`` and ``max_chunk_mb=`` and refuse what cannot work, before any long
+    work starts. Without ``target_options`` a scheme that needs iOS18 gets
+    ``minimum_deployment_target="iOS18"``; an explicit earlier target is refused with the reason.
+    Returns ``(compression options, target options, chunk cap in MB or None)``."""
+    from anefx.targets.chunking import bytes_per_weight, check_cap, default_cap_mb
     from anefx.targets.compression import check_deployment_target, needs_ios18, resolve
 
     comp = resolve(compression)
+    cap = None
+    params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+    if convert and target == "coreml":
+        per_weight = bytes_per_weight(comp)
+        if max_chunk_mb is not None:
+            cap = float(max_chunk_mb)
+            check_cap(params, cap, per_weight)
+        else:  # chunk only models above the target's default cap
+            deployment = getattr(target_options, "minimum_deployment_target", "iOS16")
+            total = sum(p.numel() for p in {id(p): p for _, p in params}.values()) * per_weight
+            if total > default_cap_mb(deployment) * 1e6:
+                cap = default_cap_mb(deployment)
+                check_cap(params, cap, per_weight)
+    elif max_chunk_mb is not None:
+        raise AnefxError(f"max_chunk_mb is implemented for the Core ML target with convert=True (target={target!r})")
     if comp is None:
-        return None, target_options
+        return None, target_options, cap
     if not convert:
         raise AnefxError("compression= compresses the converted program: it needs convert=True")
     if target == "coreml":
@@ -232,5 +320,4 @@ def _check_deploy_options(compression, target: str, target_options, convert: boo
         check_deployment_target(comp, target, target_options.minimum_deployment_target)
     else:
         check_deployment_target(comp, target, "")
-    return comp, target_options
-
+    return comp, target_options, cap

@@ -130,7 +130,7 @@ class WeightSwap:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ (0 when both are zero)."""
+    """‖a - b‖ / ‖b‖ (0 when both are zero)."""
     a, b = a.double(), b.double()
     den = float(b.norm())
     return float((a - b).norm()) / den if den else float((a - b).norm())
@@ -142,7 +142,7 @@ class WeightError:
     const: str
     scheme: str
     shape: tuple[int, ...]
-    weight_rel_error: float  # ‖W_c − W_16‖ / ‖W_16‖
+    weight_rel_error: float  # ‖W_c - W_16‖ / ‖W_16‖
     output_rel_error: float | None = None  # of the op reading the weight, end-to-end compressed run
 
 
@@ -167,7 +167,7 @@ class CompressionQuality:
     bytes_fp16: int  # weight bytes of the uncompressed program (consts; what weight.bin holds)
     bytes_compressed: int
     weights: list[WeightError]
-    end_to_end_rel_error: float  # ‖y_c − y_16‖ / ‖y_16‖ over the outputs, on the example inputs
+    end_to_end_rel_error: float  # ‖y_c - y_16‖ / ‖y_16‖ over the outputs, on the example inputs
     end_to_end_max_abs: float
     fp16_rel_error: float  # the fp16 package against the fp32 rewritten graph (the floor)
     lm: LMQuality | None = None
@@ -360,9 +360,7 @@ def lm_agreement(
     )
 
 
-def padded_logits_fn(
-    run: Callable[[torch.Tensor], torch.Tensor], length: int, pad_id: int = 0
-) -> LogitsFn:
+def padded_logits_fn(run: Callable[[torch.Tensor], torch.Tensor], length: int, pad_id: int = 0) -> LogitsFn:
     """A full-sequence forward compiled for ``length`` tokens as an ``ids → logits`` callable: the ids
     are right-padded to ``length`` (exact for causal models: no position attends to a later one)."""
 
