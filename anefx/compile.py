@@ -161,6 +161,7 @@ def compile(  # noqa: A001 - the public name users expect
     convert: bool = True,
     compression: Any = None,
     max_chunk_mb: float | None = None,
+    lm_head: Any = None,
     validate: str | None = None,
     validation: ValidationOptions | None = None,
     debug: DebugOptions | None = None,
@@ -180,6 +181,10 @@ def compile(  # noqa: A001 - the public name users expect
             converted program's weights (Core ML) and measure the shipped weights against the fp16
             package in PyTorch (``compiled.compression.quality``). Refused schemes and deployment
             targets that cannot hold the scheme fail here, before capture.
+        lm_head: ``LMHeadOptions``: split projections to the vocabulary into convs of at most
+            ``max_channels`` output channels (default without options: only above 65,536, the hard
+            ANE limit) and optionally return ``argmax`` / ``topk`` instead of the logits (package only;
+            the torch graph keeps its logits).
         max_chunk_mb: split the model at layer boundaries into packages of at most this many MB
             (``compiled.chunks``; ``save`` writes them and a manifest).
         validate: ``off``, ``lint`` or ``numeric`` (default from ``ANEFX_VALIDATE``, else numeric).
@@ -218,9 +223,11 @@ def compile(  # noqa: A001 - the public name users expect
         input_names=captured.input_names,
         output_names=captured.output_names,
     )
+    if convert:
+        handoff = _split_lm_head(handoff, captured, lm_head, report)
     if convert and cap is not None:
         chunked = _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings)
-        report.conversion = {"target": target, "chunks": len(chunked.chunks), "max_chunk_mb": cap}
+        report.conversion |= {"target": target, "chunks": len(chunked.chunks), "max_chunk_mb": cap}
         convert = False
     if convert:
         if progress:
@@ -229,7 +236,7 @@ def compile(  # noqa: A001 - the public name users expect
         t0 = time.perf_counter()
         artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
-        report.conversion = {
+        report.conversion |= {
             "target": target,
             "seconds": round(timings["convert"], 3),
             "ops": dict(sorted(artifact.op_histogram().items())),
@@ -254,6 +261,22 @@ def compile(  # noqa: A001 - the public name users expect
     )
 
 
+def _split_lm_head(handoff: HandOff, captured: Captured, lm_head, report: Report) -> HandOff:
+    """The hand-off copy with its vocabulary projection split (and argmax/top-k), checked in torch."""
+    from anefx.graph import clone_graph_module
+    from anefx.targets import lm_head as head
+    from anefx.validate import run_flat
+
+    options = head.check(lm_head) if lm_head is not None else head.HARD_LIMIT
+    gm, stats = head.split_head(clone_graph_module(handoff.graph_module), options)
+    if not stats["lm_head_split"] and options.output == "logits":
+        return handoff
+    flat = captured.flat_inputs
+    head.verify(run_flat(handoff.graph_module, flat), run_flat(gm, flat), options)
+    report.conversion["lm_head"] = stats
+    return HandOff(gm, tuple(flat), {}, handoff.input_names, head.output_names(handoff.output_names, options))
+
+
 def _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings):
     """Split at layer boundaries, convert (and compress) each chunk, validate the chain in torch."""
     from anefx.errors import ConversionError
@@ -263,10 +286,10 @@ def _convert_chunks(handoff, captured, target, target_options, comp, cap, progre
     t0 = time.perf_counter()
     ep = export_program(handoff)
     flat = captured.flat_inputs
-    chunked = split(ep, flat, captured.output_names, cap, bytes_per_weight(comp))
+    chunked = split(ep, flat, handoff.output_names, cap, bytes_per_weight(comp))
     got = chunked.run(flat)
     want = WeightSwap(ep).swap(flat, {})[0]
-    for name, a, b in zip(captured.output_names, got, want, strict=True):
+    for name, a, b in zip(handoff.output_names, got, want, strict=True):
         if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
             raise ConversionError(f"the chained chunks differ from the whole graph on output {name!r}")
     timings["split"] = time.perf_counter() - t0

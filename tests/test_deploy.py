@@ -138,7 +138,7 @@ def lut4():
 
 
 def test_lut4_ships_luts_for_every_planned_weight(lut4, tmp_path):
-    compiled, model, args, kwargs, before = lut4
+    compiled, model, _, _, before = lut4
     comp = compiled.compression
     ops = list(compiled.mlmodel._mil_program.functions["main"].operations)
     luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
@@ -156,7 +156,7 @@ def test_lut4_ships_luts_for_every_planned_weight(lut4, tmp_path):
     # size: the saved weights shrink to about 4/16 for what was compressed, the kept head is fp16
     fp16_bytes = compiled.compression.quality.bytes_fp16
     size = package_weight_bytes(compiled.save(tmp_path / "m.mlpackage"))
-    head = [w for w in kept][0].bytes_fp16
+    head = kept[0].bytes_fp16
     assert size < 0.27 * (fp16_bytes - head) + head + 64 * 64
     # the user's model is untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -212,7 +212,9 @@ def test_lm_agreement_counts_positions():
     same = lm_agreement(ref, ref, seqs, [4])
     assert same.agreement == 1.0 and same.mean_kl == pytest.approx(0.0, abs=1e-12)
     half = lm_agreement(ref, flipped, seqs, [4])
-    assert half.tokens == 8 and half.agreement == 0.5 and half.first_disagreement == [1]  # ids 3, 4, … predict: 4 is even
+    assert (
+        half.tokens == 8 and half.agreement == 0.5 and half.first_disagreement == [1]
+    )  # ids 3, 4, … predict: 4 is even
 
 
 def test_int8_is_per_channel_and_with_compression_reuses_the_program(lut4):
@@ -278,3 +280,45 @@ def test_a_failing_chunk_save_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         compiled.save(tmp_path / "llama")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Large vocabularies
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output", ["logits", "argmax", "topk"])
+def test_lm_head_split_into_channel_chunks(output):
+    from anefx.targets.lm_head import LMHeadOptions
+
+    model, args, kwargs = _llama(layers=1, vocab=300)
+    opts = LMHeadOptions(max_channels=128, output=output, k=4)
+    compiled = anefx.compile(model, args, kwargs, lm_head=opts)
+    ops = compiled.op_histogram()
+    assert ops["conv"] == 7 + 3  # the 300-channel head as 128 + 128 + 44
+    assert compiled.report.conversion["lm_head"] == {"lm_head_split": 1, "output": output}
+    convs = [
+        op
+        for op in compiled.mlmodel._mil_program.functions["main"].operations
+        if op.op_type == "conv" and op.outputs[0].shape[1] in (128, 44)
+    ]
+    assert sorted(op.outputs[0].shape[1] for op in convs) == [44, 128, 128]
+    outputs = [o.name for o in compiled.mlmodel.get_spec().description.output]
+    want = {"logits": ["logits"], "argmax": ["token"], "topk": ["topk_values", "topk_ids"]}[output]
+    assert outputs == want
+    if output != "logits":  # the full logits never leave the model: no output has the vocabulary size
+        shapes = [o.type.multiArrayType.shape for o in compiled.mlmodel.get_spec().description.output]
+        assert all(300 not in list(s) for s in shapes)
+    # the torch graph keeps its logits
+    assert compiled(*args, **kwargs).logits.shape[-1] == 300
+
+
+def test_small_vocabularies_are_left_alone_by_default():
+    model, args, kwargs = _llama(layers=1, vocab=300)
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    assert compiled.artifact is None  # nothing converted, nothing split
+    from anefx.graph import clone_graph_module
+    from anefx.targets.lm_head import HARD_LIMIT, split_head
+
+    _, stats = split_head(clone_graph_module(compiled.graph_module), HARD_LIMIT)
+    assert stats["lm_head_split"] == 0
