@@ -153,10 +153,12 @@ class Chunked:
         """Write ``<path>/`` with one ``<stem>_chunk<i>.mlpackage`` per chunk and ``manifest.json``;
         all or nothing (staged in a temporary folder, renamed at the end)."""
         path = Path(path)
+        if path.suffix == ".mlpackage":  # ``-o model.mlpackage`` on a chunked compile: the folder ``model``
+            path = path.with_suffix("")
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.is_dir():
             raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
-        stem = path.stem
+        stem = path.name
         tmp = Path(tempfile.mkdtemp(prefix=".anefx-chunks-", dir=parent))
         try:
             staged = tmp / path.name
