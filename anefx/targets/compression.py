@@ -381,7 +381,7 @@ def compress_artifact(artifact, options: CompressionOptions, inputs, progress=No
         ref = values.get(w.node) if w.node else None
         if ref is not None and tuple(ref.shape) == w.shape:
             err = float((torch_from(fp16[w.const]) - ref.detach().float()).abs().max())
-            if err > 1e-3 * max(float(ref.abs().max()), 1e-6) + 1e-6:
+            if err > 1e-3 * max(float(ref.detach().abs().max()), 1e-6) + 1e-6:
                 values.pop(w.node)
     plan(table, options, values)
     if progress:
