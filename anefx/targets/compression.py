@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from anefx.errors import AnefxError
+from anefx.targets.chunking import layer_of
 
 #: The schemes anefx ships: name → (coremltools compressor, bits).
 SCHEMES: dict[str, tuple[str, int]] = {
@@ -161,7 +162,7 @@ class WeightInfo:
     param: str | None  # the parameter it derives from (e.g. model.layers.0.self_attn.q_proj.weight)
     shape: tuple[int, ...]
     consumer: str  # MIL op type that reads it (conv, gather, …)
-    role: str = ""  # embedding | lm_head | ""
+    role: str = ""  # "embedding", "lm_head", both ("embedding,lm_head": a tied table) or ""
     layer: int | None = None
     scheme: str = _FP16
     reason: str = ""  # why it stays fp16
@@ -194,15 +195,11 @@ def node_of_const(name: str, node_names: set[str]) -> str | None:
     return None
 
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
 def weight_table(mlmodel, ep, threshold: int) -> list[WeightInfo]:
     """Every weight-sized const of ``main`` with its FX node, parameter, consumer and role."""
     ops = list(mlmodel._mil_program.functions["main"].operations)
     node_names = {n.name for n in ep.graph.nodes}
-    table: list[WeightInfo] = []
-    last_projection = None
+    table: dict[str, WeightInfo] = {}
     for op in ops:
         if op.op_type != "const":
             continue
@@ -210,27 +207,29 @@ def weight_table(mlmodel, ep, threshold: int) -> list[WeightInfo]:
         if not isinstance(val, np.ndarray) or val.size < threshold or not np.issubdtype(val.dtype, np.floating):
             continue
         children = op.outputs[0].child_ops
-        consumer = children[0].op_type if children else ""
         node = node_of_const(op.name, node_names)
         param = _param_of(ep, node) if node else None
-        m = _LAYER.search(param or "")
-        info = WeightInfo(
+        table[op.name] = WeightInfo(
             const=op.name,
             node=node,
             param=param,
             shape=tuple(int(s) for s in val.shape),
-            consumer=consumer,
-            layer=int(m.group(1)) if m else None,
+            consumer=",".join(sorted({c.op_type for c in children})),
+            role="embedding" if any(c.op_type == "gather" for c in children) else "",
+            layer=layer_of(param + ".") if param else None,
             bytes_fp16=int(val.size) * 2,
         )
-        if consumer == "gather":
-            info.role = "embedding"
-        if consumer in ("conv", "linear", "matmul"):
-            last_projection = info
-        table.append(info)
-    if last_projection is not None and last_projection.role == "":
-        last_projection.role = "lm_head"
-    return table
+    # the LM head: the weight of the program's last projection (a tied table is both roles)
+    head = None
+    for op in ops:
+        if op.op_type in ("conv", "linear", "matmul"):
+            for key in ("weight", "y"):
+                var = op.inputs.get(key)
+                if var is not None and var.op is not None and var.op.name in table:
+                    head = table[var.op.name]
+    if head is not None:
+        head.role = ",".join(r for r in (head.role, "lm_head") if r)
+    return list(table.values())
 
 
 def plan(table: list[WeightInfo], options: CompressionOptions, reference_values: dict[str, Any]) -> list[WeightInfo]:
@@ -255,9 +254,9 @@ def plan(table: list[WeightInfo], options: CompressionOptions, reference_values:
                 break
         if any(fnmatch.fnmatchcase(name, p) for p in options.keep_fp16):
             w.scheme, w.reason = _FP16, "keep_fp16"
-        elif options.keep_embeddings and w.role == "embedding":
+        elif options.keep_embeddings and "embedding" in w.role:
             w.scheme, w.reason = _FP16, "keep_embeddings"
-        elif options.keep_lm_head and w.role == "lm_head":
+        elif options.keep_lm_head and "lm_head" in w.role:
             w.scheme, w.reason = _FP16, "keep_lm_head"
         elif w.layer is not None and (w.layer in first or w.layer in last):
             w.scheme, w.reason = _FP16, "keep_first_layers" if w.layer in first else "keep_last_layers"
