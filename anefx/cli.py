@@ -136,9 +136,16 @@ def cmd_compile(ns) -> int:
             validate=ns.validate,
             progress=progress,
             dump_dir=ns.dump_dir,
+            compression=ns.compression,
+            max_chunk_mb=ns.max_chunk_mb,
         )
         bar.update(task, completed=steps, description="done")
     console.print(compiled.report.rich_table())
+    if compiled.compression is not None:
+        console.print(compiled.compression.quality.rich_table())
+        console.print(
+            "compression: " + ", ".join(f"{k}={v}" for k, v in compiled.compression.quality.summary().items())
+        )
     ops = compiled.op_histogram()
     console.print("ops: " + ", ".join(f"{k}={v}" for k, v in sorted(ops.items())))
     console.print(f"max abs error vs the model: {compiled.max_error():.2e}")
@@ -314,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--without", action="append", default=[], metavar="PASS", help="drop a pass (repeatable)")
     c.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
     c.add_argument("--dump-dir", default=None, help="write per-pass graphs, diffs and pictures here")
+    c.add_argument(
+        "--compression",
+        default=None,
+        metavar="SCHEME",
+        help="compress the weights: lut4, lut6, lut8 (grouped-channel LUTs, iOS18) or int8 (per channel)",
+    )
+    c.add_argument(
+        "--max-chunk-mb", type=float, default=None, help="split into packages of at most this many MB (+ manifest)"
+    )
     c.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("passes", help="list the passes (the catalog)")

@@ -13,6 +13,7 @@ import torch.fx
 
 from anefx.capture import Captured, capture
 from anefx.debug import DebugOptions, validate_mode_from_env
+from anefx.errors import AnefxError
 from anefx.pipeline import Pipeline
 from anefx.report import Report
 from anefx.targets.base import Artifact, HandOff
@@ -37,6 +38,10 @@ class CompiledModel:
     artifact: Artifact | None = None
     target: str = "coreml"
     timings: dict[str, float] = field(default_factory=dict)
+    #: the weight compression applied (``compression=``): plan, measured quality, reference model
+    compression: Any = None
+    #: the chain of packages when the model was split (``max_chunk_mb=``); ``artifact`` is then None
+    chunks: Any = None
 
     def __call__(self, *args, **kwargs):
         """Run the rewritten graph. Inputs specialised at capture (``use_cache=False`` …) may be
@@ -64,15 +69,81 @@ class CompiledModel:
         return self.__dict__["_ane_report"]
 
     def op_histogram(self):
+        if self.chunks is not None:
+            import collections
+
+            return sum((c.artifact.op_histogram() for c in self.chunks.chunks), collections.Counter())
         if self.artifact is None:
             raise AttributeError("compiled with convert=False: there is no converted program to inspect")
         return self.artifact.op_histogram()
 
     def save(self, path) -> Path:
-        """Write the converted model (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI)."""
+        """Write the converted model (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI); a chunked
+        model is written as a folder of packages with ``manifest.json``."""
+        if self.chunks is not None:
+            return self.chunks.save(path)
         if self.artifact is None:
             raise AttributeError("compiled with convert=False: there is nothing to save")
         return self.artifact.save(path)
+
+    def with_compression(self, compression, progress=None) -> CompiledModel:
+        """This compile with ``compression`` applied to its converted fp16 program (no new capture or
+        conversion): how the benchmark compares schemes side by side."""
+        import dataclasses
+
+        from anefx.targets.compression import check_deployment_target, compress_artifact, resolve
+
+        comp = resolve(compression)
+        if self.artifact is None or self.chunks is not None:
+            raise AnefxError("with_compression needs one converted program (compile with convert=True, unchunked)")
+        base = self.artifact if self.compression is None else dataclasses.replace(self.artifact)
+        if self.compression is not None:
+            base.model = self.compression.fp16_model
+        deployment = self.artifact.model.get_spec().specificationVersion
+        check_deployment_target(comp, self.target, "iOS18" if deployment >= 9 else "iOS17")
+        artifact, done = compress_artifact(base, comp, self.captured.flat_inputs, progress)
+        return dataclasses.replace(self, artifact=artifact, compression=done)
+
+    def lm_quality(
+        self,
+        prompts,
+        new_tokens: int = 64,
+        *,
+        sequences=None,
+        ids_input: str = "input_ids",
+        pad_id: int = 0,
+    ):
+        """Greedy-token agreement and mean KL of the compressed weights against the fp16 package for a
+        causal LM compiled with a full-sequence forward (``config.use_cache=False``): each prompt is
+        continued greedily by the fp16 model (or ``sequences``: prompt + continuation, given), then both
+        score every continuation token teacher forced. Other inputs keep their example values (e.g.
+        an all-ones attention mask)."""
+        from anefx.targets.quality import greedy_continuations, lm_agreement, padded_logits_fn
+
+        if self.compression is None:
+            raise AttributeError("compiled without compression=: there is nothing to compare")
+        names = list(self.captured.input_names)
+        if ids_input not in names:
+            raise ValueError(f"no input named {ids_input!r}; the inputs are {names}")
+        at = names.index(ids_input)
+        flat = list(self.captured.flat_inputs)
+        length = flat[at].shape[-1]
+
+        def runner(variant):
+            over = self.compression.overrides(variant)
+
+            def run(ids):
+                inputs = [ids if i == at else t for i, t in enumerate(flat)]
+                return self.compression.swap.swap(inputs, over)[0][0]
+
+            return padded_logits_fn(run, length, pad_id)
+
+        ref, cand = runner("fp16"), runner("compressed")
+        if sequences is None:
+            sequences = greedy_continuations(ref, prompts, new_tokens)
+        lm = lm_agreement(ref, cand, sequences, [p.shape[-1] for p in prompts])
+        self.compression.quality.lm = lm
+        return lm
 
     def max_error(self, *args, **kwargs) -> float:
         """Largest absolute difference between the rewritten graph and the captured model."""
@@ -105,6 +176,9 @@ def compile(  # noqa: A001 - the public name users expect
     target: str = "coreml",
     target_options: Any = None,
     convert: bool = True,
+    compression: Any = None,
+    max_chunk_mb: float | None = None,
+    lm_head: Any = None,
     validate: str | None = None,
     validation: ValidationOptions | None = None,
     debug: DebugOptions | None = None,
@@ -120,10 +194,21 @@ def compile(  # noqa: A001 - the public name users expect
         target: ``"coreml"`` (``.mlpackage``) or ``"coreai"`` (``.aimodel``).
         target_options: the target's options dataclass (e.g. ``CoreMLOptions``).
         convert: False stops after the passes (no hand-off).
+        compression: ``"lut4" | "lut6" | "lut8" | "int8"`` or a ``CompressionOptions``: compress the
+            converted program's weights (Core ML) and measure the shipped weights against the fp16
+            package in PyTorch (``compiled.compression.quality``). Refused schemes and deployment
+            targets that cannot hold the scheme fail here, before capture.
+        lm_head: ``LMHeadOptions``: split projections to the vocabulary into convs of at most
+            ``max_channels`` output channels (default without options: only above 65,536, the hard
+            ANE limit) and optionally return ``argmax`` / ``topk`` instead of the logits (package only;
+            the torch graph keeps its logits).
+        max_chunk_mb: split the model at layer boundaries into packages of at most this many MB
+            (``compiled.chunks``; ``save`` writes them and a manifest).
         validate: ``off``, ``lint`` or ``numeric`` (default from ``ANEFX_VALIDATE``, else numeric).
         debug: :class:`DebugOptions`; defaults come from the ``ANEFX_*`` environment variables and
             keyword overrides (``print_ir_after_all=True``, ``dump_dir=...``, ``bisect_limit=3``…).
     """
+    comp, target_options, cap = _check_deploy_options(model, compression, max_chunk_mb, target, target_options, convert)
     timings: dict[str, float] = {}
     start = t0 = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs)
@@ -149,31 +234,45 @@ def compile(  # noqa: A001 - the public name users expect
     report = Report(result.records)
     timings["passes.validation"] = sum(r.validation_seconds for r in result.records)
 
-    artifact = None
+    artifact = chunked = None
+    handoff = HandOff(
+        graph_module=result.graph_module,
+        example_args=captured.example_args,
+        example_kwargs=captured.example_kwargs,
+        input_names=captured.input_names,
+        output_names=captured.output_names,
+        validator=result.validator,
+    )
+    if convert:
+        handoff = _split_lm_head(handoff, captured, lm_head, report)
+    if convert and cap is not None:
+        chunked = _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings)
+        report.conversion |= {"target": target, "chunks": len(chunked.chunks), "max_chunk_mb": cap}
+        convert = False
     if convert:
         if progress:
             progress(f"convert:{target}")
         tgt = target_by_name(target, target_options)
         t0 = time.perf_counter()
-        handoff = HandOff(
-            graph_module=result.graph_module,
-            example_args=captured.example_args,
-            example_kwargs=captured.example_kwargs,
-            input_names=captured.input_names,
-            output_names=captured.output_names,
-            validator=result.validator,
-        )
         artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
         for stage, seconds in artifact.info.get("timings", {}).items():
             timings[f"convert.{stage}"] = seconds
-        report.conversion = {
+        report.conversion |= {
             "target": target,
             "seconds": round(timings["convert"], 3),
             **_converter_input_errors(handoff.checks),
             "ops": dict(sorted(artifact.op_histogram().items())),
             "checks": handoff.checks,
         }
+    compressed = None
+    if comp is not None and artifact is not None:
+        from anefx.targets.compression import compress_artifact
+
+        t0 = time.perf_counter()
+        artifact, compressed = compress_artifact(artifact, comp, captured.flat_inputs, progress)
+        timings["compress"] = time.perf_counter() - t0
+        report.conversion["compression"] = compressed.quality.summary()
     timings["total"] = time.perf_counter() - start
     report.timings = dict(timings)
     return CompiledModel(
@@ -183,4 +282,91 @@ def compile(  # noqa: A001 - the public name users expect
         artifact=artifact,
         target=target,
         timings=timings,
+        compression=compressed,
+        chunks=chunked,
     )
+
+
+def _split_lm_head(handoff: HandOff, captured: Captured, lm_head, report: Report) -> HandOff:
+    """The hand-off copy with its vocabulary projection split (and argmax/top-k), checked in torch."""
+    from anefx.graph import clone_graph_module
+    from anefx.targets import lm_head as head
+    from anefx.validate import run_flat
+
+    options = head.check(lm_head) if lm_head is not None else head.HARD_LIMIT
+    gm, stats = head.split_head(clone_graph_module(handoff.graph_module), options)
+    if not stats["lm_head_split"] and options.output == "logits":
+        return handoff
+    flat = captured.flat_inputs
+    head.verify(run_flat(handoff.graph_module, flat), run_flat(gm, flat), options)
+    report.conversion["lm_head"] = stats
+    return HandOff(gm, tuple(flat), {}, handoff.input_names, head.output_names(handoff.output_names, options))
+
+
+def _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings):
+    """Split at layer boundaries, convert (and compress) each chunk, validate the chain in torch."""
+    from anefx.errors import ConversionError
+    from anefx.targets.chunking import bytes_per_weight, export_program, split
+    from anefx.targets.quality import WeightSwap
+
+    t0 = time.perf_counter()
+    ep = export_program(handoff)
+    flat = captured.flat_inputs
+    chunked = split(ep, flat, handoff.output_names, cap, bytes_per_weight(comp))
+    got = chunked.run(flat)
+    want = WeightSwap(ep).swap(flat, {})[0]
+    for name, a, b in zip(handoff.output_names, got, want, strict=True):
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise ConversionError(f"the chained chunks differ from the whole graph on output {name!r}")
+    timings["split"] = time.perf_counter() - t0
+    tgt = target_by_name(target, target_options)
+    t0 = time.perf_counter()
+    for c in chunked.chunks:
+        if progress:
+            progress(f"convert:{target}:chunk{c.index}")
+        c.artifact = tgt.convert(HandOff(c.graph_module, tuple(c.example_inputs), {}, c.inputs, c.outputs))
+        if comp is not None:
+            from anefx.targets.compression import compress_artifact
+
+            c.artifact, c.compression = compress_artifact(c.artifact, comp, c.example_inputs, progress)
+    timings["convert"] = time.perf_counter() - t0
+    return chunked
+
+
+def _check_deploy_options(model, compression, max_chunk_mb, target: str, target_options, convert: bool):
+    """Resolve ``compression=`` and ``max_chunk_mb=`` and refuse what cannot work, before any long
+    work starts. Without ``target_options`` a scheme that needs iOS18 gets
+    ``minimum_deployment_target="iOS18"``; an explicit earlier target is refused with the reason.
+    Returns ``(compression options, target options, chunk cap in MB or None)``."""
+    from anefx.targets.chunking import bytes_per_weight, check_cap, default_cap_mb
+    from anefx.targets.compression import check_deployment_target, needs_ios18, resolve
+
+    comp = resolve(compression)
+    cap = None
+    params = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+    if convert and target == "coreml":
+        per_weight = bytes_per_weight(comp)
+        if max_chunk_mb is not None:
+            cap = float(max_chunk_mb)
+            check_cap(params, cap, per_weight)
+        else:  # chunk only models above the target's default cap
+            deployment = getattr(target_options, "minimum_deployment_target", "iOS16")
+            total = sum(p.numel() for p in {id(p): p for _, p in params}.values()) * per_weight
+            if total > default_cap_mb(deployment) * 1e6:
+                cap = default_cap_mb(deployment)
+                check_cap(params, cap, per_weight)
+    elif max_chunk_mb is not None:
+        raise AnefxError(f"max_chunk_mb is implemented for the Core ML target with convert=True (target={target!r})")
+    if comp is None:
+        return None, target_options, cap
+    if not convert:
+        raise AnefxError("compression= compresses the converted program: it needs convert=True")
+    if target == "coreml":
+        from anefx.targets.coreml import CoreMLOptions
+
+        if target_options is None:
+            target_options = CoreMLOptions(minimum_deployment_target="iOS18" if needs_ios18(comp) else "iOS16")
+        check_deployment_target(comp, target, target_options.minimum_deployment_target)
+    else:
+        check_deployment_target(comp, target, "")
+    return comp, target_options, cap

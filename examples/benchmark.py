@@ -307,6 +307,111 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
 
 
+COMPRESSION_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a compiler does in two sentences.",
+    "List three uses of a paperclip.",
+)
+
+
+def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, chunk_mb: float = 100.0) -> None:
+    """SmolLM2-135M-Instruct: size vs quality per compression scheme, and a chunked compile.
+
+    One fp16 compile (full-sequence forward, ``use_cache=False``, iOS18); each scheme is applied to its
+    converted program (``CompiledModel.with_compression``). Quality is anefx's own measurement on the
+    shipped weights: teacher-forced next-token agreement with the fp16 package and mean KL over
+    ``new_tokens`` continuation tokens of 4 chat prompts (continuations: HF greedy decoding of the
+    original model). Sizes are the saved packages' weight files. Then ``max_chunk_mb=chunk_mb``: chunk
+    sizes, and the chained chunks' greedy tokens against the unchunked graph's."""
+    import tempfile
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from anefx.targets.chunking import package_weight_bytes
+    from anefx.targets.coreml import CoreMLOptions
+
+    model, tok = models.smollm2_model_and_tokenizer()
+    model.config.use_cache = False
+    prompts = [models.smollm2_chat_ids(tok, p) for p in COMPRESSION_PROMPTS]
+    with torch.no_grad():
+        sequences = [
+            model.generate(
+                p,
+                attention_mask=torch.ones_like(p),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tok.eos_token_id,
+            )
+            for p in prompts
+        ]
+    length = max(s.shape[1] for s in sequences)
+    ids = torch.zeros(1, length, dtype=torch.long)
+    mask = torch.ones(1, length, dtype=torch.long)
+    t0 = time.perf_counter()
+    fp16 = anefx.compile(
+        model, (ids,), {"attention_mask": mask}, target_options=CoreMLOptions(minimum_deployment_target="iOS18")
+    )
+    print(f"fp16 compile: {time.perf_counter() - t0:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
+    out = Path(tempfile.mkdtemp(prefix="anefx-bench-"))
+    fp16_bytes = package_weight_bytes(fp16.save(out / "fp16.mlpackage"))
+    table = Table(title=f"SmolLM2-135M-Instruct compression ({len(prompts)} prompts x {new_tokens} tokens)")
+    for col in ("scheme", "weights MB", "x fp16", "agreement", "mean KL", "max KL", "e2e rel err", "compress s"):
+        table.add_column(col, justify="right")
+    table.add_row("fp16", f"{fp16_bytes / 1e6:.1f}", "1.000", "-", "-", "-", "-", "-")
+    for scheme in schemes:
+        t0 = time.perf_counter()
+        c = fp16.with_compression(scheme)
+        seconds = time.perf_counter() - t0
+        size = package_weight_bytes(c.save(out / f"{scheme}.mlpackage"))
+        lm = c.lm_quality(prompts, new_tokens, sequences=sequences)
+        q = c.compression.quality
+        table.add_row(
+            scheme,
+            f"{size / 1e6:.1f}",
+            f"{size / fp16_bytes:.3f}",
+            f"{lm.agreement:.3f}",
+            f"{lm.mean_kl:.4f}",
+            f"{lm.max_kl:.3f}",
+            f"{q.end_to_end_rel_error:.3g}",
+            f"{seconds:.0f}",
+        )
+        print(f"{scheme}: {q.summary()} first disagreement per prompt {lm.first_disagreement}", flush=True)
+        del c
+        gc.collect()
+    Console(width=160).print(table)
+
+    t0 = time.perf_counter()
+    chunked = anefx.compile(model, (ids,), {"attention_mask": mask}, max_chunk_mb=chunk_mb)
+    folder = chunked.save(out / "chunked")
+    sizes = [
+        package_weight_bytes(folder / c["file"]) / 1e6
+        for c in __import__("json").loads((folder / "manifest.json").read_text())["chunks"]
+    ]
+    print(
+        f"max_chunk_mb={chunk_mb:g}: {len(sizes)} packages of {', '.join(f'{s:.1f}' for s in sizes)} MB "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    agree = total = 0
+    worst = 0.0
+    for seq, p in zip(sequences, prompts, strict=True):
+        padded = torch.zeros(1, length, dtype=torch.long)
+        padded[0, : seq.shape[1]] = seq[0]
+        out = fp16(padded, attention_mask=mask)
+        whole = (out.logits if hasattr(out, "logits") else out[0])[0]
+        chain = chunked.chunks.run([padded, mask])[0][0]
+        n = seq.shape[1]
+        a, b = whole[p.shape[1] - 1 : n - 1].argmax(-1), chain[p.shape[1] - 1 : n - 1].argmax(-1)
+        agree += int((a == b).sum())
+        total += n - p.shape[1]
+        worst = max(worst, float((whole[:n] - chain[:n]).abs().max()))
+    print(f"chained chunks vs unchunked graph: {agree}/{total} identical next tokens, max |logit diff| {worst:.2e}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="distilbert", help=f"comma-separated from {sorted(FULL_SIZE)}, or 'all'")
@@ -317,6 +422,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lm", default="", help=f"generation section for these causal LMs: {sorted(LMS)}")
     ap.add_argument("--lm-context", type=int, default=256)
     ap.add_argument("--lm-prefill", type=int, default=64)
+    ap.add_argument("--compression", action="store_true", help="SmolLM2: size vs quality per scheme, chunking")
     args = ap.parse_args(argv)
     from anefx.targets import coreai
 
@@ -333,6 +439,8 @@ def main(argv=None) -> int:
         memory_check()
     if args.scaling:
         scaling_check()
+    if args.compression:
+        compression_section()
     print(f"\npeak RSS of this process: {peak_rss_mb():.0f} MiB")
     return 0
 

@@ -88,6 +88,8 @@ class CoreMLOptions:
 @dataclass
 class CoreMLArtifact(Artifact):
     exported_graph: torch.fx.GraphModule | None = None
+    #: the program ct.convert read (its node names are the MIL names; compression measures with it)
+    exported_program: torch.export.ExportedProgram | None = None
     suffix = ".mlpackage"
 
     @property
@@ -257,6 +259,7 @@ class CoreMLTarget(Target):
         artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds, "timings": timings})
         artifact.converter_input = handed
         artifact.exported_graph = ep.graph_module  # MIL op names come from these nodes' names
+        artifact.exported_program = ep
         return artifact
 
 

@@ -1,0 +1,367 @@
+"""Split a compiled model at layer boundaries into consecutive packages under a size cap.
+
+Exports over about 1 GB (iOS) or 2 GB (macOS) fail or fall off the Neural Engine, so large models
+ship as a chain of ``.mlpackage`` files (Anemll's ``--chunk``, ml-stable-diffusion's
+``--chunk-unet``). anefx does it for any model it compiles:
+
+1. the validated graph is exported once (ATen, weights as inputs of the program);
+2. every node gets a *stage*: the layer index of the parameters it reads (``layers.<i>.``), or
+   the largest stage among its inputs — so stages never decrease along the data flow, the
+   embedding belongs to the first layer's side and the final norm and LM head to the last;
+3. consecutive stages are packed greedily into chunks whose weight bytes stay under the cap;
+   input-independent values (weights, their views, folded tables) are copied into every chunk that
+   reads them (a tied embedding ships with the first and the last chunk), everything else that
+   crosses a boundary — hidden states, masks — becomes an output of one chunk and an input of the
+   next;
+4. each chunk is converted on its own, and the chain is validated in PyTorch against the model.
+
+``manifest.json`` says how to chain them: each chunk's inputs (from the model or from which chunk)
+and outputs, and where each model output comes from. States (``compile_lm``'s KV cache) are
+buffers read and written by one layer's nodes, so they fall into that layer's chunk; the manifest
+has a ``states`` list per chunk for them.
+
+An impossible cap (one layer's weights alone above it) is refused from the model's parameters,
+before capture or conversion starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+
+from anefx.errors import AnefxError
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+MB = 1_000_000
+
+
+def default_cap_mb(minimum_deployment_target: str) -> float:
+    """1,024 MB for iOS-family targets, 2,048 MB for macOS (the sizes above which exports fail or
+    leave the ANE, as users report them; see the module docstring)."""
+    return 2048.0 if minimum_deployment_target.startswith("macOS") else 1024.0
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def check_cap(named_parameters: Iterable[tuple[str, torch.Tensor]], cap_mb: float, bytes_per_weight: float) -> None:
+    """Refuse a cap that one layer (or one tensor outside the layers) cannot fit under."""
+    if cap_mb <= 0:
+        raise AnefxError(f"max_chunk_mb must be positive, got {cap_mb}")
+    per_layer: dict[Any, float] = {}
+    seen: set[int] = set()
+    for name, p in named_parameters:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        layer = layer_of(name + ".")
+        key = ("layer", layer) if layer is not None else ("tensor", name)
+        per_layer[key] = per_layer.get(key, 0.0) + p.numel() * bytes_per_weight
+    if not per_layer:
+        return
+    (kind, which), size = max(per_layer.items(), key=lambda kv: kv[1])
+    if size > cap_mb * MB:
+        what = f"layer {which}" if kind == "layer" else f"the tensor {which}"
+        raise AnefxError(
+            f"max_chunk_mb={cap_mb:g} is impossible: {what} alone holds {size / MB:.1f} MB of weights "
+            f"({bytes_per_weight:g} bytes per weight), and anefx splits only between layers; raise "
+            f"max_chunk_mb to at least {math.ceil(size / MB * 10) / 10:g}, or compress the weights "
+            "(compression='lut4'/'lut6')"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Partition of an exported program
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    index: int
+    stages: list[int]
+    graph_module: torch.fx.GraphModule  # runs in torch: inputs in ``inputs`` order → ``outputs``
+    inputs: list[str]  # value names (FX node names; model inputs keep the model's names)
+    outputs: list[str]
+    weight_bytes: int  # fp16 bytes of the weights this chunk holds (estimate before conversion)
+    example_inputs: list[torch.Tensor] = field(default_factory=list)
+    artifact: Any = None
+    compression: Any = None
+
+
+@dataclass
+class Chunked:
+    """The chain: chunks in order, the model's inputs and where each model output comes from."""
+
+    chunks: list[Chunk]
+    model_inputs: list[str]
+    model_outputs: list[str]  # value names, in the model's output order
+    output_names: list[str]  # the model's output names (``logits`` …)
+    cap_mb: float
+
+    def run(self, inputs: Sequence[torch.Tensor], variant: str | None = None) -> list[torch.Tensor]:
+        """Run the chain in PyTorch (``variant``: ``"fp16"``/``"compressed"`` weights when compressed)."""
+        env = dict(zip(self.model_inputs, inputs, strict=True))
+        with torch.no_grad():
+            for c in self.chunks:
+                args = [env[n] for n in c.inputs]
+                if variant is not None and c.compression is not None:
+                    outs = c.compression.swap.swap(args, c.compression.overrides(variant))[0]
+                else:
+                    outs = c.graph_module(*args)
+                env.update(zip(c.outputs, outs, strict=True))
+        return [env[n] for n in self.model_outputs]
+
+    def manifest(self, stem: str) -> dict:
+        producer = {n: "model" for n in self.model_inputs}
+        chunks = []
+        for c in self.chunks:
+            chunks.append(
+                {
+                    "file": f"{stem}_chunk{c.index}.mlpackage",
+                    "layers": [s for s in c.stages if s >= 0],
+                    "inputs": [_describe(n, producer[n], t) for n, t in zip(c.inputs, c.example_inputs, strict=True)],
+                    "outputs": list(c.outputs),
+                    "states": [],
+                    "weight_bytes_estimate": c.weight_bytes,
+                }
+            )
+            producer.update({n: f"chunk{c.index}" for n in c.outputs})
+        return {
+            "format": "anefx-chunks/1",
+            "max_chunk_mb": self.cap_mb,
+            "model_inputs": list(self.model_inputs),
+            "model_outputs": [
+                {"name": name, "value": v, "from": producer[v]}
+                for name, v in zip(self.output_names, self.model_outputs, strict=True)
+            ],
+            "chunks": chunks,
+        }
+
+    def save(self, path) -> Path:
+        """Write ``<path>/`` with one ``<stem>_chunk<i>.mlpackage`` per chunk and ``manifest.json``;
+        all or nothing (staged in a temporary folder, renamed at the end)."""
+        path = Path(path)
+        if path.suffix == ".mlpackage":  # ``-o model.mlpackage`` on a chunked compile: the folder ``model``
+            path = path.with_suffix("")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
+        stem = path.name
+        tmp = Path(tempfile.mkdtemp(prefix=".anefx-chunks-", dir=parent))
+        try:
+            staged = tmp / path.name
+            staged.mkdir()
+            manifest = self.manifest(stem)
+            for c, entry in zip(self.chunks, manifest["chunks"], strict=True):
+                c.artifact.save(staged / entry["file"])
+                size = package_weight_bytes(staged / entry["file"])
+                entry["weight_bytes"] = size
+                if size > self.cap_mb * MB:
+                    raise AnefxError(
+                        f"chunk {c.index} came out at {size / MB:.1f} MB, above max_chunk_mb={self.cap_mb:g} "
+                        "(the converter stored more than the weights anefx counted); lower the cap"
+                    )
+            (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            staged.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+
+def _describe(name: str, source: str, t: torch.Tensor) -> dict:
+    return {"name": name, "from": source, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+def package_weight_bytes(package: Path) -> int:
+    """Bytes of the weight files of a saved ``.mlpackage`` (``Data/com.apple.CoreML/weights``)."""
+    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    return sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
+
+
+def _is_weight_input(kind) -> bool:
+    from torch.export.graph_signature import InputKind
+
+    return kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def export_program(handoff):
+    """The validated graph as the converters see it: legalized, exported, decomposed (once)."""
+    from anefx.targets.base import legalized_clone
+
+    gm = legalized_clone(handoff)
+    ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
+    return ep.run_decompositions({})
+
+
+def bytes_per_weight(compression) -> float:
+    """Stored bytes per weight for the cap: 2 (fp16), or the scheme's bits plus its tables (3%)
+    when every weight is compressed (with weights kept in fp16, 2 stays the safe figure)."""
+    if compression is None:
+        return 2.0
+    from anefx.targets.compression import SCHEMES
+
+    if compression.keep_fp16 or compression.keep_embeddings or compression.keep_lm_head or compression.per_layer:
+        return 2.0
+    if compression.keep_first_layers or compression.keep_last_layers:
+        return 2.0
+    return SCHEMES[compression.scheme][1] / 8 * 1.03
+
+
+def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_mb: float, bytes_per_weight=2.0):
+    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    sig = ep.graph_signature
+    values: dict[str, torch.Tensor] = {}  # weight placeholder → tensor
+    param_name: dict[str, str] = {}
+    for spec in sig.input_specs:
+        if _is_weight_input(spec.kind):
+            t = ep.state_dict.get(spec.target) if spec.kind != InputKind.CONSTANT_TENSOR else None
+            values[spec.arg.name] = t if t is not None else ep.constants[spec.target]
+            param_name[spec.arg.name] = spec.target
+    user_inputs = [s.arg.name for s in sig.input_specs if s.kind == InputKind.USER_INPUT]
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    outs = list(out_node.args[0])
+    model_outputs = [outs[i].name for i, s in enumerate(sig.output_specs) if s.kind == OutputKind.USER_OUTPUT]
+    if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
+        raise AnefxError("chunking a program that mutates buffers is not supported yet (compile_lm states)")
+
+    const: set[str] = set()
+    stage: dict[str, int] = {}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in values:
+                const.add(n.name)
+                layer = layer_of(param_name[n.name] + ".")
+                stage[n.name] = -1 if layer is None else layer
+            else:
+                stage[n.name] = -1
+        elif n.op == "call_function":
+            ins = n.all_input_nodes
+            if ins and all(i.name in const for i in ins):
+                const.add(n.name)
+            stage[n.name] = max((stage[i.name] for i in ins), default=-1)
+    # weights per stage: each weight placeholder counts in every stage whose nodes read it
+    users_stage: dict[str, set[int]] = {w: set() for w in values}
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and n.name not in const:
+            for w in _const_roots(n, const, values):
+                users_stage[w].add(stage[n.name])
+    stages = sorted({stage[n.name] for n in ep.graph.nodes if n.op == "call_function" and n.name not in const})
+
+    def size(group: set[int]) -> int:
+        return int(sum(values[w].numel() * bytes_per_weight for w, ss in users_stage.items() if ss & group))
+
+    groups: list[list[int]] = []
+    for s in stages:
+        if groups and size(set(groups[-1]) | {s}) <= cap_mb * MB:
+            groups[-1].append(s)
+        else:
+            if size({s}) > cap_mb * MB:
+                raise AnefxError(
+                    f"max_chunk_mb={cap_mb:g} is impossible: stage {s} (layer {s}) alone holds "
+                    f"{size({s}) / MB:.1f} MB of weights; raise the cap or compress the weights"
+                )
+            groups.append([s])
+    chunk_of_stage = {s: i for i, g in enumerate(groups) for s in g}
+    chunk_of = {
+        n.name: chunk_of_stage.get(stage[n.name], 0)
+        for n in ep.graph.nodes
+        if n.op in ("placeholder", "call_function") and n.name not in const
+    }
+    for name in user_inputs:
+        chunk_of[name] = -1  # the model's inputs come from outside every chunk
+
+    chunks = []
+    nodes = list(ep.graph.nodes)
+    for ci, g in enumerate(groups):
+        members = [n for n in nodes if n.op == "call_function" and n.name not in const and chunk_of[n.name] == ci]
+        member_names = {n.name for n in members}
+        needed: list[str] = []
+        for n in members:
+            for i in n.all_input_nodes:
+                if i.name not in const and i.name not in member_names and i.name not in needed:
+                    needed.append(i.name)
+        later_users = set()
+        for n in members:
+            if n.name in model_outputs or any(
+                u.op == "call_function" and u.name not in const and chunk_of[u.name] > ci for u in n.users
+            ):
+                later_users.add(n.name)
+        outputs = [n.name for n in members if n.name in later_users]
+        gm = _build(ep, members, needed, outputs, const, values)
+        chunks.append(Chunk(ci, g, gm, needed, outputs, size(set(g))))
+    chunked = Chunked(chunks, user_inputs, model_outputs, list(output_names), cap_mb)
+    # example inputs of each chunk: run the chain once
+    env = dict(zip(user_inputs, inputs, strict=True))
+    with torch.no_grad():
+        for c in chunks:
+            c.example_inputs = [env[n].contiguous() for n in c.inputs]  # Core ML wants dense inputs
+            env.update(zip(c.outputs, c.graph_module(*c.example_inputs), strict=True))
+    return chunked
+
+
+def _const_roots(n: torch.fx.Node, const: set[str], values: dict) -> set[str]:
+    """The weight placeholders an op reads, through any input-independent views."""
+    roots, stack = set(), [i for i in n.all_input_nodes if i.name in const]
+    while stack:
+        m = stack.pop()
+        if m.name in values:
+            roots.add(m.name)
+        stack.extend(i for i in m.all_input_nodes if i.name in const)
+    return roots
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def _build(ep, members, needed, outputs, const, values) -> torch.fx.GraphModule:
+    """A GraphModule of ``members``: ``needed`` become placeholders, weights get_attr (shared, no copy),
+    input-independent nodes they read are copied in."""
+    graph = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {}
+    root: dict[str, Any] = {}
+    for name in needed:
+        env[name] = graph.placeholder(name)
+        src = next(n for n in ep.graph.nodes if n.name == name)
+        env[name].meta = dict(src.meta)
+
+    def get(node: torch.fx.Node) -> torch.fx.Node:
+        if node.name in env:
+            return env[node.name]
+        if node.name in values:
+            attr = f"w_{node.name}"
+            root[attr] = values[node.name]
+            new = graph.get_attr(attr)
+            new.meta = dict(node.meta)
+        else:  # an input-independent node: copy it (and what it reads)
+            for i in node.all_input_nodes:
+                get(i)
+            new = graph.node_copy(node, lambda m: env[m.name])
+        env[node.name] = new
+        return new
+
+    for n in members:
+        for i in n.all_input_nodes:
+            get(i)
+        env[n.name] = new = graph.node_copy(n, lambda m: env[m.name])
+        if new.target in _VIEWS:  # a boundary input arrives dense, not with its producer's strides
+            new.target = torch.ops.aten.reshape.default
+    graph.output(tuple(env[o] for o in outputs))
+    gm = torch.fx.GraphModule(root, graph)
+    gm.graph.lint()
+    return gm

@@ -1,0 +1,327 @@
+"""Weight compression (coremltools.optimize, measured in torch) and chunking under a size cap.
+
+A small Llama (hidden 320 so coremltools clusters each 32-channel group with its exact 1-D k-means,
+weights re-initialised so nothing is zero or identity) carries the mechanics; SmolLM2's figures
+are in the benchmark (``examples/benchmark.py --compression``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import anefx
+from anefx.errors import AnefxError
+from anefx.targets.chunking import package_weight_bytes
+from anefx.targets.compression import CompressionOptions
+from anefx.targets.coreml import CoreMLOptions
+from anefx.targets.quality import decode_lut, lm_agreement
+
+SEQ = 16
+
+
+def _llama(layers=2, vocab=384):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=320,
+        intermediate_size=640,
+        num_hidden_layers=layers,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, vocab, (1, SEQ))
+    return model, (ids,), {"attention_mask": torch.ones(1, SEQ, dtype=torch.long)}
+
+
+def _compile_module():
+    return sys.modules["anefx.compile"]
+
+
+@pytest.fixture
+def no_capture(monkeypatch):
+    """Fail the test if compile gets as far as capturing the model."""
+
+    def boom(*a, **k):
+        raise AssertionError("capture ran: the error came too late")
+
+    monkeypatch.setattr(_compile_module(), "capture", boom)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: before any long work, nothing on disk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("compression", "options", "words"),
+    [
+        ("int4", None, ["wrong output on the Neural Engine", "lut4", "coreai-models#279"]),
+        (CompressionOptions(scheme="int8", block_size=32), None, ["per-block", "wrong output", "'int8'"]),
+        ("lut3", None, ["unknown compression scheme 'lut3'", "lut4, lut6, lut8, int8"]),
+        ("lut6", CoreMLOptions(minimum_deployment_target="iOS17"), ["iOS18", "iOS17", "per_tensor"]),
+        (CompressionOptions(granularity="per_block"), None, ["per_block", "per_grouped_channel"]),
+    ],
+)
+def test_refused_compression_fails_before_capture(compression, options, words, no_capture):
+    model, args, kwargs = _llama(layers=1)
+    with pytest.raises(AnefxError) as info:
+        anefx.compile(model, args, kwargs, compression=compression, target_options=options)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_per_tensor_luts_are_allowed_before_ios18(no_capture):
+    """Only grouped-channel tables need iOS18: per-tensor LUTs pass the check (and reach capture)."""
+    model, args, kwargs = _llama(layers=1)
+    with pytest.raises(AssertionError, match="capture ran"):
+        anefx.compile(
+            model,
+            args,
+            kwargs,
+            compression=CompressionOptions(scheme="lut6", granularity="per_tensor"),
+            target_options=CoreMLOptions(minimum_deployment_target="iOS16"),
+        )
+
+
+def test_impossible_cap_fails_before_capture_and_writes_nothing(tmp_path, no_capture):
+    model, args, kwargs = _llama(layers=2)
+    layer_mb = sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n) * 2 / 1e6
+    with pytest.raises(AnefxError) as info:
+        anefx.compile(model, args, kwargs, max_chunk_mb=layer_mb * 0.9)
+    text = str(info.value)
+    assert "impossible" in text and "layer 0" in text and f"{layer_mb:.1f} MB" in text
+    # with lut4 (a quarter of the bytes) the same cap is possible: the check counts the scheme's bits
+    with pytest.raises(AssertionError, match="capture ran"):
+        anefx.compile(model, args, kwargs, max_chunk_mb=layer_mb * 0.9, compression="lut4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_scheme(tmp_path, capsys):
+    from anefx.cli import main
+
+    out = tmp_path / "m.mlpackage"
+    code = main(["compile", "examples/models.py:mlp", "-o", str(out), "--compression", "int4"])
+    assert code == 2
+    assert "wrong output on the Neural Engine" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression: what ships, and its quality measured on the shipped weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lut4():
+    model, args, kwargs = _llama(layers=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = anefx.compile(model, args, kwargs, compression=CompressionOptions(scheme="lut4", keep_lm_head=True))
+    return compiled, model, args, kwargs, before
+
+
+def test_lut4_ships_luts_for_every_planned_weight(lut4, tmp_path):
+    compiled, model, _, _, before = lut4
+    comp = compiled.compression
+    ops = list(compiled.mlmodel._mil_program.functions["main"].operations)
+    luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
+    shipped = comp.shipped
+    # 7 projections + the embedding table; the LM head (tied, a second const) stays fp16
+    assert len(shipped) == 8 and len(luts) == 8
+    kept = [w for w in comp.weights if w.scheme == "fp16"]
+    assert [(w.role, w.reason) for w in kept] == [("lm_head", "keep_lm_head")]
+    assert {w.param for w in shipped if w.role == "embedding"} == {"lm_head.weight"}
+    # grouped-channel tables: one 16-entry table per 32 output channels
+    for op in luts:
+        lut = op.inputs["lut"].val
+        assert lut.shape[-2:] == (16, 1) and op.outputs[0].shape[0] // lut.shape[0] == 32
+        assert np.array_equal(decode_lut(op.inputs["indices"].val, lut), op.materialized_val_inference())
+    # size: the saved weights shrink to about 4/16 for what was compressed, the kept head is fp16
+    fp16_bytes = compiled.compression.quality.bytes_fp16
+    size = package_weight_bytes(compiled.save(tmp_path / "m.mlpackage"))
+    head = kept[0].bytes_fp16
+    assert size < 0.27 * (fp16_bytes - head) + head + 64 * 64
+    # the user's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_lut4_quality_is_measured_on_the_shipped_weights(lut4):
+    compiled, model, args, kwargs, _ = lut4
+    q = compiled.compression.quality
+    assert len(q.weights) == 8
+    # 4-bit k-means on Gaussian weights: ~8-10% relative weight error per tensor, never 0
+    assert all(0.03 < w.weight_rel_error < 0.2 for w in q.weights)
+    assert all(w.output_rel_error is not None and w.output_rel_error > 0 for w in q.weights)
+    assert 0 < q.end_to_end_rel_error < 0.5
+    # the measurement runs the converted graph: with the fp16 weights it reproduces the model
+    flat = compiled.captured.flat_inputs
+    fp16_out = compiled.compression.run(flat, "fp16")[0]
+    comp_out = compiled.compression.run(flat, "compressed")[0]
+    eager = model(*args, **kwargs).logits
+    assert torch.allclose(fp16_out, eager, atol=2e-2, rtol=0)
+    rel = float((comp_out - fp16_out).norm() / fp16_out.norm())
+    assert rel == pytest.approx(q.end_to_end_rel_error, rel=1e-6)
+    # on inputs the compile never saw (other tokens, a padded mask) the swap still runs
+    ids = torch.randint(0, 384, (1, SEQ))
+    mask = torch.ones(1, SEQ, dtype=torch.long)
+    mask[0, :3] = 0
+    other = compiled.compression.run([ids, mask], "fp16")[0]
+    assert torch.allclose(other, model(ids, attention_mask=mask).logits, atol=2e-2, rtol=0)
+
+
+def test_lm_quality_reports_agreement_and_kl(lut4):
+    compiled = lut4[0]
+    prompts = [torch.randint(0, 384, (1, 6)), torch.randint(0, 384, (1, 4))]
+    lm = compiled.lm_quality(prompts, new_tokens=8)
+    assert lm.tokens == 16 and lm.prompts == 2
+    assert 0.5 <= lm.agreement <= 1.0 and lm.mean_kl > 0
+    assert compiled.compression.quality.summary()["agreement"] == round(lm.agreement, 4)
+
+
+def test_lm_agreement_counts_positions():
+    torch.manual_seed(1)
+    table = torch.randn(50, 10)
+
+    def ref(ids):
+        return table[ids.reshape(-1)]
+
+    def flipped(ids):  # disagrees wherever the input token is even
+        out = ref(ids).clone()
+        even = ids.reshape(-1) % 2 == 0
+        out[even] = -out[even]
+        return out
+
+    seqs = [torch.arange(0, 12).reshape(1, -1)]
+    same = lm_agreement(ref, ref, seqs, [4])
+    assert same.agreement == 1.0 and same.mean_kl == pytest.approx(0.0, abs=1e-12)
+    half = lm_agreement(ref, flipped, seqs, [4])
+    assert (
+        half.tokens == 8 and half.agreement == 0.5 and half.first_disagreement == [1]
+    )  # ids 3, 4, … predict: 4 is even
+
+
+def test_int8_is_per_channel_and_with_compression_reuses_the_program(lut4):
+    compiled = lut4[0]
+    int8 = compiled.with_compression("int8")
+    ops = list(int8.mlmodel._mil_program.functions["main"].operations)
+    q = [op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert len(q) == 9 and not [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
+    for op in q:  # one scale per output channel: not per block
+        assert op.inputs["scale"].val.shape[1:] == (1,) * (op.inputs["scale"].val.ndim - 1)
+    assert int8.compression.quality.end_to_end_rel_error < lut4[0].compression.quality.end_to_end_rel_error
+    assert 0.45 < int8.compression.quality.size_ratio < 0.55
+    assert compiled.compression.options.scheme == "lut4"  # the original is unchanged
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunking
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chunked():
+    model, args, kwargs = _llama(layers=3)
+    return anefx.compile(model, args, kwargs, max_chunk_mb=4), model
+
+
+def test_chunks_under_the_cap_chain_to_the_model(chunked, tmp_path):
+    compiled, model = chunked
+    chunks = compiled.chunks.chunks
+    assert len(chunks) >= 2
+    out = compiled.save(tmp_path / "llama")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["chunks"]) == len(chunks)
+    available = set(manifest["model_inputs"])
+    for entry in manifest["chunks"]:
+        size = package_weight_bytes(out / entry["file"])
+        assert 0 < size <= 4e6 and entry["weight_bytes"] == size
+        for i in entry["inputs"]:  # every input comes from the model or an earlier chunk
+            assert i["name"] in available, i
+        available |= set(entry["outputs"])
+    assert manifest["model_outputs"][0]["name"] == "logits"
+    assert manifest["model_outputs"][0]["from"] == f"chunk{len(chunks) - 1}"
+    # every layer is in exactly one chunk, in order
+    layers = [layer for e in manifest["chunks"] for layer in e["layers"]]
+    assert layers == sorted(layers) == [0, 1, 2]
+    # the chain, in torch, on inputs the compile never saw (other tokens, left padding)
+    ids = torch.randint(0, 384, (1, SEQ))
+    mask = torch.ones(1, SEQ, dtype=torch.long)
+    mask[0, :4] = 0
+    got = compiled.chunks.run([ids, mask])[0]
+    want = model(ids, attention_mask=mask).logits
+    assert torch.allclose(got[0, 4:], want[0, 4:], atol=1e-4, rtol=0)
+    # each package holds only its layers' weights: the tied embedding in the first and last only
+    convs = [c.artifact.op_histogram()["conv"] for c in chunks]
+    assert sum(convs) == 3 * 7 + 1
+
+
+def test_a_failing_chunk_save_leaves_nothing(chunked, tmp_path, monkeypatch):
+    compiled = chunked[0]
+    last = compiled.chunks.chunks[-1].artifact
+
+    def broken(path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(last, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        compiled.save(tmp_path / "llama")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Large vocabularies
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output", ["argmax", "topk"])
+def test_lm_head_split_into_channel_chunks(output):
+    from anefx.targets.lm_head import LMHeadOptions
+
+    model, args, kwargs = _llama(layers=1, vocab=300)
+    opts = LMHeadOptions(max_channels=128, output=output, k=4)
+    compiled = anefx.compile(model, args, kwargs, lm_head=opts)
+    ops = compiled.op_histogram()
+    assert ops["conv"] == 7 + 3  # the 300-channel head as 128 + 128 + 44
+    assert compiled.report.conversion["lm_head"] == {"lm_head_split": 1, "output": output}
+    convs = [
+        op
+        for op in compiled.mlmodel._mil_program.functions["main"].operations
+        if op.op_type == "conv" and op.outputs[0].shape[1] in (128, 44)
+    ]
+    assert sorted(op.outputs[0].shape[1] for op in convs) == [44, 128, 128]
+    outputs = [o.name for o in compiled.mlmodel.get_spec().description.output]
+    assert outputs == {"argmax": ["token"], "topk": ["topk_values", "topk_ids"]}[output]
+    # the full logits never leave the model: no output has the vocabulary's size
+    shapes = [o.type.multiArrayType.shape for o in compiled.mlmodel.get_spec().description.output]
+    assert all(300 not in list(s) for s in shapes)
+    # the torch graph keeps its logits
+    assert compiled(*args, **kwargs).logits.shape[-1] == 300
+
+
+def test_small_vocabularies_are_left_alone_by_default():
+    model, args, kwargs = _llama(layers=1, vocab=300)
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    assert compiled.artifact is None  # nothing converted, nothing split
+    from anefx.graph import clone_graph_module
+    from anefx.targets.lm_head import HARD_LIMIT, split_head
+
+    _, stats = split_head(clone_graph_module(compiled.graph_module), HARD_LIMIT)
+    assert stats["lm_head_split"] == 0
