@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,12 +102,25 @@ def compile(  # noqa: A001 - the public name users expect
         example_inputs: a tuple of positional example inputs; ``example_kwargs`` the keyword ones.
         pipeline: the passes to run (default :meth:`Pipeline.default`).
         target: ``"coreml"`` (``.mlpackage``) or ``"coreai"`` (``.aimodel``).
-        target_options: the target's options dataclass (e.g. ``CoreMLOptions``).
+        target_options: the target's options dataclass (e.g. ``CoreMLOptions``); checked before any
+            work starts.
         convert: False stops after the passes (no hand-off).
-        validate: ``off``, ``lint`` or ``numeric`` (default from ``ANEFX_VALIDATE``, else numeric).
-        debug: :class:`DebugOptions`; defaults come from the ``ANEFX_*`` environment variables and
-            keyword overrides (``print_ir_after_all=True``, ``dump_dir=...``, ``bisect_limit=3``…).
+        validate: ``off``, ``lint`` or ``numeric``.
+        validation: :class:`ValidationOptions` (tolerances, random inputs …).
+        debug: :class:`DebugOptions`. Keyword overrides of its fields (``print_ir_after_all=True``,
+            ``dump_dir=...``, ``bisect_limit=3`` …) may be passed to ``compile`` directly.
+
+    Explicit arguments beat environment variables: ``ANEFX_VALIDATE`` applies only when neither
+    ``validate`` nor ``validation`` is given, the ``ANEFX_*`` debug variables only when ``debug`` is
+    not given (keyword overrides apply on top of either).
     """
+    unknown = sorted(set(debug_overrides) - {f.name for f in dataclasses.fields(DebugOptions)})
+    if unknown:
+        raise TypeError(
+            f"compile() got unexpected keyword argument(s) {unknown}; besides its own parameters it takes "
+            f"the DebugOptions fields {[f.name for f in dataclasses.fields(DebugOptions)]}"
+        )
+    tgt = target_by_name(target, target_options) if convert else None  # bad target options fail now
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs)
@@ -115,7 +129,12 @@ def compile(  # noqa: A001 - the public name users expect
     pipeline = pipeline if pipeline is not None else Pipeline.default()
     if validation is not None:
         pipeline = pipeline.with_validation(validation)
-    mode = validate or validate_mode_from_env(pipeline.validation.mode)
+    if validate is not None:
+        mode = validate
+    elif validation is not None:
+        mode = validation.mode
+    else:
+        mode = validate_mode_from_env(pipeline.validation.mode)
     pipeline = pipeline.with_validation(mode=mode)
     debug = (debug or DebugOptions.from_env()).merged(**debug_overrides)
 
@@ -134,7 +153,6 @@ def compile(  # noqa: A001 - the public name users expect
     if convert:
         if progress:
             progress(f"convert:{target}")
-        tgt = target_by_name(target, target_options)
         t0 = time.perf_counter()
         artifact = tgt.convert(
             HandOff(

@@ -122,3 +122,18 @@ def test_passes_work_in_torch_pass_manager():
     assert result.modified
     assert ops(result.graph_module).get("aten.conv2d") == 2
     assert isinstance(pass_by_name("linear_to_conv")(gm), PassResult)
+
+
+def test_explicit_arguments_beat_the_environment(monkeypatch):
+    monkeypatch.setenv("ANEFX_VALIDATE", "off")
+    model, args, _ = example("mlp")
+    pipeline = anefx.Pipeline.empty().append(FlipSign())
+    for explicit in ({"validate": "numeric"}, {"validation": anefx.ValidationOptions(mode="numeric")}):
+        compiled = anefx.compile(model, args, pipeline=pipeline, convert=False, **explicit)
+        assert compiled.report.record("flip_sign").rolled_back, explicit  # numeric ran despite the env
+
+
+def test_unknown_keyword_names_compile():
+    model, args, _ = example("mlp")
+    with pytest.raises(TypeError, match=r"compile\(\) got unexpected keyword argument\(s\) \['validat'\]"):
+        anefx.compile(model, args, validat="off")
