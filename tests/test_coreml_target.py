@@ -53,7 +53,7 @@ def test_options_take_coremltools_enums_and_fail_fast(monkeypatch):
     compile_module = sys.modules["anefx.compile"]  # the module, which the function anefx.compile shadows
     monkeypatch.setattr(compile_module, "capture", lambda *a, **k: pytest.fail("captured before checking options"))
     for bad in (CoreMLOptions(compute_precision="float8"), CoreMLOptions(compute_units="NE_ONLY")):
-        with pytest.raises(ConversionError, match="unknown compute_(precision|units)"):
+        with pytest.raises(ConversionError, match=r"unknown compute_(precision|units)"):
             anefx.compile(model, args, target_options=bad)
 
 

@@ -111,7 +111,9 @@ def _choice(table: dict, value, field_name: str):
         return value
     if isinstance(value, str) and value.lower() in table:
         return table[value.lower()]
-    raise ConversionError(f"unknown {field_name} {value!r} in CoreMLOptions; use one of {sorted(table)} or ct.precision")
+    raise ConversionError(
+        f"unknown {field_name} {value!r} in CoreMLOptions; use one of {sorted(table)}, or ct.precision"
+    )
 
 
 @dataclass
