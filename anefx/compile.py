@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from anefx.ane.report import analyse
 from anefx.capture import Captured, capture
 from anefx.debug import DebugOptions, validate_mode_from_env
 from anefx.pipeline import Pipeline
@@ -54,9 +55,9 @@ class CompiledModel:
     def ane_report(self):
         """The ANE readiness report (:func:`anefx.check`) of this compile; computed on first use."""
         if "_ane_report" not in self.__dict__:
-            from anefx.ane.report import check
-
-            self.__dict__["_ane_report"] = check(self)
+            if self.target != "coreml" or self.artifact is None:
+                raise ValueError("the ANE report reads a Core ML program: compile with target='coreml', convert=True")
+            self.__dict__["_ane_report"] = analyse(self.artifact, self.graph_module, self.captured.flat_inputs)
         return self.__dict__["_ane_report"]
 
     def op_histogram(self):
