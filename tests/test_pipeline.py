@@ -137,3 +137,24 @@ def test_unknown_keyword_names_compile():
     model, args, _ = example("mlp")
     with pytest.raises(TypeError, match=r"compile\(\) got unexpected keyword argument\(s\) \['validat'\]"):
         anefx.compile(model, args, validat="off")
+
+
+def test_pass_summary_is_the_first_line_without_the_name():
+    class Dashed(Pass):
+        """``dashed`` - splits on a hyphen — and keeps this em dash."""
+
+        name = "dashed"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False)
+
+    class Plain(Pass):
+        """Says what it does — no name first."""
+
+        name = "plain"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False)
+
+    assert Dashed.summary() == "splits on a hyphen — and keeps this em dash."
+    assert Plain.summary() == "Says what it does — no name first."
