@@ -87,8 +87,7 @@ def _functional_variant(node: torch.fx.Node):
     target = node.args[0]
     if not isinstance(target, torch.fx.Node) or target.op != "call_function":
         return None  # an input or a buffer: the write is visible outside
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    if any(order[u] > order[node] for u in target.users if u is not node):
+    if any(u > node for u in target.users):  # fx nodes compare by their position in the graph
         return None
     packet = getattr(torch.ops.aten, base[:-1], None)
     return getattr(packet, t._overloadname, None) if packet is not None else None

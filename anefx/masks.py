@@ -127,12 +127,4 @@ class MaskLowering:
         return MaskTerm(node, per_head=(len(s) == 4 and s[1] > 1))
 
     def _first_user(self, n: torch.fx.Node) -> torch.fx.Node:
-        return min(n.users, key=_position) if n.users else n.next
-
-
-def _position(node: torch.fx.Node) -> int:
-    i = 0
-    for i, other in enumerate(node.graph.nodes):
-        if other is node:
-            return i
-    return i
+        return min(n.users) if n.users else n.next  # fx nodes compare by their position in the graph
