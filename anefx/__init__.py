@@ -5,9 +5,10 @@ compiled.save("model.mlpackage")
 print(compiled.report)
 """
 
-from anefx.ane.report import ANEReport, check
+from anefx.ane.report import ANEReport
 from anefx.backend import backend
 from anefx.capture import Captured, capture
+from anefx.check import check
 from anefx.compile import CompiledModel, compile  # noqa: A004
 from anefx.debug import DebugOptions
 from anefx.errors import AnefxError, CaptureError, ConversionError, PassError, TargetUnavailableError

@@ -340,8 +340,6 @@ def capture(
     model,
     example_inputs=(),
     example_kwargs: Mapping | None = None,
-    *,
-    dynamic_shapes=None,
 ) -> Captured:
     """Turn ``model`` and example inputs into anefx's canonical graph (see module docstring).
 
@@ -350,11 +348,6 @@ def capture(
     outputs become the validation reference) and is never modified.
     """
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
-    if dynamic_shapes is not None:
-        raise CaptureError(
-            "anefx compiles for static shapes (the ANE runs fixed-shape programs best); "
-            "drop dynamic_shapes and compile once per input shape you deploy"
-        )
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if not isinstance(model, torch.nn.Module):
@@ -389,8 +382,7 @@ def capture(
         except Exception as exc:
             raise CaptureError(_explain_export_failure(exc)) from exc
 
-    gm = ep.module()
-    _drop_guards(gm)
+    gm = ep.module(check_guards=False)  # no _guards_fn node: anefx compiles for static shapes
     if not all("val" in n.meta for n in gm.graph.nodes if n.op in ("placeholder", "call_function")):
         from anefx.graph import refresh_meta
 
@@ -406,16 +398,6 @@ def capture(
         constants=constants,
         dropped_outputs=dropped,
     )
-
-
-def _drop_guards(gm: torch.fx.GraphModule) -> None:
-    """Remove the input-shape guard call torch.export inserts; anefx compiles for static shapes."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("_guards"):
-            gm.graph.erase_node(node)
-            with contextlib.suppress(AttributeError):
-                delattr(gm, str(node.target))
-    gm.recompile()
 
 
 def _describe_inputs(args, kwargs) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from anefx.ane.report import add_unmatched_attention, analyse
 from anefx.capture import Captured, capture
 from anefx.debug import DebugOptions, validate_mode_from_env
 from anefx.errors import AnefxError
@@ -63,9 +65,11 @@ class CompiledModel:
     def ane_report(self):
         """The ANE readiness report (:func:`anefx.check`) of this compile; computed on first use."""
         if "_ane_report" not in self.__dict__:
-            from anefx.ane.report import check
-
-            self.__dict__["_ane_report"] = check(self)
+            if self.target != "coreml" or self.artifact is None:
+                raise ValueError("the ANE report reads a Core ML program: compile with target='coreml', convert=True")
+            report = analyse(self.artifact, self.graph_module, self.captured.flat_inputs)
+            add_unmatched_attention(report, self.report.records)
+            self.__dict__["_ane_report"] = report
         return self.__dict__["_ane_report"]
 
     def op_histogram(self):
@@ -192,7 +196,8 @@ def compile(  # noqa: A001 - the public name users expect
         example_inputs: a tuple of positional example inputs; ``example_kwargs`` the keyword ones.
         pipeline: the passes to run (default :meth:`Pipeline.default`).
         target: ``"coreml"`` (``.mlpackage``) or ``"coreai"`` (``.aimodel``).
-        target_options: the target's options dataclass (e.g. ``CoreMLOptions``).
+        target_options: the target's options dataclass (e.g. ``CoreMLOptions``); checked before any
+            work starts.
         convert: False stops after the passes (no hand-off).
         compression: ``"lut4" | "lut6" | "lut8" | "int8"`` or a ``CompressionOptions``: compress the
             converted program's weights (Core ML) and measure the shipped weights against the fp16
@@ -204,11 +209,23 @@ def compile(  # noqa: A001 - the public name users expect
             the torch graph keeps its logits).
         max_chunk_mb: split the model at layer boundaries into packages of at most this many MB
             (``compiled.chunks``; ``save`` writes them and a manifest).
-        validate: ``off``, ``lint`` or ``numeric`` (default from ``ANEFX_VALIDATE``, else numeric).
-        debug: :class:`DebugOptions`; defaults come from the ``ANEFX_*`` environment variables and
-            keyword overrides (``print_ir_after_all=True``, ``dump_dir=...``, ``bisect_limit=3``…).
+        validate: ``off``, ``lint`` or ``numeric``.
+        validation: :class:`ValidationOptions` (tolerances, random inputs …).
+        debug: :class:`DebugOptions`. Keyword overrides of its fields (``print_ir_after_all=True``,
+            ``dump_dir=...``, ``bisect_limit=3`` …) may be passed to ``compile`` directly.
+
+    Explicit arguments beat environment variables: ``ANEFX_VALIDATE`` applies only when neither
+    ``validate`` nor ``validation`` is given, the ``ANEFX_*`` debug variables only when ``debug`` is
+    not given (keyword overrides apply on top of either).
     """
+    unknown = sorted(set(debug_overrides) - {f.name for f in dataclasses.fields(DebugOptions)})
+    if unknown:
+        raise TypeError(
+            f"compile() got unexpected keyword argument(s) {unknown}; besides its own parameters it takes "
+            f"the DebugOptions fields {[f.name for f in dataclasses.fields(DebugOptions)]}"
+        )
     comp, target_options, cap = _check_deploy_options(model, compression, max_chunk_mb, target, target_options, convert)
+    tgt = target_by_name(target, target_options) if convert else None  # bad options fail now, before long work
     timings: dict[str, float] = {}
     start = t0 = time.perf_counter()
     captured = capture(model, example_inputs, example_kwargs)
@@ -217,7 +234,12 @@ def compile(  # noqa: A001 - the public name users expect
     pipeline = pipeline if pipeline is not None else Pipeline.default()
     if validation is not None:
         pipeline = pipeline.with_validation(validation)
-    mode = validate or validate_mode_from_env(pipeline.validation.mode)
+    if validate is not None:
+        mode = validate
+    elif validation is not None:
+        mode = validation.mode
+    else:
+        mode = validate_mode_from_env(pipeline.validation.mode)
     pipeline = pipeline.with_validation(mode=mode)
     debug = (debug or DebugOptions.from_env()).merged(**debug_overrides)
 
@@ -228,7 +250,7 @@ def compile(  # noqa: A001 - the public name users expect
         reference_outputs=captured.reference_outputs,
         debug=debug,
         progress=progress,
-        precision=getattr(target_options, "compute_precision", "float16"),
+        precision=getattr(target_options, "precision_name", "float16"),
     )
     timings["passes"] = time.perf_counter() - t0
     report = Report(result.records)
@@ -252,7 +274,6 @@ def compile(  # noqa: A001 - the public name users expect
     if convert:
         if progress:
             progress(f"convert:{target}")
-        tgt = target_by_name(target, target_options)
         t0 = time.perf_counter()
         artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
@@ -350,7 +371,7 @@ def _check_deploy_options(model, compression, max_chunk_mb, target: str, target_
             cap = float(max_chunk_mb)
             check_cap(params, cap, per_weight)
         else:  # chunk only models above the target's default cap
-            deployment = getattr(target_options, "minimum_deployment_target", "iOS16")
+            deployment = target_options.target_name if target_options is not None else "iOS16"
             total = sum(p.numel() for p in {id(p): p for _, p in params}.values()) * per_weight
             if total > default_cap_mb(deployment) * 1e6:
                 cap = default_cap_mb(deployment)
@@ -366,7 +387,7 @@ def _check_deploy_options(model, compression, max_chunk_mb, target: str, target_
 
         if target_options is None:
             target_options = CoreMLOptions(minimum_deployment_target="iOS18" if needs_ios18(comp) else "iOS16")
-        check_deployment_target(comp, target, target_options.minimum_deployment_target)
+        check_deployment_target(comp, target, target_options.target_name)
     else:
         check_deployment_target(comp, target, "")
     return comp, target_options, cap

@@ -342,11 +342,9 @@ def _removable(node: torch.fx.Node) -> bool:
 
 
 def dce(graph: torch.fx.Graph) -> int:
-    """Remove unused nodes, including ``dropout``/``scaled_dot_product_attention`` that torch.fx's own
-    dead-code elimination keeps because they are tagged nondeterministic. Returns how many."""
-    removed = 0
-    for node in reversed(list(graph.nodes)):
-        if not node.users and _removable(node):
-            graph.erase_node(node)
-            removed += 1
-    return removed
+    """``Graph.eliminate_dead_code`` that also drops unused ``dropout``/``scaled_dot_product_attention``
+    (torch keeps them because they are tagged nondeterministic) and keeps anefx's checks. Returns how
+    many nodes went."""
+    before = len(graph.nodes)
+    graph.eliminate_dead_code(is_impure_node=lambda node: not _removable(node))
+    return before - len(graph.nodes)

@@ -98,8 +98,7 @@ def _functional_variant(node: torch.fx.Node):
         return None  # an input or a buffer: the write is visible outside
     if _aliases(target) or any(_aliases(u) for u in target.users if u is not node):
         return None  # a view of another tensor, or viewed by another node: the write is visible there
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    if any(order[u] > order[node] for u in target.users if u is not node):
+    if any(u > node for u in target.users):  # fx nodes compare by their position in the graph
         return None
     packet = getattr(torch.ops.aten, base[:-1], None)
     return getattr(packet, t._overloadname, None) if packet is not None else None

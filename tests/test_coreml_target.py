@@ -2,6 +2,7 @@
 
 import collections
 import os
+import sys
 
 import coremltools as ct
 import pytest
@@ -40,6 +41,20 @@ def test_deployment_target_and_precision_are_configurable():
     assert compiled.mlmodel.get_spec().specificationVersion == 8
     with pytest.raises(ConversionError, match="unknown minimum_deployment_target"):
         anefx.compile(model, args, target_options=CoreMLOptions(minimum_deployment_target="iOS99"))
+
+
+def test_options_take_coremltools_enums_and_fail_fast(monkeypatch):
+    model, args, _ = example("mlp")
+    options = CoreMLOptions(ct.target.iOS17, ct.precision.FLOAT32, ct.ComputeUnit.CPU_ONLY)
+    compiled = anefx.compile(model, args, target_options=options)
+    assert compiled.mlmodel.get_spec().specificationVersion == 8
+    assert compiled.mlmodel.compute_unit == ct.ComputeUnit.CPU_ONLY
+    # a bad option is refused before anything is captured (capture is never called)
+    compile_module = sys.modules["anefx.compile"]  # the module, which the function anefx.compile shadows
+    monkeypatch.setattr(compile_module, "capture", lambda *a, **k: pytest.fail("captured before checking options"))
+    for bad in (CoreMLOptions(compute_precision="float8"), CoreMLOptions(compute_units="NE_ONLY")):
+        with pytest.raises(ConversionError, match=r"unknown compute_(precision|units)"):
+            anefx.compile(model, args, target_options=bad)
 
 
 class NewOnesAnd(nn.Module):

@@ -193,3 +193,39 @@ def test_site_wise_passes_declare_their_sites():
     assert sites["layer_norm_bc1s"] == 2 * layers + 1  # two per layer and the embeddings'
     assert sites["attention_bc1s"] == layers
     assert all(not r.excluded_sites and not r.rolled_back for r in compiled.report.records)
+
+
+def test_explicit_arguments_beat_the_environment(monkeypatch):
+    monkeypatch.setenv("ANEFX_VALIDATE", "off")
+    model, args, _ = example("mlp")
+    pipeline = anefx.Pipeline.empty().append(FlipSign())
+    for explicit in ({"validate": "numeric"}, {"validation": anefx.ValidationOptions(mode="numeric")}):
+        compiled = anefx.compile(model, args, pipeline=pipeline, convert=False, **explicit)
+        assert compiled.report.record("flip_sign").rolled_back, explicit  # numeric ran despite the env
+
+
+def test_unknown_keyword_names_compile():
+    model, args, _ = example("mlp")
+    with pytest.raises(TypeError, match=r"compile\(\) got unexpected keyword argument\(s\) \['validat'\]"):
+        anefx.compile(model, args, validat="off")
+
+
+def test_pass_summary_is_the_first_line_without_the_name():
+    class Dashed(Pass):
+        """``dashed`` - splits on a hyphen — and keeps this em dash."""
+
+        name = "dashed"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False)
+
+    class Plain(Pass):
+        """Says what it does — no name first."""
+
+        name = "plain"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False)
+
+    assert Dashed.summary() == "splits on a hyphen — and keeps this em dash."
+    assert Plain.summary() == "Says what it does — no name first."

@@ -1,4 +1,4 @@
-"""``anefx.check``: the ANE readiness report.
+"""The ANE readiness report of a converted Core ML program (``anefx.check`` builds it for a model).
 
 For every MIL op of the converted program it applies the rules of :mod:`anefx.ane.rules` and names
 the op, the rule, the rule's source and the user's source line (through the node the op came from).
@@ -17,6 +17,7 @@ from typing import Any
 from anefx.ane.estimate import CHIPS, Estimate, OpCost, op_cost
 from anefx.ane.fp16 import RangeFinding, check_fp16_range
 from anefx.ane.rules import KNOWN_ANE_OPS, RULES, UNKNOWN_SOURCE, OpInfo
+from anefx.targets.coreml import runtime_available
 
 _SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
 
@@ -162,8 +163,6 @@ def _lookup(name: str, locations: dict[str, str]) -> str | None:
 
 def _compute_plan(artifact) -> tuple[dict[str, str], str]:
     """Real per-op devices from MLComputePlan (macOS only)."""
-    from anefx.targets.coreml import runtime_available
-
     ok, why = runtime_available()
     if not ok:
         return {}, f"absent: {why} (MLComputePlan needs Core ML)"
@@ -226,25 +225,15 @@ def analyse(artifact, graph_module, flat_inputs) -> ANEReport:
     return report
 
 
-def check(model_or_compiled, example_inputs=(), example_kwargs=None, **compile_options) -> ANEReport:
-    """ANE readiness report for a model (compiled with anefx's default pipeline) or a CompiledModel."""
-    from anefx.compile import CompiledModel
-    from anefx.compile import compile as anefx_compile
-
-    compiled = model_or_compiled
-    if not isinstance(compiled, CompiledModel):
-        compiled = anefx_compile(model_or_compiled, example_inputs, example_kwargs, **compile_options)
-    if compiled.target != "coreml" or compiled.artifact is None:
-        raise ValueError("the ANE report reads a Core ML program: compile with target='coreml' and convert=True")
-    report = analyse(compiled.artifact, compiled.graph_module, compiled.captured.flat_inputs)
-    for record in compiled.report.records:  # attention left in stock form, with the pass's reason
+def add_unmatched_attention(report: ANEReport, records) -> None:
+    """Attention a pass left in stock form (its ``unmatched_reasons`` stat), one finding each."""
+    for record in records:
         if record.rolled_back:
             continue
         for reason, count in (record.stats.get("unmatched_reasons") or {}).items():
             for _ in range(count):
                 finding = Finding("attention", "attention", "unmatched_attention", "slow", reason, record.name, None)
                 report.findings.append(finding)
-    return report
 
 
 def compare_estimates(reports: dict[str, ANEReport]):

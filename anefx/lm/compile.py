@@ -426,7 +426,7 @@ def compile_lm(
             layout=layout,
             prefill_length=prefill_length,
             eos_ids=eos,
-            precision=opts.compute_precision,
+            precision=opts.precision_name,
         )
         package = merge(functions, meta)
         timings["merge"] = time.perf_counter() - t0

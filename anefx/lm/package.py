@@ -83,11 +83,7 @@ def convert_function(
             ep = torch.export.export(wrapper, example, strict=False).run_decompositions({})
     except Exception as exc:
         raise ConversionError(f"exporting the stateful {name} function failed: {type(exc).__name__}: {exc}") from exc
-    target = getattr(ct.target, options.minimum_deployment_target, None)
-    if target is None:
-        raise ConversionError(f"unknown minimum_deployment_target {options.minimum_deployment_target!r}")
-    target = max(target, ct.target.iOS18)  # states need iOS18 / macOS15
-    precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[options.compute_precision]
+    target, precision, units = options.resolved()
     _ensure_aliases()
     t0 = time.perf_counter()
     try:
@@ -98,7 +94,7 @@ def convert_function(
                 convert_to="mlprogram",
                 minimum_deployment_target=target,
                 compute_precision=precision,
-                compute_units=getattr(ct.ComputeUnit, options.compute_units),
+                compute_units=units,
                 outputs=[ct.TensorType(name="logits")],
                 skip_model_load=True,
                 **dict(options.convert_kwargs),

@@ -92,9 +92,12 @@ class Pass(abc.ABC):
 
     @classmethod
     def summary(cls) -> str:
-        """The docstring's first line without the pass name: what the pass does, in one line."""
-        first = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        return first.split("—", 1)[-1].strip()
+        """The docstring's first line without a leading ````name```` and separator: what the pass
+        does, in one line."""
+        lines = (cls.__doc__ or "").strip().splitlines()
+        first = lines[0].strip() if lines else ""
+        name = f"``{cls.name}``"
+        return first.removeprefix(name).lstrip(" \N{EM DASH}\N{EN DASH}-:") if first.startswith(name) else first
 
     def with_options(self, **overrides: Any) -> Pass:
         return type(self)(self.options, **overrides)

@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx
@@ -36,7 +37,7 @@ from anefx.targets.mil_pipeline import pass_pipeline
 
 
 def _ct():
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), _quiet(progress_bars=True):
         warnings.simplefilter("ignore")
         try:
             import coremltools as ct
@@ -46,16 +47,21 @@ def _ct():
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence coremltools' import-time chatter (missing native libs on Linux, untested torch)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+def _quiet(progress_bars: bool = False):
+    """Silence coremltools' chatter while it imports or converts.
+
+    Its messages (no native libs on Linux, untested torch, unsupported scikit-learn) go through its own
+    ``coremltools`` logger, and only that logger is lowered. Its progress bars are tqdm bars on
+    ``sys.stderr`` with no switch (tqdm reads ``TQDM_DISABLE`` once, at import), so while converting
+    stderr is redirected too unless ``progress_bars`` is True."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.nullcontext() if progress_bars else contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        logger.setLevel(level)
 
 
 def runtime_available() -> tuple[bool, str]:
@@ -71,11 +77,13 @@ def runtime_available() -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class CoreMLOptions:
-    """How the ML Program is built."""
+    """How the ML Program is built. Each field takes coremltools' own value or its name:
+    ``ct.target.iOS18`` or ``"iOS18"``, ``ct.precision.FLOAT32`` or ``"float32"``,
+    ``ct.ComputeUnit.ALL`` or ``"ALL"``."""
 
-    minimum_deployment_target: str = "iOS16"
-    compute_precision: str = "float16"  # or "float32"
-    compute_units: str = "CPU_AND_NE"  # ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE
+    minimum_deployment_target: Any = "iOS16"
+    compute_precision: Any = "float16"  # or "float32"
+    compute_units: Any = "CPU_AND_NE"  # ALL, CPU_ONLY, CPU_AND_GPU, CPU_AND_NE
     #: Hand the graph to coremltools as an ``ExportedProgram`` built directly (no second
     #: ``torch.export``) and run coremltools' default MIL pipeline with its faster equivalent passes
     #: (:mod:`anefx.targets.mil_pipeline`). The program is the same either way; False takes
@@ -83,6 +91,50 @@ class CoreMLOptions:
     fast_conversion: bool = True
     #: Extra keyword arguments for ``ct.convert`` (advanced).
     convert_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def resolved(self) -> tuple[Any, Any, Any]:
+        """``(ct.target member, ct.precision member, ct.ComputeUnit member)``; a ``ConversionError``
+        that lists the valid choices for anything else."""
+        ct = _ct()
+        precisions = {"float16": ct.precision.FLOAT16, "fp16": ct.precision.FLOAT16}
+        precisions |= {"float32": ct.precision.FLOAT32, "fp32": ct.precision.FLOAT32}
+        return (
+            _member(ct.target, self.minimum_deployment_target, "minimum_deployment_target"),
+            _choice(precisions, self.compute_precision, "compute_precision"),
+            _member(ct.ComputeUnit, self.compute_units, "compute_units"),
+        )
+
+    @property
+    def precision_name(self) -> str:
+        """``"float16"`` or ``"float32"``, whichever way the precision was given."""
+        return "float16" if self.resolved()[1] == _ct().precision.FLOAT16 else "float32"
+
+    @property
+    def target_name(self) -> str:
+        """The deployment target's name (``"iOS18"`` …), whichever way it was given."""
+        return self.resolved()[0].name
+
+
+def _member(enum, value, field_name: str):
+    """``value`` as a member of the coremltools enum ``enum`` (given as the member or its name)."""
+    if isinstance(value, enum):
+        return value
+    if isinstance(value, str) and value in enum.__members__:
+        return enum.__members__[value]
+    raise ConversionError(
+        f"unknown {field_name} {value!r} in CoreMLOptions; use one of {list(enum.__members__)} "
+        f"(the name, or the member of coremltools' {enum.__name__})"
+    )
+
+
+def _choice(table: dict, value, field_name: str):
+    if value in table.values():
+        return value
+    if isinstance(value, str) and value.lower() in table:
+        return table[value.lower()]
+    raise ConversionError(
+        f"unknown {field_name} {value!r} in CoreMLOptions; use one of {sorted(table)}, or ct.precision"
+    )
 
 
 @dataclass
@@ -119,13 +171,15 @@ _ALIASES = {"lstm.input": "lstm", "gru.input": "gru", "rnn_tanh.input": "rnn_tan
 
 
 def _ensure_aliases() -> None:
-    """Point export-only overload names at coremltools' existing converters (once, at conversion
-    time, never on import). Missing originals are left alone: the conversion error then says so."""
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY as reg
+    """Point export-only overload names at coremltools' existing converters through its public
+    ``register_torch_op`` (at conversion time, never on import). Converters it lacks are left alone:
+    the conversion error then names the op."""
+    from coremltools.converters.mil.frontend.torch import ops, register_torch_op
 
     for alias, original in _ALIASES.items():
-        if alias not in reg.name_to_func_mapping and original in reg.name_to_func_mapping:
-            reg.set_func_by_name(reg.name_to_func_mapping[original], alias)
+        func = getattr(ops, original, None)
+        if func is not None:
+            register_torch_op(func, torch_alias=[alias], override=True)  # re-registers ``original`` as is
 
 
 def _convert_channel_layer_norm(context, node):
@@ -204,6 +258,10 @@ class CoreMLTarget(Target):
     name = "coreml"
     Options = CoreMLOptions
 
+    def __init__(self, options: CoreMLOptions | None = None):
+        super().__init__(options)
+        self.options.resolved()  # a bad option fails now, before any long work
+
     def convert(self, handoff: HandOff) -> CoreMLArtifact:
         ct = _ct()
         opts: CoreMLOptions = self.options
@@ -224,18 +282,11 @@ class CoreMLTarget(Target):
         handed = ep.module()
         check_converter_input(handoff, handed)
         timings["check_converter_input"] = time.perf_counter() - t0
-        try:
-            target = getattr(ct.target, opts.minimum_deployment_target)
-        except AttributeError:
-            raise ConversionError(
-                f"unknown minimum_deployment_target {opts.minimum_deployment_target!r}; "
-                "use e.g. iOS16, iOS17, iOS18, macOS13"
-            ) from None
-        precision = {"float16": ct.precision.FLOAT16, "float32": ct.precision.FLOAT32}[opts.compute_precision]
+        target, precision, units = opts.resolved()
         outputs = [ct.TensorType(name=n) for n in handoff.output_names]
         kwargs = dict(opts.convert_kwargs)
         if "pass_pipeline" not in kwargs and opts.fast_conversion:
-            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.compute_precision == "float16")
+            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.precision_name == "float16")
         _ensure_aliases()
         _ensure_anefx_ops()
         t0 = time.perf_counter()
@@ -247,7 +298,7 @@ class CoreMLTarget(Target):
                     convert_to="mlprogram",
                     minimum_deployment_target=target,
                     compute_precision=precision,
-                    compute_units=getattr(ct.ComputeUnit, opts.compute_units),
+                    compute_units=units,
                     outputs=outputs,
                     skip_model_load=not runtime_available()[0],
                     **kwargs,
