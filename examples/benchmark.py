@@ -128,16 +128,16 @@ def reference_conversion() -> dict:
 
     import torch
 
-    from anefx.targets.coreml import CoreMLOptions, _ct, _quiet
+    from anefx.targets.coreml import CoreMLOptions, coremltools_module, quiet_coremltools
     from examples.ane_distilbert import ane_distilbert
 
-    ct = _ct()
+    ct = coremltools_module()
     opts = CoreMLOptions()
     model, args, kwargs = ane_distilbert()
     t0 = time.perf_counter()
     ep = torch.export.export(model, args, kwargs, strict=False).run_decompositions({})
     t1 = time.perf_counter()
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), quiet_coremltools():
         warnings.simplefilter("ignore")
         mlmodel = ct.convert(
             ep,

@@ -212,14 +212,14 @@ class CompiledLM:
         raise AnefxError(f"unknown runtime {runtime!r}; choose 'torch' or 'coreml'")
 
     def _coreml_step(self):
-        from anefx.targets.coreml import _ct, runtime_available
+        from anefx.targets.coreml import coremltools_module, runtime_available
 
         ok, why = runtime_available()
         if not ok:
             raise TargetUnavailableError(f"runtime='coreml' cannot run here: {why}")
         if self.package is None:
             raise AttributeError("compiled with convert=False: there is no package to run")
-        ct = _ct()
+        ct = coremltools_module()
         path = str(self.package.staged)
         models = {f: ct.models.MLModel(path, function_name=f) for f in FUNCTIONS}
         state = models["decode"].make_state()

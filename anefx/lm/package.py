@@ -26,7 +26,14 @@ from anefx.errors import ConversionError
 from anefx.lm.cache import CacheLayout
 from anefx.lm.stateful import Stateful
 from anefx.targets.base import Artifact, HandOff, legalized_clone
-from anefx.targets.coreml import CoreMLOptions, _ct, _deterministic_manifest, _ensure_aliases, _explain, _quiet
+from anefx.targets.coreml import (
+    CoreMLOptions,
+    coremltools_module,
+    deterministic_manifest,
+    explain_failure,
+    quiet_coremltools,
+    register_converters,
+)
 
 FUNCTIONS = ("prefill", "decode")
 
@@ -67,7 +74,7 @@ def convert_function(
     options: CoreMLOptions,
 ) -> LMFunction:
     """Convert one validated step function into a stateful ML Program (iOS18 or later)."""
-    ct = _ct()
+    ct = coremltools_module()
     states = layout.zeros()
     handoff = HandOff(
         graph_module=graph_module,
@@ -84,10 +91,10 @@ def convert_function(
     except Exception as exc:
         raise ConversionError(f"exporting the stateful {name} function failed: {type(exc).__name__}: {exc}") from exc
     target, precision, units = options.resolved()
-    _ensure_aliases()
+    register_converters()
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings(), _quiet():
+        with warnings.catch_warnings(), quiet_coremltools():
             warnings.simplefilter("ignore")
             mlmodel = ct.convert(
                 ep,
@@ -100,7 +107,7 @@ def convert_function(
                 **dict(options.convert_kwargs),
             )
     except Exception as exc:
-        raise ConversionError(f"{name}: {_explain(exc, ep, graph_module)}") from exc
+        raise ConversionError(f"{name}: {explain_failure(exc, ep, graph_module)}") from exc
     return LMFunction(name, mlmodel, time.perf_counter() - t0)
 
 
@@ -117,7 +124,7 @@ class LMPackage(Artifact):
 
     def _write(self, path: Path) -> None:
         shutil.copytree(self.staged, path)
-        _deterministic_manifest(path)
+        deterministic_manifest(path)
 
     def __del__(self):
         if self.staged is not None:
@@ -126,7 +133,7 @@ class LMPackage(Artifact):
 
 def merge(functions: dict[str, LMFunction], metadata: dict[str, str], default: str = "decode") -> LMPackage:
     """Write both functions into one package (weights deduplicated) with ``metadata`` attached."""
-    ct = _ct()
+    ct = coremltools_module()
     from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
 
     tmp = Path(tempfile.mkdtemp(prefix="anefx-lm-"))
@@ -138,7 +145,7 @@ def merge(functions: dict[str, LMFunction], metadata: dict[str, str], default: s
             desc.add_function(str(single), src_function_name="main", target_function_name=name)
         desc.default_function_name = default
         merged = tmp / "merged.mlpackage"
-        with warnings.catch_warnings(), _quiet():
+        with warnings.catch_warnings(), quiet_coremltools():
             warnings.simplefilter("ignore")
             save_multifunction(desc, str(merged))
             model = ct.models.MLModel(str(merged), skip_model_load=True)

@@ -305,7 +305,7 @@ def compress_mlmodel(mlmodel, table: list[WeightInfo], options: CompressionOptio
     restricted by name to its weights (the others get ``None``: left alone)."""
     import coremltools.optimize.coreml as cto
 
-    from anefx.targets.coreml import _quiet
+    from anefx.targets.coreml import quiet_coremltools
 
     t0 = time.perf_counter()
     per_scheme: dict[str, float] = {}
@@ -317,7 +317,7 @@ def compress_mlmodel(mlmodel, table: list[WeightInfo], options: CompressionOptio
         cfg = cto.OptimizationConfig(op_name_configs={w.const: config for w in table if w.scheme == scheme})
         fn = cto.palettize_weights if SCHEMES[scheme][0] == "palettize" else cto.linear_quantize_weights
         t1 = time.perf_counter()
-        with _quiet():  # also swallows coremltools' per-op tqdm bars (stderr)
+        with quiet_coremltools():  # also swallows coremltools' per-op tqdm bars (stderr)
             model = fn(model, cfg)
         per_scheme[scheme] = time.perf_counter() - t1
     return CompressionResult(model, table, time.perf_counter() - t0, per_scheme)

@@ -36,8 +36,8 @@ from anefx.targets.lift import lifted_program
 from anefx.targets.mil_pipeline import pass_pipeline
 
 
-def _ct():
-    with warnings.catch_warnings(), _quiet(progress_bars=True):
+def coremltools_module():
+    with warnings.catch_warnings(), quiet_coremltools(progress_bars=True):
         warnings.simplefilter("ignore")
         try:
             import coremltools as ct
@@ -47,7 +47,7 @@ def _ct():
 
 
 @contextlib.contextmanager
-def _quiet(progress_bars: bool = False):
+def quiet_coremltools(progress_bars: bool = False):
     """Silence coremltools' chatter while it imports or converts.
 
     Its messages (no native libs on Linux, untested torch, unsupported scikit-learn) go through its own
@@ -95,7 +95,7 @@ class CoreMLOptions:
     def resolved(self) -> tuple[Any, Any, Any]:
         """``(ct.target member, ct.precision member, ct.ComputeUnit member)``; a ``ConversionError``
         that lists the valid choices for anything else."""
-        ct = _ct()
+        ct = coremltools_module()
         precisions = {"float16": ct.precision.FLOAT16, "fp16": ct.precision.FLOAT16}
         precisions |= {"float32": ct.precision.FLOAT32, "fp32": ct.precision.FLOAT32}
         return (
@@ -107,7 +107,7 @@ class CoreMLOptions:
     @property
     def precision_name(self) -> str:
         """``"float16"`` or ``"float32"``, whichever way the precision was given."""
-        return "float16" if self.resolved()[1] == _ct().precision.FLOAT16 else "float32"
+        return "float16" if self.resolved()[1] == coremltools_module().precision.FLOAT16 else "float32"
 
     @property
     def target_name(self) -> str:
@@ -157,7 +157,7 @@ class CoreMLArtifact(Artifact):
 
     def _write(self, path: Path) -> None:
         self.model.save(str(path))
-        _deterministic_manifest(Path(path))
+        deterministic_manifest(Path(path))
 
     def predict(self, inputs: dict):
         ok, why = runtime_available()
@@ -220,7 +220,14 @@ def _unconvertible(ep) -> list[str]:
     return missing
 
 
-def _deterministic_manifest(package: Path) -> None:
+def register_converters() -> None:
+    """Everything anefx adds to coremltools' torch frontend, registered at conversion time (never on
+    import): converters for anefx's own ops and aliases for export-only overload names."""
+    _ensure_aliases()
+    _ensure_anefx_ops()
+
+
+def deterministic_manifest(package: Path) -> None:
     """Make a saved package reproducible: coremltools names its items with random UUIDs and protobuf
     writes map fields in hash order. Derive the UUIDs from the content and serialize the spec
     deterministically, so compiling the same model twice gives byte-identical packages (only the
@@ -263,7 +270,7 @@ class CoreMLTarget(Target):
         self.options.resolved()  # a bad option fails now, before any long work
 
     def convert(self, handoff: HandOff) -> CoreMLArtifact:
-        ct = _ct()
+        ct = coremltools_module()
         opts: CoreMLOptions = self.options
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -287,11 +294,10 @@ class CoreMLTarget(Target):
         kwargs = dict(opts.convert_kwargs)
         if "pass_pipeline" not in kwargs and opts.fast_conversion:
             kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.precision_name == "float16")
-        _ensure_aliases()
-        _ensure_anefx_ops()
+        register_converters()
         t0 = time.perf_counter()
         try:
-            with warnings.catch_warnings(), _quiet():
+            with warnings.catch_warnings(), quiet_coremltools():
                 warnings.simplefilter("ignore")
                 mlmodel = ct.convert(
                     ep,
@@ -304,7 +310,7 @@ class CoreMLTarget(Target):
                     **kwargs,
                 )
         except Exception as exc:
-            raise ConversionError(_explain(exc, ep, handoff.graph_module)) from exc
+            raise ConversionError(explain_failure(exc, ep, handoff.graph_module)) from exc
         seconds = time.perf_counter() - t0
         timings["ct_convert"] = seconds
         artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds, "timings": timings})
@@ -314,7 +320,7 @@ class CoreMLTarget(Target):
         return artifact
 
 
-def _explain(exc: BaseException, ep, gm: torch.fx.GraphModule) -> str:
+def explain_failure(exc: BaseException, ep, gm: torch.fx.GraphModule) -> str:
     """Name the op coremltools choked on and where it came from in the user's code."""
     text = str(exc)
     m = re.search(r"Unsupported fx node (\w+), kind (\S+)", text) or re.search(r'Op "(\w+)"', text)
