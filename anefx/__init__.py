@@ -7,17 +7,17 @@ print(compiled.report)
 
 from anefx.ane.report import ANEReport
 from anefx.backend import backend
-from anefx.capture import Captured, capture
 from anefx.check import check
 from anefx.compile import CompiledModel, compile  # noqa: A004
-from anefx.debug import DebugOptions
-from anefx.errors import AnefxError, CaptureError, ConversionError, PassError, TargetUnavailableError
+from anefx.driver.debug import DebugOptions
+from anefx.driver.pipeline import Pipeline
+from anefx.driver.report import PassRecord, Report
+from anefx.driver.reproducer import load_reproducer
+from anefx.driver.validate import Tolerance, ValidationOptions
+from anefx.ir.capture import Captured, capture
+from anefx.ir.errors import AnefxError, CaptureError, ConversionError, PassError, TargetUnavailableError
 from anefx.lm import CompiledLM, compile_lm
 from anefx.passes import Pass, PassContext, PassResult
-from anefx.pipeline import Pipeline
-from anefx.report import PassRecord, Report
-from anefx.reproducer import load_reproducer
-from anefx.validate import Tolerance, ValidationOptions
 
 __version__ = "0.1.0"
 

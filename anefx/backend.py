@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 
 _LIFTED = re.compile(r"(_parameters_|_buffers_|^L_self_|^l_self_)")
 

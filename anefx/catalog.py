@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from anefx.capture import capture
-from anefx.graph import format_graph
+from anefx.driver.pipeline import Pipeline
+from anefx.ir.capture import capture
+from anefx.ir.graph import format_graph
 from anefx.passes import ALL_PASSES, DEFAULT_PASSES, Pass
-from anefx.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG_DIR = ROOT / "passes_catalog"
@@ -120,7 +120,7 @@ def render_page(pass_cls: type[Pass]) -> str:
 
 - Class: `{pass_cls.__module__}.{pass_cls.__qualname__}`
 - In the default pipeline: {default}
-- Requires: {", ".join(sorted(pass_cls.requires)) or "nothing"}
+- Runs after (when present): {", ".join(f"`{n}`" for n in sorted(pass_cls.runs_after)) or "any pass"}
 
 ## Description
 
@@ -131,7 +131,7 @@ def render_page(pass_cls: type[Pass]) -> str:
 {_options_table(pass_cls)}
 ## Example
 
-Model `examples/models.py:{example.factory}`, captured with `anefx.capture`; passes run before: {prepare}.
+Model `examples/models.py:{example.factory}`, captured with `anefx.ir.capture`; passes run before: {prepare}.
 The pass reported: {stats}; status: {rec.status}; error against the original model (relative to the
 output's scale): {err}.
 

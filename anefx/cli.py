@@ -279,7 +279,7 @@ def cmd_passes(ns) -> int:
 
 def cmd_bisect(ns) -> int:
     import anefx
-    from anefx.bisect import bisect
+    from anefx.driver.bisect import bisect
 
     model, args, kwargs = load_model(ns.factory, ns.input)
     pipeline = load_object(ns.pipeline)() if ns.pipeline else anefx.Pipeline.default()
@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     try:
         return ns.func(ns)
     except Exception as exc:
-        from anefx.errors import AnefxError
+        from anefx.ir.errors import AnefxError
 
         if isinstance(exc, AnefxError):
             print(f"anefx: error: {exc}", file=sys.stderr)

@@ -13,14 +13,14 @@ import torch
 import torch.fx
 
 from anefx.ane.report import add_unmatched_attention, analyse
-from anefx.capture import Captured, capture
-from anefx.debug import DebugOptions, validate_mode_from_env
-from anefx.errors import AnefxError
-from anefx.pipeline import Pipeline
-from anefx.report import Report
+from anefx.driver.debug import DebugOptions, validate_mode_from_env
+from anefx.driver.pipeline import Pipeline
+from anefx.driver.report import Report
+from anefx.driver.validate import ValidationOptions, run_flat
+from anefx.ir.capture import Captured, capture
+from anefx.ir.errors import AnefxError
 from anefx.targets.base import Artifact, HandOff
 from anefx.targets.registry import target_by_name
-from anefx.validate import ValidationOptions, run_flat
 
 
 @dataclass
@@ -151,7 +151,7 @@ class CompiledModel:
 
     def max_error(self, *args, **kwargs) -> float:
         """Largest absolute difference between the rewritten graph and the captured model."""
-        from anefx.capture import flatten_inputs
+        from anefx.ir.capture import flatten_inputs
 
         args, kwargs = self.captured.constants.strip(args, kwargs)
         flat = flatten_inputs(args, kwargs) if (args or kwargs) else self.captured.flat_inputs
@@ -310,9 +310,9 @@ def compile(  # noqa: A001 - the public name users expect
 
 def _split_lm_head(handoff: HandOff, captured: Captured, lm_head, report: Report) -> HandOff:
     """The hand-off copy with its vocabulary projection split (and argmax/top-k), checked in torch."""
-    from anefx.graph import clone_graph_module
+    from anefx.driver.validate import run_flat
+    from anefx.ir.graph import clone_graph_module
     from anefx.targets import lm_head as head
-    from anefx.validate import run_flat
 
     options = head.check(lm_head) if lm_head is not None else head.HARD_LIMIT
     gm, stats = head.split_head(clone_graph_module(handoff.graph_module), options)
@@ -326,8 +326,9 @@ def _split_lm_head(handoff: HandOff, captured: Captured, lm_head, report: Report
 
 def _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings):
     """Split at layer boundaries, convert (and compress) each chunk, validate the chain in torch."""
-    from anefx.errors import ConversionError
-    from anefx.targets.chunking import bytes_per_weight, export_program, split
+    from anefx.ir.errors import ConversionError
+    from anefx.targets.chunking import export_program, split
+    from anefx.targets.compression import bytes_per_weight
     from anefx.targets.quality import WeightSwap
 
     t0 = time.perf_counter()
@@ -359,8 +360,8 @@ def _check_deploy_options(model, compression, max_chunk_mb, target: str, target_
     work starts. Without ``target_options`` a scheme that needs iOS18 gets
     ``minimum_deployment_target="iOS18"``; an explicit earlier target is refused with the reason.
     Returns ``(compression options, target options, chunk cap in MB or None)``."""
-    from anefx.targets.chunking import bytes_per_weight, check_cap, default_cap_mb
-    from anefx.targets.compression import check_deployment_target, needs_ios18, resolve
+    from anefx.targets.chunking import check_cap, default_cap_mb
+    from anefx.targets.compression import bytes_per_weight, check_deployment_target, needs_ios18, resolve
 
     comp = resolve(compression)
     cap = None

@@ -7,9 +7,9 @@ import copy
 import torch
 
 import anefx
-from anefx.graph import op_histogram
+from anefx.driver.validate import run_flat
+from anefx.ir.graph import op_histogram
 from anefx.passes import pass_by_name
-from anefx.validate import run_flat
 from examples import models
 
 

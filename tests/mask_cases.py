@@ -2,7 +2,7 @@
 
 ``keep_masks(b, s, seed)`` yields ``(name, mask)`` pairs of (B, S) boolean keep-masks (True = attend):
 padding on the right and on the left, random holes, and rows that keep one key only. Every row keeps
-at least one key (fully masked rows are tested on their own, see ``anefx.masks``).
+at least one key (fully masked rows are tested on their own, see ``anefx.analysis.masks``).
 """
 
 from __future__ import annotations

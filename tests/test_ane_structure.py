@@ -3,7 +3,7 @@
 import pytest
 
 import anefx
-from anefx.validate import run_flat
+from anefx.driver.validate import run_flat
 from helpers import example
 
 

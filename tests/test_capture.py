@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import anefx
-from anefx.errors import CaptureError
+from anefx.ir.errors import CaptureError
 from helpers import example
 
 

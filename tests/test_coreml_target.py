@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import anefx
-from anefx.errors import AnefxError, ConversionError
+from anefx.ir.errors import AnefxError, ConversionError
 from anefx.targets.coreml import CoreMLOptions, runtime_available
 from helpers import example
 

@@ -8,8 +8,8 @@ import torch
 from test_pipeline import FlipSign
 
 import anefx
-from anefx.bisect import bisect
-from anefx.debug import DebugOptions
+from anefx.driver.bisect import bisect
+from anefx.driver.debug import DebugOptions
 from helpers import example
 
 

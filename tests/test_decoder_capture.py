@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import anefx
-from anefx.errors import CaptureError
-from anefx.graph import op_histogram
+from anefx.ir.errors import CaptureError
+from anefx.ir.graph import op_histogram
 
 
 def _reinit(model: nn.Module, seed: int = 0) -> nn.Module:

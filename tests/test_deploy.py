@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import anefx
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 from anefx.targets.chunking import package_weight_bytes
 from anefx.targets.compression import CompressionOptions
 from anefx.targets.coreml import CoreMLOptions
@@ -320,7 +320,7 @@ def test_small_vocabularies_are_left_alone_by_default():
     model, args, kwargs = _llama(layers=1, vocab=300)
     compiled = anefx.compile(model, args, kwargs, convert=False)
     assert compiled.artifact is None  # nothing converted, nothing split
-    from anefx.graph import clone_graph_module
+    from anefx.ir.graph import clone_graph_module
     from anefx.targets.lm_head import HARD_LIMIT, split_head
 
     _, stats = split_head(clone_graph_module(compiled.graph_module), HARD_LIMIT)

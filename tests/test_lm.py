@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import anefx
-from anefx.errors import AnefxError, TargetUnavailableError
+from anefx.ir.errors import AnefxError, TargetUnavailableError
 from anefx.lm.cache import one_hot_positions, write_one_hot
 from anefx.targets.coreml import runtime_available
 

@@ -4,10 +4,10 @@ the model computes, for inputs the compile never saw."""
 import torch
 
 import anefx
-from anefx.graph import call
+from anefx.driver.validate import run_flat
+from anefx.ir.graph import call
 from anefx.passes import Pass
 from anefx.passes.base import finish
-from anefx.validate import run_flat
 from helpers import example
 
 

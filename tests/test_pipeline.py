@@ -7,6 +7,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import anefx
+from anefx.ir.errors import PipelineOrderError
 from anefx.passes import Pass, PassResult, pass_by_name
 from anefx.passes.base import finish
 from examples import models
@@ -229,3 +230,15 @@ def test_pass_summary_is_the_first_line_without_the_name():
 
     assert Dashed.summary() == "splits on a hyphen — and keeps this em dash."
     assert Plain.summary() == "Says what it does — no name first."
+
+
+def test_pass_order_constraints_are_checked_when_a_pipeline_is_built():
+    default = anefx.Pipeline.default()
+    for p in default.passes:  # the default order honours every declaration
+        assert all(default.names.index(n) < default.names.index(p.name) for n in p.runs_after if n in default.names)
+    with pytest.raises(PipelineOrderError, match=r"'to_bc1s' \(position 0\) must run after \['linear_to_conv'\]"):
+        anefx.Pipeline.from_names(["to_bc1s", "linear_to_conv"])
+    with pytest.raises(PipelineOrderError, match="attention_bc1s"):
+        default.without("attention_bc1s").insert_after("to_bc1s", pass_by_name("attention_bc1s"))
+    assert anefx.Pipeline.from_names(["linear_to_conv", "to_bc1s"]).names == ["linear_to_conv", "to_bc1s"]
+    assert default.without("linear_to_conv").names  # removing a pass another runs after is fine

@@ -21,7 +21,7 @@ from mask_cases import keep_masks, keep_masks_4d
 from torch import nn
 
 import anefx
-from anefx.graph import is_constant
+from anefx.ir.graph import is_constant
 
 OPS = ["linear", "matmul_param", "permute", "transpose", "reshape", "add", "mul", "relu", "layer_norm",
        "softmax", "concat", "act_matmul"]  # fmt: skip

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import anefx
-from anefx.bisect import bisect
-from anefx.graph import format_graph
+from anefx.driver.bisect import bisect
+from anefx.ir.graph import format_graph
 from anefx.targets import coreai
 from helpers import example
 

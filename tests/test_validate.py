@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anefx.validate import (
+from anefx.driver.validate import (
     DEFAULT_TOLERANCES,
     STRESS_PATTERNS,
     MaskLike,

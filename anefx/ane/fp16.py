@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import describe, source_location
-from anefx.heads import MOVEMENT
+from anefx.analysis.heads import MOVEMENT
+from anefx.ir.graph import describe, source_location
 
 FP16_MAX = 65504.0
 HUGE = 1e38  # at or beyond this, fp32 values are stand-ins for infinity

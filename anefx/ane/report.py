@@ -134,7 +134,7 @@ def _op_info(op) -> tuple[OpInfo, list, list]:
 
 def _locations(artifact, graph_module) -> dict[str, str]:
     """MIL op names come from torch node names: map both to the user's file:line."""
-    from anefx.graph import source_location
+    from anefx.ir.graph import source_location
 
     out: dict[str, str] = {}
     for gm in (getattr(artifact, "exported_graph", None), graph_module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from anefx.layout import padded_bytes, padding_factor
+from anefx.analysis.layout import padded_bytes, padding_factor
 
 SOURCES = {
     "apple_transformers": (

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 
 ALIGN = 32
 

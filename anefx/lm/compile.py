@@ -23,15 +23,15 @@ from typing import Any
 
 import torch
 
-from anefx.capture import capture, eval_mode
-from anefx.debug import DebugOptions, validate_mode_from_env
-from anefx.errors import AnefxError, TargetUnavailableError
+from anefx.driver.debug import DebugOptions, validate_mode_from_env
+from anefx.driver.pipeline import Pipeline
+from anefx.driver.report import Report
+from anefx.driver.validate import Tolerance, ValidationOptions
+from anefx.ir.capture import capture, eval_mode
+from anefx.ir.errors import AnefxError, TargetUnavailableError
 from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up
 from anefx.lm.package import FUNCTIONS, LMPackage, convert_function, merge, metadata_for
 from anefx.lm.stateful import Stateful
-from anefx.pipeline import Pipeline
-from anefx.report import Report
-from anefx.validate import Tolerance, ValidationOptions
 
 
 class GenerationMismatch(AnefxError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
-from anefx.errors import ConversionError
+from anefx.ir.errors import ConversionError
 from anefx.lm.cache import CacheLayout
 from anefx.lm.stateful import Stateful
 from anefx.targets.base import Artifact, HandOff, legalized_clone

@@ -11,15 +11,15 @@ models. Two forms are recognised:
 
 Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
 data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
-simulating the reshuffle, see :mod:`anefx.heads`), or through per-head work between the head split
+simulating the reshuffle, see :mod:`anefx.analysis.heads`), or through per-head work between the head split
 and attention — rotary embeddings (half-rotation, interleaved, partial), QK-norm, casts, then
 ``repeat_kv`` — which is replayed head by head on (B, D, 1, S) channel chunks (``rotate_half``
 becomes a split + ``neg`` + ``cat`` on the channel axis; cos/sin enter as (1, D, 1, S) tensors, once
-for all layers), see :mod:`anefx.head_program`. Masks keep torch's semantics exactly: they are
-lowered by :mod:`anefx.masks` to per-key terms applied in the model's order — fills (a
+for all layers), see :mod:`anefx.analysis.head_program`. Masks keep torch's semantics exactly: they are
+lowered by :mod:`anefx.analysis.masks` to per-key terms applied in the model's order — fills (a
 ``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
 additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
-rows whose keys are all masked give torch's result (see :mod:`anefx.masks`). Attention whose inputs
+rows whose keys are all masked give torch's result (see :mod:`anefx.analysis.masks`). Attention whose inputs
 do not match is left alone and counted in ``unmatched`` with the reason in ``unmatched_reasons`` —
 also a softmax over ``q @ k^T`` scores no matcher recognises (logit soft-capping, 3-D ``bmm``
 attention).
@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dce, describe, provenance, shape, val
-from anefx.head_program import (
+from anefx.analysis.head_program import (
     REDUCE_OPS,
     HeadProgram,
     Step,
@@ -60,9 +59,10 @@ from anefx.head_program import (
     side_index,
     trace_program,
 )
-from anefx.heads import Heads, merge_users, trace_heads
-from anefx.layout import from_bc1s, to_bc1s
-from anefx.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
+from anefx.analysis.heads import Heads, merge_users, trace_heads
+from anefx.analysis.layout import from_bc1s, to_bc1s
+from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
+from anefx.ir.graph import add_constant, call, dce, describe, provenance, shape, val
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -222,6 +222,7 @@ def _splitter(splits: dict, graph, x4, axis: int, size: int) -> _Split:
 class AttentionBC1S(Pass):
     __doc__ = __doc__
     name = "attention_bc1s"
+    runs_after = frozenset({"canonicalize", "fold_constants", "linear_to_conv"})
     Options = AttentionOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

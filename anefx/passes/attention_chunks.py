@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, provenance, shape
-from anefx.layout import padded_bytes
+from anefx.analysis.layout import padded_bytes
+from anefx.ir.graph import call, dce, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -113,6 +113,7 @@ def _chunk_operand(x, sq: int, a: int, b: int, graph):
 class AttentionChunks(Pass):
     __doc__ = __doc__
     name = "attention_chunks"
+    runs_after = frozenset({"attention_bc1s"})
     Options = AttentionChunksOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

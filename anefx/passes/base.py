@@ -12,7 +12,7 @@ pass is rolled back by dropping the clone.
 A pass that rewrites independent places declares them as *sites*: it calls ``ctx.site(anchor)``
 once per candidate place, with the node the rewrite replaces, and skips the place when that returns
 False. When such a pass fails validation, the pipeline re-runs it on subsets of its sites, finds
-the failing ones and keeps the others (see :mod:`anefx.sites`). A pass that never calls it is kept
+the failing ones and keeps the others (see :mod:`anefx.ir.sites`). A pass that never calls it is kept
 or rolled back whole.
 """
 
@@ -27,7 +27,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult as _TorchPassResult
 
-from anefx.sites import SiteSelection
+from anefx.ir.sites import SiteSelection
 
 
 class PassResult(_TorchPassResult):
@@ -67,8 +67,9 @@ class Pass(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    #: Facts about the graph this pass relies on (informational; shown in the catalog).
-    requires: ClassVar[frozenset[str]] = frozenset()
+    #: Passes that must run before this one when both are in a pipeline: checked when a pipeline
+    #: is built, so removing or reordering passes gives an error instead of a silently worse graph.
+    runs_after: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Any = None, **overrides: Any):
         if options is None:

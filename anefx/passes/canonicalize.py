@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from anefx.legalize import canonicalize
+from anefx.analysis.legalize import canonicalize
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch.fx
 
-from anefx.legalize import fold_constants
+from anefx.analysis.legalize import fold_constants
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 

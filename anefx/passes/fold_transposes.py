@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape
-from anefx.layout_rules import BINARY, UNARY
+from anefx.analysis.layout_rules import BINARY, UNARY
+from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -86,6 +86,7 @@ def _perm_of(node: torch.fx.Node) -> list[int] | None:
 class FoldTransposes(Pass):
     __doc__ = __doc__
     name = "fold_transposes"
+    runs_after = frozenset({"to_bc1s"})
     Options = FoldTransposesOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

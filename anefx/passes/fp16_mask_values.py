@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, get_attr_value
-from anefx.masks import mask_values
+from anefx.analysis.masks import mask_values
+from anefx.ir.graph import add_constant, get_attr_value
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 FP16_MAX = 65504.0
@@ -52,6 +52,7 @@ def _too_big(x) -> bool:
 class Fp16MaskValues(Pass):
     __doc__ = __doc__
     name = "fp16_mask_values"
+    runs_after = frozenset({"attention_bc1s"})
     Options = Fp16MaskValuesOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -27,8 +27,8 @@ import operator
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, provenance, shape
-from anefx.layout import GLOBAL_RANKS as RANKS
+from anefx.analysis.layout import GLOBAL_RANKS as RANKS
+from anefx.ir.graph import call, dce, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 from anefx.passes.linear_to_conv import Projection, emit_conv, match_projection
 
@@ -69,6 +69,7 @@ def _match(cat: torch.fx.Node) -> tuple[torch.fx.Node, list[Projection]] | None:
 class GroupedProjection(Pass):
     __doc__ = __doc__
     name = "grouped_projection"
+    runs_after = frozenset({"canonicalize", "fold_constants"})
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph

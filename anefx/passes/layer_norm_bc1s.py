@@ -2,7 +2,7 @@
 
 ``nn.LayerNorm(C)`` on a channels-last (B, S, C) tensor normalises its last axis. In (B, C, 1, S)
 that axis is axis 1, which ``aten.layer_norm`` cannot address, so the pass emits anefx's own op
-``anefx::channel_layer_norm`` (:mod:`anefx.ops`): one op, whatever the weights, that the Core ML
+``anefx::channel_layer_norm`` (:mod:`anefx.ir.ops`): one op, whatever the weights, that the Core ML
 target converts to one MIL ``layer_norm`` over ``axes=[1]`` and the Core AI target decomposes into
 reductions over axis 1. (Spelled with reductions, whether coremltools fuses LayerNorm back depends
 on the values of the weights: stock DistilBERT fresh from its config kept 24 ``reduce_mean``.)
@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-import anefx.ops  # noqa: F401 - defines anefx::channel_layer_norm
-from anefx.graph import call, provenance, shape
-from anefx.layout import RANKS, from_bc1s, to_bc1s
+import anefx.ir.ops  # noqa: F401 - defines anefx::channel_layer_norm
+from anefx.analysis.layout import RANKS, from_bc1s, to_bc1s
+from anefx.ir.graph import call, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -42,6 +42,7 @@ def emit_channel_layer_norm(graph: torch.fx.Graph, x4, weight, bias, eps: float,
 class LayerNormBC1S(Pass):
     __doc__ = __doc__
     name = "layer_norm_bc1s"
+    runs_after = frozenset({"canonicalize", "fold_constants"})
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph

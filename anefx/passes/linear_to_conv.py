@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, dce, get_attr_value, is_constant, provenance, shape
-from anefx.layout import RANKS, from_bc1s, to_bc1s
-from anefx.layout_rules import BINARY, UNARY
+from anefx.analysis.layout import RANKS, from_bc1s, to_bc1s
+from anefx.analysis.layout_rules import BINARY, UNARY
+from anefx.ir.graph import call, dce, get_attr_value, is_constant, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -276,6 +276,7 @@ def _unflatten_rows(gm: torch.fx.GraphModule) -> int:
 class LinearToConv(Pass):
     __doc__ = __doc__
     name = "linear_to_conv"
+    runs_after = frozenset({"canonicalize", "fold_constants", "grouped_projection"})
     Options = LinearToConvOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-import anefx.ops  # noqa: F401 - defines anefx::channel_layer_norm
-from anefx.graph import call, dce, dtype, is_constant, provenance, shape
-from anefx.layout import GLOBAL_RANKS, from_bc1s, to_bc1s
+import anefx.ir.ops  # noqa: F401 - defines anefx::channel_layer_norm
+from anefx.analysis.layout import GLOBAL_RANKS, from_bc1s, to_bc1s
+from anefx.ir.graph import call, dce, dtype, is_constant, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -134,6 +134,7 @@ def _match_aten_rms_norm(node: torch.fx.Node) -> RMSNorm | None:
 class RMSNormBC1S(Pass):
     __doc__ = __doc__
     name = "rms_norm_bc1s"
+    runs_after = frozenset({"canonicalize", "fold_constants"})
     Options = RMSNormBC1SOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -2,7 +2,7 @@
 
 The lowering passes (``linear_to_conv``, ``layer_norm_bc1s``, attention) compute their op in
 (B, C, 1, S) and change layout right around it. Between them sit layout-agnostic ops (activations,
-residual adds, dropout, softmax, reductions, concat/split/slice …, see :mod:`anefx.layout_rules`).
+residual adds, dropout, softmax, reductions, concat/split/slice …, see :mod:`anefx.analysis.layout_rules`).
 This pass decides, for every such op, whether it runs in (B, C, 1, S) or in the original layout, so
 that the number of layout changes left is *minimal*, then rewrites the graph accordingly.
 
@@ -44,9 +44,9 @@ import networkx as nx
 import torch
 import torch.fx
 
-from anefx.graph import dce, provenance, rank
-from anefx.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
-from anefx.layout_rules import Rule, rule_for
+from anefx.analysis.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
+from anefx.analysis.layout_rules import Rule, rule_for
+from anefx.ir.graph import dce, provenance, rank
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 SOURCE, SINK = "__bc1s__", "__orig__"
@@ -141,6 +141,16 @@ class ToBC1SOptions:
 class ToBC1S(Pass):
     __doc__ = __doc__
     name = "to_bc1s"
+    runs_after = frozenset(
+        {
+            "grouped_projection",
+            "linear_to_conv",
+            "layer_norm_bc1s",
+            "rms_norm_bc1s",
+            "attention_bc1s",
+            "attention_chunks",
+        }
+    )
     Options = ToBC1SOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from anefx.errors import AnefxError, ConversionError
-from anefx.validate import Validator, apply_validated
+from anefx.driver.validate import Validator, apply_validated
+from anefx.ir.errors import AnefxError, ConversionError
 
 
 @dataclass
@@ -88,11 +88,11 @@ def legalized_clone(handoff: HandOff) -> torch.fx.GraphModule:
     """A clone of the validated graph spelled the way converters accept (ops respelled, constants
     folded): each target legalizes for itself, and the compiled graph is never touched.
 
-    Each legalization step is validated like a pass (:func:`anefx.validate.apply_validated`): a
+    Each legalization step is validated like a pass (:func:`anefx.driver.validate.apply_validated`): a
     rewrite that changes a value is dropped at its site, never shipped (``handoff.checks`` names
     it). Without a validator (``validate="off"``) the steps run unchecked, as the user asked."""
-    from anefx.graph import clone_graph_module
-    from anefx.legalize import canonicalize, fold_constants
+    from anefx.analysis.legalize import canonicalize, fold_constants
+    from anefx.ir.graph import clone_graph_module
 
     steps = {
         "canonicalize": lambda gm, site: (gm, any(canonicalize(gm, site).values()), {}),
@@ -138,7 +138,7 @@ def _exports(handoff: HandOff, gm: torch.fx.GraphModule) -> bool:
 
 
 def _legalize(handoff: HandOff, gm: torch.fx.GraphModule, steps: dict, validator) -> torch.fx.GraphModule:
-    from anefx.graph import clone_graph_module
+    from anefx.ir.graph import clone_graph_module
 
     legalization = handoff.checks["legalization"] = {}
     for name, step in steps.items():
@@ -157,7 +157,7 @@ def _legalize(handoff: HandOff, gm: torch.fx.GraphModule, steps: dict, validator
 
 def has_mutations(gm: torch.fx.GraphModule) -> bool:
     """Whether the graph writes a tensor in place (``add_``, ``copy_`` into a view …)."""
-    from anefx.legalize import mutated_nodes
+    from anefx.analysis.legalize import mutated_nodes
 
     return bool(mutated_nodes(gm.graph))
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 MB = 1_000_000
@@ -205,20 +205,6 @@ def export_program(handoff):
     gm = legalized_clone(handoff)
     ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
     return ep.run_decompositions({})
-
-
-def bytes_per_weight(compression) -> float:
-    """Stored bytes per weight for the cap: 2 (fp16), or the scheme's bits plus its tables (3%)
-    when every weight is compressed (with weights kept in fp16, 2 stays the safe figure)."""
-    if compression is None:
-        return 2.0
-    from anefx.targets.compression import SCHEMES
-
-    if compression.keep_fp16 or compression.keep_embeddings or compression.keep_lm_head or compression.per_layer:
-        return 2.0
-    if compression.keep_first_layers or compression.keep_last_layers:
-        return 2.0
-    return SCHEMES[compression.scheme][1] / 8 * 1.03
 
 
 def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_mb: float, bytes_per_weight=2.0):

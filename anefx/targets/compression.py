@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 from anefx.targets.chunking import layer_of
 
 #: The schemes anefx ships: name → (coremltools compressor, bits).
@@ -407,3 +407,15 @@ def torch_from(val: np.ndarray):
     import torch
 
     return torch.from_numpy(np.asarray(val, dtype=np.float32))
+
+
+def bytes_per_weight(compression) -> float:
+    """Stored bytes per weight for the cap: 2 (fp16), or the scheme's bits plus its tables (3%)
+    when every weight is compressed (with weights kept in fp16, 2 stays the safe figure)."""
+    if compression is None:
+        return 2.0
+    if compression.keep_fp16 or compression.keep_embeddings or compression.keep_lm_head or compression.per_layer:
+        return 2.0
+    if compression.keep_first_layers or compression.keep_last_layers:
+        return 2.0
+    return SCHEMES[compression.scheme][1] / 8 * 1.03

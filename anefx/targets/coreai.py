@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from anefx.errors import ConversionError, TargetUnavailableError
-from anefx.ops import DECOMPOSITIONS
+from anefx.ir.errors import ConversionError, TargetUnavailableError
+from anefx.ir.ops import DECOMPOSITIONS
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
 
 INSTALL_HINT = (

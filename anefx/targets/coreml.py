@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.fx
 
-import anefx.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
-from anefx.errors import ConversionError, TargetUnavailableError
-from anefx.graph import describe
+import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
+from anefx.ir.errors import ConversionError, TargetUnavailableError
+from anefx.ir.graph import describe
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
 from anefx.targets.lift import lifted_program
 from anefx.targets.mil_pipeline import pass_pipeline
@@ -193,7 +193,7 @@ def _convert_channel_layer_norm(context, node):
 
 
 def _ensure_anefx_ops() -> None:
-    """Register the converters of anefx's own torch ops (:mod:`anefx.ops`) through coremltools'
+    """Register the converters of anefx's own torch ops (:mod:`anefx.ir.ops`) through coremltools'
     public ``register_torch_op``, at conversion time (never on import); registering again is a no-op."""
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
     from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 
 _CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
 

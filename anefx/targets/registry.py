@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from anefx.errors import AnefxError
+from anefx.ir.errors import AnefxError
 from anefx.targets.base import Target
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import anefx
-from anefx.layout import padded_bytes
+from anefx.analysis.layout import padded_bytes
 from anefx.passes.attention_chunks import AttentionChunksOptions, chunk_size
 from helpers import apply, example, max_abs_diff, prepare
 

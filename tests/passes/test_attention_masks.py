@@ -166,7 +166,7 @@ def _fully_masked_case(kind):
 @pytest.mark.parametrize("kind", ["sdpa_bool", "fill_fmin", "sdpa_float_fmin", "fill_ninf", "fill_zero"])
 def test_fully_masked_rows_are_torchs(kind):
     """SDPA: zeros for bool/-inf masks, uniform weights for finfo.min; eager softmax: NaN for -inf,
-    uniform weights for finite fills. anefx gives the same (see anefx.masks)."""
+    uniform weights for finite fills. anefx gives the same (see anefx.analysis.masks)."""
     want, got = _fully_masked_case(kind)
     assert _rel(got[0], want[0]) < 1e-5  # the unmasked batch row
     if kind == "fill_ninf":

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import anefx
-from anefx.legalize import mutated_buffers
+from anefx.analysis.legalize import mutated_buffers
 
 
 class Cache(nn.Module):

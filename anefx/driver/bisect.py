@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from anefx.capture import capture
-from anefx.debug import DebugOptions
-from anefx.pipeline import Pipeline
-from anefx.validate import ValidationOptions, Validator
+from anefx.driver.debug import DebugOptions
+from anefx.driver.pipeline import Pipeline
+from anefx.driver.validate import ValidationOptions, Validator
+from anefx.ir.capture import capture
 
 
 @dataclass

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import call, is_constant, rank
-from anefx.layout import GLOBAL_RANKS as RANKS
-from anefx.layout import bc1s_axis, broadcast_to_bc1s
+from anefx.analysis.layout import GLOBAL_RANKS as RANKS
+from anefx.analysis.layout import bc1s_axis, broadcast_to_bc1s
+from anefx.ir.graph import call, is_constant, rank
 
 aten = torch.ops.aten
 

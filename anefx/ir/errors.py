@@ -20,6 +20,10 @@ class PassError(AnefxError):
         self.ran_before = ran_before
 
 
+class PipelineOrderError(AnefxError, ValueError):
+    """A pipeline puts a pass before one it must run after (``Pass.runs_after``)."""
+
+
 class ConversionError(AnefxError):
     """The hand-off to a target (coremltools, coreai-torch) failed."""
 

@@ -5,7 +5,7 @@ once per candidate place, whether it may rewrite it: ``if not site(node): contin
 is the place's anchor (the node the rewrite replaces: the ``linear``, the ``layer_norm``, the
 attention output …). :class:`SiteSelection` answers and records every site it was asked about, so a
 transformation that fails validation can be re-run on subsets of its sites (see
-:func:`anefx.pipeline.apply_validated`) and only the failing ones are dropped.
+:func:`anefx.driver.pipeline.apply_validated`) and only the failing ones are dropped.
 
 Sites are keyed by the anchor's node name, which is stable across re-runs of the transformation on
 the same input graph.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from anefx.graph import op_name, source_location
+from anefx.ir.graph import op_name, source_location
 
 #: What a transformation calls once per candidate site: True when it may rewrite it.
 SiteFilter = Callable[[torch.fx.Node], bool]

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import add_constant, call, dtype, eval_constant, is_constant, shape
-from anefx.heads import MOVEMENT, index_map
+from anefx.analysis.heads import MOVEMENT, index_map
+from anefx.ir.graph import add_constant, call, dtype, eval_constant, is_constant, shape
 
 aten = torch.ops.aten
 _NOT = {aten.logical_not.default, aten.bitwise_not.default}

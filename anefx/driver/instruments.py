@@ -1,6 +1,6 @@
 """Pipeline instrumentation: print-IR, dump directory, opt-bisect lines, reproducers.
 
-All of it is driven by :class:`anefx.debug.DebugOptions`; with the defaults nothing is printed or
+All of it is driven by :class:`anefx.driver.debug.DebugOptions`; with the defaults nothing is printed or
 written and the cost is nil.
 """
 
@@ -9,31 +9,31 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx
 
-from anefx.graph import format_graph
-from anefx.report import PassRecord
-
-if TYPE_CHECKING:
-    from anefx.debug import DebugOptions
-    from anefx.passes.base import Pass
-    from anefx.pipeline import Pipeline
+from anefx.driver.debug import DebugOptions
+from anefx.driver.report import PassRecord
+from anefx.driver.reproducer import write_reproducer
+from anefx.driver.visualize import draw_graph
+from anefx.ir.graph import format_graph
+from anefx.passes.base import Pass
 
 
 def graph_text(gm: torch.fx.GraphModule) -> str:
-    """The graph, one node per line with its shape (see :func:`anefx.graph.format_graph`)."""
+    """The graph, one node per line with its shape (see :func:`anefx.ir.graph.format_graph`)."""
     return format_graph(gm)
 
 
 class Instruments:
-    def __init__(self, debug: DebugOptions, pipeline: Pipeline, flat_inputs=(), stream=None):
+    def __init__(self, debug: DebugOptions, passes: Sequence[Pass], flat_inputs=(), stream=None):
         self.debug = debug
         self.flat_inputs = list(flat_inputs)
-        self.pipeline = pipeline
+        self.passes = tuple(passes)
         self.stream = stream or sys.stderr
         self.dump_dir = Path(debug.dump_dir) if debug.dump_dir else None
         self.summary: list[dict[str, Any]] = []
@@ -79,9 +79,7 @@ class Instruments:
         if target is None and self.dump_dir is not None:
             target = self.dump_dir / f"reproducer_{index:02d}_{p.name}"
         if target is not None:
-            from anefx.reproducer import write_reproducer
-
-            path = write_reproducer(target, before, self.flat_inputs, self.pipeline, index, rec)
+            path = write_reproducer(target, before, self.flat_inputs, self.passes, index, rec)
             rec.stats["reproducer"] = str(path)
 
     def finish(self, gm: torch.fx.GraphModule, records: list[PassRecord]) -> None:
@@ -121,8 +119,6 @@ class Instruments:
         (self.dump_dir / f"{stem}.error.json").write_text(json.dumps(entry, indent=2, default=str))
         self.summary.append(entry)
         if rec.modified and not rec.rolled_back:
-            from anefx.visualize import draw_graph
-
             picture = draw_graph(after, self.dump_dir / stem, changed_from=before)
             if picture is not None:
                 entry["picture"] = picture.name

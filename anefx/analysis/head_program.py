@@ -7,9 +7,9 @@ attention. :func:`trace_program` finds that work: walking up from what attention
 is either
 
 * a *leaf*: a channel block per head of a (B, S, C) or (B, C, 1, S) tensor, through pure data
-  movement (:func:`anefx.heads.heads_from_index`);
+  movement (:func:`anefx.analysis.heads.heads_from_index`);
 * a *move*: a ``permute``/``transpose`` of heads (the program just relabels axes);
-* an *op*: elementwise work (the :mod:`anefx.layout_rules` unary/binary ops), a ``slice``/``cat``
+* an *op*: elementwise work (the :mod:`anefx.analysis.layout_rules` unary/binary ops), a ``slice``/``cat``
   on the head_dim or sequence axis, or a reduction over them with ``keepdim`` (RMSNorm's ``mean``),
   whose other operands are either heads too or *side* tensors that broadcast over heads (cos/sin
   tables of shape (1, 1, S, D), a norm weight (D,), scalars).
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.graph import describe, shape
-from anefx.heads import Heads, heads_from_index, index_map
-from anefx.layout_rules import BINARY, UNARY
+from anefx.analysis.heads import Heads, heads_from_index, index_map
+from anefx.analysis.layout_rules import BINARY, UNARY
+from anefx.ir.graph import describe, shape
 
 aten = torch.ops.aten
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from anefx.graph import (
+from anefx.ir.graph import (
     add_constant,
     call,
     dce,
@@ -22,7 +22,7 @@ from anefx.graph import (
     shape,
     walk_args,
 )
-from anefx.sites import SiteFilter, every_site
+from anefx.ir.sites import SiteFilter, every_site
 
 aten = torch.ops.aten
 

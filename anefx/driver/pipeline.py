@@ -4,12 +4,12 @@
 builds a new pipeline each time (presets return copies; nothing is shared or global).
 ``Pipeline.run`` applies each pass to a clone of the graph (sharing the weights), refreshes shape
 metadata, validates, and keeps the result only if it validates. A failing pass that declares rewrite
-sites (``ctx.site(anchor)``, see :mod:`anefx.sites`) is re-run on halves of its sites until the
+sites (``ctx.site(anchor)``, see :mod:`anefx.ir.sites`) is re-run on halves of its sites until the
 failing sites are found (a binary search: about ``2·log2(n)`` re-runs for one bad site of ``n``);
 the pass is kept without them and the report names each excluded site with its op, source line and
 error. A pass without sites, or whose remaining sites still fail together, is rolled back whole,
 recorded with its error, and the pipeline goes on. :func:`apply_validated` is that mechanism for
-any transformation (the targets' legalization uses it too); it lives in :mod:`anefx.validate`.
+any transformation (the targets' legalization uses it too); it lives in :mod:`anefx.driver.validate`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from anefx.debug import DebugOptions
-from anefx.instruments import Instruments
+from anefx.driver.debug import DebugOptions
+from anefx.driver.instruments import Instruments
+from anefx.driver.report import PassRecord
+from anefx.driver.validate import ValidationOptions, Validator, apply_validated
+from anefx.ir.errors import PipelineOrderError
 from anefx.passes.base import Pass, PassContext
-from anefx.report import PassRecord
-from anefx.validate import ValidationOptions, Validator, apply_validated
 
 
 @dataclass
@@ -39,6 +40,17 @@ class PipelineResult:
 class Pipeline:
     passes: tuple[Pass, ...] = ()
     validation: ValidationOptions = field(default_factory=ValidationOptions)
+
+    def __post_init__(self) -> None:
+        """Refuse an order that breaks a pass's declared ``runs_after``."""
+        position = {p.name: i for i, p in enumerate(self.passes)}
+        for i, p in enumerate(self.passes):
+            late = sorted(n for n in p.runs_after if position.get(n, -1) > i)
+            if late:
+                raise PipelineOrderError(
+                    f"pass {p.name!r} (position {i}) must run after {late}, which come later in this pipeline: "
+                    f"{self.names}. Move {p.name!r} after them (insert_after), or remove them (without)"
+                )
 
     # -- building ---------------------------------------------------------------------------
     @classmethod
@@ -109,7 +121,7 @@ class Pipeline:
         """Run every pass on (a clone of) ``gm``; the input graph is never modified. ``precision`` is
         the target's compute precision (``PassContext.precision``)."""
         debug = debug or DebugOptions()
-        instruments = Instruments(debug, self, flat_inputs)
+        instruments = Instruments(debug, self.passes, flat_inputs)
         validator = Validator(gm, flat_inputs, self.validation, reference_outputs)
         current = gm
         records: list[PassRecord] = []

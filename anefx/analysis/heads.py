@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.graph import shape
+from anefx.ir.graph import shape
 
 aten = torch.ops.aten
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.fx
 
-from anefx.graph import shape
+from anefx.ir.graph import shape
 
 _BC1S = "#9ecae1"
 _OTHER = "#e0e0e0"

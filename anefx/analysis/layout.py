@@ -26,7 +26,7 @@ import math
 import torch
 import torch.fx
 
-from anefx.graph import call, insert_after, is_constant, shape
+from anefx.ir.graph import call, insert_after, is_constant, shape
 
 aten = torch.ops.aten
 

@@ -42,8 +42,8 @@ from typing import Literal
 import torch
 import torch.fx
 
-from anefx.graph import clone_graph_module, describe, refresh_meta, tensor_str
-from anefx.sites import Site, SiteFilter, SiteSelection
+from anefx.ir.graph import clone_graph_module, describe, refresh_meta, tensor_str
+from anefx.ir.sites import Site, SiteFilter, SiteSelection
 
 Mode = Literal["off", "lint", "numeric"]
 

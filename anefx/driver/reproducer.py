@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx
 
-if TYPE_CHECKING:
-    from anefx.pipeline import Pipeline
-    from anefx.report import PassRecord
+from anefx.driver.report import PassRecord
+from anefx.driver.validate import run_flat
+from anefx.passes.base import Pass
 
 
 def write_reproducer(
     directory: Path,
     gm: torch.fx.GraphModule,
     inputs: list,
-    pipeline: Pipeline,
+    passes: Sequence[Pass],
     failed_index: int,
     record: PassRecord,
 ) -> Path:
@@ -43,7 +44,7 @@ def write_reproducer(
                 "class": f"{type(p).__module__}.{type(p).__qualname__}",
                 "options": dataclasses.asdict(p.options) if dataclasses.is_dataclass(p.options) else {},
             }
-            for p in pipeline.passes
+            for p in passes
         ],
     }
     try:
@@ -63,8 +64,6 @@ class _FlatWrapper(torch.nn.Module):
         self.gm = gm
 
     def forward(self, *flat):
-        from anefx.validate import run_flat
-
         return tuple(run_flat(self.gm, flat))
 
 

@@ -15,7 +15,7 @@ Inputs and outputs follow one rule, so that decoders are captured as users call 
   ``return_dict=True``, ``output_attentions=False``, an int, ``None``) is *specialised*: the graph is
   captured with that value as a constant and it never becomes a graph input. The compiled model
   still accepts it: the same value (or leaving it out) is fine, a different value raises
-  :class:`~anefx.errors.CaptureError`. An input mixing tensors and other values (a cache object, a
+  :class:`~anefx.ir.errors.CaptureError`. An input mixing tensors and other values (a cache object, a
   tuple of a tensor and a string) is refused with its name.
 * **Outputs**: cache objects (``DynamicCache`` and friends, recognised with ``transformers``' own
   ``is_cache_object``) are *dropped*: a ``ModelOutput`` loses the field, a tuple, list or dict the
@@ -39,7 +39,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from anefx.errors import CaptureError
+from anefx.ir.errors import CaptureError
 
 
 @dataclass
@@ -353,10 +353,10 @@ def capture(
     if not isinstance(model, torch.nn.Module):
         if callable(model):
             raise CaptureError(
-                f"anefx.capture needs an nn.Module, got the function {getattr(model, '__name__', model)!r}: "
+                f"anefx.ir.capture needs an nn.Module, got the function {getattr(model, '__name__', model)!r}: "
                 "wrap it in an nn.Module whose forward calls it"
             )
-        raise CaptureError(f"anefx.capture needs an nn.Module, got {type(model).__name__}")
+        raise CaptureError(f"anefx.ir.capture needs an nn.Module, got {type(model).__name__}")
 
     graph_args, graph_kwargs, constants = _specialise(model, args, kwargs)
     with eval_mode(model):
@@ -384,7 +384,7 @@ def capture(
 
     gm = ep.module(check_guards=False)  # no _guards_fn node: anefx compiles for static shapes
     if not all("val" in n.meta for n in gm.graph.nodes if n.op in ("placeholder", "call_function")):
-        from anefx.graph import refresh_meta
+        from anefx.ir.graph import refresh_meta
 
         refresh_meta(gm, flatten_inputs(graph_args, graph_kwargs))
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -401,7 +401,7 @@ def capture(
 
 
 def _describe_inputs(args, kwargs) -> str:
-    from anefx.graph import tensor_str
+    from anefx.ir.graph import tensor_str
 
     parts = [tensor_str(a) for a in args] + [f"{k}={tensor_str(v)}" for k, v in kwargs.items()]
     return ", ".join(parts)

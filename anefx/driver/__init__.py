@@ -1,0 +1,1 @@
+"""Layer 4, running passes: the pipeline, validation, instruments, reports, reproducers, bisection."""
