@@ -244,6 +244,9 @@ def plan(table: list[WeightInfo], options: CompressionOptions, reference_values:
         if w.node is None:
             w.scheme, w.reason = _FP16, "no torch counterpart (quality could not be measured)"
             continue
+        if w.param is None:
+            w.scheme, w.reason = _FP16, "not a parameter (a folded table or mask)"
+            continue
         ref = reference_values.get(w.node)
         if ref is None or tuple(ref.shape) != w.shape:
             w.scheme, w.reason = _FP16, "torch value differs in shape (coremltools transformed it)"
