@@ -59,7 +59,6 @@ def build(name: str, layers: int) -> nn.Module:
         model = tf.OPTModel(cfg)
     else:
         raise KeyError(name)
-    model.config.use_cache = False  # until capture drops cache objects (issue 12 item 1)
     return _reinit(model)
 
 
