@@ -420,6 +420,8 @@ class Validator:
 
 def run_flat(gm: torch.fx.GraphModule, flat_inputs: Sequence) -> list:
     """Run a canonical GraphModule on flat inputs (placeholder order) and return flat outputs."""
+    # torch has no public accessor for a GraphModule's input spec; torch.fx.Interpreter would take
+    # flat inputs but dispatches node by node in Python, on every validation run
     info = getattr(gm.graph._codegen, "pytree_info", None)
     with torch.no_grad():
         if info is not None and info.in_spec is not None:

@@ -203,20 +203,18 @@ def _ensure_anefx_ops() -> None:
 
 
 def _unconvertible(ep) -> list[str]:
-    """ATen ops of ``ep`` coremltools' torch frontend has no converter for (by its own op naming).
-
-    Reads coremltools' registry table directly: its public ``is_torch_fx_node_supported`` warns
-    (deprecated ``__contains__``) once per node and asserts on in-place ops, which stateful graphs have."""
-    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY as reg
-    from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
+    """ATen ops of ``ep`` coremltools' torch frontend has no converter for, asked through its public
+    ``is_torch_fx_node_supported`` (in-place ops, which it asserts on, are its states: convertible)."""
+    from coremltools.converters.mil.frontend.torch import is_torch_fx_node_supported
 
     missing = []
-    for node in ep.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = node.target.name() if hasattr(node.target, "name") else getattr(node.target, "__name__", "")
-        if sanitize_op_kind(name) not in reg.name_to_func_mapping:
-            missing.append(name)
+    with warnings.catch_warnings():  # it looks ops up through a deprecated ``__contains__``
+        warnings.simplefilter("ignore")
+        for node in ep.graph.nodes:
+            if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0].endswith("_"):
+                continue
+            if not is_torch_fx_node_supported(node):
+                missing.append(str(node.target))
     return missing
 
 
