@@ -233,7 +233,8 @@ class AttentionBC1S(Pass):
         lowering: dict = {}
         sides: dict = {}
         seen: set[torch.fx.Node] = set()
-        for node in list(graph.nodes):
+        original = list(graph.nodes)  # the rewrite adds per-head softmaxes: only these are candidates
+        for node in original:
             core = match_sdpa(node) or match_eager(node)
             if core is None:
                 continue
@@ -252,7 +253,7 @@ class AttentionBC1S(Pass):
                 self._rewrite(gm, core, *traced, memo, lowering)
             stats["rewritten"] += 1
             stats["heads"] += len(traced[0].offsets)
-        for node in graph.nodes:  # attention no matcher recognised: counted, never silent
+        for node in original:  # attention no matcher recognised: counted, never silent
             why = _unrecognised(node, seen)
             if why is not None:
                 stats["unmatched"] += 1
