@@ -65,7 +65,7 @@ def test_decoders_capture_and_match_eager_on_unseen_inputs(kind, kwargs):
     cap = compiled.captured
     assert cap.input_names == ["input_ids", "attention_mask"]  # no bool placeholder
     assert cap.output_names == ["logits" if kind == "llama_lm" else "last_hidden_state"]
-    assert cap.dropped_outputs == ([] if kwargs else ["past_key_values"])
+    assert cap.dropped_outputs == []  # use_cache=False is implied for transformers models: no cache built
     assert not [r for r in compiled.report.records if r.rolled_back]
     for seed, pad in ((1, 0), (2, 3)):  # other tokens, and a right-padded mask
         ids2, mask2 = _inputs(pad=pad, seed=seed)
@@ -160,7 +160,7 @@ def test_mixed_inputs_and_non_tensor_outputs_are_named():
 def test_cache_in_tuple_output_is_dropped():
     model = decoder("llama")
     ids, mask = _inputs()
-    cap = anefx.capture(model, (ids, mask), {"return_dict": False})
+    cap = anefx.capture(model, (ids, mask), {"return_dict": False, "use_cache": True})
     assert cap.output_names == ["output_0"]
     assert cap.dropped_outputs == ["output_1"]
     out = cap.graph_module(ids, mask)

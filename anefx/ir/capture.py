@@ -348,6 +348,8 @@ def capture(
     outputs become the validation reference) and is never modified.
     """
     args, kwargs = _normalise_inputs(example_inputs, example_kwargs)
+    if _takes_use_cache(model) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False  # caches are dropped from the outputs: don't build them at all
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if not isinstance(model, torch.nn.Module):
@@ -405,3 +407,15 @@ def _describe_inputs(args, kwargs) -> str:
 
     parts = [tensor_str(a) for a in args] + [f"{k}={tensor_str(v)}" for k, v in kwargs.items()]
     return ", ".join(parts)
+
+
+def _takes_use_cache(model) -> bool:
+    """Whether ``model`` is a transformers model whose ``forward`` builds a KV cache by default."""
+    import inspect
+
+    if not hasattr(getattr(model, "config", None), "use_cache"):
+        return False
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
