@@ -167,4 +167,28 @@ def test_fast_conversion_gives_the_same_program_as_coremltools_route(name):
 
     assert fast.op_histogram() == slow.op_histogram()
     assert program(fast.artifact) == program(slow)
+    names = [[i.name for i in a.model.get_spec().description.input] for a in (fast.artifact, slow)]
+    assert names == [fast.captured.input_names] * 2
     assert fast.report.timings.keys() >= {"capture", "passes", "convert", "convert.export", "convert.ct_convert"}
+
+
+def test_decomposing_the_lifted_program_keeps_the_input_names():
+    """A re-trace names positional inputs ``arg_0`` …; the Core ML inputs are named after them."""
+    from anefx.targets.base import HandOff, legalized_clone
+    from anefx.targets.lift import keep_input_names, lifted_program
+
+    model, args, kwargs = example("distilbert_small")
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    cap = compiled.captured
+    handoff = HandOff(compiled.graph_module, cap.example_args, cap.example_kwargs, cap.input_names, cap.output_names)
+    ep = lifted_program(legalized_clone(handoff))
+    redone = ep.run_decompositions({})
+
+    def user_inputs(program):
+        return [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+
+    assert user_inputs(redone) != cap.input_names  # what the re-trace does on its own
+    kept = keep_input_names(ep, redone)
+    assert user_inputs(kept) == cap.input_names == ["input_ids", "attention_mask"]
+    ref = model(*args, **kwargs).last_hidden_state
+    torch.testing.assert_close(kept.module()(*args, **kwargs).last_hidden_state, ref, atol=1e-4, rtol=1e-4)

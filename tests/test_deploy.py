@@ -143,11 +143,12 @@ def test_lut4_ships_luts_for_every_planned_weight(lut4, tmp_path):
     ops = list(compiled.mlmodel._mil_program.functions["main"].operations)
     luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
     shipped = comp.shipped
-    # 7 projections + the embedding table; the LM head (tied, a second const) stays fp16
-    assert len(shipped) == 8 and len(luts) == 8
+    # the 7 projections; the tied embedding table is stored once, shared with the LM head, so
+    # keep_lm_head keeps it fp16
+    assert len(shipped) == 7 and len(luts) == 7
+    assert [w.param for w in comp.weights].count("lm_head.weight") == 1
     kept = [w for w in comp.weights if w.scheme == "fp16"]
-    assert [(w.role, w.reason) for w in kept] == [("lm_head", "keep_lm_head")]
-    assert {w.param for w in shipped if w.role == "embedding"} == {"lm_head.weight"}
+    assert [(w.param, w.role, w.reason) for w in kept] == [("lm_head.weight", "embedding,lm_head", "keep_lm_head")]
     # grouped-channel tables: one 16-entry table per 32 output channels
     for op in luts:
         lut = op.inputs["lut"].val
@@ -165,7 +166,7 @@ def test_lut4_ships_luts_for_every_planned_weight(lut4, tmp_path):
 def test_lut4_quality_is_measured_on_the_shipped_weights(lut4):
     compiled, model, args, kwargs, _ = lut4
     q = compiled.compression.quality
-    assert len(q.weights) == 8
+    assert len(q.weights) == 7
     # 4-bit k-means on Gaussian weights: ~8-10% relative weight error per tensor, never 0
     assert all(0.03 < w.weight_rel_error < 0.2 for w in q.weights)
     assert all(w.output_rel_error is not None and w.output_rel_error > 0 for w in q.weights)
@@ -222,7 +223,8 @@ def test_int8_is_per_channel_and_with_compression_reuses_the_program(lut4):
     int8 = compiled.with_compression("int8")
     ops = list(int8.mlmodel._mil_program.functions["main"].operations)
     q = [op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"]
-    assert len(q) == 9 and not [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
+    # the 7 projections and the tied table (int8 is asked without keep_lm_head)
+    assert len(q) == 8 and not [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
     for op in q:  # one scale per output channel: not per block
         assert op.inputs["scale"].val.shape[1:] == (1,) * (op.inputs["scale"].val.ndim - 1)
     assert int8.compression.quality.end_to_end_rel_error < lut4[0].compression.quality.end_to_end_rel_error

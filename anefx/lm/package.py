@@ -91,6 +91,7 @@ def convert_function(
     except Exception as exc:
         raise ConversionError(f"exporting the stateful {name} function failed: {type(exc).__name__}: {exc}") from exc
     target, precision, units = options.resolved()
+    target = max(target, ct.target.iOS18)  # Core ML states need iOS18 / macOS15
     register_converters()
     t0 = time.perf_counter()
     try:

@@ -40,8 +40,16 @@ from anefx.passes.base import Pass, PassContext, PassResult, finish
 aten = torch.ops.aten
 SCORES = "bchq,bkhc->bkhq"
 WEIGHTED = "bkhq,bchk->bchq"
-#: Ops allowed between the score einsum and the softmax: elementwise, the scores as first operand.
-_ELEMENTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.tanh.default}
+#: Ops allowed between the score einsum and the softmax: elementwise, the scores as first operand
+#: (``masked_fill``: the mask second, sliced with its chunk when it varies along the queries).
+_ELEMENTWISE = {
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.mul.Tensor,
+    aten.div.Tensor,
+    aten.tanh.default,
+    aten.masked_fill.Scalar,
+}
 _ROW = 32  # queries per 64-byte fp16 row
 
 

@@ -32,7 +32,7 @@ import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target co
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.graph import describe
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
-from anefx.targets.lift import lifted_program
+from anefx.targets.lift import keep_input_names, lifted_program
 from anefx.targets.mil_pipeline import pass_pipeline
 
 
@@ -272,9 +272,10 @@ class CoreMLTarget(Target):
         opts: CoreMLOptions = self.options
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        register_converters()  # before asking which ops coremltools lacks: anefx's own ops are covered
         ep = lifted_program(legalized_clone(handoff)) if opts.fast_conversion else None
         if ep is not None and _unconvertible(ep):  # ops only their decompositions spell for coremltools
-            ep = ep.run_decompositions({})
+            ep = keep_input_names(ep, ep.run_decompositions({}))
         if ep is None:
             gm = legalized_clone(handoff)
             try:

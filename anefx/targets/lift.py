@@ -131,3 +131,21 @@ def lifted_program(gm: torch.fx.GraphModule) -> ExportedProgram | None:
         )
     except Exception:  # torch's verifier refused it: the caller re-exports
         return None
+
+
+def keep_input_names(before: ExportedProgram, after: ExportedProgram) -> ExportedProgram:
+    """``after`` (``before`` re-traced, e.g. by ``run_decompositions``) with ``before``'s user-input
+    names: the re-trace names positional inputs ``arg_0`` …, and coremltools names the model's inputs
+    after them."""
+    old = [s.arg.name for s in before.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    specs = [s for s in after.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    taken = {n.name for n in after.graph.nodes} - {s.arg.name for s in specs}
+    if len(old) != len(specs) or taken & set(old):
+        return after
+    nodes = {n.name: n for n in after.graph.nodes if n.op == "placeholder"}
+    for spec, name in zip(specs, old):
+        if spec.arg.name != name:
+            nodes[spec.arg.name]._rename(name)
+            spec.arg.name = name
+    after.graph_module.recompile()
+    return after
