@@ -26,14 +26,14 @@ def _reinit(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _llama():
+def _llama(layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -174,6 +174,24 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
     weights = sum(f.stat().st_size for f in path.rglob("weight.bin"))
     params = sum(p.numel() for p in model.parameters())
     assert weights < 1.5 * 2 * params
+
+
+def test_attention_reads_and_writes_the_cache_per_head_without_layout_changes(compiled_llama):
+    """Both functions: every attention per head over the cache, every K/V write straight from the
+    projection's channels (rotary replayed per head), and per layer one transpose (K for the score
+    einsum, as in Apple's form) and no reshape: proven by the counts at depth 2 and 4."""
+    shallow = compiled_llama[1]
+    deep = anefx.compile_lm(_llama(layers=4), context_length=CONTEXT, prefill_length=PREFILL, check_tokens=4)
+    assert deep.check.tokens_equal
+    for fn in ("prefill", "decode"):
+        for lm, layers in ((shallow, 2), (deep, 4)):
+            stats = lm.reports[fn].record("attention_bc1s").stats
+            assert stats["rewritten"] == layers and stats["unmatched"] == 0 and stats["heads"] == 4 * layers
+            assert stats["merges"] == layers  # the K writes: rotary per head; V is the projection itself
+        a, b = shallow.op_histogram(fn), deep.op_histogram(fn)
+        assert b["transpose"] - a["transpose"] == 2, (fn, a["transpose"], b["transpose"])
+        assert b["reshape"] == a["reshape"] and a["reshape"] <= 4, (fn, a["reshape"], b["reshape"])
+        assert b["einsum"] == 2 * a["einsum"] == 4 * 2 * 4  # scores and weighted sum per head
 
 
 def test_stops_at_context_length_and_eos(compiled_llama):

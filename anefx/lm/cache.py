@@ -92,16 +92,19 @@ def one_hot_positions(position_ids: torch.Tensor, context: int, dtype: torch.dty
 
 def write_one_hot(cache: torch.Tensor, new: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
     """``cache`` (1, Cpad, 1, ctx) with ``new`` (1, C, T) written at the one-hot slots, channels
-    ``C..Cpad`` kept at zero."""
+    ``C..Cpad`` kept at zero. Everything stays (B, C, 1, S): what attention then reads of the cache
+    is a channel block per head of a channels-first tensor, which attention_bc1s splits per head
+    without a layout change."""
     channels, tokens = new.shape[1], new.shape[2]
-    old = cache[:, :channels, 0, :]
+    old = cache[:, :channels]
+    new = new.unsqueeze(2)
     if tokens == 1:
         keep = 1.0 - one_hot[0]
         written = new * one_hot[0]
     else:
         keep = 1.0 - one_hot.sum(0)
         written = torch.matmul(new, one_hot)
-    updated = (old * keep + written).unsqueeze(2)
+    updated = old * keep + written
     pad = cache.shape[1] - channels
     if pad:
         updated = torch.cat([updated, updated.new_zeros(1, pad, 1, cache.shape[3])], dim=1)
@@ -150,8 +153,8 @@ def make_cache(layout: CacheLayout, states: list[torch.Tensor], position_ids: to
             cache.new_states[i] = keys
             cache.new_states[n + i] = values
             ctx = layout.context
-            k = keys[:, : h * d, 0, :].reshape(1, h, d, ctx).transpose(2, 3)
-            v = values[:, : h * dv, 0, :].reshape(1, h, dv, ctx).transpose(2, 3)
+            k = keys[:, : h * d].reshape(1, h, d, ctx).transpose(2, 3)
+            v = values[:, : h * dv].reshape(1, h, dv, ctx).transpose(2, 3)
             return k, v
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

@@ -20,6 +20,10 @@ lowered by :mod:`anefx.analysis.masks` to per-key terms applied in the model's o
 ``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
 additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
 rows whose keys are all masked give torch's result (see :mod:`anefx.analysis.masks`). Attention whose inputs
+Per-head work merged back channels-first — how a KV cache in the ANE layout is written,
+``reshape(transpose(rotary(k), 2, 3), [B, H·D, 1, S])`` — is computed the same way, head by head on
+the projection's channel chunks and concatenated, so the cache write needs no layout change (counted
+in ``merges``). Attention whose inputs
 do not match is left alone and counted in ``unmatched`` with the reason in ``unmatched_reasons`` —
 also a softmax over ``q @ k^T`` scores no matcher recognises (logit soft-capping, 3-D ``bmm``
 attention).
@@ -59,7 +63,7 @@ from anefx.analysis.head_program import (
     side_index,
     trace_program,
 )
-from anefx.analysis.heads import Heads, merge_users, trace_heads
+from anefx.analysis.heads import MOVEMENT, Heads, merge_users, movement_chain, simulate, trace_heads
 from anefx.analysis.layout import from_bc1s, to_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
 from anefx.ir.graph import add_constant, call, dce, describe, provenance, shape, val
@@ -234,9 +238,11 @@ class AttentionBC1S(Pass):
         sides: dict = {}
         seen: set[torch.fx.Node] = set()
         original = list(graph.nodes)  # the rewrite adds per-head softmaxes: only these are candidates
-        for node in original:
+        for node in original:  # in graph order: what a site creates is reused only by later sites
             core = match_sdpa(node) or match_eager(node)
             if core is None:
+                if self._merge(graph, node, ctx, memo, sides, seen):
+                    stats["merges"] = stats.get("merges", 0) + 1
                 continue
             seen.add(core.out)
             traced = _trace_inputs(core)
@@ -260,9 +266,10 @@ class AttentionBC1S(Pass):
                 reasons[why] = reasons.get(why, 0) + 1
         if reasons:
             stats["unmatched_reasons"] = reasons
-        if stats["rewritten"]:
+        changed = bool(stats["rewritten"] or stats.get("merges"))
+        if changed:
             dce(graph)
-        return finish(gm, bool(stats["rewritten"]), **stats)
+        return finish(gm, changed, **stats)
 
     def _rewrite(self, gm, core: Core, qh: Heads, kh: Heads, vh: Heads, memo: dict, lowering: dict) -> None:
         graph = gm.graph
@@ -317,6 +324,34 @@ class AttentionBC1S(Pass):
                 heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
                 back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
             core.out.replace_all_uses_with(back)
+
+    def _merge(self, graph, node, ctx: PassContext, memo: dict, sides: dict, seen: set) -> bool:
+        """``node``, a channels-first merge of per-head work (a KV cache write), computed head by head
+        on channel chunks instead: no layout change between the projection and the cache."""
+        src = channels_first_merge(node)
+        if src is None or src in seen:
+            return False
+        found = trace_heads(src) or trace_program(src)
+        if isinstance(found, str) or not ctx.site(node):
+            return False
+        with provenance(node), graph.inserting_before(node):
+            heads = self._materialise(graph, found, memo, sides)
+            merged = self._merged(graph, heads, shape(src)[1], memo)
+            if len(shape(node)) == 3:
+                merged = call(graph, aten.view.default, (merged, list(shape(node))))
+        node.replace_all_uses_with(merged)
+        seen.add(src)
+        return True
+
+    def _merged(self, graph, heads: Heads, n_heads: int, memo: dict) -> torch.fx.Node:
+        """The heads concatenated on the channels of (B, H·D, 1, S): the source itself when they are
+        its channels in order."""
+        x4 = self._bc(graph, heads, memo)
+        d = heads.head_dim
+        if heads.offsets == [j * d for j in range(n_heads)] and shape(x4)[1] == n_heads * d:
+            return x4
+        split = _splitter({}, graph, x4, 1, d)
+        return call(graph, aten.cat.default, ([split[o] for o in heads.offsets], 1))
 
     @staticmethod
     def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
@@ -376,6 +411,38 @@ def _unrecognised(node: torch.fx.Node, seen: set) -> str | None:
     if blocker is not None:
         return f"{describe(blocker)} between QK^T and softmax (e.g. logit soft-capping) is not rewritten"
     return f"{describe(node)}: softmax over QK^T scores in an unrecognised form"
+
+
+def channels_first_merge(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The (B, H, S, D) head tensor that ``node`` (data movement only) merges channels-first, into
+    (B, H·D, 1, S) or (B, H·D, S) with channel ``h·D + d``: how a KV cache in the ANE layout is
+    written. None for anything else. Reads recorded shapes only (never infers one)."""
+    if node.op != "call_function" or node.target not in MOVEMENT or not node.users:
+        return None
+    s = _recorded_shape(node)
+    if s is None or len(s) not in (3, 4) or (len(s) == 4 and s[2] != 1):
+        return None
+    found = movement_chain(node)
+    if found is None or not found[1]:
+        return None
+    src, chain = found
+    hs = _recorded_shape(src)
+    if hs is None or len(hs) != 4:
+        return None
+    b, h, sq, d = hs
+    if h == 1 or (s[0], s[1], s[-1]) != (b, h * d, sq):
+        return None
+    idx = torch.arange(b * h * sq * d).reshape(hs)
+    try:
+        r = simulate(chain, idx)
+    except Exception:
+        return None
+    return src if torch.equal(r, idx.permute(0, 1, 3, 2).reshape(s)) else None
+
+
+def _recorded_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    v = node.meta.get("val")
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _trace_inputs(core: Core) -> list | str:

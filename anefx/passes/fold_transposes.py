@@ -11,6 +11,9 @@ Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line e
 * shape-only chain (view/reshape/squeeze/unsqueeze/flatten) whose result has the shape of its
   start                                     → the start
 * two or more shape-only ops in a row, one a reshape → one ``reshape``
+* a chain of permutes and shape-only ops that keeps every element in its place (checked by
+  replaying it on ``arange``, :func:`anefx.analysis.heads.simulate`)
+                                            → one ``reshape`` of its start (or the start)
 
 * ``binop(permute(a, p), c)``, c constant   → ``permute(binop(a, c'), p)`` with c' = c permuted by
   p's inverse (a constant: coremltools folds it)
@@ -35,11 +38,13 @@ Options:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
+from anefx.analysis.heads import movement_chain, simulate
 from anefx.analysis.layout_rules import BINARY, UNARY
 from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
@@ -58,6 +63,7 @@ SHAPE_ONLY = {
     aten.unflatten.int,
 }
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+_MAX_REPLAY = 1 << 22  # elements: larger chains are not replayed on ``arange``
 _SINK_UNARY = UNARY - {aten._to_copy.default, aten.to.dtype}
 
 
@@ -109,6 +115,8 @@ class FoldTransposes(Pass):
         return stats
 
     def _rewrite(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
+        if self._fold_identity_chain(graph, node, stats):
+            return True
         perm = _perm_of(node)
         if perm is not None:
             src = node.args[0]
@@ -206,6 +214,39 @@ class FoldTransposes(Pass):
             if len(s) < len(perm):
                 padded = call(graph, aten.view.default, (other, [1] * (len(perm) - len(s)) + list(s)))
             return call(graph, aten.permute.default, (padded, inverse))
+
+    @staticmethod
+    def _fold_identity_chain(graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
+        """A mixed chain of permutes and shape-only ops ending at ``node`` that leaves every element
+        where it was (e.g. ``(B, C, 1, S)`` → ``(B, S, H, D)`` → ``(B, H, D, S)`` → ``(B, C, 1, S)``)."""
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or src.op != "call_function":
+            return False
+        movement = SHAPE_ONLY | {aten.permute.default, aten.transpose.int}
+        if node.target not in movement or src.target not in movement:
+            return False
+        if _perm_of(node) is None and _perm_of(src) is None and src.target in SHAPE_ONLY:
+            return False  # shape-only chains: the rules of _fold_shapes
+        v = node.meta.get("val")
+        out = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+        if out is None or math.prod(out) > _MAX_REPLAY:
+            return False
+        found = movement_chain(node)
+        if found is None or any(n.target not in movement for n in found[1]):
+            return False
+        start, chain = found
+        s = start.meta.get("val")
+        if not isinstance(s, torch.Tensor) or s.numel() != math.prod(out):
+            return False
+        r = simulate(chain, torch.arange(s.numel()).reshape(s.shape))
+        if not torch.equal(r.reshape(-1), torch.arange(s.numel())):
+            return False
+        if tuple(s.shape) == out:
+            replace_node(graph, node, start)
+        else:
+            node.target, node.args, node.kwargs = aten.reshape.default, (start, list(out)), {}
+        stats["reshapes_folded"] += 1
+        return True
 
     def _fold_shapes(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
         src = node.args[0]
