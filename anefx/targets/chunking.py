@@ -207,8 +207,19 @@ def export_program(handoff):
     return ep.run_decompositions({})
 
 
-def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_mb: float, bytes_per_weight=2.0):
-    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights."""
+def split(
+    ep,
+    inputs: Sequence[torch.Tensor],
+    output_names: Sequence[str],
+    cap_mb: float,
+    bytes_per_weight=2.0,
+    input_stages: dict[str, int] | None = None,
+):
+    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights.
+
+    ``input_stages`` gives user inputs a stage (``compile_lm``: layer ``i``'s KV states belong to
+    layer ``i``, so they are read and written in that layer's chunk); other inputs have none."""
+    input_stages = input_stages or {}
     from torch.export.graph_signature import InputKind, OutputKind
 
     sig = ep.graph_signature
@@ -235,7 +246,7 @@ def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_m
                 layer = layer_of(param_name[n.name] + ".")
                 stage[n.name] = -1 if layer is None else layer
             else:
-                stage[n.name] = -1
+                stage[n.name] = input_stages.get(n.name, -1)
         elif n.op == "call_function":
             ins = n.all_input_nodes
             if ins and all(i.name in const for i in ins):
