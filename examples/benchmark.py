@@ -447,9 +447,10 @@ def lm_compression_section(
     prompts = [models.smollm2_chat_ids(tok, p) for p in COMPRESSION_PROMPTS]
     out = Path(tempfile.mkdtemp(prefix="anefx-bench-lm-"))
     t0 = time.perf_counter()
-    fp16 = anefx.compile_lm(model, context_length=context, prefill_length=prefill, check_tokens=8)
+    convert = bool(schemes)  # the chunk comparison alone needs only the unchunked torch graphs
+    fp16 = anefx.compile_lm(model, context_length=context, prefill_length=prefill, check_tokens=8, convert=convert)
     print(f"compile_lm fp16: {time.perf_counter() - t0:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
-    fp16_bytes = package_weight_bytes(fp16.save(out / "fp16.mlpackage"))
+    fp16_bytes = package_weight_bytes(fp16.save(out / "fp16.mlpackage")) if convert else 0
     table = Table(
         title=f"SmolLM2-135M-Instruct compile_lm compression ({len(prompts)} prompts x {new_tokens} new tokens, "
         "agreement and KL against the fp16 weights)"
@@ -486,7 +487,8 @@ def lm_compression_section(
         )
         del c
         gc.collect()
-    Console(width=160).print(table)
+    if schemes:
+        Console(width=160).print(table)
     if chunk_mb:
         t0 = time.perf_counter()
         chunked = anefx.compile_lm(
@@ -505,7 +507,12 @@ def lm_compression_section(
             b = chunked.generate(p, new_tokens, eos_token_id=None).new_tokens
             same += sum(x == y for x, y in zip(a, b, strict=True))
             total += len(a)
-        print(f"chained chunks vs unchunked compile_lm: {same}/{total} identical greedy tokens")
+        print(f"chained chunks vs unchunked compile_lm: {same}/{total} identical greedy tokens; {chunked.check}")
+        for c in chunked.chunks.chunks:
+            print(
+                f"  chunk{c.index}: layers {c.layers[0] if c.layers else '-'}..{c.layers[-1] if c.layers else '-'}, "
+                f"{len(c.states)} states, decode inputs {c.value_inputs('decode')}"
+            )
 
 
 def main(argv=None) -> int:

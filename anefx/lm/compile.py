@@ -157,10 +157,11 @@ class CompiledLM:
             raise AnefxError("with_compression needs the converted functions: compile with convert=True")
         if comp is None:
             raise AnefxError("with_compression needs a scheme ('lut4', 'lut6', 'lut8', 'int8' or CompressionOptions)")
+        meta = {**self.metadata, "anefx.compression": comp.scheme}
         package, lm_compression = _compress_and_merge(
-            self.fp16_functions, comp, {fn: self.examples[fn][:2] for fn in FUNCTIONS}, self.metadata, progress
+            self.fp16_functions, comp, {fn: self.examples[fn][:2] for fn in FUNCTIONS}, meta, progress
         )
-        out = dataclasses.replace(self, package=package, compression=lm_compression)
+        out = dataclasses.replace(self, package=package, compression=lm_compression, metadata=meta)
         if new_tokens:
             _measure(out, prompts, new_tokens, progress)
         return out
@@ -524,6 +525,7 @@ def compile_lm(
         fp16_functions = functions
         lm_compression = None
         if comp is not None:
+            meta["anefx.compression"] = comp.scheme
             package, lm_compression = _compress_and_merge(functions, comp, examples, meta, say)
             timings["compress"] = lm_compression.seconds
         else:
@@ -590,7 +592,6 @@ def _compress_and_merge(functions, comp, examples, meta, progress):
     t0 = time.perf_counter()
     compressed_functions, per_function = compress_functions(functions, comp, examples, progress)
     seconds = time.perf_counter() - t0
-    meta = {**meta, "anefx.compression": comp.scheme}
     package = merge(compressed_functions, meta)
     return package, LMCompression(comp, per_function, seconds=seconds)
 

@@ -252,6 +252,21 @@ def split(
             if ins and all(i.name in const for i in ins):
                 const.add(n.name)
             stage[n.name] = max((stage[i.name] for i in ins), default=-1)
+    # values computed from the model's (unstaged) inputs and small tables only — masks, positions,
+    # rotary tables — are recomputed in every chunk that reads them (each chunk takes those inputs):
+    # passing them between packages would make many boundary values, some equal (which coremltools
+    # merges into one output under two names)
+    derived: set[str] = set()
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in user_inputs and n.name not in input_stages:
+            derived.add(n.name)
+        elif n.op == "call_function" and n.name not in const and n.name not in model_outputs:
+            ins = n.all_input_nodes
+            small = all(values[w].numel() <= _SMALL for w in _const_roots(n, const, values))
+            if small and any(i.name in derived for i in ins) and all(i.name in derived or i.name in const for i in ins):
+                derived.add(n.name)
+    derived -= set(user_inputs)
+    const_or_derived = const | derived
     # weights per stage: each weight placeholder counts in every stage whose nodes read it
     users_stage: dict[str, set[int]] = {w: set() for w in values}
     for n in ep.graph.nodes:
@@ -286,17 +301,18 @@ def split(
     chunks = []
     nodes = list(ep.graph.nodes)
     for ci, g in enumerate(groups):
-        members = [n for n in nodes if n.op == "call_function" and n.name not in const and chunk_of[n.name] == ci]
+        members = [
+            n for n in nodes if n.op == "call_function" and n.name not in const_or_derived and chunk_of[n.name] == ci
+        ]
         member_names = {n.name for n in members}
         needed: list[str] = []
         for n in members:
             for i in n.all_input_nodes:
-                if i.name not in const and i.name not in member_names and i.name not in needed:
-                    needed.append(i.name)
+                _need(i, derived, const | member_names, needed)
         later_users = set()
         for n in members:
             if n.name in model_outputs or any(
-                u.op == "call_function" and u.name not in const and chunk_of[u.name] > ci for u in n.users
+                u.op == "call_function" and u.name not in const_or_derived and chunk_of[u.name] > ci for u in n.users
             ):
                 later_users.add(n.name)
         outputs = [n.name for n in members if n.name in later_users]
@@ -312,6 +328,16 @@ def split(
     return chunked
 
 
+def _need(node: torch.fx.Node, derived: set[str], inside: set[str], needed: list[str]) -> None:
+    """Add what a chunk must receive to read ``node``: the node itself, or for a value it recomputes
+    (``derived``) what that value reads."""
+    if node.name in derived:
+        for i in node.all_input_nodes:
+            _need(i, derived, inside, needed)
+    elif node.name not in inside and node.name not in needed:
+        needed.append(node.name)
+
+
 def _const_roots(n: torch.fx.Node, const: set[str], values: dict) -> set[str]:
     """The weight placeholders an op reads, through any input-independent views."""
     roots, stack = set(), [i for i in n.all_input_nodes if i.name in const]
@@ -322,6 +348,10 @@ def _const_roots(n: torch.fx.Node, const: set[str], values: dict) -> set[str]:
         stack.extend(i for i in m.all_input_nodes if i.name in const)
     return roots
 
+
+#: Tables up to this many elements (rotary frequencies, position ranges) are copied into every chunk
+#: that computes from the model's inputs with them.
+_SMALL = 65536
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
