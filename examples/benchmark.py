@@ -307,12 +307,7 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
 
 
-COMPRESSION_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a compiler does in two sentences.",
-    "List three uses of a paperclip.",
-)
+from anefx.lm.compress import DEFAULT_TEXT_PROMPTS as COMPRESSION_PROMPTS  # noqa: E402  (the CLI's set)
 
 
 def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, chunk_mb: float = 100.0) -> None:

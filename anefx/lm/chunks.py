@@ -137,7 +137,7 @@ class LMChunks:
                 entry["weight_bytes"] = size
                 if size > self.cap_mb * MB:
                     raise AnefxError(
-                        f"chunk {c.index} came out at {size / MB:.1f} MB, above max_chunk_mb={self.cap_mb:g} "
+                        f"chunk {c.index} came out at {size / MB:.3g} MB, above max_chunk_mb={self.cap_mb:g} "
                         "(the converter stored more than the weights anefx counted); lower the cap"
                     )
             (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))

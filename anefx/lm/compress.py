@@ -31,6 +31,13 @@ from anefx.targets.quality import LMQuality, lm_agreement
 DEFAULT_PROMPTS = 4
 DEFAULT_PROMPT_TOKENS = 16
 DEFAULT_NEW_TOKENS = 64
+#: The fixed text prompts the CLI measures with when the model comes with a tokenizer.
+DEFAULT_TEXT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a compiler does in two sentences.",
+    "List three uses of a paperclip.",
+)
 
 
 @dataclass
