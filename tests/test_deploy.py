@@ -379,6 +379,13 @@ def test_compile_lm_lut4_both_functions_share_one_compressed_weight_file(lm_lut4
         shipped = comp.functions[fn].shipped
         # the 7 projections of both layers and the tied embedding / LM head table, all as 4-bit LUTs
         assert len(shipped) == 2 * 7 + 1, [w.param for w in shipped]
+        # named as the user's parameters (what keep_fp16 / per_layer patterns match), with their layer
+        names = {w.param: w.layer for w in shipped}
+        assert (
+            names["model.layers.1.mlp.down_proj.weight"] == 1 and names["model.layers.0.self_attn.q_proj.weight"] == 0
+        )
+        tied = [n for n in names if n in ("model.embed_tokens.weight", "lm_head.weight")]
+        assert len(tied) == 1 and names[tied[0]] is None
         assert lm.op_histogram(fn)["constexpr_lut_to_dense"] == len(shipped)
         values = decompressed_weights(comp.functions[fn].model)
         per_fn[fn] = {w.param: values[w.const] for w in shipped}

@@ -45,6 +45,7 @@ class LMChunk:
     state_outputs: dict[str, dict[str, str]]  #: per function: graph output name → state name
     examples: dict[str, list[torch.Tensor]] = field(repr=False)
     weight_bytes_estimate: int = 0
+    param_names: dict[str, str] = field(default_factory=dict)  #: chunk weight attribute → program parameter
     package: Any = None  #: the converted LMPackage (both functions, the chunk's states)
     compression: Any = None  #: per function ``Compressed`` when compressed
 
@@ -233,7 +234,8 @@ def split_lm(
             raise ConversionError(f"chunk {i}: prefill and decode hold different states")
         layers = [s for s in stages if s >= 0]
         estimate = per_fn["decode"][0].chunks[i].weight_bytes
-        chunks.append(LMChunk(i, layers, graphs_i, inputs, outputs, s_in, s_out, ex, estimate))
+        names = {**per_fn["prefill"][0].chunks[i].param_names, **per_fn["decode"][0].chunks[i].param_names}
+        chunks.append(LMChunk(i, layers, graphs_i, inputs, outputs, s_in, s_out, ex, estimate, names))
     logits = {fn: per_fn[fn][0].model_outputs[0] for fn in FUNCTIONS}
     return LMChunks(chunks, layout, cap_mb, logits)
 
@@ -298,7 +300,12 @@ def convert_chunks(chunks: LMChunks, options, metadata: dict[str, str], progress
                 fn: [t for n, t in zip(c.inputs[fn], c.examples[fn], strict=True) if n not in c.state_inputs[fn]]
                 for fn in FUNCTIONS
             }
-            functions, c.compression = compress_functions(functions, compression, examples, say, cache)
+
+            def user_name(name: str, c=c) -> str:  # chunk.w_p_model_… → model.layers.0.… (the user's name)
+                attr = name.removeprefix("chunk.")
+                return c.param_names.get(attr, attr).removeprefix("model.")
+
+            functions, c.compression = compress_functions(functions, compression, examples, say, cache, user_name)
         meta = {**metadata, "anefx.chunk": f"{c.index + 1}/{len(chunks.chunks)}", "anefx.layers": json.dumps(c.layers)}
         meta["anefx.states"] = json.dumps({s: list(chunks.layout.states[s]) for s in c.states})
         c.package = merge(functions, meta)

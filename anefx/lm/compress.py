@@ -96,6 +96,7 @@ def compress_functions(
     examples: dict[str, tuple],
     progress=None,
     cache: SharedKMeans | None = None,
+    param_name=None,
 ) -> tuple[dict[str, LMFunction], dict[str, Any]]:
     """Compress every function with the same plan and shared k-means tables; returns the compressed
     functions and each function's ``Compressed``. Refuses plans that differ between the functions
@@ -106,7 +107,9 @@ def compress_functions(
         f = functions[fn]
         if f.exported_program is None:
             raise ConversionError(f"the {fn} function kept no exported program: cannot measure its compression")
-        done[fn] = compress_program(f.mlmodel, f.exported_program, options, list(examples[fn]), progress, cache)
+        done[fn] = compress_program(
+            f.mlmodel, f.exported_program, options, list(examples[fn]), progress, cache, param_name or user_param_name
+        )
         out[fn] = LMFunction(fn, done[fn].model, f.seconds, f.exported_program)
     plans = {fn: sorted((w.param, w.scheme) for w in done[fn].weights if w.param) for fn in done}
     if plans["prefill"] != plans["decode"]:
@@ -116,6 +119,12 @@ def compress_functions(
             "the package would store both; report this model"
         )
     return {fn: out[fn] for fn in FUNCTIONS}, {fn: done[fn] for fn in FUNCTIONS}
+
+
+def user_param_name(name: str) -> str:
+    """``step.model.model.layers.0.mlp.up_proj.weight`` (the stateful wrapper's path) → the user's
+    ``model.layers.0.mlp.up_proj.weight``."""
+    return name.removeprefix("step.").removeprefix("model.")
 
 
 def default_prompts(vocab: int, n: int = DEFAULT_PROMPTS, length: int = DEFAULT_PROMPT_TOKENS) -> list[torch.Tensor]:

@@ -98,6 +98,8 @@ class Chunk:
     example_inputs: list[torch.Tensor] = field(default_factory=list)
     artifact: Any = None
     compression: Any = None
+    #: the chunk module's weight attributes → the parameter names they hold in the program
+    param_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -317,7 +319,8 @@ def split(
                 later_users.add(n.name)
         outputs = [n.name for n in members if n.name in later_users]
         gm = _build(ep, members, needed, outputs, const, values)
-        chunks.append(Chunk(ci, g, gm, needed, outputs, size(set(g))))
+        names = {f"w_{w}": param_name[w] for w in values if hasattr(gm, f"w_{w}")}
+        chunks.append(Chunk(ci, g, gm, needed, outputs, size(set(g)), param_names=names))
     chunked = Chunked(chunks, user_inputs, model_outputs, list(output_names), cap_mb)
     # example inputs of each chunk: run the chain once
     env = dict(zip(user_inputs, inputs, strict=True))

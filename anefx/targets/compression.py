@@ -420,14 +420,27 @@ def compress_artifact(artifact, options: CompressionOptions, inputs, progress=No
 
 
 def compress_program(
-    mlmodel, ep, options: CompressionOptions, inputs, progress=None, lut_cache: SharedKMeans | None = None
+    mlmodel,
+    ep,
+    options: CompressionOptions,
+    inputs,
+    progress=None,
+    lut_cache: SharedKMeans | None = None,
+    param_name=None,
 ) -> Compressed:
     """Compress the converted program ``mlmodel`` (converted from the exported program ``ep``) per
-    ``options`` and measure it on ``inputs`` (flat user inputs of ``ep``)."""
+    ``options`` and measure it on ``inputs`` (flat user inputs of ``ep``). ``param_name`` maps the
+    program's parameter names to the user's (what ``keep_fp16``, ``per_layer`` and the layer
+    options match), when ``ep`` wraps the model."""
     from anefx.targets import quality
 
     swap = quality.WeightSwap(ep)
     table = weight_table(mlmodel, ep, options.weight_threshold)
+    if param_name is not None:
+        for w in table:
+            if w.param:
+                w.param = param_name(w.param)
+                w.layer = layer_of(w.param + ".")
     nodes = {w.node for w in table if w.node}
     values = swap.node_values(nodes, inputs)
     fp16 = const_values_fp16(mlmodel, {w.const for w in table})
