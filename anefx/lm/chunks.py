@@ -234,8 +234,8 @@ def split_lm(
             raise ConversionError(f"chunk {i}: prefill and decode hold different states")
         layers = [s for s in stages if s >= 0]
         estimate = per_fn["decode"][0].chunks[i].weight_bytes
-        names = {**per_fn["prefill"][0].chunks[i].param_names, **per_fn["decode"][0].chunks[i].param_names}
-        chunks.append(LMChunk(i, layers, graphs_i, inputs, outputs, s_in, s_out, ex, estimate, names))
+        params = {**per_fn["prefill"][0].chunks[i].param_names, **per_fn["decode"][0].chunks[i].param_names}
+        chunks.append(LMChunk(i, layers, graphs_i, inputs, outputs, s_in, s_out, ex, estimate, params))
     logits = {fn: per_fn[fn][0].model_outputs[0] for fn in FUNCTIONS}
     return LMChunks(chunks, layout, cap_mb, logits)
 
