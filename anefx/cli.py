@@ -162,7 +162,25 @@ def load_lm(spec: str):
     return made, None
 
 
-def _compile_lm(ns, console, model, *, convert: bool, check_prompt=None):
+def quality_prompts(ns, tok):
+    """The fixed prompt set of the compression measurement: ``--quality-prompt`` texts (or anefx's 4
+    default ones) through the tokenizer's chat template; without a tokenizer, compile_lm's default."""
+    from anefx.lm.compress import DEFAULT_TEXT_PROMPTS
+
+    if tok is None:
+        return None
+    texts = getattr(ns, "quality_prompt", None) or list(DEFAULT_TEXT_PROMPTS)
+    out = []
+    for text in texts:
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        out.append(tok(text, return_tensors="pt")["input_ids"])
+    return out
+
+
+def _compile_lm(ns, console, model, *, convert: bool, check_prompt=None, tok=None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import anefx
@@ -179,6 +197,10 @@ def _compile_lm(ns, console, model, *, convert: bool, check_prompt=None):
             check_prompt=check_prompt,
             check_tokens=ns.check_tokens,
             progress=lambda step: bar.update(task, description=step, advance=1),
+            compression=getattr(ns, "compression", None),
+            max_chunk_mb=getattr(ns, "max_chunk_mb", None),
+            quality_prompts=quality_prompts(ns, tok) if getattr(ns, "compression", None) else None,
+            quality_tokens=getattr(ns, "quality_tokens", 64),
         )
         bar.update(task, completed=steps, description="done")
     return lm
@@ -205,10 +227,23 @@ def lm_table(lm):
     return table, states
 
 
+def chunk_table(lm):
+    from rich.table import Table
+
+    table = Table(title=f"{len(lm.chunks.chunks)} chunks of at most {lm.chunks.cap_mb:g} MB (weights)")
+    for col in ("chunk", "layers", "states", "weights MB", "decode inputs"):
+        table.add_column(col)
+    for c in lm.chunks.chunks:
+        size = sum(f.stat().st_size for f in c.package.staged.rglob("*.bin")) / 1e6
+        layers = f"{c.layers[0]}-{c.layers[-1]}" if c.layers else "-"
+        table.add_row(str(c.index), layers, str(len(c.states)), f"{size:.1f}", ", ".join(c.value_inputs("decode")))
+    return table
+
+
 def cmd_compile_lm(ns) -> int:
     console = _console()
-    model, _ = load_lm(ns.factory)
-    lm = _compile_lm(ns, console, model, convert=True)
+    model, tok = load_lm(ns.factory)
+    lm = _compile_lm(ns, console, model, convert=True, tok=tok)
     for name, report in lm.reports.items():
         console.print(f"[bold]{name}[/bold]")
         console.print(report.rich_table())
@@ -216,8 +251,19 @@ def cmd_compile_lm(ns) -> int:
         console.print(table)
     if lm.check is not None:
         console.print(str(lm.check))
-    lm.save(ns.output)
-    console.print(f"wrote {ns.output}")
+    if lm.compression is not None:
+        console.print(str(lm.compression), end="")
+        if lm.compression.lm is not None:
+            q = lm.compression.lm
+            console.print(
+                f"{lm.compression.options.scheme}: weights x{lm.compression.size_ratio:.3f} of fp16; greedy-token "
+                f"agreement {q.agreement:.3f}, mean KL {q.mean_kl:.4g} over {q.prompts} prompts x "
+                f"{q.tokens // max(q.prompts, 1)} new tokens (against the fp16 weights, on the shipped weights)"
+            )
+    if lm.chunks is not None:
+        console.print(chunk_table(lm))
+    path = lm.save(ns.output)
+    console.print(f"wrote {path}")
     return 0
 
 
@@ -359,7 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("compile-lm", help="compile a causal LM: prefill + decode, KV cache as state, one .mlpackage")
     lm_options(cl)
-    cl.add_argument("-o", "--output", required=True, help="output .mlpackage")
+    cl.add_argument("-o", "--output", required=True, help="output .mlpackage (a folder when chunked)")
+    cl.add_argument(
+        "--compression",
+        default=None,
+        metavar="SCHEME",
+        help="compress the weights of both functions: lut4, lut6, lut8 (grouped-channel LUTs) or int8 (per channel)",
+    )
+    cl.add_argument(
+        "--max-chunk-mb", type=float, default=None, help="split into stateful packages of at most this many MB"
+    )
+    cl.add_argument("--quality-tokens", type=int, default=64, help="new tokens per prompt of the compression quality")
+    cl.add_argument(
+        "--quality-prompt", action="append", default=[], metavar="TEXT", help="a prompt of the quality set (repeatable)"
+    )
     cl.set_defaults(func=cmd_compile_lm)
     g = sub.add_parser("generate", help="compile a causal LM and generate greedily with the compiled graphs")
     lm_options(g)

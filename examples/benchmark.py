@@ -307,12 +307,7 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
 
 
-COMPRESSION_PROMPTS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a compiler does in two sentences.",
-    "List three uses of a paperclip.",
-)
+from anefx.lm.compress import DEFAULT_TEXT_PROMPTS as COMPRESSION_PROMPTS  # noqa: E402  (the CLI's set)
 
 
 def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, chunk_mb: float = 100.0) -> None:
@@ -412,6 +407,109 @@ def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, 
     print(f"chained chunks vs unchunked graph: {agree}/{total} identical next tokens, max |logit diff| {worst:.2e}")
 
 
+def _scheme(spec: str):
+    """``lut6`` or ``lut6:per_tensor`` / ``lut6:g128`` (granularity or group size) → compression option."""
+    from anefx.targets.compression import CompressionOptions
+
+    scheme, _, detail = spec.partition(":")
+    if not detail:
+        return scheme
+    if detail.startswith("g"):
+        return CompressionOptions(scheme=scheme, group_size=int(detail[1:]))
+    return CompressionOptions(scheme=scheme, granularity=detail)
+
+
+def lm_compression_section(
+    schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, context: int = 128, prefill: int = 64, chunk_mb=None
+) -> None:
+    """SmolLM2-135M-Instruct through ``compile_lm``: size vs quality per compression scheme.
+
+    One fp16 compile (prefill + decode, KV states); each scheme is applied to its converted functions
+    (``CompiledLM.with_compression``: both functions, shared tables, one weight file). Quality is
+    anefx's own measurement on the shipped weights (``CompiledLM.compression.lm``): teacher-forced
+    greedy-token agreement with the fp16 weights and mean KL over ``new_tokens`` tokens of 4 chat
+    prompts. Sizes are the saved packages' weight files. With ``chunk_mb``: a chunked compile, its
+    package sizes, and its greedy tokens against the unchunked compile's."""
+    import json
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from anefx.targets.chunking import package_weight_bytes
+
+    model, tok = models.smollm2_model_and_tokenizer()
+    prompts = [models.smollm2_chat_ids(tok, p) for p in COMPRESSION_PROMPTS]
+    out = Path(tempfile.mkdtemp(prefix="anefx-bench-lm-"))
+    t0 = time.perf_counter()
+    convert = bool(schemes)  # the chunk comparison alone needs only the unchunked torch graphs
+    fp16 = anefx.compile_lm(model, context_length=context, prefill_length=prefill, check_tokens=8, convert=convert)
+    print(f"compile_lm fp16: {time.perf_counter() - t0:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
+    fp16_bytes = package_weight_bytes(fp16.save(out / "fp16.mlpackage")) if convert else 0
+    table = Table(
+        title=f"SmolLM2-135M-Instruct compile_lm compression ({len(prompts)} prompts x {new_tokens} new tokens, "
+        "agreement and KL against the fp16 weights)"
+    )
+    for col in ("scheme", "weights MB", "x fp16", "agreement", "mean KL", "max KL", "compress s", "quality s"):
+        table.add_column(col, justify="right")
+    table.add_row("fp16", f"{fp16_bytes / 1e6:.1f}", "1.000", "-", "-", "-", "-", "-")
+    for spec in schemes:
+        t0 = time.perf_counter()
+        c = fp16.with_compression(_scheme(spec), new_tokens=0)
+        compress_s = time.perf_counter() - t0
+        size = package_weight_bytes(c.save(out / f"{spec.replace(':', '_')}.mlpackage"))
+        hist = c.op_histogram("decode")
+        t0 = time.perf_counter()
+        from anefx.lm.compress import measure_lm
+
+        c.compression.lm = lm = measure_lm(c, prompts, new_tokens)
+        quality_s = time.perf_counter() - t0
+        table.add_row(
+            spec,
+            f"{size / 1e6:.1f}",
+            f"{size / fp16_bytes:.3f}",
+            f"{lm.agreement:.3f}",
+            f"{lm.mean_kl:.4f}",
+            f"{lm.max_kl:.3f}",
+            f"{compress_s:.0f}",
+            f"{quality_s:.0f}",
+        )
+        compressed_ops = {k: v for k, v in hist.items() if k.startswith("constexpr")}
+        print(
+            f"{spec}: {c.compression.summary()} decode constexpr ops {compressed_ops} "
+            f"first disagreement per prompt {lm.first_disagreement}",
+            flush=True,
+        )
+        del c
+        gc.collect()
+    if schemes:
+        Console(width=160).print(table)
+    if chunk_mb:
+        t0 = time.perf_counter()
+        chunked = anefx.compile_lm(
+            model, context_length=context, prefill_length=prefill, check_tokens=8, max_chunk_mb=chunk_mb
+        )
+        folder = chunked.save(out / "chunked")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        sizes = [package_weight_bytes(folder / c["file"]) / 1e6 for c in manifest["chunks"]]
+        print(
+            f"compile_lm max_chunk_mb={chunk_mb:g}: {len(sizes)} packages of {', '.join(f'{s:.1f}' for s in sizes)} MB "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
+        same = total = 0
+        for p in prompts:
+            a = fp16.generate(p, new_tokens, eos_token_id=None).new_tokens
+            b = chunked.generate(p, new_tokens, eos_token_id=None).new_tokens
+            same += sum(x == y for x, y in zip(a, b, strict=True))
+            total += len(a)
+        print(f"chained chunks vs unchunked compile_lm: {same}/{total} identical greedy tokens; {chunked.check}")
+        for c in chunked.chunks.chunks:
+            print(
+                f"  chunk{c.index}: layers {c.layers[0] if c.layers else '-'}..{c.layers[-1] if c.layers else '-'}, "
+                f"{len(c.states)} states, decode inputs {c.value_inputs('decode')}"
+            )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="distilbert", help=f"comma-separated from {sorted(FULL_SIZE)}, or 'all'")
@@ -423,6 +521,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lm-context", type=int, default=256)
     ap.add_argument("--lm-prefill", type=int, default=64)
     ap.add_argument("--compression", action="store_true", help="SmolLM2: size vs quality per scheme, chunking")
+    ap.add_argument(
+        "--lm-compression",
+        default="",
+        help="SmolLM2 compile_lm: comma-separated schemes (lut6, lut4, int8, lut6:per_tensor, lut6:g128)",
+    )
+    ap.add_argument("--lm-chunk-mb", type=float, default=None, help="SmolLM2 compile_lm: a chunked compile too")
     args = ap.parse_args(argv)
     from anefx.targets import coreai
 
@@ -441,6 +545,9 @@ def main(argv=None) -> int:
         scaling_check()
     if args.compression:
         compression_section()
+    if args.lm_compression or args.lm_chunk_mb:
+        schemes = [x.strip() for x in args.lm_compression.split(",") if x.strip()]
+        lm_compression_section(schemes, chunk_mb=args.lm_chunk_mb)
     print(f"\npeak RSS of this process: {peak_rss_mb():.0f} MiB")
     return 0
 

@@ -327,3 +327,266 @@ def test_small_vocabularies_are_left_alone_by_default():
 
     _, stats = split_head(clone_graph_module(compiled.graph_module), HARD_LIMIT)
     assert stats["lm_head_split"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# compile_lm: compression and chunking of the stateful prefill + decode package
+# ---------------------------------------------------------------------------------------------
+
+LM_CONTEXT, LM_PREFILL = 64, 16
+
+
+def _lm_prompts(n=2, length=10, vocab=384):
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(n)]
+
+
+def _hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False, eos_token_id=None
+        )
+    return [int(t) for t in out[0, prompt.shape[1] :]]
+
+
+@pytest.fixture(scope="module")
+def lm_lut4():
+    model, _, _ = _llama(layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lm = anefx.compile_lm(
+        model,
+        context_length=LM_CONTEXT,
+        prefill_length=LM_PREFILL,
+        check_tokens=4,
+        compression="lut4",
+        quality_prompts=_lm_prompts(),
+        quality_tokens=12,
+    )
+    return lm, model, before
+
+
+def _weight_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.dim() >= 2)
+
+
+def test_compile_lm_lut4_both_functions_share_one_compressed_weight_file(lm_lut4, tmp_path):
+    from anefx.targets.quality import decompressed_weights
+
+    lm, model, before = lm_lut4
+    comp = lm.compression
+    per_fn = {}
+    for fn in lm.functions:
+        shipped = comp.functions[fn].shipped
+        # the 7 projections of both layers and the tied embedding / LM head table, all as 4-bit LUTs
+        assert len(shipped) == 2 * 7 + 1, [w.param for w in shipped]
+        # named as the user's parameters (what keep_fp16 / per_layer patterns match), with their layer
+        names = {w.param: w.layer for w in shipped}
+        assert (
+            names["model.layers.1.mlp.down_proj.weight"] == 1 and names["model.layers.0.self_attn.q_proj.weight"] == 0
+        )
+        tied = [n for n in names if n in ("model.embed_tokens.weight", "lm_head.weight")]
+        assert len(tied) == 1 and names[tied[0]] is None
+        assert lm.op_histogram(fn)["constexpr_lut_to_dense"] == len(shipped)
+        values = decompressed_weights(comp.functions[fn].model)
+        per_fn[fn] = {w.param: values[w.const] for w in shipped}
+    # the same tables and indices in both functions (one k-means, shared)
+    assert per_fn["prefill"].keys() == per_fn["decode"].keys()
+    for param, value in per_fn["decode"].items():
+        assert np.array_equal(value, per_fn["prefill"][param]), param
+    # saved: one weight file holding the weights once, at ~4/16 of their fp16 bytes
+    path = lm.save(tmp_path / "lm.mlpackage")
+    bins = list(path.rglob("*.bin"))
+    assert len(bins) == 1
+    fp16_bytes = 2 * _weight_params(model)
+    assert 0.2 * fp16_bytes < package_weight_bytes(path) < 0.3 * fp16_bytes
+    import coremltools as ct
+
+    assert ct.utils.load_spec(str(path)).description.metadata.userDefined["anefx.compression"] == "lut4"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+
+
+def test_compile_lm_quality_is_measured_on_the_shipped_weights(lm_lut4):
+    from anefx.lm.compress import prefill_logits_fn, prefill_stages
+
+    lm, model, _ = lm_lut4
+    q = lm.compression.lm
+    assert q.prompts == 2 and q.tokens == 2 * 12
+    assert 0.5 <= q.agreement <= 1.0 and q.mean_kl > 0 and q.max_kl >= q.mean_kl
+    summary = lm.compression.summary()
+    assert summary["agreement"] == round(q.agreement, 4) and summary["scheme"] == "lut4"
+    assert 0.2 < summary["size_ratio"] < 0.3
+    # the measurement runs the converted stateful prefill program: with the fp16 weights it computes
+    # the model's logits on a sequence spanning several prefill chunks, the compressed weights differ
+    stages, logits = prefill_stages(lm)
+    ids = _lm_prompts(1, 40)[0]
+    want = model(ids).logits[0]
+    fp16 = prefill_logits_fn(stages, logits, "fp16", lm.layout, lm.prefill_length)(ids)
+    comp = prefill_logits_fn(stages, logits, "compressed", lm.layout, lm.prefill_length)(ids)
+    assert torch.allclose(fp16, want, atol=2e-2 * float(want.abs().max()), rtol=0)
+    rel = float((comp - fp16).norm() / fp16.norm())
+    assert 0.01 < rel < 0.5
+    assert "agreement" in str(lm.compression)
+
+
+def test_compile_lm_with_compression_reuses_the_fp16_functions(lm_lut4, tmp_path):
+    lm, model, _ = lm_lut4
+    int8 = lm.with_compression("int8", prompts=_lm_prompts(), new_tokens=12)
+    for fn in int8.functions:
+        hist = int8.op_histogram(fn)
+        assert hist["constexpr_blockwise_shift_scale"] == 2 * 7 + 1 and hist["constexpr_lut_to_dense"] == 0
+    ops = int8.package.functions["decode"].operations()
+    for op in (op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"):  # per channel, not per block
+        scale = op.inputs["scale"].val
+        assert scale.shape[1:] == (1,) * (scale.ndim - 1)
+    assert int8.compression.lm.agreement >= lm.compression.lm.agreement
+    assert int8.compression.lm.mean_kl < lm.compression.lm.mean_kl
+    size = package_weight_bytes(int8.save(tmp_path / "int8.mlpackage"))
+    assert 0.45 < size / (2 * _weight_params(model)) < 0.55
+    assert lm.compression.options.scheme == "lut4" and lm.op_histogram("decode")["constexpr_lut_to_dense"] == 15
+
+
+@pytest.fixture
+def no_lm_capture(monkeypatch):
+    import anefx.lm.compile as lm_compile
+
+    def boom(*a, **k):
+        raise AssertionError("compile_lm started: the error came too late")
+
+    monkeypatch.setattr(lm_compile, "probe_layout", boom)
+    monkeypatch.setattr(lm_compile, "capture", boom)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"compression": "int4"}, ["wrong output on the Neural Engine", "lut4"]),
+        ({"compression": CompressionOptions(scheme="int8", block_size=16)}, ["per-block", "'int8'"]),
+        ({"compression": "lut5"}, ["unknown compression scheme 'lut5'"]),
+        ({"compression": "lut6", "convert": False}, ["needs convert=True"]),
+        ({"max_chunk_mb": 0.5}, ["impossible", "layer 0", "1.7 MB"]),
+    ],
+)
+def test_compile_lm_refusals_come_before_any_work(kwargs, words, no_lm_capture, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model, _, _ = _llama(layers=2)
+    with pytest.raises(AnefxError) as info:
+        anefx.compile_lm(model, context_length=LM_CONTEXT, prefill_length=LM_PREFILL, **kwargs)
+    for w in words:
+        assert w in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def lm_chunked():
+    model, _, _ = _llama(layers=3)
+    layer_mb = sum(p.numel() for n, p in model.named_parameters() if ".layers.0." in n) * 2 / 1e6
+    cap = 1.2 * layer_mb + 0.5  # one layer (and the 0.25 MB table) per chunk
+    lm = anefx.compile_lm(model, context_length=LM_CONTEXT, prefill_length=LM_PREFILL, check_tokens=8, max_chunk_mb=cap)
+    return lm, model, cap
+
+
+def test_compile_lm_chunks_hold_their_layers_and_states(lm_chunked, tmp_path):
+    lm, _, cap = lm_chunked
+    chunks = lm.chunks.chunks
+    assert [c.layers for c in chunks] == [[0], [1], [2]]
+    assert [c.states for c in chunks] == [[f"key_cache_{i}", f"value_cache_{i}"] for i in range(3)]
+    out = lm.save(tmp_path / "lm.mlpackage")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["chunks"]] == [f"lm_chunk{i}.mlpackage" for i in range(3)]
+    import coremltools as ct
+
+    for i, entry in enumerate(manifest["chunks"]):
+        size = package_weight_bytes(out / entry["file"])
+        assert 0 < size <= cap * 1e6 and entry["weight_bytes"] == size
+        spec = ct.utils.load_spec(str(out / entry["file"]))
+        functions = {f.name: f for f in spec.description.functions}
+        assert set(functions) == {"prefill", "decode"}
+        for fn, f in functions.items():
+            assert sorted(s.name for s in f.state) == sorted(entry["states"])
+            hist = chunks[i].package.op_histogram(fn)
+            assert hist["read_state"] == hist["coreml_update_state"] == 2, hist
+            assert [x.name for x in f.input] == [x["name"] for x in entry["functions"][fn]["inputs"]]
+            assert [x.name for x in f.output] == entry["functions"][fn]["outputs"]
+    # the embedding in the first chunk (gather), the LM head (the tied table again) in the last
+    assert chunks[0].package.op_histogram("decode")["gather"] == 1
+    assert chunks[-1].package.op_histogram("decode")["gather"] == 0
+    assert manifest["chunks"][-1]["functions"]["decode"]["outputs"] == ["logits"]
+    # every value input comes from the caller or an earlier chunk
+    for fn in ("prefill", "decode"):
+        available = {"input_ids", "position_ids"}
+        for entry in manifest["chunks"]:
+            assert {x["name"] for x in entry["functions"][fn]["inputs"]} <= available
+            available |= set(entry["functions"][fn]["outputs"])
+
+
+def test_compile_lm_chain_generates_like_the_model(lm_chunked):
+    lm, model, _ = lm_chunked
+    assert lm.check.tokens_equal
+    whole = anefx.compile_lm(model, context_length=LM_CONTEXT, prefill_length=LM_PREFILL, convert=False, check_tokens=0)
+    for seed in (1, 2):  # prompts the compile never saw, spanning two prefill chunks
+        prompt = _lm_prompts(1, 20 + seed)[0]
+        chained = lm.generate(prompt, 12, eos_token_id=None).new_tokens
+        assert chained == whole.generate(prompt, 12, eos_token_id=None).new_tokens == _hf_greedy(model, prompt, 12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real trained weights: SmolLM2-135M-Instruct's first two layers (the whole model's figures — lut6
+# / lut4 / int8 side by side, max_chunk_mb=100 — are in ``examples/benchmark.py --lm-compression``)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_2_layers():
+    """SmolLM2's trained weights, truncated to its first 2 of 30 layers (the tied 49152 x 576 table,
+    final norm and head are the real ones), compiled compressed and chunked in one go.
+
+    lut6 per tensor: coremltools' k-means takes ~0.25 s per 32-channel group here (~6 min for the
+    table's 1,536 groups, ~25 min for the whole model) against ~17 s for the table as one tensor,
+    at nearly the same weight error (3.5% vs 3.0% on the table)."""
+    from examples.models import smollm2_chat_ids, smollm2_model_and_tokenizer
+
+    model, tok = smollm2_model_and_tokenizer()
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    prompts = [smollm2_chat_ids(tok, p) for p in ("What is the capital of France?", "Write a haiku about the sea.")]
+    lm = anefx.compile_lm(
+        model,
+        context_length=64,
+        prefill_length=32,
+        check_prompt=prompts[0],
+        check_tokens=8,
+        compression=CompressionOptions(scheme="lut6", granularity="per_tensor"),
+        max_chunk_mb=25,
+        quality_prompts=prompts,
+        quality_tokens=16,
+    )
+    return lm, model, prompts
+
+
+def test_smollm2_layers_compressed_and_chunked(smollm2_2_layers, tmp_path):
+    lm, model, prompts = smollm2_2_layers
+    # two packages under the cap: the table (embedding) with layer 0, layer 1 with the head (the table again)
+    assert [c.layers for c in lm.chunks.chunks] == [[0], [1]]
+    out = lm.save(tmp_path / "smollm2")
+    manifest = json.loads((out / "manifest.json").read_text())
+    sizes = [package_weight_bytes(out / e["file"]) for e in manifest["chunks"]]
+    assert all(s <= 25e6 for s in sizes)
+    # 6-bit indices: the saved weights at <= 0.42x their fp16 bytes (the table counted in both packages)
+    table = model.model.embed_tokens.weight.numel()
+    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    assert sum(sizes) <= 0.42 * 2 * (2 * table + layers)
+    for c in lm.chunks.chunks:
+        for fn in lm.functions:
+            hist = c.package.op_histogram(fn)
+            assert hist["constexpr_lut_to_dense"] == 7 + 1, hist  # the layer's projections and the table
+    # quality on the shipped weights through the chain: 2 chat prompts x 16 new tokens. Two of 30
+    # layers make a fragile model (measured: agreement 0.81, mean KL 0.13); the whole model's lut6
+    # figures are the benchmark's
+    q = lm.compression.lm
+    assert q.tokens == 32 and q.agreement >= 0.7 and 0 < q.mean_kl < 0.3
+    assert lm.compression.summary()["chunks"] == 2
+    # the chained (uncompressed) graphs generate the truncated model's own greedy tokens
+    assert lm.check.tokens_equal
+    new = lm.generate(prompts[1], 8, eos_token_id=None).new_tokens
+    assert new == _hf_greedy(model, prompts[1], 8)

@@ -286,3 +286,35 @@ def test_cli_generate_streams_hf_tokens(capsys):
     expected = _hf_greedy(tiny_llama_lm(), prompt, 6, eos=[2])
     assert " ".join(map(str, expected)) in out and f"[{len(expected)} tokens, stopped:" in out
     assert "greedy tokens equal" in out
+
+
+def test_cli_compile_lm_compressed_and_chunked(tmp_path, capsys):
+    """``anefx compile-lm --compression lut4 --max-chunk-mb``: chunk packages with LUT weights, the
+    measured agreement printed; a refused scheme exits before any work and writes nothing."""
+    from pathlib import Path
+
+    from anefx.cli import main
+    from anefx.targets.chunking import package_weight_bytes
+
+    factory = str(Path(__file__).resolve().parents[1] / "examples" / "models.py") + ":tiny_llama_lm"
+    refused = tmp_path / "refused.mlpackage"
+    assert main(["compile-lm", factory, "-o", str(refused), "--compression", "int4"]) == 2
+    assert "wrong output on the Neural Engine" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "tiny.mlpackage"
+    argv = ["compile-lm", factory, "-o", str(out), "--context-length", "64", "--prefill-length", "16"]
+    argv += ["--check-tokens", "4", "--compression", "lut4", "--max-chunk-mb", "0.05", "--quality-tokens", "6"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "lut4: weights x0." in text and "greedy-token agreement" in text and "4 prompts x 6 new tokens" in text
+    assert "2 chunks of at most 0.05 MB" in text
+    folder = tmp_path / "tiny"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["chunks"]) == 2
+    import coremltools as ct
+
+    for entry in manifest["chunks"]:
+        assert 0 < package_weight_bytes(folder / entry["file"]) <= 0.05e6
+        spec = ct.utils.load_spec(str(folder / entry["file"]))
+        assert spec.description.metadata.userDefined["anefx.compression"] == "lut4"

@@ -80,10 +80,21 @@ class CompiledLM:
     check: EndToEndCheck | None = None
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     examples: dict[str, list] = field(default_factory=dict, repr=False)  #: each function's flat example inputs
+    #: the weight compression (``compression=``): per function plan and errors, agreement and KL
+    compression: Any = None
+    #: the converted fp16 functions (what ``with_compression`` compresses again)
+    fp16_functions: dict[str, Any] = field(default_factory=dict, repr=False)
+    vocab_size: int = 0
+    #: the chain of packages when split (``max_chunk_mb=``); ``package`` is then None
+    chunks: Any = None
 
     def __post_init__(self):
         shared = self.layout.zeros()
-        self._runners = {name: Stateful(gm, self.layout, shared) for name, gm in self.graphs.items()}
+        if self.chunks is not None:  # generate runs the chain of chunk graphs, each with its states
+            states = dict(zip(self.layout.state_names, shared, strict=True))
+            self._runners = {name: self.chunks.runner(name, states) for name in FUNCTIONS}
+        else:
+            self._runners = {name: Stateful(gm, self.layout, shared) for name, gm in self.graphs.items()}
 
     # -- what was built ------------------------------------------------------------------------
     @property
@@ -103,6 +114,8 @@ class CompiledLM:
         """MIL op types of one function of the converted package (``const`` excluded)."""
         if function not in FUNCTIONS:
             raise KeyError(f"no function {function!r}; this package has {list(FUNCTIONS)}")
+        if self.chunks is not None:
+            return self.chunks.op_histogram(function)
         if self.package is None:
             raise AttributeError("compiled with convert=False: there is no converted program to inspect")
         return self.package.op_histogram(function)
@@ -115,16 +128,43 @@ class CompiledLM:
         return analyse(self.package.functions[function], self.graphs[function], self.examples[function])
 
     def weight_bytes(self) -> int:
-        """Bytes of the weight blobs of the package (stored once for both functions)."""
+        """Bytes of the weight blobs of the package (stored once for both functions); of all the
+        packages of a chunked compile."""
+        if self.chunks is not None:
+            return sum(f.stat().st_size for c in self.chunks.chunks for f in c.package.staged.rglob("*.bin"))
         if self.package is None:
             raise AttributeError("compiled with convert=False: there is no package")
         return sum(f.stat().st_size for f in self.package.staged.rglob("*.bin"))
 
     def save(self, path) -> Path:
-        """Write the ``.mlpackage`` (both functions, shared weights, states, metadata) atomically."""
+        """Write the ``.mlpackage`` (both functions, shared weights, states, metadata) atomically; a
+        chunked compile writes a folder of packages and ``manifest.json``."""
+        if self.chunks is not None:
+            return self.chunks.save(path)
         if self.package is None:
             raise AttributeError("compiled with convert=False: there is nothing to save")
         return self.package.save(path)
+
+    def with_compression(self, compression, *, prompts=None, new_tokens: int = 64, progress=None) -> CompiledLM:
+        """This compile with ``compression`` applied to its converted fp16 functions (no new capture or
+        conversion) and its quality measured: how the benchmark compares schemes side by side."""
+        import dataclasses
+
+        from anefx.targets.compression import resolve
+
+        comp = resolve(compression)
+        if not self.fp16_functions:
+            raise AnefxError("with_compression needs the converted functions: compile with convert=True")
+        if comp is None:
+            raise AnefxError("with_compression needs a scheme ('lut4', 'lut6', 'lut8', 'int8' or CompressionOptions)")
+        meta = {**self.metadata, "anefx.compression": comp.scheme}
+        package, lm_compression = _compress_and_merge(
+            self.fp16_functions, comp, {fn: self.examples[fn][:2] for fn in FUNCTIONS}, meta, progress
+        )
+        out = dataclasses.replace(self, package=package, compression=lm_compression, metadata=meta)
+        if new_tokens:
+            _measure(out, prompts, new_tokens, progress)
+        return out
 
     # -- running -------------------------------------------------------------------------------
     def generate(
@@ -218,7 +258,7 @@ class CompiledLM:
         if not ok:
             raise TargetUnavailableError(f"runtime='coreml' cannot run here: {why}")
         if self.package is None:
-            raise AttributeError("compiled with convert=False: there is no package to run")
+            raise AttributeError("compiled with convert=False or chunked: there is no single package to run")
         ct = coremltools_module()
         path = str(self.package.staged)
         models = {f: ct.models.MLModel(path, function_name=f) for f in FUNCTIONS}
@@ -330,6 +370,10 @@ def compile_lm(
     name: str | None = None,
     debug: DebugOptions | None = None,
     progress: Callable[[str], None] | None = None,
+    compression: Any = None,
+    max_chunk_mb: float | None = None,
+    quality_prompts=None,
+    quality_tokens: int = 64,
 ) -> CompiledLM:
     """Compile a causal LM (a ``transformers`` ``*ForCausalLM`` or any module called as
     ``model(input_ids=, position_ids=, past_key_values=, use_cache=True)`` returning ``.logits``) into
@@ -341,6 +385,14 @@ def compile_lm(
         check_prompt: the prompt of the end-to-end check (default: seeded random ids spanning two
             prefill chunks); ``check_tokens`` new tokens are compared (0 skips the check).
         eos_token_id: stop ids (default: the model's generation config).
+        compression: ``"lut4" | "lut6" | "lut8" | "int8"`` or a ``CompressionOptions``: both functions
+            carry the same compressed weights (stored once); greedy-token agreement and mean KL against
+            the fp16 weights are measured in PyTorch on the shipped weights over ``quality_prompts``
+            (default: 4 seeded random 16-token prompts) and ``quality_tokens`` new tokens each
+            (``CompiledLM.compression``; 0 skips the measurement).
+        max_chunk_mb: split the decoder at layer boundaries into consecutive stateful packages of at
+            most this many MB of weights, each holding its layers' KV states (``CompiledLM.chunks``;
+            ``save`` writes them and ``manifest.json``).
         Other arguments as in :func:`anefx.compile`.
     """
     if target != "coreml":
@@ -353,6 +405,7 @@ def compile_lm(
     context = round_up(int(context_length))
     if not 1 <= prefill_length <= context:
         raise AnefxError(f"prefill_length must be in [1, context_length={context}], got {prefill_length}")
+    comp = _check_deploy_options(model, compression, max_chunk_mb, convert)
     timings: dict[str, float] = {}
     say = progress or (lambda _s: None)
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
@@ -408,6 +461,47 @@ def compile_lm(
         from anefx.targets.coreml import CoreMLOptions
 
         opts = target_options if target_options is not None else CoreMLOptions()
+    if convert and max_chunk_mb is not None:
+        from anefx.lm.chunks import convert_chunks, split_lm
+        from anefx.targets.compression import bytes_per_weight
+
+        say("split")
+        t0 = time.perf_counter()
+        chunks = split_lm(graphs, layout, flat, float(max_chunk_mb), bytes_per_weight(comp))
+        timings["split"] = time.perf_counter() - t0
+        meta = metadata_for(
+            name=str(model_name),
+            architecture=arch,
+            layout=layout,
+            prefill_length=prefill_length,
+            eos_ids=eos,
+            precision=opts.precision_name,
+        )
+        if comp is not None:
+            meta["anefx.compression"] = comp.scheme
+        t0 = time.perf_counter()
+        convert_chunks(chunks, opts, meta, say, comp)
+        timings["convert"] = time.perf_counter() - t0
+        lm_compression = None
+        if comp is not None:
+            from anefx.lm.compress import LMCompression
+
+            lm_compression = LMCompression(comp, chunks.chunks[-1].compression, chunks=chunks)
+        compiled = CompiledLM(
+            layout,
+            prefill_length,
+            graphs,
+            reports,
+            None,
+            meta,
+            eos,
+            timings=timings,
+            examples=flat,
+            compression=lm_compression,
+            vocab_size=vocab,
+            chunks=chunks,
+        )
+    elif convert:
         functions = {}
         for fn in FUNCTIONS:
             say(f"convert:{fn}")
@@ -428,11 +522,32 @@ def compile_lm(
             eos_ids=eos,
             precision=opts.precision_name,
         )
-        package = merge(functions, meta)
-        timings["merge"] = time.perf_counter() - t0
-    else:
-        meta = {}
-    compiled = CompiledLM(layout, prefill_length, graphs, reports, package, meta, eos, timings=timings, examples=flat)
+        fp16_functions = functions
+        lm_compression = None
+        if comp is not None:
+            meta["anefx.compression"] = comp.scheme
+            package, lm_compression = _compress_and_merge(functions, comp, examples, meta, say)
+            timings["compress"] = lm_compression.seconds
+        else:
+            package = merge(functions, meta)
+        timings["merge"] = time.perf_counter() - t0 - timings.get("compress", 0.0)
+    if not convert:
+        meta, fp16_functions, lm_compression = {}, {}, None
+    if max_chunk_mb is None or not convert:
+        compiled = CompiledLM(
+            layout,
+            prefill_length,
+            graphs,
+            reports,
+            package,
+            meta,
+            eos,
+            timings=timings,
+            examples=flat,
+            compression=lm_compression,
+            fp16_functions=fp16_functions,
+            vocab_size=vocab,
+        )
 
     if check_tokens:
         say("check")
@@ -445,7 +560,50 @@ def compile_lm(
                 "A pass changed what the model generates; rerun with ANEFX_DUMP_DIR set and compare the reports "
                 "of both functions"
             )
+    if lm_compression is not None and quality_tokens:
+        t0 = time.perf_counter()
+        _measure(compiled, quality_prompts, quality_tokens, say)
+        timings["quality"] = time.perf_counter() - t0
     return compiled
+
+
+def _check_deploy_options(model, compression, max_chunk_mb, convert: bool):
+    """Resolve ``compression=`` and check ``max_chunk_mb=`` before any long work starts (compile_lm
+    always targets iOS18 or later: every scheme anefx ships fits it)."""
+    from anefx.targets.chunking import check_cap
+    from anefx.targets.compression import bytes_per_weight, check_deployment_target, resolve
+
+    comp = resolve(compression)
+    if comp is not None:
+        if not convert:
+            raise AnefxError("compression= compresses the converted programs: it needs convert=True")
+        check_deployment_target(comp, "coreml", "iOS18")
+    if max_chunk_mb is not None:
+        if not convert:
+            raise AnefxError("max_chunk_mb= splits the converted package: it needs convert=True")
+        check_cap(list(model.named_parameters()), float(max_chunk_mb), bytes_per_weight(comp))
+    return comp
+
+
+def _compress_and_merge(functions, comp, examples, meta, progress):
+    """Compress both functions (shared tables), merge them into one package with ``meta``."""
+    from anefx.lm.compress import LMCompression, compress_functions
+
+    t0 = time.perf_counter()
+    compressed_functions, per_function = compress_functions(functions, comp, examples, progress)
+    seconds = time.perf_counter() - t0
+    package = merge(compressed_functions, meta)
+    return package, LMCompression(comp, per_function, seconds=seconds)
+
+
+def _measure(compiled: CompiledLM, prompts, new_tokens: int, progress) -> None:
+    from anefx.lm.compress import default_prompts, measure_lm
+
+    if progress:
+        progress("quality")
+    if prompts is None:
+        prompts = default_prompts(compiled.vocab_size)
+    compiled.compression.lm = measure_lm(compiled, prompts, new_tokens)
 
 
 def end_to_end_check(compiled: CompiledLM, model, prompt, new_tokens: int, vocab: int) -> EndToEndCheck:

@@ -54,6 +54,7 @@ class LMFunction:
     name: str
     mlmodel: object
     seconds: float
+    exported_program: object = field(default=None, repr=False)  #: what was converted (states as buffers)
 
     @property
     def model(self):
@@ -74,7 +75,6 @@ def convert_function(
     options: CoreMLOptions,
 ) -> LMFunction:
     """Convert one validated step function into a stateful ML Program (iOS18 or later)."""
-    ct = coremltools_module()
     states = layout.zeros()
     handoff = HandOff(
         graph_module=graph_module,
@@ -85,9 +85,23 @@ def convert_function(
     )
     legal = legalized_clone(handoff)
     wrapper = Stateful(legal, layout, [s.clone() for s in states])
+    return convert_stateful(name, wrapper, example, ["logits"], options, graph_module)
+
+
+def convert_stateful(
+    name: str,
+    wrapper: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    output_names: list[str],
+    options: CoreMLOptions,
+    graph_module: torch.fx.GraphModule,
+) -> LMFunction:
+    """Export a module whose buffers are mutated in place and convert it with the buffers as Core ML
+    states (iOS18 or later); ``output_names`` name its outputs."""
+    ct = coremltools_module()
     try:
         with torch.no_grad():
-            ep = torch.export.export(wrapper, example, strict=False).run_decompositions({})
+            ep = torch.export.export(wrapper, tuple(example), strict=False).run_decompositions({})
     except Exception as exc:
         raise ConversionError(f"exporting the stateful {name} function failed: {type(exc).__name__}: {exc}") from exc
     target, precision, units = options.resolved()
@@ -103,13 +117,13 @@ def convert_function(
                 minimum_deployment_target=target,
                 compute_precision=precision,
                 compute_units=units,
-                outputs=[ct.TensorType(name="logits")],
+                outputs=[ct.TensorType(name=n) for n in output_names],
                 skip_model_load=True,
                 **dict(options.convert_kwargs),
             )
     except Exception as exc:
         raise ConversionError(f"{name}: {explain_failure(exc, ep, graph_module)}") from exc
-    return LMFunction(name, mlmodel, time.perf_counter() - t0)
+    return LMFunction(name, mlmodel, time.perf_counter() - t0, ep)
 
 
 @dataclass

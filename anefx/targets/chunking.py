@@ -98,6 +98,8 @@ class Chunk:
     example_inputs: list[torch.Tensor] = field(default_factory=list)
     artifact: Any = None
     compression: Any = None
+    #: the chunk module's weight attributes → the parameter names they hold in the program
+    param_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,7 +172,7 @@ class Chunked:
                 entry["weight_bytes"] = size
                 if size > self.cap_mb * MB:
                     raise AnefxError(
-                        f"chunk {c.index} came out at {size / MB:.1f} MB, above max_chunk_mb={self.cap_mb:g} "
+                        f"chunk {c.index} came out at {size / MB:.3g} MB, above max_chunk_mb={self.cap_mb:g} "
                         "(the converter stored more than the weights anefx counted); lower the cap"
                     )
             (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -207,8 +209,19 @@ def export_program(handoff):
     return ep.run_decompositions({})
 
 
-def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_mb: float, bytes_per_weight=2.0):
-    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights."""
+def split(
+    ep,
+    inputs: Sequence[torch.Tensor],
+    output_names: Sequence[str],
+    cap_mb: float,
+    bytes_per_weight=2.0,
+    input_stages: dict[str, int] | None = None,
+):
+    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights.
+
+    ``input_stages`` gives user inputs a stage (``compile_lm``: layer ``i``'s KV states belong to
+    layer ``i``, so they are read and written in that layer's chunk); other inputs have none."""
+    input_stages = input_stages or {}
     from torch.export.graph_signature import InputKind, OutputKind
 
     sig = ep.graph_signature
@@ -235,12 +248,27 @@ def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_m
                 layer = layer_of(param_name[n.name] + ".")
                 stage[n.name] = -1 if layer is None else layer
             else:
-                stage[n.name] = -1
+                stage[n.name] = input_stages.get(n.name, -1)
         elif n.op == "call_function":
             ins = n.all_input_nodes
             if ins and all(i.name in const for i in ins):
                 const.add(n.name)
             stage[n.name] = max((stage[i.name] for i in ins), default=-1)
+    # values computed from the model's (unstaged) inputs and small tables only — masks, positions,
+    # rotary tables — are recomputed in every chunk that reads them (each chunk takes those inputs):
+    # passing them between packages would make many boundary values, some equal (which coremltools
+    # merges into one output under two names)
+    derived: set[str] = set()
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in user_inputs and n.name not in input_stages:
+            derived.add(n.name)
+        elif n.op == "call_function" and n.name not in const and n.name not in model_outputs:
+            ins = n.all_input_nodes
+            small = all(values[w].numel() <= _SMALL for w in _const_roots(n, const, values))
+            if small and any(i.name in derived for i in ins) and all(i.name in derived or i.name in const for i in ins):
+                derived.add(n.name)
+    derived -= set(user_inputs)
+    const_or_derived = const | derived
     # weights per stage: each weight placeholder counts in every stage whose nodes read it
     users_stage: dict[str, set[int]] = {w: set() for w in values}
     for n in ep.graph.nodes:
@@ -275,22 +303,24 @@ def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_m
     chunks = []
     nodes = list(ep.graph.nodes)
     for ci, g in enumerate(groups):
-        members = [n for n in nodes if n.op == "call_function" and n.name not in const and chunk_of[n.name] == ci]
+        members = [
+            n for n in nodes if n.op == "call_function" and n.name not in const_or_derived and chunk_of[n.name] == ci
+        ]
         member_names = {n.name for n in members}
         needed: list[str] = []
         for n in members:
             for i in n.all_input_nodes:
-                if i.name not in const and i.name not in member_names and i.name not in needed:
-                    needed.append(i.name)
+                _need(i, derived, const | member_names, needed)
         later_users = set()
         for n in members:
             if n.name in model_outputs or any(
-                u.op == "call_function" and u.name not in const and chunk_of[u.name] > ci for u in n.users
+                u.op == "call_function" and u.name not in const_or_derived and chunk_of[u.name] > ci for u in n.users
             ):
                 later_users.add(n.name)
         outputs = [n.name for n in members if n.name in later_users]
         gm = _build(ep, members, needed, outputs, const, values)
-        chunks.append(Chunk(ci, g, gm, needed, outputs, size(set(g))))
+        names = {f"w_{w}": param_name[w] for w in values if hasattr(gm, f"w_{w}")}
+        chunks.append(Chunk(ci, g, gm, needed, outputs, size(set(g)), param_names=names))
     chunked = Chunked(chunks, user_inputs, model_outputs, list(output_names), cap_mb)
     # example inputs of each chunk: run the chain once
     env = dict(zip(user_inputs, inputs, strict=True))
@@ -299,6 +329,16 @@ def split(ep, inputs: Sequence[torch.Tensor], output_names: Sequence[str], cap_m
             c.example_inputs = [env[n].contiguous() for n in c.inputs]  # Core ML wants dense inputs
             env.update(zip(c.outputs, c.graph_module(*c.example_inputs), strict=True))
     return chunked
+
+
+def _need(node: torch.fx.Node, derived: set[str], inside: set[str], needed: list[str]) -> None:
+    """Add what a chunk must receive to read ``node``: the node itself, or for a value it recomputes
+    (``derived``) what that value reads."""
+    if node.name in derived:
+        for i in node.all_input_nodes:
+            _need(i, derived, inside, needed)
+    elif node.name not in inside and node.name not in needed:
+        needed.append(node.name)
 
 
 def _const_roots(n: torch.fx.Node, const: set[str], values: dict) -> set[str]:
@@ -311,6 +351,10 @@ def _const_roots(n: torch.fx.Node, const: set[str], values: dict) -> set[str]:
         stack.extend(i for i in m.all_input_nodes if i.name in const)
     return roots
 
+
+#: Tables up to this many elements (rotary frequencies, position ranges) are copied into every chunk
+#: that computes from the model's inputs with them.
+_SMALL = 65536
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 

@@ -24,6 +24,7 @@ Refused up front (before capture or conversion starts), with what to use instead
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -268,22 +269,50 @@ def plan(table: list[WeightInfo], options: CompressionOptions, reference_values:
     return table
 
 
-def _op_config(scheme: str, options: CompressionOptions):
+class SharedKMeans:
+    """coremltools' own k-means (``palettize_weights``' ``kmeans`` mode), memoized by each group's values.
+
+    Given to :func:`compress_mlmodel` as ``lut_cache``, the palettizer runs in coremltools' ``custom``
+    mode with this as its ``lut_function``: a weight group it has already clustered (the same weight
+    in another function of a multifunction package, e.g. ``compile_lm``'s prefill and decode) gets the
+    identical table and indices, so ``save_multifunction`` stores them once, and the second program
+    costs no clustering."""
+
+    def __init__(self):
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.hits = 0
+
+    def lut_function(self, nbits: int):
+        from coremltools.optimize.coreml._quantization_passes import palettize_weights
+
+        def lut_and_indices(val: np.ndarray):
+            data = np.ascontiguousarray(val)
+            key = (nbits, data.dtype.str, data.shape, hashlib.sha1(data.tobytes()).digest())
+            if key in self._cache:
+                self.hits += 1
+            else:
+                self._cache[key] = palettize_weights._get_lut_and_indices(data, "KMEANS", nbits, None)
+            return self._cache[key]
+
+        return lut_and_indices
+
+
+def _op_config(scheme: str, options: CompressionOptions, lut_cache: SharedKMeans | None = None):
     import coremltools.optimize.coreml as cto
 
     kind, bits = SCHEMES[scheme]
     if kind == "palettize":
+        mode = {"mode": "kmeans", "nbits": bits}
+        if lut_cache is not None:  # the same k-means, shared across programs
+            mode = {"mode": "custom", "lut_function": lut_cache.lut_function(bits)}
         if options.granularity == "per_grouped_channel":
             return cto.OpPalettizerConfig(
-                mode="kmeans",
-                nbits=bits,
+                **mode,
                 granularity="per_grouped_channel",
                 group_size=options.group_size,
                 weight_threshold=options.weight_threshold,
             )
-        return cto.OpPalettizerConfig(
-            mode="kmeans", nbits=bits, granularity="per_tensor", weight_threshold=options.weight_threshold
-        )
+        return cto.OpPalettizerConfig(**mode, granularity="per_tensor", weight_threshold=options.weight_threshold)
     return cto.OpLinearQuantizerConfig(
         mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=options.weight_threshold
     )
@@ -303,9 +332,12 @@ class CompressionResult:
         return {"weights": by_scheme, "seconds": round(self.seconds, 2)}
 
 
-def compress_mlmodel(mlmodel, table: list[WeightInfo], options: CompressionOptions) -> CompressionResult:
+def compress_mlmodel(
+    mlmodel, table: list[WeightInfo], options: CompressionOptions, lut_cache: SharedKMeans | None = None
+) -> CompressionResult:
     """Apply the plan with coremltools: one palettize/quantize call per scheme in use, each
-    restricted by name to its weights (the others get ``None``: left alone)."""
+    restricted by name to its weights (the others get ``None``: left alone). ``lut_cache`` shares
+    the k-means tables between programs holding the same weights (:class:`SharedKMeans`)."""
     import coremltools.optimize.coreml as cto
 
     from anefx.targets.coreml import quiet_coremltools
@@ -316,7 +348,7 @@ def compress_mlmodel(mlmodel, table: list[WeightInfo], options: CompressionOptio
     model = mlmodel
     for scheme in schemes:
         # only this scheme's weights are named; every other const falls to the (empty) global config
-        config = _op_config(scheme, options)
+        config = _op_config(scheme, options, lut_cache)
         cfg = cto.OptimizationConfig(op_name_configs={w.const: config for w in table if w.scheme == scheme})
         fn = cto.palettize_weights if SCHEMES[scheme][0] == "palettize" else cto.linear_quantize_weights
         t1 = time.perf_counter()
@@ -343,6 +375,10 @@ class Compressed:
     swap: Any  # quality.WeightSwap over the exported program
     quality: Any  # quality.CompressionQuality
     seconds: float = 0.0
+    info: dict = field(default_factory=dict)  # weights per scheme, compression seconds
+
+    def summary(self) -> dict:
+        return dict(self.info)
 
     @property
     def shipped(self) -> list[WeightInfo]:
@@ -368,17 +404,46 @@ class Compressed:
 def compress_artifact(artifact, options: CompressionOptions, inputs, progress=None):
     """Compress a ``CoreMLArtifact`` per ``options`` and measure it on ``inputs`` (flat tensors in the
     exported program's user-input order). Returns ``(compressed artifact, Compressed)``."""
-    from anefx.targets import quality
     from anefx.targets.coreml import CoreMLArtifact
 
     ep = artifact.exported_program
     if ep is None:
         raise AnefxError("compression needs the exported program the Core ML model was converted from")
+    done = compress_program(artifact.model, ep, options, inputs, progress)
+    new = CoreMLArtifact(
+        model=done.model,
+        seconds=artifact.seconds + done.seconds,
+        info={**artifact.info, "compression": done.summary()},
+    )
+    new.exported_graph, new.exported_program = artifact.exported_graph, ep
+    return new, done
+
+
+def compress_program(
+    mlmodel,
+    ep,
+    options: CompressionOptions,
+    inputs,
+    progress=None,
+    lut_cache: SharedKMeans | None = None,
+    param_name=None,
+) -> Compressed:
+    """Compress the converted program ``mlmodel`` (converted from the exported program ``ep``) per
+    ``options`` and measure it on ``inputs`` (flat user inputs of ``ep``). ``param_name`` maps the
+    program's parameter names to the user's (what ``keep_fp16``, ``per_layer`` and the layer
+    options match), when ``ep`` wraps the model."""
+    from anefx.targets import quality
+
     swap = quality.WeightSwap(ep)
-    table = weight_table(artifact.model, ep, options.weight_threshold)
+    table = weight_table(mlmodel, ep, options.weight_threshold)
+    if param_name is not None:
+        for w in table:
+            if w.param:
+                w.param = param_name(w.param)
+                w.layer = layer_of(w.param + ".")
     nodes = {w.node for w in table if w.node}
     values = swap.node_values(nodes, inputs)
-    fp16 = const_values_fp16(artifact.model, {w.const for w in table})
+    fp16 = const_values_fp16(mlmodel, {w.const for w in table})
     for w in table:  # the const must hold the node's numbers (else coremltools transformed it)
         ref = values.get(w.node) if w.node else None
         if ref is not None and tuple(ref.shape) == w.shape:
@@ -388,16 +453,9 @@ def compress_artifact(artifact, options: CompressionOptions, inputs, progress=No
     plan(table, options, values)
     if progress:
         progress(f"compress:{options.scheme}")
-    result = compress_mlmodel(artifact.model, table, options)
-    measured = quality.measure(swap, table, artifact.model, result.mlmodel, inputs, options.scheme)
-    new = CoreMLArtifact(
-        model=result.mlmodel,
-        seconds=artifact.seconds + result.seconds,
-        info={**artifact.info, "compression": result.summary()},
-    )
-    new.exported_graph, new.exported_program = artifact.exported_graph, ep
-    done = Compressed(options, table, artifact.model, result.mlmodel, swap, measured, result.seconds)
-    return new, done
+    result = compress_mlmodel(mlmodel, table, options, lut_cache)
+    measured = quality.measure(swap, table, mlmodel, result.mlmodel, inputs, options.scheme)
+    return Compressed(options, table, mlmodel, result.mlmodel, swap, measured, result.seconds, result.summary())
 
 
 def const_values_fp16(mlmodel, names: set[str]) -> dict[str, np.ndarray]:

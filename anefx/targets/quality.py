@@ -79,7 +79,9 @@ class WeightSwap:
     """Runs an ``ExportedProgram``'s graph with some node values replaced (by node name).
 
     ``swap(inputs, overrides, record)`` returns the user outputs and the values of the ``record``
-    nodes. Parameters and buffers come from the program's state dict, read only."""
+    nodes. Parameters and buffers come from the program's state dict, read only.
+    ``swap_stateful(inputs, overrides, buffers)`` also takes the values of mutated buffers (a
+    stateful program's states, by buffer name) and returns their new values instead of writing them."""
 
     def __init__(self, exported_program):
         from torch.export.graph_signature import InputKind, OutputKind
@@ -87,7 +89,9 @@ class WeightSwap:
         self.ep = exported_program
         sig = exported_program.graph_signature
         self._inputs = []
+        self._targets: list[str | None] = []
         for spec in sig.input_specs:
+            self._targets.append(spec.target if spec.kind == InputKind.BUFFER else None)
             if spec.kind == InputKind.USER_INPUT:
                 self._inputs.append(None)
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
@@ -100,6 +104,7 @@ class WeightSwap:
             else:
                 raise NotImplementedError(f"cannot run an exported program input of kind {spec.kind}")
         self._user_out = [i for i, s in enumerate(sig.output_specs) if s.kind == OutputKind.USER_OUTPUT]
+        self._mutated = {i: s.target for i, s in enumerate(sig.output_specs) if s.kind == OutputKind.BUFFER_MUTATION}
         self.nodes = {n.name: n for n in exported_program.graph.nodes}
 
     def node_values(self, names: set[str], inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,8 +113,22 @@ class WeightSwap:
     def swap(
         self, inputs: Sequence[torch.Tensor], overrides: dict[str, torch.Tensor], record: set[str] = frozenset()
     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        outs, recorded = self._run(inputs, overrides, record, {})
+        return [outs[i] for i in self._user_out], recorded
+
+    def swap_stateful(
+        self, inputs: Sequence[torch.Tensor], overrides: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """User outputs, and the new value of every buffer the program mutates (``buffers`` unchanged)."""
+        outs, _ = self._run(inputs, overrides, frozenset(), buffers)
+        return [outs[i] for i in self._user_out], {t: outs[i] for i, t in self._mutated.items()}
+
+    def _run(self, inputs, overrides, record, buffers):
         user = iter(inputs)
-        args = [next(user) if v is None else v for v in self._inputs]
+        args = [
+            next(user) if v is None else buffers.get(t, v) if t is not None else v
+            for v, t in zip(self._inputs, self._targets, strict=True)
+        ]
         recorded: dict[str, torch.Tensor] = {}
 
         class _Swapping(torch.fx.Interpreter):
@@ -126,7 +145,7 @@ class WeightSwap:
         with torch.no_grad():
             outs = _Swapping(self.ep.graph_module).run(*args)
         outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        return [outs[i] for i in self._user_out], recorded
+        return outs, recorded
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
