@@ -179,3 +179,25 @@ def test_unmatched_attention_reaches_the_ane_report():
     compiled = anefx.compile(model, (torch.randn(1, 8, 16),))
     found = compiled.ane_report.by_rule().get("unmatched_attention", [])
     assert len(found) == 1 and "tanh" in found[0].reason, found
+
+
+def test_qwen3_qk_norm_is_one_layer_norm_per_head():
+    """Qwen3's RMSNorm over head_dim on q and k: one MIL layer_norm per head input (of [x, -x], 2·D
+    channels on axis 1 of the head's (B, D, 1, S) chunk) instead of pow/reduce_mean/rsqrt/mul."""
+    per_layer = {}
+    for layers in (2, 4):
+        model = build("qwen3", layers)
+        args, kwargs = inputs()
+        compiled = anefx.compile(model, args, kwargs)
+        rec = _attention_record(compiled)
+        assert rec.stats["qk_norms"] == (4 + 2) * layers, rec.stats  # 4 query heads, 2 key heads
+        ops = compiled.op_histogram()
+        assert ops.get("reduce_mean", 0) == 0 and ops.get("rsqrt", 0) == 0 and ops.get("pow", 0) == 0, ops
+        norms = [tuple(op.outputs[0].shape) for op in compiled.artifact.operations() if op.op_type == "layer_norm"]
+        assert sorted(set(norms)) == [(1, 2 * 16, 1, SEQ), (1, 2 * HIDDEN, 1, SEQ)], norms
+        assert norms.count((1, 32, 1, SEQ)) == 6 * layers  # the QK-norms
+        assert norms.count((1, 128, 1, SEQ)) == 2 * layers + 1  # the hidden-size RMSNorms
+        per_layer[layers] = ops
+        _check_numerics(model, compiled)
+    grow = {op: (per_layer[4].get(op, 0) - per_layer[2].get(op, 0)) / 2 for op in per_layer[4]}
+    assert grow["layer_norm"] == 2 + 6 and grow["transpose"] <= 1, grow

@@ -9,8 +9,11 @@ is either
 * a *leaf*: a channel block per head of a (B, S, C) or (B, C, 1, S) tensor, through pure data
   movement (:func:`anefx.analysis.heads.heads_from_index`);
 * a *move*: a ``permute``/``transpose`` of heads (the program just relabels axes);
+* a *norm*: an RMSNorm over ``head_dim`` (QK-norm, spelled out as
+  :func:`anefx.analysis.norms.rms_norm_ending_at` finds it, or ``aten.rms_norm``), replayed as one
+  ``channel_layer_norm`` of ``[x, -x]`` per head chunk;
 * an *op*: elementwise work (the :mod:`anefx.analysis.layout_rules` unary/binary ops), a ``slice``/``cat``
-  on the head_dim or sequence axis, or a reduction over them with ``keepdim`` (RMSNorm's ``mean``),
+  on the head_dim or sequence axis, or a reduction over them with ``keepdim``,
   whose other operands are either heads too or *side* tensors that broadcast over heads (cos/sin
   tables of shape (1, 1, S, D), a norm weight (D,), scalars).
 
@@ -32,6 +35,7 @@ import torch.fx
 
 from anefx.analysis.heads import Heads, heads_from_index, index_map
 from anefx.analysis.layout_rules import BINARY, UNARY
+from anefx.analysis.norms import RMSNorm, match_aten_rms_norm, rms_norm_ending_at
 from anefx.ir.graph import describe, shape
 
 aten = torch.ops.aten
@@ -49,10 +53,11 @@ REDUCE_OPS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.
 @dataclass
 class Step:
     node: torch.fx.Node
-    kind: str  # "leaf" | "move" | "op"
+    kind: str  # "leaf" | "move" | "norm" | "op"
     roles: tuple[int, ...]  # role of each axis of ``node``
     heads: Heads | None = None  # leaf: where each head's channels are
     head_args: frozenset = frozenset()  # op: the operands that are heads (the rest are sides)
+    norm: RMSNorm | None = None  # norm: the RMSNorm over head_dim, of ``norm.x``
 
 
 @dataclass
@@ -146,6 +151,15 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
         no_leaf = f"{describe(node)} between the head split and attention has no per-head form"
     if node.op != "call_function":
         return f"{describe(node)}: attention inputs that are not channel blocks of a projection"
+    norm = None
+    if roles[3] == D:  # a norm over the last axis is over head_dim
+        is_aten = node.target == aten.rms_norm.default
+        norm = match_aten_rms_norm(node, (4,)) if is_aten else rms_norm_ending_at(node, (4,))
+    if norm is not None:
+        reason = _trace(norm.x, roles, prog, budget)
+        if reason is None:
+            prog.steps[node] = Step(node, "norm", roles, head_args=frozenset({norm.x}), norm=norm)
+        return reason
     t = node.target
     if t in _MOVES and isinstance(node.args[0], torch.fx.Node):
         dims = list(range(4))

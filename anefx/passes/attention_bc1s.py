@@ -15,8 +15,10 @@ simulating the reshuffle, see :mod:`anefx.analysis.heads`), or through per-head 
 and attention — rotary embeddings (half-rotation, interleaved, partial), QK-norm, casts, then
 ``repeat_kv`` — which is replayed head by head on (B, D, 1, S) channel chunks (``rotate_half``
 becomes a split + ``neg`` + ``cat`` on the channel axis; cos/sin enter as (1, D, 1, S) tensors, once
-for all layers), see :mod:`anefx.analysis.head_program`. Masks keep torch's semantics exactly: they are
-lowered by :mod:`anefx.analysis.masks` to per-key terms applied in the model's order — fills (a
+for all layers; QK-norm's RMSNorm over ``head_dim`` becomes one ``channel_layer_norm`` of ``[x, -x]``
+per head chunk, as in ``rms_norm_bc1s``, counted in ``qk_norms``), see
+:mod:`anefx.analysis.head_program`. Masks keep torch's semantics exactly: they are lowered by
+:mod:`anefx.analysis.masks` to per-key terms applied in the model's order — fills (a
 ``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
 additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
 rows whose keys are all masked give torch's result (see :mod:`anefx.analysis.masks`). Attention whose inputs
@@ -62,6 +64,7 @@ from anefx.analysis.head_program import (
 from anefx.analysis.heads import Heads, merge_users, trace_heads
 from anefx.analysis.layout import from_bc1s, to_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
+from anefx.analysis.norms import emit_channel_rms_norm
 from anefx.ir.graph import add_constant, call, dce, describe, provenance, shape, val
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -247,12 +250,17 @@ class AttentionBC1S(Pass):
                 continue
             if not ctx.site(core.out):
                 continue
+            norms = sum(
+                t.base_heads for t in traced if isinstance(t, HeadProgram) for s in t.steps.values() if s.kind == "norm"
+            )
             with provenance(core.out):
                 with graph.inserting_before(core.out):
                     traced = [self._materialise(graph, t, memo, sides) for t in traced]
                 self._rewrite(gm, core, *traced, memo, lowering)
             stats["rewritten"] += 1
             stats["heads"] += len(traced[0].offsets)
+            if norms:
+                stats["qk_norms"] = stats.get("qk_norms", 0) + norms
         for node in original:  # attention no matcher recognised: counted, never silent
             why = _unrecognised(node, seen)
             if why is not None:
@@ -337,6 +345,8 @@ class AttentionBC1S(Pass):
                     out = _splitter(splits, graph, self._bc(graph, hd, memo), 1, hd.head_dim)[hd.offsets[j]]
                 elif step.kind == "move":
                     out = chunk(node.args[0], j)
+                elif step.kind == "norm":
+                    out = emit_channel_rms_norm(graph, chunk(step.norm.x, j), step.norm, memo=sides)
                 else:
                     out = _replay(graph, step, lambda a: chunk(a, j), sides)
                 chunks[(node, j)] = out
