@@ -354,8 +354,8 @@ class AttentionBC1S(Pass):
 
         Chunks carry their channel order (:data:`Perm`): the leaves' source is computed in ``order``
         (the projection's weight rows permuted, when it is a conv of its own with constant
-        weights), and every op keeps track of it. The result is realigned to ``align`` (a order, None for the
-        model's own, or ``_FREE`` for whatever order came out); returns the heads and their order."""
+        weights), and every op keeps track of it. The result is realigned to ``align`` (an order, None for
+        the model's own, or ``_FREE`` for whatever order came out); returns the heads and their order."""
         graph = gm.graph
         if isinstance(found, Heads):
             return found, None
@@ -395,7 +395,7 @@ class AttentionBC1S(Pass):
                     perm = tuple(c * n + i for i, (_, p) in enumerate(parts) for c in _full(p, _d(parts[i][0])))
                     out = call(graph, aten.cat.default, ([x for x, _ in parts], 1)), _norm_perm(perm)
                 else:
-                    out = _replay_ordered(gm, step, lambda a: chunk(a, j), sides, memo)
+                    out = _replay_ordered(graph, step, lambda a: chunk(a, j), sides)
                 chunks[(node, j)] = out
             return chunks[(node, j)]
 
@@ -509,9 +509,9 @@ def _take(graph, x: torch.fx.Node, perm: Perm, wanted: list[int]) -> tuple[torch
     return _gather_channels(graph, x, at), None
 
 
-def _replay_ordered(gm, step: Step, head, sides: dict, memo: dict) -> tuple[torch.fx.Node, Perm]:
+def _replay_ordered(graph, step: Step, head, sides: dict) -> tuple[torch.fx.Node, Perm]:
     """``step``'s op on chunks that carry a channel order (see :func:`_replay` for the op itself)."""
-    graph, n, roles = gm.graph, step.node, step.roles
+    n, roles = step.node, step.roles
     t = n.target
     d_axis = roles.index(H_D)
     if t == aten.slice.Tensor and roles[n.args[1] % 4] == H_D:
@@ -536,7 +536,7 @@ def _replay_ordered(gm, step: Step, head, sides: dict, memo: dict) -> tuple[torc
         same = shape(a)[d_axis] != size or size == 1 or p == perm
         aligned[a] = x if same else _reorder(graph, x, p, perm)
     side_perm = perm if t not in REDUCE_OPS else None
-    return _replay(graph, step, lambda a: aligned[a], sides, side_perm, memo), perm
+    return _replay(graph, step, lambda a: aligned[a], sides, side_perm), perm
 
 
 _SCORES = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
@@ -585,7 +585,7 @@ def _trace_inputs(core: Core) -> list | str:
     return traced
 
 
-def _replay(graph, step: Step, head, sides: dict, side_perm: Perm = None, memo: dict | None = None) -> torch.fx.Node:
+def _replay(graph, step: Step, head, sides: dict, side_perm: Perm = None) -> torch.fx.Node:
     """``step``'s op on per-head (B, D, 1, S) chunks: ``head(operand)`` gives a head operand's chunk;
     side operands are broadcast into the chunk layout once (shared by every head and layer)."""
     n, roles = step.node, step.roles
