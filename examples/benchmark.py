@@ -2,6 +2,7 @@
 
     python examples/benchmark.py                         # stock DistilBERT, full size
     python examples/benchmark.py --models all            # the whole zoo, full size
+    python examples/benchmark.py --models llama_small,qwen3_small   # decoders: norms and layout, stock vs anefx
     python examples/benchmark.py --memory --scaling      # the memory and depth-scaling checks
     python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
     python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
@@ -47,8 +48,23 @@ FULL_SIZE = {
     "resnet50": lambda attn: models.resnet(depths=(3, 4, 6, 3), widths=(256, 512, 1024, 2048), image=224),
     "convnext": lambda attn: models.convnext(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768), image=224),
     "minilm": lambda attn: models.minilm(seq=128),
+    # decoders (small configs, random weights): RoPE, GQA, RMSNorm, Qwen3's per-head QK-norm
+    "llama_small": lambda attn: models.small_decoder("llama"),
+    "qwen3_small": lambda attn: models.small_decoder("qwen3"),
 }
-KEY_OPS = ("linear", "matmul", "conv", "einsum", "transpose", "reshape", "softmax")
+KEY_OPS = (
+    "linear",
+    "matmul",
+    "conv",
+    "einsum",
+    "transpose",
+    "reshape",
+    "softmax",
+    "layer_norm",
+    "reduce_mean",
+    "rsqrt",
+)
+NORM_OPS = ("layer_norm", "reduce_mean", "rsqrt", "pow")
 MATMUL_LIKE = {"conv", "einsum", "linear", "matmul"}
 
 
@@ -218,6 +234,29 @@ def print_result(r: dict) -> None:
     print(
         f"layout changes (transpose + reshape): stock {stock_layout}, anefx {anefx_layout} "
         f"[never worse than stock: {'OK' if anefx_layout <= stock_layout else 'WORSE'}]"
+    )
+    stock, ours = r["stock"], r["anefx"]
+    if any(stock.get(op, 0) for op in ("reduce_mean", "rsqrt")):
+        print(
+            "norms: "
+            + ", ".join(f"{op} {stock.get(op, 0)} -> {ours.get(op, 0)}" for op in NORM_OPS)
+            + " (stock -> anefx)"
+        )
+    print(
+        "stock / anefx, this run: "
+        + ", ".join(
+            f"{label} {stock_n}/{ours_n}" + (f" = {stock_n / ours_n:.1f}x" if ours_n else "")
+            for label, stock_n, ours_n in (
+                ("transposes", stock.get("transpose", 0), ours.get("transpose", 0)),
+                ("reshapes", stock.get("reshape", 0), ours.get("reshape", 0)),
+                (
+                    "linear+matmul",
+                    stock.get("linear", 0) + stock.get("matmul", 0),
+                    ours.get("linear", 0) + ours.get("matmul", 0),
+                ),
+                ("non-const ops", sum(stock.values()), sum(ours.values())),
+            )
+        )
     )
     print(
         f"largest activation (fp16, last axis padded to 64 B): stock {r['stock_largest'] / 2**20:.2f} MiB, "

@@ -548,6 +548,38 @@ def tiny_llama_lm(seed: int = 0):
     return model
 
 
+def small_decoder(kind: str = "llama", layers: int = 4, dim: int = 256, heads: int = 8, seq: int = 64):
+    """A small random-weight decoder (``LlamaModel`` or ``Qwen3Model``, GQA with ``heads / 4`` KV heads,
+    Qwen3 with its per-head QK-norm), nothing zero or identity, called with ids and a padded mask."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=1024,
+        hidden_size=dim,
+        intermediate_size=4 * dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=2 * seq,
+    )
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = tf.LlamaModel(tf.LlamaConfig(**common))
+    elif kind == "qwen3":
+        model = tf.Qwen3Model(tf.Qwen3Config(head_dim=dim // heads, **common))
+    else:
+        raise KeyError(f"unknown decoder kind {kind!r}: llama or qwen3")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.05 * noise)
+    ids = torch.randint(0, 1024, (1, seq), generator=gen)
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -seq // 8 :] = 0
+    return model.eval(), (ids,), {"attention_mask": mask}
+
+
 def smollm2():
     """SmolLM2-135M-Instruct and its tokenizer (trained weights, offline): ``(model, tokenizer)``."""
     return smollm2_model_and_tokenizer()

@@ -59,3 +59,17 @@ def half_copy(model, args):
     """An fp16 copy of a model and its float inputs (the user's model is not touched)."""
     m = copy.deepcopy(model).half()
     return m, tuple(a.half() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def reads_projection(node) -> bool:
+    """Whether ``node`` depends on a conv (a projection): attention head chunks do, the cos/sin
+    tables of rotary embeddings do not."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.target == torch.ops.aten.conv2d.default:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False

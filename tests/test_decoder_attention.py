@@ -12,6 +12,7 @@ import transformers as tf
 from torch import nn
 
 import anefx
+from helpers import reads_projection
 
 VOCAB, SEQ, HIDDEN = 256, 32, 64
 
@@ -46,6 +47,11 @@ def build(name: str, layers: int) -> nn.Module:
         model = tf.MistralModel(tf.MistralConfig(num_key_value_heads=2, sliding_window=8, **common))
     elif name == "neox":
         model = tf.GPTNeoXModel(tf.GPTNeoXConfig(rotary_pct=0.5, **common))
+    elif name == "gptj":  # interleaved (rotate_every_two) partial rotary
+        cfg = tf.GPTJConfig(
+            n_embd=HIDDEN, n_layer=layers, n_head=4, rotary_dim=8, vocab_size=VOCAB, n_positions=128, n_inner=128
+        )
+        model = tf.GPTJModel(cfg)
     elif name == "opt":
         cfg = tf.OPTConfig(
             hidden_size=HIDDEN,
@@ -179,3 +185,51 @@ def test_unmatched_attention_reaches_the_ane_report():
     compiled = anefx.compile(model, (torch.randn(1, 8, 16),))
     found = compiled.ane_report.by_rule().get("unmatched_attention", [])
     assert len(found) == 1 and "tanh" in found[0].reason, found
+
+
+def test_qwen3_qk_norm_is_one_layer_norm_per_head():
+    """Qwen3's RMSNorm over head_dim on q and k: one MIL layer_norm per head input (of [x, -x], 2·D
+    channels on axis 1 of the head's (B, D, 1, S) chunk) instead of pow/reduce_mean/rsqrt/mul."""
+    per_layer = {}
+    for layers in (2, 4):
+        model = build("qwen3", layers)
+        args, kwargs = inputs()
+        compiled = anefx.compile(model, args, kwargs)
+        rec = _attention_record(compiled)
+        assert rec.stats["qk_norms"] == (4 + 2) * layers, rec.stats  # 4 query heads, 2 key heads
+        ops = compiled.op_histogram()
+        assert ops.get("reduce_mean", 0) == 0 and ops.get("rsqrt", 0) == 0 and ops.get("pow", 0) == 0, ops
+        norms = [tuple(op.outputs[0].shape) for op in compiled.artifact.operations() if op.op_type == "layer_norm"]
+        assert sorted(set(norms)) == [(1, 2 * 16, 1, SEQ), (1, 2 * HIDDEN, 1, SEQ)], norms
+        assert norms.count((1, 32, 1, SEQ)) == 6 * layers  # the QK-norms
+        assert norms.count((1, 128, 1, SEQ)) == 2 * layers + 1  # the hidden-size RMSNorms
+        per_layer[layers] = ops
+        _check_numerics(model, compiled)
+    grow = {op: (per_layer[4].get(op, 0) - per_layer[2].get(op, 0)) / 2 for op in per_layer[4]}
+    assert grow["layer_norm"] == 2 + 6 and grow["transpose"] <= 1, grow
+
+
+def test_gptj_interleaved_rotary_is_per_head_in_half_split_order():
+    """GPT-J's rotate_every_two (x[..., ::2], x[..., 1::2] stacked back) runs on channel chunks once
+    the q and k projections compute each head's channels evens-first (weight rows permuted at compile
+    time): q·k is unchanged by one permutation of both, v keeps the model's order."""
+    counts = {}
+    for layers in (2, 4):
+        model = build("gptj", layers)
+        args, kwargs = inputs()
+        compiled = anefx.compile(model, args, kwargs)
+        rec = _attention_record(compiled)
+        assert rec.stats["rewritten"] == layers and rec.stats["unmatched"] == 0, rec.stats
+        assert rec.stats["reordered_heads"] == 4 * layers, rec.stats
+        ops = compiled.op_histogram()
+        assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0 and ops.get("stack", 0) == 0, ops
+        assert ops["einsum"] == 2 * 4 * layers and ops.get("gather", 0) <= 1, ops  # the position table only
+        counts[layers] = ops
+        _check_numerics(model, compiled)
+    t2, t4 = counts[2].get("transpose", 0), counts[4].get("transpose", 0)
+    assert t4 - t2 <= 2 and counts[4].get("reshape", 0) == counts[2].get("reshape", 0) == 0, counts
+    graph = anefx.compile(build("gptj", 2), *inputs(), convert=False).graph_module.graph
+    aten = torch.ops.aten
+    strided = [n for n in graph.nodes if n.target == aten.slice.Tensor and len(n.args) > 4 and n.args[4] != 1]
+    # strided slices only reorder the cos/sin tables, never a head chunk
+    assert strided and not any(reads_projection(n.args[0]) for n in strided), [n.format_node() for n in strided]

@@ -9,8 +9,14 @@ is either
 * a *leaf*: a channel block per head of a (B, S, C) or (B, C, 1, S) tensor, through pure data
   movement (:func:`anefx.analysis.heads.heads_from_index`);
 * a *move*: a ``permute``/``transpose`` of heads (the program just relabels axes);
+* a *norm*: an RMSNorm over ``head_dim`` (QK-norm, spelled out as
+  :func:`anefx.analysis.norms.rms_norm_ending_at` finds it, or ``aten.rms_norm``), replayed as one
+  ``channel_layer_norm`` of ``[x, -x]`` per head chunk;
+* an *interleave*: ``stack([a, b, …], -1)`` flattened into ``head_dim`` (``rotate_every_two``,
+  GPT-J's interleaved rotary), replayed as a ``cat`` on channels whose channel order
+  :func:`channel_order` tracks;
 * an *op*: elementwise work (the :mod:`anefx.analysis.layout_rules` unary/binary ops), a ``slice``/``cat``
-  on the head_dim or sequence axis, or a reduction over them with ``keepdim`` (RMSNorm's ``mean``),
+  on the head_dim or sequence axis, or a reduction over them with ``keepdim``,
   whose other operands are either heads too or *side* tensors that broadcast over heads (cos/sin
   tables of shape (1, 1, S, D), a norm weight (D,), scalars).
 
@@ -19,6 +25,13 @@ sequence → 3, so the program is replayed head by head on channel chunks withou
 layout (``rotate_half`` becomes a ``slice`` + ``neg`` + ``cat`` on the channel axis). What
 attention reads is finally a movement of the program's result that picks, for each query head, one
 head of it (``repeat_kv``'s ``expand`` + ``reshape``, or none): the ``head_map``.
+
+Interleaved rotary reads ``x[..., ::2]`` and ``x[..., 1::2]``: strided channels. Since attention
+scores ``q · k`` are unchanged when q and k channels are permuted alike within each head,
+:func:`channel_order` picks, for each program, the order of ``head_dim`` channels that makes every
+such slice a contiguous run (even channels first, then odd ones: the half-split form); the
+attention pass computes the projection's channels in that order (its weight rows permuted at
+compile time) and replays the program in it.
 
 A node the program cannot replay is reported by :func:`trace_program` as the reason, naming it.
 """
@@ -32,6 +45,7 @@ import torch.fx
 
 from anefx.analysis.heads import Heads, heads_from_index, index_map
 from anefx.analysis.layout_rules import BINARY, UNARY
+from anefx.analysis.norms import RMSNorm, match_aten_rms_norm, rms_norm_ending_at
 from anefx.ir.graph import describe, shape
 
 aten = torch.ops.aten
@@ -49,10 +63,12 @@ REDUCE_OPS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.
 @dataclass
 class Step:
     node: torch.fx.Node
-    kind: str  # "leaf" | "move" | "op"
+    kind: str  # "leaf" | "move" | "norm" | "interleave" | "op"
     roles: tuple[int, ...]  # role of each axis of ``node``
     heads: Heads | None = None  # leaf: where each head's channels are
     head_args: frozenset = frozenset()  # op: the operands that are heads (the rest are sides)
+    parts: tuple = ()  # interleave: the stacked operands, in order
+    norm: RMSNorm | None = None  # norm: the RMSNorm over head_dim, of ``norm.x``
 
 
 @dataclass
@@ -141,11 +157,39 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
         src, src_shape = mapped[0], shape(mapped[0])
         if src_shape is not None and len(src_shape) == 3 and src_shape[:2] == (s[roles.index(S)], s[0]) != (1, 1):
             return f"{describe(node)} reads heads of a sequence-first (S, B, C) tensor (nn.MultiheadAttention)"
+        rows = s[0] * s[roles.index(S)]
+        if (
+            src_shape is not None
+            and len(src_shape) in (2, 4)
+            and src_shape[0] == rows > 1
+            and src_shape[2:] in ((), (1, 1))
+        ):
+            return (
+                f"{describe(node)} reads heads of {describe(src)}, a projection of (S·B, C) rows "
+                f"{list(src_shape)} (nn.MultiheadAttention's sequence-first in-projection): not rewritten"
+            )
         no_leaf = f"{describe(node)} reads {describe(src)} {list(src_shape or ())} but not one channel block per head"
     else:
         no_leaf = f"{describe(node)} between the head split and attention has no per-head form"
     if node.op != "call_function":
         return f"{describe(node)}: attention inputs that are not channel blocks of a projection"
+    norm = None
+    if roles[3] == D:  # a norm over the last axis is over head_dim
+        is_aten = node.target == aten.rms_norm.default
+        norm = match_aten_rms_norm(node, (4,)) if is_aten else rms_norm_ending_at(node, (4,))
+    if norm is not None:
+        reason = _trace(norm.x, roles, prog, budget)
+        if reason is None:
+            prog.steps[node] = Step(node, "norm", roles, head_args=frozenset({norm.x}), norm=norm)
+        return reason
+    parts = _interleaved(node) if roles[3] == D else None
+    if parts is not None:
+        for a in parts:
+            reason = _trace(a, roles, prog, budget)
+            if reason is not None:
+                return reason
+        prog.steps[node] = Step(node, "interleave", roles, head_args=frozenset(parts), parts=tuple(parts))
+        return None
     t = node.target
     if t in _MOVES and isinstance(node.args[0], torch.fx.Node):
         dims = list(range(4))
@@ -202,6 +246,117 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
         return f"{describe(node)} reads no head"
     prog.steps[node] = Step(node, "op", roles, head_args=frozenset(head_args))
     return None
+
+
+_FLATTENS = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _interleaved(node: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """The operands of ``stack(operands, -1)`` when ``node`` flattens it into its last axis (4-D)."""
+    if node.target not in _FLATTENS or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    st = node.args[0]
+    if st.op != "call_function" or st.target != aten.stack.default:
+        return None
+    dim = st.args[1] if len(st.args) > 1 else st.kwargs.get("dim", 0)
+    ss, out = shape(st), shape(node)
+    if ss is None or out is None or len(ss) != 5 or dim % 5 != 4:
+        return None
+    if out != (*ss[:3], ss[3] * ss[4]):
+        return None
+    parts = list(st.args[0])
+    return parts if all(len(shape(a) or ()) == 4 for a in parts) else None
+
+
+@dataclass
+class ChannelOrder:
+    """Each head's block of ``source`` channels (``bases[j]`` … ``bases[j] + len(perm)``), in the
+    order ``perm``: position ``c`` of a reordered block holds channel ``bases[j] + perm[c]``."""
+
+    source: torch.fx.Node
+    bases: list[int]
+    perm: tuple[int, ...]
+
+
+def channel_order(prog: HeadProgram) -> ChannelOrder | None:
+    """An order of each head's channels of the leaves' source in which every slice of them the
+    program takes is a contiguous run, or None when the source's order is one already (or the
+    leaves are not blocks of one source laid out alike for every head).
+
+    Each step's channels are followed back to source channels where they are just source channels
+    (through moves, elementwise ops and norms with matching operands, slices, cats, interleaves);
+    the channels are then sorted stably by membership of the sliced sets, largest sets first. That
+    is exact for nested or disjoint sets (``x[:r]``, ``x[r:]``, then ``[::2]``/``[1::2]`` of the
+    first part); for anything else the attention pass realigns channels where orders differ.
+    """
+    leaves = [st.heads for st in prog.steps.values() if st.kind == "leaf"]
+    if not leaves or len({id(h.source) for h in leaves}) != 1:
+        return None
+    bases = [min(h.offsets[j] for h in leaves) for j in range(len(leaves[0].offsets))]
+    rel = {}
+    for h in leaves:
+        r = {o - b for o, b in zip(h.offsets, bases)}
+        if len(h.offsets) != len(bases) or len(r) != 1:
+            return None
+        rel[id(h)] = r.pop()
+    span = max(rel[id(h)] + h.head_dim for h in leaves)
+    lmaps: dict[torch.fx.Node, tuple[int, ...] | None] = {}
+    sets: list[tuple[int, ...]] = []
+
+    def lmap(node):
+        if node in lmaps:
+            return lmaps[node]
+        step = prog.steps[node]
+        out = None
+        if step.kind == "leaf":
+            out = tuple(rel[id(step.heads)] + c for c in range(step.heads.head_dim))
+            sets.append(out)
+        elif step.kind == "move":
+            out = lmap(node.args[0])
+        elif step.kind == "norm":
+            out = lmap(step.norm.x)
+        elif step.kind == "interleave":
+            maps = [lmap(a) for a in step.parts]
+            if None not in maps and len({len(m) for m in maps}) == 1:
+                out = tuple(m[i] for i in range(len(maps[0])) for m in maps)
+        else:
+            out = _op_lmap(node, step, lmap, sets)
+        lmaps[node] = out
+        return out
+
+    for node in prog.steps:
+        lmap(node)
+    order = sorted(set(sets), key=lambda c: (-len(c), c))
+    perm = tuple(sorted(range(span), key=lambda c: tuple(c not in m for m in order)))
+    if perm == tuple(range(span)):
+        return None
+    return ChannelOrder(leaves[0].source, bases, perm)
+
+
+def _op_lmap(node, step: Step, lmap, sets: list) -> tuple[int, ...] | None:
+    t, roles = node.target, step.roles
+    if t == aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        src = lmap(node.args[0])
+        if roles[dim % 4] != D:
+            return src
+        if src is None:
+            return None
+        start, end, stride = (*node.args[2:5], None, None, None)[:3]
+        out = src[slice(start, end, stride)]
+        sets.append(tuple(sorted(out)))
+        return out
+    if t == aten.cat.default:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        maps = [lmap(a) for a in node.args[0]]
+        if roles[dim % 4] != D:
+            return maps[0] if len(set(maps)) == 1 else None
+        return None if None in maps else tuple(c for m in maps for c in m)
+    if t in REDUCE_OPS:
+        return None
+    out_d = shape(node)[roles.index(D)]
+    maps = {lmap(a) for a in step.head_args if shape(a)[roles.index(D)] == out_d}
+    return maps.pop() if len(maps) == 1 else None
 
 
 def side_index(node: torch.fx.Node):

@@ -137,6 +137,10 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
             graph.erase_node(node)
             stats["checks_removed"] += 1
         elif _is_identity(node):
+            if t in (aten.contiguous.default, aten.clone.default):  # x.contiguous().view(…) on a permuted x
+                for user in node.users:
+                    if user.op == "call_function" and user.target == aten.view.default:
+                        user.target = aten.reshape.default
             replace_node(graph, node, node.args[0])
             stats["identities_removed"] += 1
         elif t in _BITWISE:

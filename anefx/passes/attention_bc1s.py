@@ -15,8 +15,14 @@ simulating the reshuffle, see :mod:`anefx.analysis.heads`), or through per-head 
 and attention — rotary embeddings (half-rotation, interleaved, partial), QK-norm, casts, then
 ``repeat_kv`` — which is replayed head by head on (B, D, 1, S) channel chunks (``rotate_half``
 becomes a split + ``neg`` + ``cat`` on the channel axis; cos/sin enter as (1, D, 1, S) tensors, once
-for all layers), see :mod:`anefx.analysis.head_program`. Masks keep torch's semantics exactly: they are
-lowered by :mod:`anefx.analysis.masks` to per-key terms applied in the model's order — fills (a
+for all layers; QK-norm's RMSNorm over ``head_dim`` becomes one ``channel_layer_norm`` of ``[x, -x]``
+per head chunk, as in ``rms_norm_bc1s``, counted in ``qk_norms``; interleaved rotary's strided
+``x[..., ::2]``/``x[..., 1::2]`` become contiguous runs once a q/k projection of its own computes each
+head's channels evens-first — its weight rows permuted at compile time, q·k unchanged by the same
+permutation of both, counted in ``reordered_heads`` — and chunks whose channel orders differ are
+realigned by slices and a ``cat``), see :mod:`anefx.analysis.head_program`. Masks keep torch's
+semantics exactly: they are lowered by
+:mod:`anefx.analysis.masks` to per-key terms applied in the model's order — fills (a
 ``masked_fill`` keeps its fill value; ``finfo.min``-style masks use a finite negative fp16 holds) and
 additive biases; ``is_causal`` is torch's top-left ``tril``; a scale applied after a mask scales it;
 rows whose keys are all masked give torch's result (see :mod:`anefx.analysis.masks`). Attention whose inputs
@@ -48,6 +54,7 @@ Options:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -57,21 +64,28 @@ import torch.fx
 
 from anefx.analysis.head_program import (
     REDUCE_OPS,
+    ChannelOrder,
     HeadProgram,
     Step,
+    channel_order,
     chunk_axis,
     side_index,
     trace_program,
 )
+from anefx.analysis.head_program import (
+    D as H_D,
+)
 from anefx.analysis.heads import MOVEMENT, Heads, merge_users, movement_chain, simulate, trace_heads
 from anefx.analysis.layout import from_bc1s, to_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
-from anefx.ir.graph import add_constant, call, dce, describe, provenance, shape, val
+from anefx.analysis.norms import emit_channel_rms_norm
+from anefx.ir.graph import add_constant, call, dce, describe, eval_constant, is_constant, provenance, shape, val
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _PASS = {aten.dropout.default, aten.clone.default, aten.alias.default}
+_CASTS = {aten.to.dtype, aten._to_copy.default}
 
 
 @dataclass(frozen=True)
@@ -241,7 +255,7 @@ class AttentionBC1S(Pass):
         for node in original:  # in graph order: what a site creates is reused only by later sites
             core = match_sdpa(node) or match_eager(node)
             if core is None:
-                if self._merge(graph, node, ctx, memo, sides, seen):
+                if self._merge(gm, node, ctx, memo, sides, seen):
                     stats["merges"] = stats.get("merges", 0) + 1
                 continue
             seen.add(core.out)
@@ -253,12 +267,23 @@ class AttentionBC1S(Pass):
                 continue
             if not ctx.site(core.out):
                 continue
+            norms = sum(
+                t.base_heads for t in traced if isinstance(t, HeadProgram) for s in t.steps.values() if s.kind == "norm"
+            )
+            orders = [channel_order(t) if isinstance(t, HeadProgram) else None for t in traced]
+            qk_free = all(isinstance(t, HeadProgram) for t in traced[:2])
             with provenance(core.out):
                 with graph.inserting_before(core.out):
-                    traced = [self._materialise(graph, t, memo, sides) for t in traced]
-                self._rewrite(gm, core, *traced, memo, lowering)
+                    q, q_perm = self._materialise(gm, traced[0], orders[0], _FREE if qk_free else None, memo, sides)
+                    k, _ = self._materialise(gm, traced[1], orders[1], q_perm, memo, sides)
+                    v, _ = self._materialise(gm, traced[2], orders[2], None, memo, sides)
+                self._rewrite(gm, core, q, k, v, memo, lowering)
+            if q_perm is not None:
+                stats["reordered_heads"] = stats.get("reordered_heads", 0) + len(q.offsets)
             stats["rewritten"] += 1
-            stats["heads"] += len(traced[0].offsets)
+            stats["heads"] += len(q.offsets)
+            if norms:
+                stats["qk_norms"] = stats.get("qk_norms", 0) + norms
         for node in original:  # attention no matcher recognised: counted, never silent
             why = _unrecognised(node, seen)
             if why is not None:
@@ -325,9 +350,10 @@ class AttentionBC1S(Pass):
                 back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
             core.out.replace_all_uses_with(back)
 
-    def _merge(self, graph, node, ctx: PassContext, memo: dict, sides: dict, seen: set) -> bool:
+    def _merge(self, gm, node, ctx: PassContext, memo: dict, sides: dict, seen: set) -> bool:
         """``node``, a channels-first merge of per-head work (a KV cache write), computed head by head
         on channel chunks instead: no layout change between the projection and the cache."""
+        graph = gm.graph
         src = channels_first_merge(node)
         if src is None or src in seen:
             return False
@@ -335,7 +361,8 @@ class AttentionBC1S(Pass):
         if isinstance(found, str) or not ctx.site(node):
             return False
         with provenance(node), graph.inserting_before(node):
-            heads = self._materialise(graph, found, memo, sides)
+            order = channel_order(found) if isinstance(found, HeadProgram) else None
+            heads, _ = self._materialise(gm, found, order, None, memo, sides)  # None: the model's order
             merged = self._merged(graph, heads, shape(src)[1], memo)
             if len(shape(node)) == 3:
                 merged = call(graph, aten.view.default, (merged, list(shape(node))))
@@ -357,29 +384,196 @@ class AttentionBC1S(Pass):
     def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
         return heads.source if heads.source_is_bc1s else to_bc1s(graph, heads.source, 3, memo)
 
-    def _materialise(self, graph, found: Heads | HeadProgram, memo: dict, sides: dict) -> Heads:
-        """A per-head program replayed head by head on (B, D, 1, S) chunks, concatenated on channels."""
+    def _materialise(
+        self, gm, found: Heads | HeadProgram, order: ChannelOrder | None, align, memo: dict, sides: dict
+    ) -> tuple[Heads, Perm]:
+        """A per-head program replayed head by head on (B, D, 1, S) chunks, concatenated on channels.
+
+        Chunks carry their channel order (:data:`Perm`): the leaves' source is computed in ``order``
+        (the projection's weight rows permuted, when it is a conv of its own with constant
+        weights), and every op keeps track of it. The result is realigned to ``align`` (an order, None for
+        the model's own, or ``_FREE`` for whatever order came out); returns the heads and their order."""
+        graph = gm.graph
         if isinstance(found, Heads):
-            return found
+            return found, None
         chunks: dict = {}
         splits: dict = {}
 
-        def chunk(node: torch.fx.Node, j: int) -> torch.fx.Node:
+        block = None
+        if order is not None:
+            leaf_heads = next(st.heads for st in found.steps.values() if st.kind == "leaf")
+            block = _permuted_projection(gm, self._bc(graph, leaf_heads, memo), order, memo)
+
+        def leaf(step: Step, j: int) -> tuple[torch.fx.Node, Perm]:
+            hd = step.heads
+            if block is not None:
+                span = len(order.perm)
+                x = _splitter(splits, graph, block, 1, span)[j * span]
+                rel = hd.offsets[0] - order.bases[0]
+                return _take(graph, x, order.perm, list(range(rel, rel + hd.head_dim)))
+            return _splitter(splits, graph, self._bc(graph, hd, memo), 1, hd.head_dim)[hd.offsets[j]], None
+
+        def chunk(node: torch.fx.Node, j: int) -> tuple[torch.fx.Node, Perm]:
             if (node, j) not in chunks:
                 step = found.steps[node]
                 if step.kind == "leaf":
-                    hd = step.heads
-                    out = _splitter(splits, graph, self._bc(graph, hd, memo), 1, hd.head_dim)[hd.offsets[j]]
+                    out = leaf(step, j)
                 elif step.kind == "move":
                     out = chunk(node.args[0], j)
+                elif step.kind == "norm":
+                    x, perm = chunk(step.norm.x, j)
+                    norm = step.norm
+                    if perm is not None and norm.weight is not None:
+                        norm = dataclasses.replace(norm, weight=_permuted_constant(gm, norm.weight, perm, memo))
+                    out = emit_channel_rms_norm(graph, x, norm, memo=sides), perm
+                elif step.kind == "interleave":
+                    parts = [chunk(a, j) for a in step.parts]
+                    n = len(parts)
+                    perm = tuple(c * n + i for i, (_, p) in enumerate(parts) for c in _full(p, _d(parts[i][0])))
+                    out = call(graph, aten.cat.default, ([x for x, _ in parts], 1)), _norm_perm(perm)
                 else:
-                    out = _replay(graph, step, lambda a: chunk(a, j), sides)
+                    out = _replay_ordered(graph, step, lambda a: chunk(a, j), sides)
                 chunks[(node, j)] = out
             return chunks[(node, j)]
 
         parts = [chunk(found.base, j) for j in range(found.base_heads)]
-        src = call(graph, aten.cat.default, (parts, 1)) if len(parts) > 1 else parts[0]
-        return Heads(src, [j * found.head_dim for j in found.head_map], found.head_dim, True)
+        perms = {p for _, p in parts}
+        target = align
+        if align is _FREE:
+            target = next(iter(perms)) if len(perms) == 1 else None
+        nodes = [x if p == target else _reorder(graph, x, p, target) for x, p in parts]
+        src = call(graph, aten.cat.default, (nodes, 1)) if len(nodes) > 1 else nodes[0]
+        return Heads(src, [j * found.head_dim for j in found.head_map], found.head_dim, True), target
+
+
+#: a chunk's channel order: channel ``c`` of the chunk holds the value's channel ``perm[c]``; None is
+#: the value's own order
+Perm = tuple[int, ...] | None
+_FREE = object()  # realign to nothing: keep the order the program produced
+
+
+def _d(node: torch.fx.Node) -> int:
+    return shape(node)[1]
+
+
+def _full(perm: Perm, n: int) -> tuple[int, ...]:
+    return tuple(range(n)) if perm is None else perm
+
+
+def _norm_perm(perm: tuple[int, ...]) -> Perm:
+    return None if perm == tuple(range(len(perm))) else perm
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int, int]]:
+    """``idx`` as runs ``(start, stop, step)`` of arithmetic progressions with a positive step."""
+    runs, i = [], 0
+    while i < len(idx):
+        step = idx[i + 1] - idx[i] if i + 1 < len(idx) and idx[i + 1] > idx[i] else 1
+        j = i + 1
+        while j < len(idx) and idx[j] - idx[j - 1] == step:
+            j += 1
+        runs.append((idx[i], idx[j - 1] + 1, step))
+        i = j
+    return runs
+
+
+def _gather_channels(graph, x: torch.fx.Node, idx: list[int]) -> torch.fx.Node:
+    """``x[:, idx]`` as (strided) slices and one ``cat`` on the channel axis (no gather)."""
+    if idx == list(range(_d(x))):
+        return x
+    parts = []
+    for start, stop, step in _runs(idx):
+        args = (x, 1, start, stop) if step == 1 else (x, 1, start, stop, step)
+        parts.append(call(graph, aten.slice.Tensor, args))
+    return call(graph, aten.cat.default, (parts, 1)) if len(parts) > 1 else parts[0]
+
+
+def _reorder(graph, x: torch.fx.Node, have: Perm, want: Perm) -> torch.fx.Node:
+    """Chunk ``x`` in channel order ``have`` brought to order ``want``."""
+    n = _d(x)
+    pos = {c: i for i, c in enumerate(_full(have, n))}
+    return _gather_channels(graph, x, [pos[c] for c in _full(want, n)])
+
+
+def _constant(gm, value: torch.Tensor, prefix: str, like: torch.fx.Node) -> torch.fx.Node:
+    """A new constant (``get_attr``) with shape metadata in ``like``'s fake mode."""
+    from torch._guards import detect_fake_mode
+
+    value = value.detach().contiguous()
+    node = gm.graph.get_attr(add_constant(gm, value, prefix))
+    mode = detect_fake_mode([val(like)])
+    node.meta["val"] = mode.from_tensor(value) if mode is not None else value
+    return node
+
+
+def _permuted_constant(gm, node: torch.fx.Node, perm: tuple[int, ...], memo: dict) -> torch.fx.Node:
+    """A constant ``node`` of shape (D,) in channel order ``perm`` (computed now, stored once)."""
+    key = ("permuted", node, perm)
+    if key not in memo:
+        memo[key] = _constant(gm, eval_constant(gm, node)[list(perm)], "_anefx_perm", node)
+    return memo[key]
+
+
+def _permuted_projection(gm, src: torch.fx.Node, order: ChannelOrder, memo: dict):
+    """``src`` with each head's channels in ``order``, computed by a conv of its own whose weight (and
+    bias) rows are permuted at compile time: head ``j``'s block at channels ``j·len(order.perm)``.
+    None unless ``src`` is a 1x1 conv with constant weights computing these heads and nothing else
+    (a fused QKV projection would have its weight stored twice)."""
+    if src.op != "call_function" or src.target != aten.conv2d.default:
+        return None
+    x, w, *rest = src.args
+    b = rest[0] if rest else None
+    rows = [base + c for base in order.bases for c in order.perm]
+    if sorted(rows) != list(range(_d(src))) or not is_constant(w) or (b is not None and not is_constant(b)):
+        return None
+    key = ("projection", src, tuple(rows))
+    if key not in memo:
+        graph = gm.graph
+        wv = _constant(gm, eval_constant(gm, w)[rows], "_anefx_w", src)
+        bv = None if b is None else _constant(gm, eval_constant(gm, b)[rows], "_anefx_b", src)
+        memo[key] = call(graph, aten.conv2d.default, (x, wv, bv, *rest[1:]), dict(src.kwargs))
+    return memo[key]
+
+
+def _take(graph, x: torch.fx.Node, perm: Perm, wanted: list[int]) -> tuple[torch.fx.Node, Perm]:
+    """Channels ``wanted`` (in the value's order) of chunk ``x`` in order ``perm``: a plain slice when
+    they sit in one run, keeping the run's order; else gathered into the value's order."""
+    pos = {c: i for i, c in enumerate(_full(perm, _d(x)))}
+    at = [pos[c] for c in wanted]
+    ordered = sorted(at)
+    if len(_runs(ordered)) == 1 and at != ordered:  # a run in another order: keep that order
+        return _gather_channels(graph, x, ordered), _norm_perm(tuple(at.index(p) for p in ordered))
+    return _gather_channels(graph, x, at), None
+
+
+def _replay_ordered(graph, step: Step, head, sides: dict) -> tuple[torch.fx.Node, Perm]:
+    """``step``'s op on chunks that carry a channel order (see :func:`_replay` for the op itself)."""
+    n, roles = step.node, step.roles
+    t = n.target
+    d_axis = roles.index(H_D)
+    if t == aten.slice.Tensor and roles[n.args[1] % 4] == H_D:
+        x, perm = head(n.args[0])
+        start, end, stride = (*n.args[2:5], None, None, None)[:3]
+        return _take(graph, x, perm, list(range(shape(n.args[0])[d_axis]))[slice(start, end, stride)])
+    if t == aten.cat.default and roles[(n.args[1] if len(n.args) > 1 else 0) % 4] == H_D:
+        parts = [head(a) for a in n.args[0]]
+        perm, offset = [], 0
+        for x, p in parts:
+            perm += [offset + c for c in _full(p, _d(x))]
+            offset += _d(x)
+        return call(graph, aten.cat.default, ([x for x, _ in parts], 1)), _norm_perm(tuple(perm))
+    size = shape(n)[d_axis]
+    ops = {a: head(a) for a in n.all_input_nodes if a in step.head_args}  # in argument order
+    full = [p for a, (_, p) in ops.items() if shape(a)[d_axis] == size and size > 1]
+    perm = full[0] if full else None
+    if t in REDUCE_OPS and any(roles[d % 4] == H_D for d in n.args[1]):
+        perm = None
+    aligned = {}
+    for a, (x, p) in ops.items():
+        same = shape(a)[d_axis] != size or size == 1 or p == perm
+        aligned[a] = x if same else _reorder(graph, x, p, perm)
+    side_perm = perm if t not in REDUCE_OPS else None
+    return _replay(graph, step, lambda a: aligned[a], sides, side_perm), perm
 
 
 _SCORES = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
@@ -391,8 +585,10 @@ def _unrecognised(node: torch.fx.Node, seen: set) -> str | None:
     ``node`` is no such softmax (or belongs to an attention already counted, in ``seen``)."""
     if node.op != "call_function" or node.target not in _SOFTMAX or len(shape(node) or ()) < 3:
         return None
-    users = list(node.users)
-    users += [v for u in users if u.op == "call_function" and u.target in _PASS for v in u.users]
+    users, frontier = [], list(node.users)
+    for _ in range(4):  # through dropout, clones and casts (softmax(…).to(v.dtype) then dropout)
+        users += frontier
+        frontier = [v for u in frontier if u.op == "call_function" and u.target in _PASS | _CASTS for v in u.users]
     if not any(u.op == "call_function" and u.target in _SCORES for u in users) or any(u in seen for u in users):
         return None
     x, blocker = node.args[0], None
@@ -458,7 +654,7 @@ def _trace_inputs(core: Core) -> list | str:
     return traced
 
 
-def _replay(graph, step: Step, head, sides: dict) -> torch.fx.Node:
+def _replay(graph, step: Step, head, sides: dict, side_perm: Perm = None) -> torch.fx.Node:
     """``step``'s op on per-head (B, D, 1, S) chunks: ``head(operand)`` gives a head operand's chunk;
     side operands are broadcast into the chunk layout once (shared by every head and layer)."""
     n, roles = step.node, step.roles
@@ -466,7 +662,15 @@ def _replay(graph, step: Step, head, sides: dict) -> torch.fx.Node:
     def arg(a):
         if not isinstance(a, torch.fx.Node):
             return a
-        return head(a) if a in step.head_args else _side(graph, a, roles, sides)
+        if a in step.head_args:
+            return head(a)
+        x = _side(graph, a, roles, sides)
+        if side_perm is None or (shape(x) or (1, 1))[1] <= 1:
+            return x
+        key = ("side", x, side_perm)
+        if key not in sides:
+            sides[key] = _reorder(graph, x, None, side_perm)
+        return sides[key]
 
     t = n.target
     if t == aten.slice.Tensor:

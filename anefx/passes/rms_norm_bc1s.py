@@ -37,98 +37,17 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-import anefx.ir.ops  # noqa: F401 - defines anefx::channel_layer_norm
 from anefx.analysis.layout import GLOBAL_RANKS, from_bc1s, to_bc1s
-from anefx.ir.graph import call, dce, dtype, is_constant, provenance, shape
+from anefx.analysis.norms import RMSNorm, emit_channel_rms_norm, match_aten_rms_norm, match_rms_norm
+from anefx.ir.graph import dce, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
-
-_CASTS = {aten._to_copy.default, aten.to.dtype}
 
 
 @dataclass(frozen=True)
 class RMSNormBC1SOptions:
     fold_weight: bool = True
-
-
-@dataclass
-class RMSNorm:
-    x: torch.fx.Node
-    eps: float
-    weight: torch.fx.Node | None
-    cast: torch.dtype | None  # the normalised value is cast to this dtype before the weight
-    last: torch.fx.Node  # the node whose value the rewrite replaces
-
-
-def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _other(node: torch.fx.Node, one) -> object | None:
-    a, b = node.args[:2]
-    return b if a is one else a if b is one else None
-
-
-def _is_square_of(node, x) -> bool:
-    if node.target == aten.pow.Tensor_Scalar:
-        return node.args[0] is x and node.args[1] == 2
-    return node.target == aten.mul.Tensor and node.args[0] is x and node.args[1] is x
-
-
-def _channel_weight(w, channels: int) -> bool:
-    return isinstance(w, torch.fx.Node) and is_constant(w) and shape(w) == (channels,)
-
-
-def match_rms_norm(mean: torch.fx.Node) -> RMSNorm | None:
-    """Recognise the RMSNorm whose mean square is ``mean``."""
-    if mean.op != "call_function" or mean.target != aten.mean.dim or len(mean.args) < 3 or mean.args[2] is not True:
-        return None
-    sq = mean.args[0]
-    if not isinstance(sq, torch.fx.Node) or sq.op != "call_function" or len(sq.users) != 1:
-        return None
-    x = sq.args[0]
-    xs = shape(x)
-    if xs is None or len(xs) not in GLOBAL_RANKS or not _is_square_of(sq, x):
-        return None
-    if [d % len(xs) for d in mean.args[1]] != [len(xs) - 1] or mean.kwargs.get("dtype") is not None:
-        return None
-    add = _only_user(mean)
-    if add is None or add.target not in (aten.add.Tensor, aten.add.Scalar) or add.args[0] is not mean:
-        return None
-    eps = add.args[1]
-    if not isinstance(eps, (int, float)) or add.kwargs.get("alpha", 1) != 1:
-        return None
-    rsqrt = _only_user(add)
-    if rsqrt is None or rsqrt.target != aten.rsqrt.default:
-        return None
-    h = _only_user(rsqrt)
-    if h is None or h.target != aten.mul.Tensor or _other(h, rsqrt) is not x:
-        return None
-    found = RMSNorm(x, float(eps), None, None, h)
-    nxt = _only_user(h)
-    if nxt is not None and nxt.target in _CASTS and not nxt.kwargs.get("memory_format") and dtype(nxt) is not None:
-        found.cast, found.last = dtype(nxt), nxt
-        nxt = _only_user(nxt)
-    if nxt is not None and nxt.target == aten.mul.Tensor and shape(nxt) == xs:
-        w = _other(nxt, found.last)
-        if _channel_weight(w, xs[-1]):
-            found.weight, found.last = w, nxt
-    return found
-
-
-def _match_aten_rms_norm(node: torch.fx.Node) -> RMSNorm | None:
-    x, normalized = node.args[0], node.args[1]
-    xs = shape(x)
-    if xs is None or len(xs) not in GLOBAL_RANKS or list(normalized) != [xs[-1]]:
-        return None
-    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-    eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
-    if eps is None:
-        eps = torch.finfo(dtype(x)).eps
-    if weight is not None and not _channel_weight(weight, xs[-1]):
-        return None
-    return RMSNorm(x, float(eps), weight, None, node)
 
 
 class RMSNormBC1S(Pass):
@@ -144,9 +63,9 @@ class RMSNormBC1S(Pass):
             if node.op != "call_function":
                 continue
             if node.target == aten.mean.dim:
-                norm = match_rms_norm(node)
+                norm = match_rms_norm(node, GLOBAL_RANKS)
             elif node.target == aten.rms_norm.default:
-                norm = _match_aten_rms_norm(node)
+                norm = match_aten_rms_norm(node, GLOBAL_RANKS)
             else:
                 continue
             if norm is None:
@@ -160,17 +79,6 @@ class RMSNormBC1S(Pass):
         return finish(gm, bool(rewritten), rewritten=rewritten)
 
     def _emit(self, graph: torch.fx.Graph, norm: RMSNorm) -> torch.fx.Node:
-        xs = shape(norm.x)
-        rank, channels = len(xs), xs[-1]
+        rank = len(shape(norm.x))
         x4 = to_bc1s(graph, norm.x, rank)
-        both = call(graph, aten.cat.default, ([x4, call(graph, aten.neg.default, (x4,))], 1))
-        w = norm.weight
-        gamma_ok = w is not None and self.options.fold_weight and norm.cast is None and dtype(w) == dtype(norm.x)
-        gamma = call(graph, aten.cat.default, ([w, w],)) if gamma_ok else None
-        out = call(graph, torch.ops.anefx.channel_layer_norm.default, (both, gamma, None, norm.eps))
-        out = call(graph, aten.slice.Tensor, (out, 1, 0, channels))
-        if norm.cast is not None:
-            out = call(graph, aten._to_copy.default, (out,), {"dtype": norm.cast})
-        if w is not None and not gamma_ok:
-            out = call(graph, aten.mul.Tensor, (out, call(graph, aten.view.default, (w, [1, channels, 1, 1]))))
-        return from_bc1s(graph, out, rank)
+        return from_bc1s(graph, emit_channel_rms_norm(graph, x4, norm, self.options.fold_weight), rank)

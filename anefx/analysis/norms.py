@@ -1,0 +1,154 @@
+"""RMSNorm in a graph, and its one-op form on the channel axis of (B, C, 1, S).
+
+RMSNorm (Llama, Qwen, Mistral … ``*RMSNorm``: ``x * rsqrt(mean(x², -1) + eps) * w``) has no
+normalisation op of its own on the ANE, and spelled out it is five ops with an ``x²`` that overflows
+fp16 above 256. The identity ``rms_norm(x) = layer_norm([x, -x])[:C]`` on the channel axis makes it
+one: the concatenation ``[x, -x]`` has mean 0 by construction and variance ``mean(x²)``, so
+LayerNorm's ``eps`` on the variance is RMSNorm's ``eps`` inside the mean square, exactly.
+
+* :func:`match_rms_norm` recognises the spelled-out norm from its mean square (``pow(x, 2)`` or
+  ``x * x`` → ``mean(·, [-1], keepdim)`` → ``+ eps`` → ``rsqrt`` → ``x * ·``, then optionally a cast
+  and a constant per-channel weight, either operand order); :func:`rms_norm_ending_at` finds the
+  same norm from its result (for analyses that walk up from a use, like per-head QK-norm);
+* :func:`emit_channel_rms_norm` writes the one-op form on a (B, C, 1, S) tensor. Both
+  ``rms_norm_bc1s`` (norms over the hidden size) and ``attention_bc1s`` (QK-norm over ``head_dim``,
+  one per head chunk) use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+import anefx.ir.ops  # noqa: F401 - defines anefx::channel_layer_norm
+from anefx.ir.graph import call, dtype, is_constant, shape
+
+aten = torch.ops.aten
+
+_CASTS = {aten._to_copy.default, aten.to.dtype}
+
+
+@dataclass
+class RMSNorm:
+    x: torch.fx.Node
+    eps: float
+    weight: torch.fx.Node | None
+    cast: torch.dtype | None  # the normalised value is cast to this dtype before the weight
+    last: torch.fx.Node  # the node whose value the norm's result is
+
+
+def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _other(node: torch.fx.Node, one) -> object | None:
+    a, b = node.args[:2]
+    return b if a is one else a if b is one else None
+
+
+def _is_square_of(node, x) -> bool:
+    if node.target == aten.pow.Tensor_Scalar:
+        return node.args[0] is x and node.args[1] == 2
+    return node.target == aten.mul.Tensor and node.args[0] is x and node.args[1] is x
+
+
+def channel_weight(w, channels: int) -> bool:
+    """Whether ``w`` is a constant per-channel weight of shape (channels,)."""
+    return isinstance(w, torch.fx.Node) and is_constant(w) and shape(w) == (channels,)
+
+
+def match_rms_norm(mean: torch.fx.Node, ranks: tuple[int, ...]) -> RMSNorm | None:
+    """The RMSNorm over the last axis of a tensor of one of ``ranks`` whose mean square is ``mean``."""
+    if mean.op != "call_function" or mean.target != aten.mean.dim or len(mean.args) < 3 or mean.args[2] is not True:
+        return None
+    sq = mean.args[0]
+    if not isinstance(sq, torch.fx.Node) or sq.op != "call_function" or len(sq.users) != 1:
+        return None
+    x = sq.args[0]
+    xs = shape(x)
+    if xs is None or len(xs) not in ranks or not _is_square_of(sq, x):
+        return None
+    if [d % len(xs) for d in mean.args[1]] != [len(xs) - 1] or mean.kwargs.get("dtype") is not None:
+        return None
+    add = _only_user(mean)
+    if add is None or add.target not in (aten.add.Tensor, aten.add.Scalar) or add.args[0] is not mean:
+        return None
+    eps = add.args[1]
+    if not isinstance(eps, (int, float)) or add.kwargs.get("alpha", 1) != 1:
+        return None
+    rsqrt = _only_user(add)
+    if rsqrt is None or rsqrt.target != aten.rsqrt.default:
+        return None
+    h = _only_user(rsqrt)
+    if h is None or h.target != aten.mul.Tensor or _other(h, rsqrt) is not x:
+        return None
+    found = RMSNorm(x, float(eps), None, None, h)
+    nxt = _only_user(h)
+    if nxt is not None and nxt.target in _CASTS and not nxt.kwargs.get("memory_format") and dtype(nxt) is not None:
+        found.cast, found.last = dtype(nxt), nxt
+        nxt = _only_user(nxt)
+    if nxt is not None and nxt.target == aten.mul.Tensor and shape(nxt) == xs:
+        w = _other(nxt, found.last)
+        if channel_weight(w, xs[-1]):
+            found.weight, found.last = w, nxt
+    return found
+
+
+def rms_norm_ending_at(node: torch.fx.Node, ranks: tuple[int, ...], depth: int = 6) -> RMSNorm | None:
+    """The RMSNorm (as :func:`match_rms_norm` finds it) whose result is ``node``, if any: its mean
+    square is looked for among ``node``'s ancestors up to ``depth`` ops away."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                if a.op != "call_function":
+                    continue
+                if a.target == aten.mean.dim:
+                    found = match_rms_norm(a, ranks)
+                    if found is not None and found.last is node:
+                        return found
+                nxt.append(a)
+        frontier = nxt
+    return None
+
+
+def match_aten_rms_norm(node: torch.fx.Node, ranks: tuple[int, ...]) -> RMSNorm | None:
+    """``aten.rms_norm`` over the last axis of a tensor of one of ``ranks``."""
+    x, normalized = node.args[0], node.args[1]
+    xs = shape(x)
+    if xs is None or len(xs) not in ranks or list(normalized) != [xs[-1]]:
+        return None
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+    eps = node.args[3] if len(node.args) > 3 else node.kwargs.get("eps")
+    if eps is None:
+        eps = torch.finfo(dtype(x)).eps
+    if weight is not None and not channel_weight(weight, xs[-1]):
+        return None
+    return RMSNorm(x, float(eps), weight, None, node)
+
+
+def emit_channel_rms_norm(
+    graph: torch.fx.Graph, x4: torch.fx.Node, norm: RMSNorm, fold_weight: bool = True, memo: dict | None = None
+) -> torch.fx.Node:
+    """``norm`` applied to ``x4`` (B, C, 1, S) over its channel axis, as one ``channel_layer_norm`` of
+    ``[x4, -x4]`` (gamma ``[w, w]`` when ``fold_weight`` allows, shared through ``memo``)."""
+    channels = shape(x4)[1]
+    both = call(graph, aten.cat.default, ([x4, call(graph, aten.neg.default, (x4,))], 1))
+    w = norm.weight
+    gamma_ok = w is not None and fold_weight and norm.cast is None and dtype(w) == dtype(norm.x)
+    gamma = None
+    if gamma_ok:
+        memo = {} if memo is None else memo
+        if ("gamma", w) not in memo:
+            memo[("gamma", w)] = call(graph, aten.cat.default, ([w, w],))
+        gamma = memo[("gamma", w)]
+    out = call(graph, torch.ops.anefx.channel_layer_norm.default, (both, gamma, None, norm.eps))
+    out = call(graph, aten.slice.Tensor, (out, 1, 0, channels))
+    if norm.cast is not None:
+        out = call(graph, aten._to_copy.default, (out,), {"dtype": norm.cast})
+    if w is not None and not gamma_ok:
+        out = call(graph, aten.mul.Tensor, (out, call(graph, aten.view.default, (w, [1, channels, 1, 1]))))
+    return out
