@@ -11,11 +11,12 @@ passes never add a transpose of an activation; the default pipeline is idempoten
 ``HYPOTHESIS_PROFILE=thorough`` (``make test-props``) runs 2,000 examples of each; CI runs a few.
 """
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from mask_cases import keep_masks, keep_masks_4d
 from torch import nn
@@ -125,11 +126,28 @@ def activation_permutes(gm) -> int:
     )
 
 
+def _float32_noise(model: nn.Module, shape, trials: int = 4) -> float:
+    """The model's own float32 rounding: max |f32 - f64| over a few inputs, relative to the output's scale."""
+    wide = copy.deepcopy(model).double()
+    worst = 0.0
+    with torch.no_grad():
+        for seed in range(1, 1 + trials):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+            exact = wide(x.double())
+            err = (model(x).double() - exact).abs().max().item()
+            worst = max(worst, err / max(exact.abs().max().item(), 1e-30))
+    return worst
+
+
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(nets())
 def test_passes_keep_random_graphs_valid_and_equal(case):
     model, shape = case
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    # A graph whose float32 result is itself off its float64 result by more than the validator's
+    # tolerance (cancellation, e.g. a LayerNorm over 2 nearly equal features after x @ x^T) cannot
+    # tell an exact rewrite's rounding from an error: such examples are not evidence either way.
+    assume(_float32_noise(model, shape) < 2e-6)
     cap = anefx.capture(model, (x,))
     pipeline = anefx.Pipeline.default()
     gm = cap.graph_module
