@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from anefx.ir.errors import AnefxError, ConversionError
+from anefx.ir.errors import ConversionError
 from anefx.lm.cache import CacheLayout
 from anefx.lm.package import FUNCTIONS, INPUTS_DOC
 
@@ -119,35 +117,9 @@ class LMChunks:
         """``<path>/`` with one ``<stem>_chunk<i>.mlpackage`` per chunk and ``manifest.json``; all or
         nothing (staged next to ``path``, renamed at the end). Each package's weight files are checked
         against the cap."""
-        from anefx.targets.chunking import package_weight_bytes
+        from anefx.targets.chunking import save_chunk_folder
 
-        path = Path(path)
-        if path.suffix == ".mlpackage":
-            path = path.with_suffix("")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
-        tmp = Path(tempfile.mkdtemp(prefix=".anefx-lm-chunks-", dir=parent))
-        try:
-            staged = tmp / path.name
-            staged.mkdir()
-            manifest = self.manifest(path.name)
-            for c, entry in zip(self.chunks, manifest["chunks"], strict=True):
-                c.package.save(staged / entry["file"])
-                size = package_weight_bytes(staged / entry["file"])
-                entry["weight_bytes"] = size
-                if size > self.cap_mb * MB:
-                    raise AnefxError(
-                        f"chunk {c.index} came out at {size / MB:.3g} MB, above max_chunk_mb={self.cap_mb:g} "
-                        "(the converter stored more than the weights anefx counted); lower the cap"
-                    )
-            (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            staged.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return save_chunk_folder(path, self.manifest, [(c.index, c.package) for c in self.chunks], self.cap_mb)
 
 
 class ChainRunner:

@@ -461,14 +461,6 @@ def compile_lm(
         from anefx.targets.coreml import CoreMLOptions
 
         opts = target_options if target_options is not None else CoreMLOptions()
-    if convert and max_chunk_mb is not None:
-        from anefx.lm.chunks import convert_chunks, split_lm
-        from anefx.targets.compression import bytes_per_weight
-
-        say("split")
-        t0 = time.perf_counter()
-        chunks = split_lm(graphs, layout, flat, float(max_chunk_mb), bytes_per_weight(comp))
-        timings["split"] = time.perf_counter() - t0
         meta = metadata_for(
             name=str(model_name),
             architecture=arch,
@@ -479,6 +471,14 @@ def compile_lm(
         )
         if comp is not None:
             meta["anefx.compression"] = comp.scheme
+    if convert and max_chunk_mb is not None:
+        from anefx.lm.chunks import convert_chunks, split_lm
+        from anefx.targets.compression import bytes_per_weight
+
+        say("split")
+        t0 = time.perf_counter()
+        chunks = split_lm(graphs, layout, flat, float(max_chunk_mb), bytes_per_weight(comp))
+        timings["split"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         convert_chunks(chunks, opts, meta, say, comp)
         timings["convert"] = time.perf_counter() - t0
@@ -514,18 +514,9 @@ def compile_lm(
             }
         say("merge")
         t0 = time.perf_counter()
-        meta = metadata_for(
-            name=str(model_name),
-            architecture=arch,
-            layout=layout,
-            prefill_length=prefill_length,
-            eos_ids=eos,
-            precision=opts.precision_name,
-        )
         fp16_functions = functions
         lm_compression = None
         if comp is not None:
-            meta["anefx.compression"] = comp.scheme
             package, lm_compression = _compress_and_merge(functions, comp, examples, meta, say)
             timings["compress"] = lm_compression.seconds
         else:

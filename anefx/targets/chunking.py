@@ -154,34 +154,40 @@ class Chunked:
     def save(self, path) -> Path:
         """Write ``<path>/`` with one ``<stem>_chunk<i>.mlpackage`` per chunk and ``manifest.json``;
         all or nothing (staged in a temporary folder, renamed at the end)."""
-        path = Path(path)
-        if path.suffix == ".mlpackage":  # ``-o model.mlpackage`` on a chunked compile: the folder ``model``
-            path = path.with_suffix("")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
-        stem = path.name
-        tmp = Path(tempfile.mkdtemp(prefix=".anefx-chunks-", dir=parent))
-        try:
-            staged = tmp / path.name
-            staged.mkdir()
-            manifest = self.manifest(stem)
-            for c, entry in zip(self.chunks, manifest["chunks"], strict=True):
-                c.artifact.save(staged / entry["file"])
-                size = package_weight_bytes(staged / entry["file"])
-                entry["weight_bytes"] = size
-                if size > self.cap_mb * MB:
-                    raise AnefxError(
-                        f"chunk {c.index} came out at {size / MB:.3g} MB, above max_chunk_mb={self.cap_mb:g} "
-                        "(the converter stored more than the weights anefx counted); lower the cap"
-                    )
-            (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            staged.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return save_chunk_folder(path, self.manifest, [(c.index, c.artifact) for c in self.chunks], self.cap_mb)
+
+
+def save_chunk_folder(path, manifest, packages: Sequence[tuple[int, Any]], cap_mb: float) -> Path:
+    """``<path>/`` holding ``packages`` (``(chunk index, artifact)``, saved under the manifest's file
+    names) and ``manifest.json``; all or nothing (staged next to ``path``, renamed at the end). Each
+    package's weight files are checked against ``cap_mb``. ``manifest(stem)`` builds the manifest."""
+    path = Path(path)
+    if path.suffix == ".mlpackage":  # ``-o model.mlpackage`` on a chunked compile: the folder ``model``
+        path = path.with_suffix("")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=".anefx-chunks-", dir=parent))
+    try:
+        staged = tmp / path.name
+        staged.mkdir()
+        data = manifest(path.name)
+        for (index, artifact), entry in zip(packages, data["chunks"], strict=True):
+            artifact.save(staged / entry["file"])
+            size = package_weight_bytes(staged / entry["file"])
+            entry["weight_bytes"] = size
+            if size > cap_mb * MB:
+                raise AnefxError(
+                    f"chunk {index} came out at {size / MB:.3g} MB, above max_chunk_mb={cap_mb:g} "
+                    "(the converter stored more than the weights anefx counted); lower the cap"
+                )
+        (staged / "manifest.json").write_text(json.dumps(data, indent=2))
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        staged.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def _describe(name: str, source: str, t: torch.Tensor) -> dict:
