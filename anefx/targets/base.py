@@ -84,13 +84,18 @@ class Artifact(abc.ABC):
         return path
 
 
-def legalized_clone(handoff: HandOff) -> torch.fx.GraphModule:
+def legalized_clone(handoff: HandOff, reexport: bool = True) -> torch.fx.GraphModule:
     """A clone of the validated graph spelled the way converters accept (ops respelled, constants
     folded): each target legalizes for itself, and the compiled graph is never touched.
 
     Each legalization step is validated like a pass (:func:`anefx.driver.validate.apply_validated`): a
     rewrite that changes a value is dropped at its site, never shipped (``handoff.checks`` names
-    it). Without a validator (``validate="off"``) the steps run unchecked, as the user asked."""
+    it). Without a validator (``validate="off"``) the steps run unchecked, as the user asked.
+
+    ``reexport``: the caller will trace the result again with ``torch.export`` (whose fake strides
+    refuse some views eager runs), so the steps are also required to keep it exportable. A caller
+    that lifts the graph into a program directly (:func:`anefx.targets.lift.lifted_program`) passes
+    False and skips that trial export (a full trace: a fifth of DistilBERT's hand-off)."""
     from anefx.analysis.legalize import canonicalize, fold_constants
     from anefx.ir.graph import clone_graph_module
 
@@ -109,7 +114,7 @@ def legalized_clone(handoff: HandOff) -> torch.fx.GraphModule:
         gm.recompile()
         return gm
     legalized = _legalize(handoff, gm, steps, validator)
-    if not _exports(handoff, legalized):  # e.g. a removed clone leaves a view of a non-contiguous tensor
+    if reexport and not _exports(handoff, legalized):  # e.g. a removed clone leaves a view of a non-contiguous tensor
         legalized = _legalize(handoff, gm, steps, _ExportingValidator(validator, handoff))
     return legalized
 

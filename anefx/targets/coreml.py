@@ -198,8 +198,11 @@ def _ensure_anefx_ops() -> None:
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
     from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
 
-    kind = sanitize_op_kind(torch.ops.anefx.channel_layer_norm.default.name())
-    register_torch_op(_convert_channel_layer_norm, torch_alias=[kind], override=True)
+    op = torch.ops.anefx.channel_layer_norm.default
+    # the converter looks ops up by their qualified name (``anefx::channel_layer_norm``), the
+    # support query ``is_torch_fx_node_supported`` by ``__name__`` (``channel_layer_norm.default``)
+    kinds = sorted({sanitize_op_kind(op.name()), sanitize_op_kind(op.__name__)})
+    register_torch_op(_convert_channel_layer_norm, torch_alias=kinds, override=True)
 
 
 def _unconvertible(ep) -> list[str]:
@@ -273,7 +276,7 @@ class CoreMLTarget(Target):
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         register_converters()  # before asking which ops coremltools lacks: anefx's own ops are covered
-        ep = lifted_program(legalized_clone(handoff)) if opts.fast_conversion else None
+        ep = lifted_program(legalized_clone(handoff, reexport=False)) if opts.fast_conversion else None
         if ep is not None and _unconvertible(ep):  # ops only their decompositions spell for coremltools
             ep = keep_input_names(ep, ep.run_decompositions({}))
         if ep is None:
