@@ -260,6 +260,12 @@ def test_chunks_under_the_cap_chain_to_the_model(chunked, tmp_path):
         available |= set(entry["outputs"])
     assert manifest["model_outputs"][0]["name"] == "logits"
     assert manifest["model_outputs"][0]["from"] == f"chunk{len(chunks) - 1}"
+    # each boundary carries the hidden state alone: masks and rotary tables are recomputed from the
+    # model's inputs in every chunk, and the next layer's norm input (RMSNorm's cat(x, -x)) is not
+    # passed beside x
+    for entry in manifest["chunks"][1:]:
+        passed = [i["shape"] for i in entry["inputs"] if i["from"] != "model"]
+        assert passed == [[1, 320, 1, SEQ]], entry["inputs"]
     # every layer is in exactly one chunk, in order
     layers = [layer for e in manifest["chunks"] for layer in e["layers"]]
     assert layers == sorted(layers) == [0, 1, 2]
@@ -518,6 +524,8 @@ def test_compile_lm_chunks_hold_their_layers_and_states(lm_chunked, tmp_path):
         for entry in manifest["chunks"]:
             assert {x["name"] for x in entry["functions"][fn]["inputs"]} <= available
             available |= set(entry["functions"][fn]["outputs"])
+        for entry in manifest["chunks"][:-1]:  # the hidden state alone crosses each boundary
+            assert len(entry["functions"][fn]["outputs"]) == 1, entry["functions"][fn]
 
 
 def test_compile_lm_chain_generates_like_the_model(lm_chunked):

@@ -257,7 +257,7 @@ def split(
                 stage[n.name] = input_stages.get(n.name, -1)
         elif n.op == "call_function":
             ins = n.all_input_nodes
-            if ins and all(i.name in const for i in ins):
+            if all(i.name in const for i in ins):  # no input at all (``arange``, ``full``) is constant too
                 const.add(n.name)
             stage[n.name] = max((stage[i.name] for i in ins), default=-1)
     # values computed from the model's (unstaged) inputs and small tables only — masks, positions,
@@ -305,6 +305,7 @@ def split(
     }
     for name in user_inputs:
         chunk_of[name] = -1  # the model's inputs come from outside every chunk
+    _place_boundaries(ep, chunk_of, len(groups), const_or_derived, values, set(model_outputs))
 
     chunks = []
     nodes = list(ep.graph.nodes)
@@ -335,6 +336,59 @@ def split(
             c.example_inputs = [env[n].contiguous() for n in c.inputs]  # Core ML wants dense inputs
             env.update(zip(c.outputs, c.graph_module(*c.example_inputs), strict=True))
     return chunked
+
+
+def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str], values: dict, outputs: set[str]):
+    """Move the ops that read no weight across chunk boundaries so that the fewest bytes cross.
+
+    The stage rule puts an op that reads no weight with its latest input (as early as possible), but
+    such an op may as well run in any later chunk up to its first consumer's: RMSNorm's ``cat(x, -x)``
+    at the end of a chunk would cross as a second, twice-as-wide value beside ``x``. Each boundary is
+    a minimum s-t cut (``networkx.minimum_cut``) over the movable ops: a value costs its bytes when
+    it is computed before the boundary and read after it, and no op may run before an op it reads.
+    ``chunk_of`` is updated in place."""
+    import networkx as nx
+
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.name not in free]
+    pinned = {n.name for n in nodes if any(i.name in values for i in n.all_input_nodes)} | outputs
+    users = {n.name: [u.name for u in n.users if u.name in chunk_of and u.name not in free] for n in nodes}
+    early = {n.name: chunk_of[n.name] for n in nodes}  # earliest chunk each op may run in
+    late = dict(early)  # latest: its first consumer's, for an op that reads no weight
+    for n in reversed(nodes):
+        if n.name not in pinned and users[n.name]:
+            late[n.name] = max(early[n.name], min(late[u] for u in users[n.name]))
+    for b in range(n_chunks - 1):  # the boundary between chunk b and chunk b + 1
+        movable = {n.name for n in nodes if early[n.name] <= b < late[n.name]}
+        if not movable:
+            continue
+        g = nx.DiGraph()
+        near = set(movable)
+        for n in nodes:
+            if n.name in movable:
+                near |= {i.name for i in n.all_input_nodes if i.name in early} | set(users[n.name])
+        for name in near:
+            if name not in movable:  # fixed on one side of this boundary
+                g.add_edge(*(("s", name) if late[name] <= b else (name, "t")), capacity=float("inf"))
+        for n in nodes:
+            if n.name not in near:
+                continue
+            val = n.meta.get("val")
+            nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+            g.add_edge(n.name, ("out", n.name), capacity=float(nbytes))
+            for u in users[n.name]:
+                if u in near:
+                    g.add_edge(("out", n.name), u, capacity=float("inf"))  # read after the boundary: it crosses
+                    g.add_edge(u, n.name, capacity=float("inf"))  # a consumer never runs before its producer
+        if "s" not in g or "t" not in g:
+            continue
+        _, (before, _after) = nx.minimum_cut(g, "s", "t")
+        for name in movable:
+            if name in before:
+                late[name] = b
+            else:
+                early[name] = b + 1
+    for name, c in early.items():
+        chunk_of[name] = c
 
 
 def _need(node: torch.fx.Node, derived: set[str], inside: set[str], needed: list[str]) -> None:
