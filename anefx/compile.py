@@ -65,9 +65,9 @@ class CompiledModel:
     def ane_report(self):
         """The ANE readiness report (:func:`anefx.check`) of this compile; computed on first use."""
         if "_ane_report" not in self.__dict__:
-            if self.target != "coreml" or self.artifact is None:
+            if self.target != "coreml" or (self.artifact is None and self.chunks is None):
                 raise ValueError("the ANE report reads a Core ML program: compile with target='coreml', convert=True")
-            report = analyse(self.artifact, self.graph_module, self.captured.flat_inputs)
+            report = analyse(self.artifact, self.graph_module, self.captured.flat_inputs, self.chunks)
             add_unmatched_attention(report, self.report.records)
             self.__dict__["_ane_report"] = report
         return self.__dict__["_ane_report"]

@@ -281,6 +281,17 @@ def test_chunks_under_the_cap_chain_to_the_model(chunked, tmp_path):
     assert sum(convs) == 3 * 7 + 1
 
 
+def test_ane_report_covers_every_chunk(chunked):
+    compiled = chunked[0]
+    report = compiled.ane_report
+    per_chunk = [sum(c.artifact.op_histogram().values()) for c in compiled.chunks.chunks]
+    assert report.op_count == sum(per_chunk)
+    # the embedding's gather is in the first package only, and is named after it
+    gathers = [f.op for f in report.findings if f.op_type == "gather"]
+    assert gathers and all(op.startswith("chunk0/") for op in gathers), gathers
+    assert report.estimate["weight_mib"] > 0
+
+
 def test_a_failing_chunk_save_leaves_nothing(chunked, tmp_path, monkeypatch):
     compiled = chunked[0]
     last = compiled.chunks.chunks[-1].artifact

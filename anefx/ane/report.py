@@ -185,12 +185,32 @@ def _compute_plan(artifact) -> tuple[dict[str, str], str]:
         return {}, f"absent: MLComputePlan failed ({type(exc).__name__}: {exc})"
 
 
-def analyse(artifact, graph_module, flat_inputs) -> ANEReport:
-    """The report for a converted Core ML artifact and the rewritten graph it came from."""
-    locations = _locations(artifact, graph_module)
-    devices, plan_note = _compute_plan(artifact)
-    report = ANEReport(compute_plan=plan_note)
+def analyse(artifact, graph_module, flat_inputs, chunks=None) -> ANEReport:
+    """The report for a converted Core ML artifact and the rewritten graph it came from.
+
+    ``chunks`` (a chunked compile's chain, ``artifact`` None): every package is scanned, its op
+    names prefixed ``chunk<i>/``, and the estimate covers the whole chain."""
+    parts = [(artifact, graph_module, "")]
+    if chunks is not None:
+        parts = [(c.artifact, c.graph_module, f"chunk{c.index}/") for c in chunks.chunks]
+    notes = set()
+    report = ANEReport()
     estimate = Estimate()
+    weight_bytes = 0
+    for art, gm, prefix in parts:
+        devices, plan_note = _compute_plan(art)
+        notes.add(plan_note)
+        weight_bytes += _scan(art, _locations(art, gm), devices, prefix, report, estimate)
+    report.compute_plan = "; ".join(sorted(notes))
+    report.costs = estimate.ops
+    report.estimate = estimate.to_dict(weight_bytes)
+    report.estimate["chips"] = sorted(CHIPS)
+    report.fp16 = check_fp16_range(graph_module, flat_inputs)
+    return report
+
+
+def _scan(artifact, locations, devices, prefix: str, report: ANEReport, estimate: Estimate) -> int:
+    """Apply every rule to the ops of one Core ML program; returns its weight bytes (fp16)."""
     weight_bytes = 0
     for op in artifact.operations():
         if op.op_type == "const":
@@ -209,20 +229,29 @@ def analyse(artifact, graph_module, flat_inputs) -> ANEReport:
                 flagged = True
                 report.findings.append(
                     Finding(
-                        op.name, op.op_type, rule.id, rule.verdict, reason, rule.source, location, devices.get(out_name)
+                        prefix + op.name,
+                        op.op_type,
+                        rule.id,
+                        rule.verdict,
+                        reason,
+                        rule.source,
+                        location,
+                        devices.get(out_name),
                     )
                 )
         if not flagged and op.op_type not in KNOWN_ANE_OPS and op.op_type != "cast":
             report.findings.append(
                 Finding(
-                    op.name, op.op_type, "unknown", "unknown", f"no rule covers {op.op_type}", UNKNOWN_SOURCE, location
+                    prefix + op.name,
+                    op.op_type,
+                    "unknown",
+                    "unknown",
+                    f"no rule covers {op.op_type}",
+                    UNKNOWN_SOURCE,
+                    location,
                 )
             )
-    report.costs = estimate.ops
-    report.estimate = estimate.to_dict(weight_bytes)
-    report.estimate["chips"] = sorted(CHIPS)
-    report.fp16 = check_fp16_range(graph_module, flat_inputs)
-    return report
+    return weight_bytes
 
 
 def add_unmatched_attention(report: ANEReport, records) -> None:
