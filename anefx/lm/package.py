@@ -34,6 +34,7 @@ from anefx.targets.coreml import (
     quiet_coremltools,
     register_converters,
 )
+from anefx.targets.mil_pipeline import pass_pipeline
 
 FUNCTIONS = ("prefill", "decode")
 
@@ -107,6 +108,9 @@ def convert_stateful(
     target, precision, units = options.resolved()
     target = max(target, ct.target.iOS18)  # Core ML states need iOS18 / macOS15
     register_converters()
+    kwargs = dict(options.convert_kwargs)
+    if "pass_pipeline" not in kwargs and options.fast_conversion:
+        kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=options.precision_name == "float16")
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(), quiet_coremltools():
@@ -119,7 +123,7 @@ def convert_stateful(
                 compute_units=units,
                 outputs=[ct.TensorType(name=n) for n in output_names],
                 skip_model_load=True,
-                **dict(options.convert_kwargs),
+                **kwargs,
             )
     except Exception as exc:
         raise ConversionError(f"{name}: {explain_failure(exc, ep, graph_module)}") from exc
