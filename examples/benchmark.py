@@ -2,7 +2,7 @@
 
     python examples/benchmark.py                         # stock DistilBERT, full size
     python examples/benchmark.py --models all            # the whole zoo, full size
-    python examples/benchmark.py --models llama_small,qwen3_small   # decoders: norms and layout, stock vs anefx
+    python examples/benchmark.py --models llama_small,qwen3_small,mistral_small,neox_small,opt_small,llama_lm_small
     python examples/benchmark.py --memory --scaling      # the memory and depth-scaling checks
     python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
     python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
@@ -51,6 +51,10 @@ FULL_SIZE = {
     # decoders (small configs, random weights): RoPE, GQA, RMSNorm, Qwen3's per-head QK-norm
     "llama_small": lambda attn: models.small_decoder("llama"),
     "qwen3_small": lambda attn: models.small_decoder("qwen3"),
+    "mistral_small": lambda attn: models.small_decoder("mistral"),
+    "neox_small": lambda attn: models.small_decoder("neox"),
+    "opt_small": lambda attn: models.small_decoder("opt"),
+    "llama_lm_small": lambda attn: models.small_decoder("llama_lm"),
 }
 KEY_OPS = (
     "linear",

@@ -549,8 +549,12 @@ def tiny_llama_lm(seed: int = 0):
 
 
 def small_decoder(kind: str = "llama", layers: int = 4, dim: int = 256, heads: int = 8, seq: int = 64):
-    """A small random-weight decoder (``LlamaModel`` or ``Qwen3Model``, GQA with ``heads / 4`` KV heads,
-    Qwen3 with its per-head QK-norm), nothing zero or identity, called with ids and a padded mask."""
+    """A small random-weight decoder, nothing zero or identity, called with ids and a padded mask.
+
+    ``kind``: ``llama`` (``LlamaModel``, GQA with ``heads / 4`` KV heads), ``llama_lm``
+    (``LlamaForCausalLM``, tied LM head), ``qwen3`` (per-head QK-norm), ``mistral`` (sliding window
+    of ``seq / 4`` tokens), ``neox`` (``GPTNeoXModel``, partial rotary) or ``opt`` (``OPTModel``,
+    learned positions, LayerNorm, ReLU)."""
     import transformers as tf
 
     common = dict(
@@ -565,10 +569,29 @@ def small_decoder(kind: str = "llama", layers: int = 4, dim: int = 256, heads: i
     torch.manual_seed(0)
     if kind == "llama":
         model = tf.LlamaModel(tf.LlamaConfig(**common))
+    elif kind == "llama_lm":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(tie_word_embeddings=True, **common))
     elif kind == "qwen3":
         model = tf.Qwen3Model(tf.Qwen3Config(head_dim=dim // heads, **common))
+    elif kind == "mistral":
+        model = tf.MistralModel(tf.MistralConfig(sliding_window=seq // 4, **common))
+    elif kind == "neox":
+        del common["num_key_value_heads"]
+        model = tf.GPTNeoXModel(tf.GPTNeoXConfig(rotary_pct=0.25, **common))
+    elif kind == "opt":
+        model = tf.OPTModel(
+            tf.OPTConfig(
+                vocab_size=1024,
+                hidden_size=dim,
+                ffn_dim=4 * dim,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                max_position_embeddings=2 * seq,
+                word_embed_proj_dim=dim,
+            )
+        )
     else:
-        raise KeyError(f"unknown decoder kind {kind!r}: llama or qwen3")
+        raise KeyError(f"unknown decoder kind {kind!r}: llama, llama_lm, qwen3, mistral, neox or opt")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

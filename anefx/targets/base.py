@@ -64,24 +64,30 @@ class Artifact(abc.ABC):
         path = Path(path)
         if self.suffix and path.suffix != self.suffix:
             raise AnefxError(f"{type(self).__name__} must be saved with the {self.suffix} suffix, got {path.name!r}")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.exists():
-            raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
-        if not parent.is_dir():
-            raise AnefxError(f"cannot save to {path}: {parent} is not a directory")
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=".anefx-", dir=parent))
-        except OSError as exc:
-            raise AnefxError(f"cannot save to {path}: {parent} is not writable ({exc.strerror})") from exc
-        try:
-            staged = tmp / path.name
-            self._write(staged)
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            staged.rename(path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return write_atomically(path, self._write)
+
+
+def write_atomically(path: Path, write) -> Path:
+    """``write(staged)`` into a private folder next to ``path``, then rename the result to ``path``
+    (replacing what was there): on any failure nothing is left behind and ``path`` is untouched."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
+    if not parent.is_dir():
+        raise AnefxError(f"cannot save to {path}: {parent} is not a directory")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".anefx-", dir=parent))
+    except OSError as exc:
+        raise AnefxError(f"cannot save to {path}: {parent} is not writable ({exc.strerror})") from exc
+    try:
+        staged = tmp / path.name
+        write(staged)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        staged.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def legalized_clone(handoff: HandOff, reexport: bool = True) -> torch.fx.GraphModule:

@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,15 +159,13 @@ def save_chunk_folder(path, manifest, packages: Sequence[tuple[int, Any]], cap_m
     """``<path>/`` holding ``packages`` (``(chunk index, artifact)``, saved under the manifest's file
     names) and ``manifest.json``; all or nothing (staged next to ``path``, renamed at the end). Each
     package's weight files are checked against ``cap_mb``. ``manifest(stem)`` builds the manifest."""
+    from anefx.targets.base import write_atomically
+
     path = Path(path)
     if path.suffix == ".mlpackage":  # ``-o model.mlpackage`` on a chunked compile: the folder ``model``
         path = path.with_suffix("")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise AnefxError(f"cannot save to {path}: the directory {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=".anefx-chunks-", dir=parent))
-    try:
-        staged = tmp / path.name
+
+    def write(staged: Path) -> None:
         staged.mkdir()
         data = manifest(path.name)
         for (index, artifact), entry in zip(packages, data["chunks"], strict=True):
@@ -182,12 +178,8 @@ def save_chunk_folder(path, manifest, packages: Sequence[tuple[int, Any]], cap_m
                     "(the converter stored more than the weights anefx counted); lower the cap"
                 )
         (staged / "manifest.json").write_text(json.dumps(data, indent=2))
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        staged.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return write_atomically(path, write)
 
 
 def _describe(name: str, source: str, t: torch.Tensor) -> dict:
