@@ -266,9 +266,15 @@ def compile(  # noqa: A001 - the public name users expect
         validator=result.validator,
     )
     if convert:
-        handoff = _split_lm_head(handoff, captured, lm_head, report)
+        from anefx.targets.lm_head import split_handoff
+
+        handoff, head_stats = split_handoff(handoff, captured.flat_inputs, lm_head)
+        if head_stats is not None:
+            report.conversion["lm_head"] = head_stats
     if convert and cap is not None:
-        chunked = _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings)
+        from anefx.targets.chunking import convert_chunked
+
+        chunked = convert_chunked(handoff, captured.flat_inputs, tgt, comp, cap, progress, timings)
         report.conversion |= {"target": target, "chunks": len(chunked.chunks), "max_chunk_mb": cap}
         convert = False
     if convert:
@@ -306,53 +312,6 @@ def compile(  # noqa: A001 - the public name users expect
         compression=compressed,
         chunks=chunked,
     )
-
-
-def _split_lm_head(handoff: HandOff, captured: Captured, lm_head, report: Report) -> HandOff:
-    """The hand-off copy with its vocabulary projection split (and argmax/top-k), checked in torch."""
-    from anefx.driver.validate import run_flat
-    from anefx.ir.graph import clone_graph_module
-    from anefx.targets import lm_head as head
-
-    options = head.check(lm_head) if lm_head is not None else head.HARD_LIMIT
-    gm, stats = head.split_head(clone_graph_module(handoff.graph_module), options)
-    if not stats["lm_head_split"] and options.output == "logits":
-        return handoff
-    flat = captured.flat_inputs
-    head.verify(run_flat(handoff.graph_module, flat), run_flat(gm, flat), options)
-    report.conversion["lm_head"] = stats
-    return HandOff(gm, tuple(flat), {}, handoff.input_names, head.output_names(handoff.output_names, options))
-
-
-def _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings):
-    """Split at layer boundaries, convert (and compress) each chunk, validate the chain in torch."""
-    from anefx.ir.errors import ConversionError
-    from anefx.targets.chunking import export_program, split
-    from anefx.targets.compression import bytes_per_weight
-    from anefx.targets.quality import WeightSwap
-
-    t0 = time.perf_counter()
-    ep = export_program(handoff)
-    flat = captured.flat_inputs
-    chunked = split(ep, flat, handoff.output_names, cap, bytes_per_weight(comp))
-    got = chunked.run(flat)
-    want = WeightSwap(ep).swap(flat, {})[0]
-    for name, a, b in zip(handoff.output_names, got, want, strict=True):
-        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-            raise ConversionError(f"the chained chunks differ from the whole graph on output {name!r}")
-    timings["split"] = time.perf_counter() - t0
-    tgt = target_by_name(target, target_options)
-    t0 = time.perf_counter()
-    for c in chunked.chunks:
-        if progress:
-            progress(f"convert:{target}:chunk{c.index}")
-        c.artifact = tgt.convert(HandOff(c.graph_module, tuple(c.example_inputs), {}, c.inputs, c.outputs))
-        if comp is not None:
-            from anefx.targets.compression import compress_artifact
-
-            c.artifact, c.compression = compress_artifact(c.artifact, comp, c.example_inputs, progress)
-    timings["convert"] = time.perf_counter() - t0
-    return chunked
 
 
 def _check_deploy_options(model, compression, max_chunk_mb, target: str, target_options, convert: bool):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,6 +382,35 @@ def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str
                 early[name] = b + 1
     for name, c in early.items():
         chunk_of[name] = c
+
+
+def convert_chunked(handoff, flat_inputs, target, compression, cap_mb: float, progress, timings: dict) -> Chunked:
+    """Split the hand-off's graph at layer boundaries under ``cap_mb``, check the chain in torch
+    against the whole graph, then convert (and compress) each chunk with ``target``."""
+    from anefx.ir.errors import ConversionError
+    from anefx.targets.base import HandOff
+    from anefx.targets.compression import bytes_per_weight, compress_artifact
+    from anefx.targets.quality import WeightSwap
+
+    t0 = time.perf_counter()
+    ep = export_program(handoff)
+    flat = list(flat_inputs)
+    chunked = split(ep, flat, handoff.output_names, cap_mb, bytes_per_weight(compression))
+    got = chunked.run(flat)
+    want = WeightSwap(ep).swap(flat, {})[0]
+    for name, a, b in zip(handoff.output_names, got, want, strict=True):
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise ConversionError(f"the chained chunks differ from the whole graph on output {name!r}")
+    timings["split"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for c in chunked.chunks:
+        if progress:
+            progress(f"convert:{target.name}:chunk{c.index}")
+        c.artifact = target.convert(HandOff(c.graph_module, tuple(c.example_inputs), {}, c.inputs, c.outputs))
+        if compression is not None:
+            c.artifact, c.compression = compress_artifact(c.artifact, compression, c.example_inputs, progress)
+    timings["convert"] = time.perf_counter() - t0
+    return chunked
 
 
 def _need(node: torch.fx.Node, derived: set[str], inside: set[str], needed: list[str]) -> None:

@@ -152,3 +152,20 @@ def verify(original: list[torch.Tensor], rewritten: list[torch.Tensor], options:
             ok = torch.equal(a, b)
         if not ok:
             raise AnefxError(f"the split LM head changed output {i}: it is not shipped (report this model)")
+
+
+def split_handoff(handoff, flat_inputs, lm_head: LMHeadOptions | None):
+    """The hand-off with a copy of its graph whose vocabulary projection is split (and argmax/top-k
+    added), checked in torch against the graph it came from; ``(handoff, stats)``, or the hand-off
+    unchanged and None when there is nothing to do (``lm_head`` None: only heads above the hard limit)."""
+    from anefx.driver.validate import run_flat
+    from anefx.ir.graph import clone_graph_module
+    from anefx.targets.base import HandOff
+
+    options = check(lm_head) if lm_head is not None else HARD_LIMIT
+    gm, stats = split_head(clone_graph_module(handoff.graph_module), options)
+    if not stats["lm_head_split"] and options.output == "logits":
+        return handoff, None
+    flat = list(flat_inputs)
+    verify(run_flat(handoff.graph_module, flat), run_flat(gm, flat), options)
+    return HandOff(gm, tuple(flat), {}, handoff.input_names, output_names(handoff.output_names, options)), stats
