@@ -12,6 +12,7 @@ import contextvars
 import copy
 import operator
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -348,3 +349,13 @@ def dce(graph: torch.fx.Graph) -> int:
     before = len(graph.nodes)
     graph.eliminate_dead_code(is_impure_node=lambda node: not _removable(node))
     return before - len(graph.nodes)
+
+
+#: ``model.layers.3.mlp…``, ``encoder.layer.3.…``, ``h.3.…``, ``blocks.3.…``: a numbered layer.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a parameter name ending with ``.`` (``"model.layers.3.mlp.weight."`` → 3)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,8 @@ import torch
 import torch.fx
 
 from anefx.ir.errors import AnefxError
+from anefx.ir.graph import layer_of
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 MB = 1_000_000
 
 
@@ -48,11 +47,6 @@ def default_cap_mb(minimum_deployment_target: str) -> float:
     """1,024 MB for iOS-family targets, 2,048 MB for macOS (the sizes above which exports fail or
     leave the ANE, as users report them; see the module docstring)."""
     return 2048.0 if minimum_deployment_target.startswith("macOS") else 1024.0
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def check_cap(named_parameters: Iterable[tuple[str, torch.Tensor]], cap_mb: float, bytes_per_weight: float) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from anefx.ir.errors import AnefxError
-from anefx.targets.chunking import layer_of
+from anefx.ir.graph import layer_of
 
 #: The schemes anefx ships: name → (coremltools compressor, bits).
 SCHEMES: dict[str, tuple[str, int]] = {
