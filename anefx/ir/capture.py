@@ -379,7 +379,11 @@ def capture(
             names = [n for i, n in enumerate(_positional_names(model, len(args))) if i not in constants.args]
             patch = _specialised_forward(model, constants, names, list(graph_kwargs))
         try:
-            with patch:
+            # under no_grad: a model's own ``torch.no_grad()`` (transformers' rotary embedding) then
+            # changes nothing and export inlines it, instead of wrapping it in a
+            # ``wrap_with_set_grad_enabled`` higher-order op (a submodule passes cannot see into, and
+            # which keeps the Core ML hand-off from lifting the graph directly)
+            with patch, torch.no_grad():
                 ep = torch.export.export(model, graph_args, graph_kwargs, strict=False)
         except Exception as exc:
             raise CaptureError(_explain_export_failure(exc)) from exc
