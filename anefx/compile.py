@@ -67,7 +67,10 @@ class CompiledModel:
         if "_ane_report" not in self.__dict__:
             if self.target != "coreml" or (self.artifact is None and self.chunks is None):
                 raise ValueError("the ANE report reads a Core ML program: compile with target='coreml', convert=True")
-            report = analyse(self.artifact, self.graph_module, self.captured.flat_inputs, self.chunks)
+            parts = None
+            if self.chunks is not None:
+                parts = [(c.artifact, c.graph_module, f"chunk{c.index}") for c in self.chunks.chunks]
+            report = analyse(self.artifact, self.graph_module, self.captured.flat_inputs, parts)
             add_unmatched_attention(report, self.report.records)
             self.__dict__["_ane_report"] = report
         return self.__dict__["_ane_report"]

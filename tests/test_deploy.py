@@ -537,6 +537,10 @@ def test_compile_lm_chunks_hold_their_layers_and_states(lm_chunked, tmp_path):
             available |= set(entry["functions"][fn]["outputs"])
         for entry in manifest["chunks"][:-1]:  # the hidden state alone crosses each boundary
             assert len(entry["functions"][fn]["outputs"]) == 1, entry["functions"][fn]
+        # the ANE report reads every package of the chain
+        report = lm.ane_report(fn)
+        assert report.op_count == sum(sum(c.package.op_histogram(fn).values()) for c in chunks)
+        assert {f.op.split("/")[0] for f in report.findings if f.op_type == "gather"} == {"chunk0"}
 
 
 def test_compile_lm_chain_generates_like_the_model(lm_chunked):

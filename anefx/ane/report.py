@@ -185,14 +185,13 @@ def _compute_plan(artifact) -> tuple[dict[str, str], str]:
         return {}, f"absent: MLComputePlan failed ({type(exc).__name__}: {exc})"
 
 
-def analyse(artifact, graph_module, flat_inputs, chunks=None) -> ANEReport:
+def analyse(artifact, graph_module, flat_inputs, parts=None) -> ANEReport:
     """The report for a converted Core ML artifact and the rewritten graph it came from.
 
-    ``chunks`` (a chunked compile's chain, ``artifact`` None): every package is scanned, its op
-    names prefixed ``chunk<i>/``, and the estimate covers the whole chain."""
-    parts = [(artifact, graph_module, "")]
-    if chunks is not None:
-        parts = [(c.artifact, c.graph_module, f"chunk{c.index}/") for c in chunks.chunks]
+    ``parts`` (a chunked compile, ``artifact`` None): ``(artifact, graph module, name)`` per package
+    of the chain; every package is scanned, its op names prefixed ``<name>/``, and the estimate
+    covers the whole chain."""
+    parts = [(artifact, graph_module, "")] if parts is None else [(a, g, f"{name}/") for a, g, name in parts]
     notes = set()
     report = ANEReport()
     estimate = Estimate()

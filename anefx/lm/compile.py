@@ -125,6 +125,9 @@ class CompiledLM:
         from anefx.ane.report import analyse
 
         self.op_histogram(function)  # same errors for unknown functions / no package
+        if self.chunks is not None:
+            parts = [(c.package.functions[function], c.graphs[function], f"chunk{c.index}") for c in self.chunks.chunks]
+            return analyse(None, self.graphs[function], self.examples[function], parts)
         return analyse(self.package.functions[function], self.graphs[function], self.examples[function])
 
     def weight_bytes(self) -> int:
