@@ -19,7 +19,7 @@ from anefx.driver.pipeline import Pipeline
 from anefx.driver.report import Report
 from anefx.driver.validate import ValidationOptions, run_flat
 from anefx.ir.capture import Captured, capture
-from anefx.ir.errors import AnefxError
+from anefx.ir.errors import AnefxError, ConversionError
 from anefx.targets.base import Artifact, HandOff
 from anefx.targets.registry import target_by_name
 
@@ -265,7 +265,7 @@ def compile(  # noqa: A001 - the public name users expect
             refused=refused,
         )
 
-    result = run()
+    result = unguarded = run()
     guard_info: dict = {}
     if never_worse and pipeline.passes and debug.bisect_limit is None:  # bisecting: the passes as they ran
         outcome = guard(captured.graph_module, result, run)
@@ -275,17 +275,19 @@ def compile(  # noqa: A001 - the public name users expect
     report = Report(result.records, guard=guard_info)
     timings["passes.validation"] = sum(r.validation_seconds for r in result.records)
 
+    def handoff_of(result) -> HandOff:
+        handoff = HandOff(
+            graph_module=result.graph_module,
+            example_args=captured.example_args,
+            example_kwargs=captured.example_kwargs,
+            input_names=captured.input_names,
+            output_names=captured.output_names,
+            validator=result.validator,
+        )
+        return _split_lm_head(handoff, captured, lm_head, report) if convert else handoff
+
     artifact = chunked = None
-    handoff = HandOff(
-        graph_module=result.graph_module,
-        example_args=captured.example_args,
-        example_kwargs=captured.example_kwargs,
-        input_names=captured.input_names,
-        output_names=captured.output_names,
-        validator=result.validator,
-    )
-    if convert:
-        handoff = _split_lm_head(handoff, captured, lm_head, report)
+    handoff = handoff_of(result)
     if convert and cap is not None:
         chunked = _convert_chunks(handoff, captured, target, target_options, comp, cap, progress, timings)
         report.conversion |= {"target": target, "chunks": len(chunked.chunks), "max_chunk_mb": cap}
@@ -294,7 +296,20 @@ def compile(  # noqa: A001 - the public name users expect
         if progress:
             progress(f"convert:{target}")
         t0 = time.perf_counter()
-        artifact = tgt.convert(handoff)
+        try:
+            artifact = tgt.convert(handoff)
+        except ConversionError as exc:
+            if result is unguarded:
+                raise
+            # the regions kept in their original form do not convert (e.g. an LSTM's outputs read
+            # directly by a linear, which coremltools rejects as the stock model): the passes'
+            # output did get further, and a model that converts beats one with fewer copies
+            result = unguarded
+            report.records = result.records
+            why = str(exc).split(". ")[0]
+            report.guard["fallback"] = f"the kept form does not convert ({why}): shipped the passes' output"
+            handoff = handoff_of(result)
+            artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
         for stage, seconds in artifact.info.get("timings", {}).items():
             timings[f"convert.{stage}"] = seconds

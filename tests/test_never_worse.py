@@ -202,3 +202,28 @@ def test_regions_are_split_by_the_models_convolutions(attention_blocks, mlp_bloc
     regions = find_regions(cap.graph_module, res.sites)
     assert len(regions) == (1 if attention_blocks else 1 + mlp_blocks)
     assert {p for r in regions for p, _ in r.sites} >= {"linear_to_conv"}
+
+
+class LSTMHead(nn.Module):
+    """An LSTM read by a linear: stock coremltools cannot convert it, anefx's conv form can."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return torch.relu(self.fc(y))
+
+
+def test_a_kept_form_that_does_not_convert_falls_back_to_the_passes_output():
+    model, x = _reinit(LSTMHead()), torch.randn(1, 8, 16)
+    with pytest.raises(anefx.AnefxError, match="Item selection"):
+        anefx.compile(model, (x,), pipeline=anefx.Pipeline.empty())
+    compiled = anefx.compile(model, (x,))
+    info = compiled.report.guard
+    assert "does not convert" in info["fallback"] and len(info["kept"]) == 1
+    assert compiled.op_histogram()["conv"] == 1
+    assert "would keep region 0" in str(compiled.report)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)

@@ -9,8 +9,8 @@ came out worse in their original form:
 
 * **Estimate, no second conversion.** :func:`layout_change` counts the FX nodes that coremltools
   turns into a MIL ``transpose`` (``permute``/``transpose``/``t`` of an activation, identity
-  permutations excluded) or ``reshape`` (``view``/``reshape``/``flatten``/``unflatten`` that
-  change the shape); ``squeeze``/``unsqueeze`` become ``squeeze``/``expand_dims``, and ops on
+  permutations excluded) or ``reshape`` (``view``/``reshape``/``reshape_as``/``flatten``/``unflatten``
+  that change the shape); ``squeeze``/``unsqueeze`` become ``squeeze``/``expand_dims``, and ops on
   constants are folded, so neither counts. On the test zoo this is within 2 of the real
   ``op_histogram()`` counts (coremltools cancels a few transposes by itself).
 * **Regions.** A region is a connected group of rewrite sites (``networkx.connected_components``)
@@ -48,9 +48,10 @@ from anefx.ir.sites import Site
 
 aten = torch.ops.aten
 
-TRANSPOSES = {aten.permute.default, aten.transpose.int, aten.t.default, aten.swapaxes.default, aten.movedim.int}
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
-RESHAPES |= {aten.unflatten.int}
+TRANSPOSES = {aten.permute.default, aten.permute_copy.default, aten.transpose.int, aten.t.default}
+TRANSPOSES |= {aten.swapaxes.default, aten.movedim.int}
+RESHAPES = {aten.view.default, aten.view_copy.default, aten.reshape.default, aten._unsafe_view.default}
+RESHAPES |= {aten.flatten.using_ints, aten.unflatten.int, aten.reshape_as.default, aten.view_as.default}
 #: data movement that joins a region (besides the ops above): it carries a tensor from site to site
 _MOVEMENT = TRANSPOSES | RESHAPES | {aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 _MOVEMENT |= {aten.unsqueeze.default, aten.expand.default, aten.contiguous.default}
@@ -70,7 +71,7 @@ def _permutation(node: torch.fx.Node) -> list[int] | None:
     out = shape(node)
     if out is None:
         return None
-    if node.target == aten.permute.default:
+    if node.target in (aten.permute.default, aten.permute_copy.default):
         return [d % len(out) for d in node.args[1]]
     if node.target in (aten.transpose.int, aten.swapaxes.default):
         p = list(range(len(out)))
@@ -138,7 +139,7 @@ def find_regions(captured: torch.fx.GraphModule, sites: Mapping[str, Collection[
             members.add(n)
     g = nx.Graph()
     g.add_nodes_from(members)
-    g.add_edges_from((n, v) for n in members for v in n.all_input_nodes if v in members)
+    g.add_edges_from((n, v) for n in members for v in _data_inputs(n) if v in members)
     order = {n: i for i, n in enumerate(graph.nodes)}
     regions = []
     for component in sorted(nx.connected_components(g), key=lambda c: min(order[n] for n in c)):
@@ -146,6 +147,14 @@ def find_regions(captured: torch.fx.GraphModule, sites: Mapping[str, Collection[
         if found:
             regions.append(Region(len(regions), {n.name for n in component}, found))
     return regions
+
+
+def _data_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The inputs whose values flow through ``node``: data movement reads only its first argument
+    (``reshape_as(x, like)`` takes only the shape of ``like``)."""
+    if node.target in _MOVEMENT and isinstance(node.args[0], torch.fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
 
 
 def _owner(node: torch.fx.Node, owners: Mapping[str, int], captured_names: Collection[str]) -> int | None:

@@ -135,16 +135,23 @@ class Report:
         lines = [
             f"never worse than stock (estimated transposes + reshapes): stock {n(info['stock'])}, "
             f"anefx {n(info['anefx_before'])}"
-            + (f" -> {n(info['anefx'])} after keeping {len(info['kept'])} region(s)" if info["kept"] else "")
+            + (
+                f" -> {n(info['anefx'])} after keeping {len(info['kept'])} region(s)"
+                if info["kept"] and not info.get("fallback")
+                else ""
+            )
             + f" ({info['regions']} regions, {info['reruns']} re-runs, {info['seconds']:.2f}s)"
         ]
+        if info.get("fallback"):
+            lines.append(f"  {info['fallback']}")
         for k in info["kept"]:
             first = k["sites"][0]
             where = f" at {first['where']}" if first.get("where") else ""
             ops = ", ".join(f"%{s['site']} ({s['op']}, {s['pass']})" for s in k["sites"][:4])
             more = f" and {len(k['sites']) - 4} more" if len(k["sites"]) > 4 else ""
+            verb = "would keep" if info.get("fallback") else "kept"
             lines.append(
-                f"  kept region {k['region']} in its original form{where}: {ops}{more}; "
+                f"  {verb} region {k['region']} in its original form{where}: {ops}{more}; "
                 f"{k['reason']} (after: {k['after']})"
             )
         return lines
