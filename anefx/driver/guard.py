@@ -80,7 +80,7 @@ def _permutation(node: torch.fx.Node) -> list[int] | None:
         return p
     if node.target == aten.t.default:
         return [1, 0] if len(out) == 2 else [0]
-    return None  # movedim: counted as a transpose unless shapes say otherwise
+    return None  # movedim: always a transpose
 
 
 def layout_change(node: torch.fx.Node) -> str | None:
@@ -243,6 +243,9 @@ def never_worse(
         entry["reason"] = f"{entry['anefx']} layout changes where the captured graph has {entry['stock']}"
     info["kept"] = kept
     info["anefx"] = _total(layout_changes(current.graph_module))
+    #: still more than stock overall: layout changes outside every region, or sites the guard cannot
+    #: refuse (anchored on nodes the captured graph does not have)
+    info["worse_than_stock"] = sum(info["anefx"].values()) > sum(info["stock"].values())
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return GuardOutcome(current, info)
 

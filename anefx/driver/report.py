@@ -142,6 +142,8 @@ class Report:
             )
             + f" ({info['regions']} regions, {info['reruns']} re-runs, {info['seconds']:.2f}s)"
         ]
+        if info.get("worse_than_stock"):
+            lines.append("  WORSE than stock after the guard: the extra layout changes are outside its regions")
         if info.get("fallback"):
             lines.append(f"  {info['fallback']}")
         for k in info["kept"]:
