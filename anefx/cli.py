@@ -134,6 +134,7 @@ def cmd_compile(ns) -> int:
             pipeline=pipeline,
             target=ns.target,
             validate=ns.validate,
+            never_worse=not ns.allow_worse,
             progress=progress,
             dump_dir=ns.dump_dir,
             compression=ns.compression,
@@ -141,6 +142,8 @@ def cmd_compile(ns) -> int:
         )
         bar.update(task, completed=steps, description="done")
     console.print(compiled.report.rich_table())
+    for line in compiled.report.guard_lines():
+        console.print(line)
     if compiled.compression is not None:
         console.print(compiled.compression.quality.rich_table())
         console.print(
@@ -366,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
     c.add_argument("--without", action="append", default=[], metavar="PASS", help="drop a pass (repeatable)")
     c.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
+    c.add_argument(
+        "--allow-worse",
+        action="store_true",
+        help="ship the passes' output even where a region has more layout changes than stock (no guard)",
+    )
     c.add_argument("--dump-dir", default=None, help="write per-pass graphs, diffs and pictures here")
     c.add_argument(
         "--compression",

@@ -14,11 +14,12 @@ import torch.fx
 
 from anefx.ane.report import add_unmatched_attention, analyse
 from anefx.driver.debug import DebugOptions, validate_mode_from_env
+from anefx.driver.guard import never_worse as guard
 from anefx.driver.pipeline import Pipeline
 from anefx.driver.report import Report
 from anefx.driver.validate import ValidationOptions, run_flat
 from anefx.ir.capture import Captured, capture
-from anefx.ir.errors import AnefxError
+from anefx.ir.errors import AnefxError, ConversionError
 from anefx.targets.base import Artifact, HandOff
 from anefx.targets.registry import target_by_name
 
@@ -188,6 +189,7 @@ def compile(  # noqa: A001 - the public name users expect
     lm_head: Any = None,
     validate: str | None = None,
     validation: ValidationOptions | None = None,
+    never_worse: bool = True,
     debug: DebugOptions | None = None,
     progress: Callable[[str], None] | None = None,
     **debug_overrides,
@@ -214,6 +216,11 @@ def compile(  # noqa: A001 - the public name users expect
             (``compiled.chunks``; ``save`` writes them and a manifest).
         validate: ``off``, ``lint`` or ``numeric``.
         validation: :class:`ValidationOptions` (tolerances, random inputs …).
+        never_worse: after the passes, compare the layout changes (transposes + reshapes) of the
+            rewritten graph with the captured one's, region by region, and run the pipeline again
+            with the regions that came out worse kept in their original form
+            (:mod:`anefx.driver.guard`; ``report.guard`` names them). False ships the passes'
+            result as it is (to study a pass's own output); a ``bisect_limit`` turns it off too.
         debug: :class:`DebugOptions`. Keyword overrides of its fields (``print_ir_after_all=True``,
             ``dump_dir=...``, ``bisect_limit=3`` …) may be passed to ``compile`` directly.
 
@@ -247,33 +254,50 @@ def compile(  # noqa: A001 - the public name users expect
     debug = (debug or DebugOptions.from_env()).merged(**debug_overrides)
 
     t0 = time.perf_counter()
-    result = pipeline.run(
-        captured.graph_module,
-        captured.flat_inputs,
-        reference_outputs=captured.reference_outputs,
-        debug=debug,
-        progress=progress,
-        precision=getattr(target_options, "precision_name", "float16"),
-    )
+
+    def run(refused=None):
+        if refused and progress:
+            progress(f"guard: re-run without {sum(map(len, refused.values()))} site(s)")
+        return pipeline.run(
+            captured.graph_module,
+            captured.flat_inputs,
+            reference_outputs=captured.reference_outputs,
+            debug=debug,
+            progress=progress,
+            precision=getattr(target_options, "precision_name", "float16"),
+            refused=refused,
+        )
+
+    result = unguarded = run()
+    guard_info: dict = {}
+    if never_worse and pipeline.passes and debug.bisect_limit is None:  # bisecting: the passes as they ran
+        outcome = guard(captured.graph_module, result, run)
+        result, guard_info = outcome.result, outcome.info
+        timings["passes.guard"] = guard_info["seconds"]
     timings["passes"] = time.perf_counter() - t0
-    report = Report(result.records)
+    report = Report(result.records, guard=guard_info)
     timings["passes.validation"] = sum(r.validation_seconds for r in result.records)
 
-    artifact = chunked = None
-    handoff = HandOff(
-        graph_module=result.graph_module,
-        example_args=captured.example_args,
-        example_kwargs=captured.example_kwargs,
-        input_names=captured.input_names,
-        output_names=captured.output_names,
-        validator=result.validator,
-    )
-    if convert:
+    def handoff_of(result) -> HandOff:
+        handoff = HandOff(
+            graph_module=result.graph_module,
+            example_args=captured.example_args,
+            example_kwargs=captured.example_kwargs,
+            input_names=captured.input_names,
+            output_names=captured.output_names,
+            validator=result.validator,
+        )
+        if not convert:
+            return handoff
         from anefx.targets.lm_head import split_handoff
 
         handoff, head_stats = split_handoff(handoff, captured.flat_inputs, lm_head)
         if head_stats is not None:
             report.conversion["lm_head"] = head_stats
+        return handoff
+
+    artifact = chunked = None
+    handoff = handoff_of(result)
     if convert and cap is not None:
         from anefx.targets.chunking import convert_chunked
 
@@ -284,7 +308,20 @@ def compile(  # noqa: A001 - the public name users expect
         if progress:
             progress(f"convert:{target}")
         t0 = time.perf_counter()
-        artifact = tgt.convert(handoff)
+        try:
+            artifact = tgt.convert(handoff)
+        except ConversionError as exc:
+            if result is unguarded:
+                raise
+            # the regions kept in their original form do not convert (e.g. an LSTM's outputs read
+            # directly by a linear, which coremltools rejects as the stock model): the passes'
+            # output did get further, and a model that converts beats one with fewer copies
+            result = unguarded
+            report.records = result.records
+            why = str(exc).split(". ")[0]
+            report.guard["fallback"] = f"the kept form does not convert ({why}): shipped the passes' output"
+            handoff = handoff_of(result)
+            artifact = tgt.convert(handoff)
         timings["convert"] = time.perf_counter() - t0
         for stage, seconds in artifact.info.get("timings", {}).items():
             timings[f"convert.{stage}"] = seconds

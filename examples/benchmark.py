@@ -203,6 +203,7 @@ def bench(name: str, attn: str, coreai: bool) -> dict:
         "coverage": share,
         "blocked": blocked,
         "rolled_back": [r.name for r in compiled.report.rolled_back],
+        "guard": compiled.report.guard_lines(),
     }
 
 
@@ -239,6 +240,8 @@ def print_result(r: dict) -> None:
         f"layout changes (transpose + reshape): stock {stock_layout}, anefx {anefx_layout} "
         f"[never worse than stock: {'OK' if anefx_layout <= stock_layout else 'WORSE'}]"
     )
+    for line in r.get("guard", ()):  # the guard's estimate, and every region it kept in its original form
+        print(line)
     stock, ours = r["stock"], r["anefx"]
     if any(stock.get(op, 0) for op in ("reduce_mean", "rsqrt")):
         print(

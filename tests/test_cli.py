@@ -27,6 +27,8 @@ def test_compile_from_a_file(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "linear_to_conv" in res.stdout and f"wrote {out}" in res.stdout
     assert ct.utils.load_spec(str(out)).WhichOneof("Type") == "mlProgram"
+    # the blocks' convs would add a transpose in and one out where stock's linears have none
+    assert "never worse than stock" in res.stdout and "kept region 0 in its original form" in res.stdout
 
 
 def test_compile_with_explicit_inputs(tmp_path):

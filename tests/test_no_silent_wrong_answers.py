@@ -74,7 +74,9 @@ def test_beit_graph_handed_to_coremltools_is_the_model():
     )  # fmt: skip
     model = _reinit(BeitModel(cfg, add_pooling_layer=False))
     x = torch.randn(1, 3, 32, 32)
-    compiled = anefx.compile(model, (x,))
+    # the rewritten graph (never_worse=False): with its relative-position attention left as it is, the
+    # convs cost more transposes than stock, so the default compile keeps BEiT in its original form
+    compiled = anefx.compile(model, (x,), never_worse=False)
     images = [x, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))]
     assert _converter_input_error(compiled, model, images) < 1e-4
     conv = compiled.report.conversion

@@ -14,7 +14,7 @@ any transformation (the targets' legalization uses it too); it lives in :mod:`an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +25,7 @@ from anefx.driver.instruments import Instruments
 from anefx.driver.report import PassRecord
 from anefx.driver.validate import ValidationOptions, Validator, apply_validated
 from anefx.ir.errors import PipelineOrderError
+from anefx.ir.sites import Site
 from anefx.passes.base import Pass, PassContext
 
 
@@ -34,6 +35,8 @@ class PipelineResult:
     records: list[PassRecord]
     #: the input sets and reference outputs every pass was checked against (for the hand-off)
     validator: Validator | None = None
+    #: per pass name, every rewrite site it declared (refused ones included), in order
+    sites: dict[str, list[Site]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,14 +120,19 @@ class Pipeline:
         debug: DebugOptions | None = None,
         progress: Callable[[str], None] | None = None,
         precision: str = "float16",
+        refused: Mapping[str, Collection[str]] | None = None,
     ) -> PipelineResult:
         """Run every pass on (a clone of) ``gm``; the input graph is never modified. ``precision`` is
-        the target's compute precision (``PassContext.precision``)."""
+        the target's compute precision (``PassContext.precision``). ``refused`` maps a pass name to
+        sites (anchor node names) it must not rewrite: how the never-worse guard keeps a region in
+        its original form (:mod:`anefx.driver.guard`)."""
+        refused = refused or {}
         debug = debug or DebugOptions()
         instruments = Instruments(debug, self.passes, flat_inputs)
         validator = Validator(gm, flat_inputs, self.validation, reference_outputs)
         current = gm
         records: list[PassRecord] = []
+        sites: dict[str, list[Site]] = {}
         instruments.start(current)
         for index, p in enumerate(self.passes):
             record = PassRecord(index=index, name=p.name)
@@ -143,7 +151,10 @@ class Pipeline:
                 result = p.run(work, ctx)
                 return result.graph_module, bool(result.modified), dict(getattr(result, "stats", {}) or {})
 
-            applied = apply_validated(transform, current, flat_inputs, validator)
+            applied = apply_validated(
+                transform, current, flat_inputs, validator, refused=frozenset(refused.get(p.name, ()))
+            )
+            sites.setdefault(p.name, []).extend(applied.sites)
             record.modified = applied.modified
             record.stats = applied.stats
             record.seconds = applied.seconds
@@ -166,4 +177,4 @@ class Pipeline:
             instruments.after(index, p, current, applied.graph_module, record)
             current = applied.graph_module
         instruments.finish(current, records)
-        return PipelineResult(current, records, validator)
+        return PipelineResult(current, records, validator, sites)

@@ -47,6 +47,9 @@ class Report:
     conversion: dict[str, Any] = field(default_factory=dict)
     #: Seconds per compile stage (see ``CompiledModel.timings``).
     timings: dict[str, float] = field(default_factory=dict)
+    #: the never-worse guard (:mod:`anefx.driver.guard`): estimated layout changes of the captured
+    #: and the rewritten graph, and every region kept in its original form, with its sites and why
+    guard: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -63,6 +66,7 @@ class Report:
             "passes": [asdict(r) | {"status": r.status} for r in self.records],
             "conversion": self.conversion,
             "timings": self.timings,
+            "guard": self.guard,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -111,11 +115,48 @@ class Report:
         for step, check in self.conversion.get("checks", {}).get("legalization", {}).items():
             for excluded in check.get("excluded", ()):
                 console.print(f"hand-off {step}: site {excluded} excluded")
+        for line in self.guard_lines():
+            console.print(line)
         if self.conversion:
             console.print(" ".join(f"{k}={v}" for k, v in self.conversion.items() if not isinstance(v, dict)))
         if self.timings:
             console.print("stages (s): " + ", ".join(f"{k}={v:.2f}" for k, v in self.timings.items()))
         return buf.getvalue()
+
+    def guard_lines(self) -> list[str]:
+        """Lines for the report and the CLI: the counts and each kept region."""
+        info = self.guard
+        if not info:
+            return []
+
+        def n(c):
+            return c["transpose"] + c["reshape"]
+
+        lines = [
+            f"never worse than stock (estimated transposes + reshapes): stock {n(info['stock'])}, "
+            f"anefx {n(info['anefx_before'])}"
+            + (
+                f" -> {n(info['anefx'])} after keeping {len(info['kept'])} region(s)"
+                if info["kept"] and not info.get("fallback")
+                else ""
+            )
+            + f" ({info['regions']} regions, {info['reruns']} re-runs, {info['seconds']:.2f}s)"
+        ]
+        if info.get("worse_than_stock"):
+            lines.append("  WORSE than stock after the guard: the extra layout changes are outside its regions")
+        if info.get("fallback"):
+            lines.append(f"  {info['fallback']}")
+        for k in info["kept"]:
+            first = k["sites"][0]
+            where = f" at {first['where']}" if first.get("where") else ""
+            ops = ", ".join(f"%{s['site']} ({s['op']}, {s['pass']})" for s in k["sites"][:4])
+            more = f" and {len(k['sites']) - 4} more" if len(k["sites"]) > 4 else ""
+            verb = "would keep" if info.get("fallback") else "kept"
+            lines.append(
+                f"  {verb} region {k['region']} in its original form{where}: {ops}{more}; "
+                f"{k['reason']} (after: {k['after']})"
+            )
+        return lines
 
 
 def _fmt(x: float | None) -> str:

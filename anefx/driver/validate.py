@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -459,9 +459,12 @@ def apply_validated(
     validator: Validator,
     *,
     max_runs: int = 16,
+    refused: Collection[str] = frozenset(),
 ) -> Applied:
     """Apply ``transform`` to a clone of ``gm`` and validate it; when it fails, drop its failing
     sites (found by bisection) and keep the rest, or drop it whole. ``gm`` is never modified.
+    Sites named in ``refused`` are never rewritten (the never-worse guard keeps their region in its
+    original form); ``Applied.sites`` still lists them, ``Applied.excluded`` does not.
 
     Bisection stops after ``max_runs`` runs of the transformation (each is validated on every
     input set): the sites not yet told apart are then all dropped, which is safe (the result
@@ -489,11 +492,13 @@ def apply_validated(
         keep = work if verdict.ok else None
         return Applied(keep, modified, stats, verdict, sites, excluded, timing["run"], timing["check"], timing["runs"])
 
-    first = SiteSelection()
+    refused = frozenset(refused)
+    first = SiteSelection(excluded=refused)
     work, modified, stats, verdict = attempt(first)
     sites = list(first.visited.values())
-    if verdict.ok or len(sites) < 2:
-        excluded = [(site, str(verdict.message)) for site in sites] if not verdict.ok else []
+    allowed = [s for s in sites if s.name not in refused]
+    if verdict.ok or len(allowed) < 2:
+        excluded = [(site, str(verdict.message)) for site in allowed] if not verdict.ok else []
         return done(work, modified, stats, verdict, sites, excluded)
 
     def failing(group: list[Site], message: str) -> list[tuple[Site, str]]:
@@ -510,10 +515,10 @@ def apply_validated(
                 found += failing(half, str(v.message))
         return found or [(s, f"fails only together with others: {message}") for s in group]
 
-    excluded = failing(sites, str(verdict.message))
+    excluded = failing(allowed, str(verdict.message))
     bad = {s.name for s, _ in excluded}
-    if len(bad) < len(sites):
-        work, modified, stats, final = attempt(SiteSelection(excluded=bad))
+    if len(bad) < len(allowed):
+        work, modified, stats, final = attempt(SiteSelection(excluded=bad | refused))
         if final.ok:
             return done(work, modified, stats, final, sites, excluded)
     return done(None, modified, stats, verdict, sites, excluded)

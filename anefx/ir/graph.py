@@ -280,14 +280,26 @@ def tensor_str(t) -> str:
 
 
 _PROVENANCE_KEYS = ("stack_trace", "nn_module_stack", "source_fn_stack")
+ORIGIN = "anefx_origin"
+
+
+def origin(node: torch.fx.Node) -> str:
+    """The name of the node a rewrite made ``node`` for (recorded by :func:`provenance`), or its own
+    name: node names of the captured graph survive every pass, so this maps a rewritten node back
+    to the captured node it replaces."""
+    return node.meta.get(ORIGIN, node.name)
+
+
 _provenance: contextvars.ContextVar[dict | None] = contextvars.ContextVar("anefx_provenance", default=None)
 
 
 @contextlib.contextmanager
 def provenance(node: torch.fx.Node):
     """Nodes created by :func:`call` inside this block inherit ``node``'s source location, so
-    reports and converters can still point at the user's line after a rewrite."""
+    reports and converters can still point at the user's line after a rewrite, and its origin
+    (:func:`origin`: the node of the captured graph they were made for)."""
     meta = {k: node.meta[k] for k in _PROVENANCE_KEYS if k in node.meta}
+    meta[ORIGIN] = origin(node)
     token = _provenance.set(meta)
     try:
         yield
