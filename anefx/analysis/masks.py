@@ -290,7 +290,8 @@ def _zero_based_fill(gm, n: torch.fx.Node) -> tuple[torch.fx.Node, float] | None
     """``(m, v)`` when ``n`` is ``masked_fill(zeros, m, v)`` (zeros: a constant of zeros, or
     ``zeros_like``/``new_zeros``/``full_like(·, 0)``: 0 whatever its input), else None. This is how
     ``nn.MultiheadAttention`` turns a boolean key padding mask into a float one (``v = -inf``)."""
-    if n.op != "call_function" or n.target != aten.masked_fill.Scalar or not isinstance(n.args[2], (int, float)):
+    fills = (aten.masked_fill.Scalar, aten.masked_fill_.Scalar)  # in place on a fresh zeros: the same value
+    if n.op != "call_function" or n.target not in fills or not isinstance(n.args[2], (int, float)):
         return None
     base = n.args[0]
     if not isinstance(base, torch.fx.Node) or base.op not in ("call_function", "get_attr"):

@@ -161,3 +161,35 @@ def test_export_does_not_take_the_fast_path():
     targets = {str(n.target) for n in cap.graph_module.graph.nodes}
     assert not any("transformer_encoder_layer" in t or "native_multi_head" in t for t in targets), targets
     assert "aten.scaled_dot_product_attention.default" in targets
+
+
+class Decoder(nn.Module):
+    """``nn.TransformerDecoder``: causal self-attention, then cross-attention to a memory with a
+    key padding mask."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.m = nn.TransformerDecoder(nn.TransformerDecoderLayer(C, HEADS, 2 * C, batch_first=True), layers)
+
+    def forward(self, x, memory, keep):
+        causal = nn.Transformer.generate_square_subsequent_mask(SEQ)
+        return self.m(x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=~keep.bool())
+
+
+def test_transformer_decoder_self_and_cross_attention_are_per_head():
+    model = _reinit(Decoder(2))
+    x, mem, keep = torch.randn(2, SEQ, C), torch.randn(2, SEQ, C), _padding(2, (0, 2))
+    compiled = anefx.compile(model, (x, mem, keep))
+    rec = compiled.report.record("attention_bc1s")
+    assert rec.stats == {"rewritten": 4, "heads": 4 * HEADS, "unmatched": 0}, rec.stats
+    ops = compiled.op_histogram()
+    assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0 and ops["einsum"] == 4 * 2 * HEADS, ops
+    stock = anefx.compile(model, (x, mem, keep), pipeline=anefx.Pipeline.empty(), validate="off").op_histogram()
+    assert ops.get("transpose", 0) + ops.get("reshape", 0) <= stock.get("transpose", 0) + stock.get("reshape", 0)
+    g = torch.Generator().manual_seed(5)
+    for pads in ((0, 3), (5, 1)):
+        x2, mem2 = torch.randn(2, SEQ, C, generator=g), torch.randn(2, SEQ, C, generator=g)
+        with torch.no_grad():
+            want = model(x2, mem2, _padding(2, pads))
+        err = float((compiled(x2, mem2, _padding(2, pads)) - want).abs().max() / want.abs().max())
+        assert err < 1e-4, (pads, err)  # every query row has a visible memory key: all rows count
