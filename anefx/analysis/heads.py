@@ -10,6 +10,10 @@ result says exactly which source element lands where, so one check covers every 
   (B, S, C) tensor (or of a (B, C, 1, S) tensor): returns the source and each head's first channel.
 * :func:`trace_merge` — a (B, S, H*D) tensor is the heads of a (B, H, S, D) tensor concatenated on
   channels, in order.
+* :func:`lifted_projection` — a projection whose input positions are a reshuffle of a (B, S, C)
+  tensor's (``nn.MultiheadAttention``'s in-projection of sequence-first rows, its out-projection of
+  (S·B, C) rows) computes the same values as the projection on that tensor in (B, C, 1, S): heads
+  of the former are read as channel blocks of the latter (a :class:`Lift`).
 """
 
 from __future__ import annotations
@@ -109,24 +113,43 @@ def _index_in_bc1s(src_shape: tuple[int, ...]) -> torch.Tensor | None:
     return None
 
 
+@dataclass(frozen=True)
+class Lift:
+    """A projection (1x1 ``conv2d`` or ``linear``) whose input positions are a reshuffle of the
+    positions of ``x`` ((B, S, C) or (B, C, 1, S)), each keeping its whole channel vector:
+    ``nn.MultiheadAttention`` projects the
+    (S, B) or (S·B) rows of a sequence-first tensor. The same projection computed on ``x`` in
+    (B, C, 1, S) holds the same values, at (b, s) instead."""
+
+    conv: torch.fx.Node
+    x: torch.fx.Node
+    swap: bool = False  # ``x`` holds (S, C, 1, B) (a sequence-first tensor taken for (B, C, 1, S)): swap them
+
+
 @dataclass
 class Heads:
     """A (B, H, S, D) tensor read head by head from channel blocks of ``source``."""
 
-    source: torch.fx.Node  # (B, S, C) or (B, C, 1, S)
+    source: torch.fx.Node  # (B, S, C) or (B, C, 1, S); with ``lift``, the projection it lifts
     offsets: list[int]  # first channel of each head in the source
     head_dim: int
     source_is_bc1s: bool
+    lift: Lift | None = None  # the source is ``lift.conv`` computed on ``lift.x`` in (B, C, 1, S)
 
 
-def trace_heads(node: torch.fx.Node) -> Heads | None:
+def trace_heads(node: torch.fx.Node, heads: int | None = None) -> Heads | None:
+    """The heads of ``node`` (B, H, S, D) — or (B·H, S, D) with ``heads`` = H, as ``bmm`` attention
+    holds them — when each is a channel block of one (B, S, C) or (B, C, 1, S) tensor."""
     out = shape(node)
-    if out is None or len(out) != 4:
+    if out is None or len(out) != (3 if heads else 4):
         return None
     mapped = index_map(node)
     if mapped is None:
         return None
-    return heads_from_index(*mapped)
+    src, r = mapped
+    if heads:
+        r = r.reshape(out[0] // heads, heads, out[1], out[2])
+    return heads_from_index(src, r)
 
 
 def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
@@ -134,11 +157,24 @@ def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
     block of ``src`` (B, S, C) or (B, C, 1, S), else None."""
     src_shape = shape(src)
     bc = _index_in_bc1s(src_shape) if src_shape is not None else None
-    if bc is None or r.dim() != 4:
+    if r.dim() != 4:
         return None
-    b, h, s, d = r.shape
-    if bc.shape[0] != b or bc.shape[3] != s:
-        return None
+    b, _, s, d = r.shape
+    if bc is None or bc.shape[0] != b or bc.shape[3] != s:
+        found = lifted_projection(src)
+        if found is not None and (found[2][0], found[2][3]) == (s, b) != (b, s):
+            found = lifted_projection(src, swap=True)
+        if found is None or found[2][0] != b or found[2][3] != s:
+            return None
+        lift, zidx, zshape = found
+        z = torch.arange(zidx.numel()).reshape(zshape)
+        heads = _heads_of_blocks(src, z, zidx.reshape(-1)[r], True)
+        return None if heads is None else Heads(src, heads.offsets, d, True, lift)
+    return _heads_of_blocks(src, bc, r, len(src_shape) == 4)
+
+
+def _heads_of_blocks(src: torch.fx.Node, bc: torch.Tensor, r: torch.Tensor, is_bc1s: bool) -> Heads | None:
+    h, d = r.shape[1], r.shape[3]
     # where each source element sits in (B, C, 1, S): channel of the first element of every head
     channel_of = torch.empty(bc.numel(), dtype=torch.long)
     channel_of[bc.reshape(-1)] = torch.arange(bc.shape[1]).view(1, -1, 1, 1).expand_as(bc).reshape(-1)
@@ -151,12 +187,116 @@ def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
         if not torch.equal(block.transpose(1, 2), r[:, head]):
             return None
         offsets.append(c0)
-    return Heads(src, offsets, d, len(src_shape) == 4)
+    return Heads(src, offsets, d, is_bc1s)
 
 
-def trace_merge(node: torch.fx.Node, heads_node: torch.fx.Node) -> bool:
-    """Whether ``node`` (B, S, H*D) is ``heads_node`` (B, H, S, D) with heads concatenated in order."""
-    hs, out = shape(heads_node), shape(node)
+def _is_pointwise_conv(node: torch.fx.Node) -> bool:
+    """A 1x1 ``conv2d`` with stride 1, no padding, no dilation and one group: a projection of each
+    position's channel vector (what ``linear_to_conv`` makes)."""
+    if node.op != "call_function" or node.target != aten.conv2d.default:
+        return False
+    w = shape(node.args[1])
+    rest = list(node.args[3:]) + [None] * 4
+    stride, padding, dilation, groups = rest[:4]
+    return (
+        w is not None
+        and len(w) == 4
+        and w[2:] == (1, 1)
+        and stride in (None, 1, [1, 1], (1, 1))
+        and padding in (None, 0, [0, 0], (0, 0))
+        and dilation in (None, 1, [1, 1], (1, 1))
+        and groups in (None, 1)
+        and not node.kwargs
+    )
+
+
+def _as_nchw(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """A projection operand laid out (N, C, H, W): conv2d's own, or a linear's (N, C) / (A, B, C)
+    with the channel axis moved to 1 (as (N, C, 1, 1) / (A, C, 1, B))."""
+    if rank == 2:
+        return t[:, :, None, None]
+    if rank == 3:
+        return t.permute(0, 2, 1).unsqueeze(2)
+    return t
+
+
+def _from_nchw(t: torch.Tensor, rank: int) -> torch.Tensor:
+    if rank == 2:
+        return t[:, :, 0, 0]
+    if rank == 3:
+        return t[:, :, 0, :].permute(0, 2, 1)
+    return t
+
+
+def _projection_rank(node: torch.fx.Node) -> int | None:
+    """The rank of ``node``'s input when it projects each position's channel vector with constant
+    weights: a 1x1 conv (4) or a ``linear`` on (N, C) or (A, B, C); else None."""
+    if _is_pointwise_conv(node):
+        return 4
+    if node.op != "call_function" or node.target != aten.linear.default:
+        return None
+    w, xs = shape(node.args[1]), shape(node.args[0])
+    if w is None or xs is None or len(w) != 2 or len(xs) not in (2, 3) or not _is_weight(node.args[1]):
+        return None
+    b = node.args[2] if len(node.args) > 2 else None
+    return len(xs) if b is None or _is_weight(b) else None
+
+
+def _is_weight(node) -> bool:
+    from anefx.ir.graph import is_constant
+
+    return isinstance(node, torch.fx.Node) and is_constant(node)
+
+
+def position_map(node: torch.fx.Node, rank: int = 4, x: torch.fx.Node | None = None):
+    """Where each position of ``node`` (laid out (N, C, H, W), see :func:`_as_nchw`) comes from when
+    it is a reshuffle of the positions of a (B, S, C) or (B, C, 1, S) tensor, each position keeping
+    its whole channel vector in order: ``(x, b, s, x's (B, C, 1, S) shape)`` with ``b`` and ``s`` of
+    shape (N, H, W), or None. ``x`` fixes the source (the walk up the movement ops must end there)."""
+    mapped = index_map(node)
+    if mapped is None or mapped[1].dim() != rank or (x is not None and mapped[0] is not x):
+        return None
+    src, r = mapped[0], _as_nchw(mapped[1], rank)
+    bc = _index_in_bc1s(shape(src)) if shape(src) is not None else None
+    if bc is None or bc.shape[1] != r.shape[1]:
+        return None
+    big_b, c, _, big_s = bc.shape
+    flat = torch.empty(bc.numel(), dtype=torch.long)
+    flat[bc.reshape(-1)] = torch.arange(bc.numel())  # source element -> its position in (B, C, 1, S)
+    first = flat[r[:, 0]]  # (N, H, W): where each position's channel 0 sits
+    if (first // big_s % c != 0).any():
+        return None
+    b, s = first // (c * big_s), first % big_s
+    if not torch.equal(bc[b, :, 0, s].permute(0, 3, 1, 2), r):
+        return None
+    return src, b, s, (big_b, c, 1, big_s)
+
+
+def lifted_projection(node: torch.fx.Node, swap: bool = False) -> tuple[Lift, torch.Tensor, tuple[int, ...]] | None:
+    """``node``, a projection (1x1 conv or ``linear``, constant weights) over a reshuffle of the
+    positions of a (B, S, C) or (B, C, 1, S) tensor ``x``, as the :class:`Lift` computing it on
+    ``x`` in (B, C_out, 1, S), with the index of each element of ``node`` in that result (``node``'s
+    shape) and the result's shape; else None. ``swap``: ``x``'s batch and sequence axes are taken
+    the other way round (a sequence-first tensor), the projection computed on ``x`` transposed."""
+    rank = _projection_rank(node)
+    if rank is None:
+        return None
+    found = position_map(node.args[0], rank)
+    if found is None:
+        return None
+    x, b, s, (big_b, _, _, big_s) = found
+    if swap:
+        b, s, big_b, big_s = s, b, big_s, big_b
+    c_out = shape(node.args[1])[0]
+    co = torch.arange(c_out).view(1, c_out, 1, 1)
+    zidx = (b.unsqueeze(1) * c_out + co) * big_s + s.unsqueeze(1)  # (N, C_out, H, W)
+    return Lift(node, x, swap), _from_nchw(zidx, rank), (big_b, c_out, 1, big_s)
+
+
+def trace_merge(node: torch.fx.Node, heads_node: torch.fx.Node, hs: tuple[int, ...] | None = None) -> bool:
+    """Whether ``node`` (B, S, H*D) is ``heads_node`` (B, H, S, D) with heads concatenated in order
+    (``hs``: the (B, H, S, D) shape of a 3-D (B·H, S, D) ``heads_node``)."""
+    hs, out = hs or shape(heads_node), shape(node)
     if hs is None or out is None or len(out) != 3:
         return False
     mapped = index_map(node)
@@ -168,8 +308,11 @@ def trace_merge(node: torch.fx.Node, heads_node: torch.fx.Node) -> bool:
     return tuple(r.shape) == out and torch.equal(r, idx.transpose(1, 2).reshape(b, s, h * d))
 
 
-def merge_users(heads_node: torch.fx.Node, max_depth: int = 6) -> list[torch.fx.Node]:
-    """Rank-3 descendants of ``heads_node`` reached through movement ops only that merge its heads."""
+def merge_users(
+    heads_node: torch.fx.Node, max_depth: int = 6, hs: tuple[int, ...] | None = None
+) -> list[torch.fx.Node]:
+    """Rank-3 descendants of ``heads_node`` reached through movement ops only that merge its heads
+    (``hs``: see :func:`trace_merge`)."""
     found = []
     frontier = [heads_node]
     for _ in range(max_depth):
@@ -178,7 +321,7 @@ def merge_users(heads_node: torch.fx.Node, max_depth: int = 6) -> list[torch.fx.
             for u in n.users:
                 if u.op != "call_function" or u.target not in MOVEMENT:
                     continue
-                if len(shape(u) or ()) == 3 and trace_merge(u, heads_node):
+                if len(shape(u) or ()) == 3 and trace_merge(u, heads_node, hs):
                     found.append(u)
                 else:
                     nxt.append(u)

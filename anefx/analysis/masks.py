@@ -17,8 +17,13 @@ is True with a value (``masked_fill``, MIL ``select``), so torch's semantics are
   whose keys are all masked keep torch's uniform weights;
 * a constant (a causal mask) is transposed now, once, into a constant: a fill if its values are 0
   or masked, else an additive bias;
-* a padding mask reshaped from a ``(B, S_k)`` tensor becomes ``(B, S_k, 1, 1)`` with two
-  ``unsqueeze`` — Apple's form, no transpose and no reshape;
+* a padding mask that is a ``(B, S_k)`` tensor broadcast to ``(B, ·, ·, S_k)`` through data
+  movement (reshaped, or expanded over heads and flattened to ``(B·H, 1, S_k)`` as
+  ``nn.MultiheadAttention`` does) becomes ``(B, S_k, 1, 1)`` with two ``unsqueeze`` — Apple's
+  form, no transpose and no reshape; ``masked_fill(zeros_like(m), m, -inf)`` (MHA's float form of
+  a boolean mask) is the fill of ``m``;
+* ``move(a + b)`` (MHA adds ``attn_mask`` to the key padding mask, then views the sum per head) is
+  lowered as ``move(a)`` and ``move(b)``;
 * ``expand`` is dropped (broadcasting does it);
 * anything else is made additive (clamped at the mask value) and transposed in the graph (one
   transpose per mask, shared).
@@ -45,7 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.analysis.heads import MOVEMENT, index_map
+from anefx.analysis.heads import MOVEMENT, index_map, movement_chain
 from anefx.ir.graph import add_constant, call, dtype, eval_constant, is_constant, shape
 
 aten = torch.ops.aten
@@ -122,10 +127,9 @@ class MaskLowering:
         terms = None
         if t == aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in n.args[:2]):
             terms = self._lower_add(n.args[0], scale) + self._lower_add(n.args[1], scale)
-        elif t == aten.masked_fill.Scalar and is_constant(n.args[0]):
-            base = eval_constant(self.gm, n.args[0])
+        elif t == aten.masked_fill.Scalar and _zero_based_fill(self.gm, n) is not None:
             fill = self.fill_value(float(n.args[2]) * scale)
-            if isinstance(base, torch.Tensor) and not base.any() and fill in (self.neg, NEG_INF):
+            if fill in (self.neg, NEG_INF):
                 terms = self._lower_bool(n.args[1], True, fill)  # s + finfo.min == finfo.min
         elif t == aten.mul.Tensor and isinstance(n.args[1], (int, float)) and _bool_complement(n.args[0]):
             fill = self.fill_value(float(n.args[1]) * scale)  # (1 - keep.float()) * finfo.min
@@ -135,6 +139,9 @@ class MaskLowering:
             terms = self._lower_add(n.args[0], scale)
         if terms is None and is_constant(n):
             terms = self._constant_add(torch.as_tensor(eval_constant(self.gm, n)) * scale)
+        if terms is None and t in MOVEMENT:
+            from2d = self._from_2d(n, None, scale)
+            terms = [from2d] if from2d is not None else self._through_movement(n, scale)
         if terms is None:
             terms = [self._from_2d(n, None, scale) or self._generic(n, None, scale)]
         self.memo[key] = terms
@@ -166,21 +173,43 @@ class MaskLowering:
         return [MaskTerm(node, per_head=bc.shape[2] > 1, fill=fill)]
 
     def _from_2d(self, n: torch.fx.Node, drop: bool | None, arg: float) -> MaskTerm | None:
-        """A (B, 1, 1, S_k) mask that is a (B, S_k) tensor reshaped: Apple's (B, S_k, 1, 1) form.
-        ``drop`` is None for an additive mask (``arg`` its scale), else ``arg`` is the fill."""
-        s = shape(n)
-        if s is None or len(s) != 4 or s[1] != 1 or s[2] != 1:
+        """A mask that is a (B, S_k) tensor broadcast to (B, ·, ·, S_k) through data movement (a
+        padding mask reshaped, or expanded over heads and flattened as ``nn.MultiheadAttention``
+        does): Apple's (B, S_k, 1, 1) form. ``drop`` is None for an additive mask (``arg`` its
+        scale), else ``arg`` is the fill."""
+        src = key_mask_source(n)
+        if src is None:
             return None
-        mapped = index_map(n)
-        if mapped is None:
-            return None
-        src, r = mapped
-        if shape(src) != (s[0], s[3]) or not torch.equal(r.reshape(-1), torch.arange(r.numel())):
-            return None
+        if drop is None:
+            fill = _zero_based_fill(self.gm, src)  # masked_fill(zeros, m, v): the fill of m with v
+            if fill is not None and self.fill_value(fill[1] * arg) in (self.neg, NEG_INF):
+                drop, src, arg = True, fill[0], self.fill_value(fill[1] * arg)
         with self.graph.inserting_before(self._insertion_point()):
             term = self._emit(src, drop, arg)
             node = call(self.graph, aten.unsqueeze.default, (call(self.graph, aten.unsqueeze.default, (term, 2)), 3))
         return MaskTerm(node, per_head=False, fill=None if drop is None else arg)
+
+    def _through_movement(self, n: torch.fx.Node, scale: float) -> list[MaskTerm] | None:
+        """``move(a + b)`` lowered as ``move(a) + move(b)`` (``nn.MultiheadAttention`` adds its
+        ``attn_mask`` to the key padding mask over (B·H, S_q, S_k), then views the sum per head)."""
+        found = movement_chain(n)
+        if found is None or not found[1] or any(c.target not in MOVEMENT for c in found[1]):
+            return None
+        src, chain = found
+        if src.op != "call_function" or src.target != aten.add.Tensor or len(src.args) != 2:
+            return None
+        ss = shape(src)
+        if ss is None or not all(isinstance(a, torch.fx.Node) and shape(a) is not None for a in src.args):
+            return None
+        g = self.graph
+        parts = []
+        with g.inserting_before(self._insertion_point()):
+            for a in src.args:
+                x = a if shape(a) == ss else call(g, aten.expand.default, (a, list(ss)))
+                for c in chain:
+                    x = call(g, c.target, (x, *c.args[1:]), dict(c.kwargs))
+                parts.append(x)
+        return self._lower_add(parts[0], scale) + self._lower_add(parts[1], scale)
 
     def _emit(self, src: torch.fx.Node, drop: bool | None, arg: float) -> torch.fx.Node:
         """The fill mask (True = fill) or the clamped, scaled additive values of ``src``."""
@@ -236,6 +265,44 @@ class MaskLowering:
 
     def _insertion_point(self) -> torch.fx.Node:
         return self._before
+
+
+def key_mask_source(n: torch.fx.Node) -> torch.fx.Node | None:
+    """The (B, S_k) tensor that the 4-D mask ``n`` (B, ·, ·, S_k) broadcasts through data movement
+    only (every head and query reads key ``k`` of batch ``b`` at element ``b·S_k + k``), else None."""
+    s = shape(n)
+    if s is None or len(s) != 4:
+        return None
+    mapped = index_map(n)
+    if mapped is None:
+        return None
+    src, r = mapped
+    if shape(src) != (s[0], s[3]):
+        return None
+    want = torch.arange(s[0] * s[3]).view(s[0], 1, 1, s[3]).expand(s)
+    return src if torch.equal(r, want) else None
+
+
+_ZEROS = {aten.zeros_like.default, aten.new_zeros.default, aten.zeros.default}
+
+
+def _zero_based_fill(gm, n: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
+    """``(m, v)`` when ``n`` is ``masked_fill(zeros, m, v)`` (zeros: a constant of zeros, or
+    ``zeros_like``/``new_zeros``/``full_like(·, 0)``: 0 whatever its input), else None. This is how
+    ``nn.MultiheadAttention`` turns a boolean key padding mask into a float one (``v = -inf``)."""
+    fills = (aten.masked_fill.Scalar, aten.masked_fill_.Scalar)  # in place on a fresh zeros: the same value
+    if n.op != "call_function" or n.target not in fills or not isinstance(n.args[2], (int, float)):
+        return None
+    base = n.args[0]
+    if not isinstance(base, torch.fx.Node) or base.op not in ("call_function", "get_attr"):
+        return None
+    zero = base.target in _ZEROS or (base.target == aten.full_like.default and base.args[1] == 0)
+    if not zero and is_constant(base):
+        value = eval_constant(gm, base)
+        zero = isinstance(value, torch.Tensor) and not value.any()
+    if not zero or dtype(n.args[1]) != torch.bool:
+        return None
+    return n.args[1], float(n.args[2])
 
 
 def _bool_complement(n: torch.fx.Node) -> torch.fx.Node | None:

@@ -76,7 +76,8 @@ def _infer_lazily(node: torch.fx.Node) -> None:
         try:
             infer_meta(n)
         except Exception:  # leave it unknown; the pipeline refreshes metadata after the pass
-            n.meta["val"] = None
+            pass
+        n.meta.setdefault("val", None)  # also when no input had a FakeTensor (all constants): never retried
 
 
 def shape(node: torch.fx.Node) -> tuple[int, ...] | None:

@@ -1,13 +1,20 @@
 """``attention_bc1s`` — attention as per-head einsums on the channel axis of (B, C, 1, S).
 
 This is the structure of Apple's hand-written ``ml-ane-transformers`` attention, produced from stock
-models. Two forms are recognised:
+models. Three forms are recognised:
 
 * ``aten.scaled_dot_product_attention`` (transformers' default ``sdpa``), with or without a mask,
   ``is_causal``, an explicit or implied scale, and grouped-query attention (``enable_gqa`` or
   repeated K/V heads);
 * the eager form ``softmax(q @ k^T * scale + mask) @ v`` (also ``/ sqrt(d)``, masks added or
-  ``masked_fill``-ed, dropout in eval).
+  ``masked_fill``-ed, dropout in eval, a softmax upcast to float32 and cast back);
+* the same over 3-D (B·H, S, D) tensors, as fairseq, BART and older OPT write it:
+  ``bmm(softmax(bmm(q, k^T) * scale + mask), v)`` or ``baddbmm(bias, q, k^T, beta, alpha)``, the
+  scores possibly viewed as (B, H, S_q, S_k) to add a mask (H is read from where q's heads come from).
+
+Logit soft-capping (Gemma 2: ``cap * tanh(scores / cap)`` between QK^T and the softmax, the mask
+added after it) is element-wise: each head's score einsum gets ``tanh`` and ``* cap``, the factors
+before the ``tanh`` go into Q, the masks after it keep their order.
 
 Q, K and V must come from channel blocks of (B, S, C) (or already (B, C, 1, S)) tensors through pure
 data movement (``view``/``transpose``/``permute``/``split``/``expand`` … in any spelling: checked by
@@ -29,10 +36,23 @@ rows whose keys are all masked give torch's result (see :mod:`anefx.analysis.mas
 Per-head work merged back channels-first — how a KV cache in the ANE layout is written,
 ``reshape(transpose(rotary(k), 2, 3), [B, H·D, 1, S])`` — is computed the same way, head by head on
 the projection's channel chunks and concatenated, so the cache write needs no layout change (counted
-in ``merges``). Attention whose inputs
-do not match is left alone and counted in ``unmatched`` with the reason in ``unmatched_reasons`` —
-also a softmax over ``q @ k^T`` scores no matcher recognises (logit soft-capping, 3-D ``bmm``
-attention).
+in ``merges``).
+
+``nn.MultiheadAttention`` (and ``nn.TransformerEncoderLayer``/``DecoderLayer``, whose fused fast
+path never reaches a ``torch.export`` graph) projects the rows of a sequence-first (S, B, C) tensor
+with one packed in-projection, and its out-projection reads (S·B, C) rows. A projection (1x1 conv or
+``linear`` with constant weights) whose input positions are a reshuffle of a (B, S, C) or (B, C, 1, S)
+tensor's, each keeping its channel vector, holds the same values as that projection computed on the
+tensor in (B, C, 1, S): the heads are read from that conv instead (the weight is shared, not copied;
+a sequence-first residual stream in (S, C, 1, B) is transposed once), and an out-projection reading
+the attention output's rows runs on the per-head result before it is moved back into the rows the
+model expects — a movement the layout passes fold away. The key padding mask, expanded over heads
+and flattened to (B·H, 1, S_k) and added to ``attn_mask`` as MHA does, becomes one (B, S_k, 1, 1)
+fill plus the ``attn_mask`` terms.
+
+Attention whose inputs do not match is left alone and counted in ``unmatched`` with the reason in
+``unmatched_reasons`` — also a softmax over ``q @ k^T`` scores no matcher recognises (an op between
+QK^T and the softmax with no per-head form, e.g. scores mixed across heads).
 
 Original::
 
@@ -47,6 +67,28 @@ Result::
     %w_h = aten.softmax(einsum("bchq,bkhc->bkhq", %q_h, %k_h).masked_fill(%drop_bc, -1e4), 1)  # (B, S_k, 1, S_q)
     %o_h = einsum("bkhq,bchk->bchq", %w_h, %v_h)                                 # (B, D, 1, S_q)
     %y = from_bc1s(aten.cat([%o_0, …, %o_{H-1}], 1))
+
+Original (3-D bmm attention, soft-capped)::
+
+    %q3 = aten.reshape(aten.transpose(aten.view(%q_proj, [B, S, H, D]), 1, 2), [B*H, S, D])  # k, v alike
+    %w = aten.tanh(aten.bmm(%q3, aten.transpose(%k3, 1, 2)) / cap) * cap + %mask
+    %o = aten.bmm(aten.softmax(%w, -1), %v3)                                     # (B·H, S_q, D)
+Result::
+
+    %Q = to_bc1s(%q_proj) * (1 / cap)     # per head h, as above, with the cap between einsum and mask:
+    %w_h = aten.softmax(aten.tanh(einsum("bchq,bkhc->bkhq", %q_h, %k_h)) * cap + %mask_bc, 1)
+
+Original (nn.MultiheadAttention, batch_first, packed in-projection)::
+
+    %p = aten.conv2d(to_bc1s(aten.transpose(%x, 0, 1)), %w_in, %b_in)      # (S, 3C, 1, B): rows (s, b)
+    %q = aten.view(aten.select(unflatten(from_bc1s(%p)), 0, 0), [B, H, S, D])  # k, v alike
+    %r = aten.reshape(aten.permute(aten.scaled_dot_product_attention(%q, %k, %v, %m), [2, 0, 1, 3]), [S*B, C])
+    %y = aten.conv2d(%r[:, :, None, None], %w_out, %b_out)                     # (S·B, C, 1, 1)
+Result::
+
+    %P = aten.conv2d(to_bc1s(%x), %w_in, %b_in)                               # (B, 3C, 1, S)
+    %O = cat(per-head attention over split(%P, D, 1), 1)                       # (B, C, 1, S)
+    %y = aten.reshape(aten.permute(aten.conv2d(%O, %w_out, %b_out), [3, 0, 1, 2]), [S*B, C, 1, 1])
 
 Options:
   mask_value: the finite negative used for masked positions (default -1e4, safe in fp16)
@@ -75,11 +117,31 @@ from anefx.analysis.head_program import (
 from anefx.analysis.head_program import (
     D as H_D,
 )
-from anefx.analysis.heads import MOVEMENT, Heads, merge_users, movement_chain, simulate, trace_heads
+from anefx.analysis.heads import (
+    MOVEMENT,
+    Heads,
+    index_map,
+    lifted_projection,
+    merge_users,
+    movement_chain,
+    simulate,
+    trace_heads,
+)
 from anefx.analysis.layout import from_bc1s, to_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
 from anefx.analysis.norms import emit_channel_rms_norm
-from anefx.ir.graph import add_constant, call, dce, describe, eval_constant, is_constant, provenance, shape, val
+from anefx.ir.graph import (
+    add_constant,
+    call,
+    dce,
+    describe,
+    dtype,
+    eval_constant,
+    is_constant,
+    provenance,
+    shape,
+    val,
+)
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -105,6 +167,15 @@ class Core:
     masks: list[MaskUse] = field(default_factory=list)  # in the order they apply to the scores
     causal: bool = False
     sdpa: bool = False  # torch's SDPA: rows whose keys are all masked give zeros
+    heads: int | None = None  # q, k, v and out are 3-D (B·H, S, D) with this H (``bmm`` attention)
+    softcap: float | None = None  # scores = tanh(q·k · scale) · softcap, then the masks (logit soft-capping)
+
+    def shape4(self, t: torch.fx.Node) -> tuple[int, ...] | None:
+        """``t``'s shape as (B, H, S, D) (3-D ``bmm`` operands split into B and H)."""
+        s = shape(t)
+        if self.heads is None or s is None or len(s) != 3:
+            return s
+        return (s[0] // self.heads, self.heads, s[1], s[2])
 
 
 def _scalar(x) -> float | None:
@@ -134,16 +205,108 @@ def match_eager(node: torch.fx.Node) -> Core | None:
     """``matmul(softmax(q @ k^T * scale + mask, -1), v)``."""
     if node.op != "call_function" or node.target != aten.matmul.default:
         return None
+    found = _scores(node, 4)
+    if found is None:
+        return None
+    x, v, masks, scale, softcap = found
+    if x.target != aten.matmul.default:
+        return None
+    q, kt = x.args
+    ks = shape(kt)
+    if kt.op != "call_function" or ks is None or len(ks) != 4:
+        return None
+    if not _swaps_last_two(kt):
+        return None
+    k = kt.args[0]
+    if q.op == "call_function" and q.target == aten.mul.Tensor and _scalar(q.args[1]) is not None:
+        scale *= _scalar(q.args[1])
+        q = q.args[0]
+    return Core(node, q, k, v, scale, masks, softcap=softcap)  # every factor goes into Q; masks after one carry it
+
+
+def match_bmm(node: torch.fx.Node) -> Core | None:
+    """``bmm(softmax(bmm(q, k^T) * scale + mask, -1), v)`` over 3-D (B·H, S, D) tensors (fairseq,
+    BART, older OPT), also ``baddbmm(mask, q, k^T, beta, alpha)``; the scores may be viewed as
+    (B, H, S_q, S_k) to add a mask and back. H is read from where q's heads come from."""
+    if node.op != "call_function" or node.target != aten.bmm.default:
+        return None
+    found = _scores(node, 3)
+    if found is None:
+        return None
+    x, v, masks, scale, softcap = found
+    if x.target == aten.baddbmm.default:
+        names = ["input", "batch1", "batch2", "beta", "alpha"]
+        a = dict(zip(names, x.args))
+        a.update(x.kwargs)
+        beta, alpha = _scalar(a.get("beta", 1)), _scalar(a.get("alpha", 1))
+        if beta is None or alpha is None or not isinstance(a["input"], torch.fx.Node):
+            return None
+        if beta != 0:
+            masks.insert(0, MaskUse(a["input"], "add", scale=scale * beta))
+        scale *= alpha
+        q, kt = a["batch1"], a["batch2"]
+    elif x.target == aten.bmm.default:
+        q, kt = x.args
+    else:
+        return None
+    if kt.op != "call_function" or len(shape(kt) or ()) != 3:
+        return None
+    swaps = (kt.target == aten.transpose.int and sorted(d % 3 for d in kt.args[1:]) == [1, 2]) or (
+        kt.target == aten.permute.default and [d % 3 for d in kt.args[1]] == [0, 2, 1]
+    )
+    if not swaps:
+        return None
+    k = kt.args[0]
+    if q.op == "call_function" and q.target == aten.mul.Tensor and _scalar(q.args[1]) is not None:
+        scale *= _scalar(q.args[1])
+        q = q.args[0]
+    h = _bmm_heads(q)
+    if h is None or any(len(shape(t) or ()) != 3 or shape(t)[0] != shape(q)[0] for t in (k, v)):
+        return None
+    for m in masks:  # a mask over the (B·H, S_q, S_k) scores: per (batch, head), or broadcast
+        ms = shape(m.node)
+        if ms is None or (len(ms) == 3 and ms[0] not in (1, shape(q)[0])):
+            return None
+    return Core(node, q, k, v, scale, masks, heads=h, softcap=softcap)
+
+
+def _bmm_heads(q: torch.fx.Node) -> int | None:
+    """H for a (B·H, S, D) query: B is the batch of the (B, S, C) or (B, C, 1, S) tensor its heads
+    are read from."""
+    mapped = index_map(q)
+    qs = shape(q)
+    if mapped is None or qs is None or len(qs) != 3:
+        return None
+    src = shape(mapped[0])
+    if src is None or len(src) not in (3, 4) or src[0] == 0 or qs[0] % src[0]:
+        return None
+    return qs[0] // src[0]
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _scores(node: torch.fx.Node, rank: int):
+    """For the value product ``node`` (rank ``rank``): the scores product feeding its softmax, the
+    value operand, the masks (in the model's order) and the scale after the scores, or None."""
     w, v = node.args
-    while w.op == "call_function" and w.target in _PASS:
+    while w.op == "call_function" and (w.target in _PASS or _float_cast(w)):
         w = w.args[0]
-    if w.op != "call_function" or w.target not in _SOFTMAX or w.args[1] not in (-1, 3):
+    if w.op != "call_function" or w.target not in _SOFTMAX or w.args[1] not in (-1, rank - 1):
         return None
     x = w.args[0]
+    while _float_cast(x):  # softmax(x.float()).to(dtype): computed in the scores' own dtype
+        x = x.args[0]
     masks: list[MaskUse] = []  # walked from the softmax back to the scores: reversed below
     scale = 1.0  # the product of the scalar factors met so far (applied after the masks still to come)
+    softcap = None  # the factors after a tanh (soft-capping): the factors met later go into q
     while x.op == "call_function":
-        if x.target == aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in x.args[:2]):
+        if softcap is not None and x.target in (aten.add.Tensor, aten.masked_fill.Scalar):
+            return None  # a mask before the cap is squashed by the tanh: not a mask any more
+        if x.target == aten.tanh.default and softcap is None:
+            softcap, scale = scale, 1.0
+            x = x.args[0]
+        elif x.target == aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in x.args[:2]):
             left, right = x.args[:2]
             mask, x = (right, left) if _depends_on_matmul(left) else (left, right)
             masks.append(MaskUse(mask, "add", scale=scale))
@@ -156,22 +319,34 @@ def match_eager(node: torch.fx.Node) -> Core | None:
                 return None
             scale = scale * s if x.target == aten.mul.Tensor else scale / s
             x = x.args[0]
+        elif rank == 3 and x.target in _VIEWS and _regroups_heads(x):
+            x = x.args[0]
         else:
             break
     masks.reverse()
-    if x.op != "call_function" or x.target != aten.matmul.default:
+    if x.op != "call_function" or x.target not in _PRODUCTS:
         return None
-    q, kt = x.args
-    ks = shape(kt)
-    if kt.op != "call_function" or ks is None or len(ks) != 4:
-        return None
-    if not _swaps_last_two(kt):
-        return None
-    k = kt.args[0]
-    if q.op == "call_function" and q.target == aten.mul.Tensor and _scalar(q.args[1]) is not None:
-        scale *= _scalar(q.args[1])
-        q = q.args[0]
-    return Core(node, q, k, v, scale, masks)  # every factor goes into Q; masks after one carry it
+    return x, v, masks, scale, softcap
+
+
+def _float_cast(n: torch.fx.Node) -> bool:
+    """A cast between floating dtypes (the softmax upcast and the cast back)."""
+    if n.op != "call_function" or n.target not in _CASTS or not isinstance(n.args[0], torch.fx.Node):
+        return False
+    src, out = dtype(n.args[0]), dtype(n)
+    return src is not None and out is not None and src.is_floating_point and out.is_floating_point
+
+
+_PRODUCTS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default}
+
+
+def _regroups_heads(n: torch.fx.Node) -> bool:
+    """A view between (B·H, S_q, S_k) and (B, H, S_q, S_k) scores (the element order is kept)."""
+    a, b = shape(n.args[0]), shape(n)
+    if a is None or b is None or {len(a), len(b)} != {3, 4}:
+        return False
+    three, four = (a, b) if len(a) == 3 else (b, a)
+    return three == (four[0] * four[1], four[2], four[3])
 
 
 def _swaps_last_two(n: torch.fx.Node) -> bool:
@@ -180,11 +355,11 @@ def _swaps_last_two(n: torch.fx.Node) -> bool:
     return n.target == aten.permute.default and [d % 4 for d in n.args[1]] == [0, 1, 3, 2]
 
 
-def _depends_on_matmul(n: torch.fx.Node, depth: int = 4) -> bool:
+def _depends_on_matmul(n: torch.fx.Node, depth: int = 6) -> bool:
     for _ in range(depth):
         if n.op != "call_function":
             return False
-        if n.target == aten.matmul.default:
+        if n.target in _PRODUCTS:
             return True
         n = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else n
     return False
@@ -253,7 +428,7 @@ class AttentionBC1S(Pass):
         seen: set[torch.fx.Node] = set()
         original = list(graph.nodes)  # the rewrite adds per-head softmaxes: only these are candidates
         for node in original:  # in graph order: what a site creates is reused only by later sites
-            core = match_sdpa(node) or match_eager(node)
+            core = match_sdpa(node) or match_eager(node) or match_bmm(node)
             if core is None:
                 if self._merge(gm, node, ctx, memo, sides, seen):
                     stats["merges"] = stats.get("merges", 0) + 1
@@ -298,8 +473,8 @@ class AttentionBC1S(Pass):
 
     def _rewrite(self, gm, core: Core, qh: Heads, kh: Heads, vh: Heads, memo: dict, lowering: dict) -> None:
         graph = gm.graph
-        b, h, sq, d = shape(core.q)
-        sk, dv = shape(core.k)[2], shape(core.v)[3]
+        b, h, sq, d = core.shape4(core.q)
+        sk, dv = core.shape4(core.k)[2], core.shape4(core.v)[3]
         dtype = val(core.q).dtype
         k_offsets, v_offsets = _per_query_head(kh.offsets, h), _per_query_head(vh.offsets, h)
         neg = self.options.mask_value
@@ -307,6 +482,10 @@ class AttentionBC1S(Pass):
         low.set_insertion_point(core.out)
         terms: list[MaskTerm] = []
         for use in core.masks:
+            ms = shape(use.node)
+            if core.heads is not None and len(ms) == 3 and ms[0] == b * h > 1:  # (B·H, ·, ·) as (B, H, ·, ·)
+                with graph.inserting_before(core.out):
+                    use = dataclasses.replace(use, node=call(graph, aten.view.default, (use.node, [b, h, *ms[1:]])))
             terms += low.lower(use)
         if core.causal:
             terms.append(_causal_term(gm, graph, sq, sk, core.out))
@@ -325,6 +504,10 @@ class AttentionBC1S(Pass):
             outs = []
             for i in range(h):
                 s = call(graph, aten.einsum.default, ("bchq,bkhc->bkhq", [qs[qh.offsets[i]], ks[k_offsets[i]]]))
+                if core.softcap is not None:  # element-wise: the same on each head's scores
+                    s = call(graph, aten.tanh.default, (s,))
+                    if core.softcap != 1.0:
+                        s = call(graph, aten.mul.Tensor, (s, core.softcap))
                 for term in terms:
                     t = term.node
                     if term.per_head:
@@ -342,13 +525,16 @@ class AttentionBC1S(Pass):
             if visible is not None and not visible.per_head:
                 out4 = call(graph, aten.mul.Tensor, (out4, visible.node))
         merged = from_bc1s(graph, out4, 3)
-        for m in merge_users(core.out):
+        for m in merge_users(core.out, hs=(b, h, sq, dv)):
             m.replace_all_uses_with(merged)
         if core.out.users:  # consumers that want (B, H, S_q, D_v): give it back to them
             with graph.inserting_before(core.out):
                 heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
                 back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
+                if core.heads is not None:  # bmm attention: (B·H, S_q, D_v)
+                    back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
             core.out.replace_all_uses_with(back)
+            _lift_output_projections(graph, back, out4, memo)
 
     def _merge(self, gm, node, ctx: PassContext, memo: dict, sides: dict, seen: set) -> bool:
         """``node``, a channels-first merge of per-head work (a KV cache write), computed head by head
@@ -382,6 +568,8 @@ class AttentionBC1S(Pass):
 
     @staticmethod
     def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
+        if heads.lift is not None:  # the projection computed on the (B, C, 1, S) tensor it reads rows of
+            return _lifted_conv(graph, heads.lift.conv, heads.lift.x, memo, heads.lift.swap)
         return heads.source if heads.source_is_bc1s else to_bc1s(graph, heads.source, 3, memo)
 
     def _materialise(
@@ -599,7 +787,9 @@ def _unrecognised(node: torch.fx.Node, seen: set) -> str | None:
             break
         if x.target not in _SCORE_STEPS and blocker is None:
             blocker = x
-        x = x.args[0] if x.args and isinstance(x.args[0], torch.fx.Node) else x
+        if not x.all_input_nodes:
+            return None
+        x = x.all_input_nodes[0]
     else:
         return None
     if x.target != aten.matmul.default or len(shape(x) or ()) == 3:
@@ -636,6 +826,65 @@ def channels_first_merge(node: torch.fx.Node) -> torch.fx.Node | None:
     return src if torch.equal(r, idx.permute(0, 1, 3, 2).reshape(s)) else None
 
 
+def _lift_output_projections(graph, back: torch.fx.Node, out4: torch.fx.Node, memo: dict) -> None:
+    """1x1 convs reading rows of the attention output ``back`` through data movement only
+    (``nn.MultiheadAttention``'s out-projection of the (S·B, C) rows) run on ``out4`` (B, C, 1, S)
+    instead; their result is moved back into the rows the model expects, a movement the layout
+    passes then fold away against the model's own way back to (B, S, C)."""
+    frontier, convs = [back], []
+    for _ in range(8):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u.op == "call_function" and u.target in _PROJECTIONS and u.args[0] is n:
+                    convs.append(u)
+                elif u.op == "call_function" and u.target in MOVEMENT:
+                    nxt.append(u)
+        frontier = nxt
+    for conv in convs:
+        found = lifted_projection(conv)
+        if found is None or found[0].x is not out4:
+            continue
+        with graph.inserting_before(conv), provenance(conv):
+            z = _lifted_conv(graph, conv, out4, memo)
+            rows = _positions(graph, z, found[1], found[2], shape(conv))
+        if rows is not None:
+            conv.replace_all_uses_with(rows)
+
+
+def _positions(graph, z: torch.fx.Node, zidx: torch.Tensor, zshape, out_shape) -> torch.fx.Node | None:
+    """``z`` (``zshape``) moved so that element ``i`` of the result (``out_shape``) is element
+    ``zidx[i]`` of ``z``: one ``permute`` and one ``reshape``, or None when no such pair does it."""
+    import itertools
+
+    idx = torch.arange(zidx.numel()).reshape(zshape)
+    for perm in itertools.permutations(range(4)):
+        if torch.equal(idx.permute(perm).reshape(out_shape), zidx):
+            x = z if list(perm) == [0, 1, 2, 3] else call(graph, aten.permute.default, (z, list(perm)))
+            return call(graph, aten.reshape.default, (x, list(out_shape)))
+    return None
+
+
+def _lifted_conv(graph, conv: torch.fx.Node, x: torch.fx.Node, memo: dict, swap: bool = False) -> torch.fx.Node:
+    """``conv`` (a 1x1 conv or a ``linear``) computed on ``x`` ((B, S, C) or (B, C, 1, S)) in (B, C, 1, S);
+    ``swap``: ``x`` is sequence-first, its first and last axes of (B, C, 1, S) are swapped first."""
+    key = ("lift", conv, x, swap)
+    if key not in memo:
+        x4 = x if len(shape(x)) == 4 else to_bc1s(graph, x, 3, memo)
+        if swap:
+            x4 = call(graph, aten.permute.default, (x4, [3, 1, 2, 0]))
+        if conv.target == aten.linear.default:
+            w = conv.args[1]
+            w4 = call(graph, aten.view.default, (w, [*shape(w), 1, 1]))  # a view of the weight: no copy
+            memo[key] = call(graph, aten.conv2d.default, (x4, w4, *conv.args[2:3]))
+        else:
+            memo[key] = call(graph, aten.conv2d.default, (x4, *conv.args[1:]))
+    return memo[key]
+
+
+_PROJECTIONS = {aten.conv2d.default, aten.linear.default}
+
+
 def _recorded_shape(node: torch.fx.Node) -> tuple[int, ...] | None:
     v = node.meta.get("val")
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
@@ -645,7 +894,9 @@ def _trace_inputs(core: Core) -> list | str:
     """Q, K and V as channel blocks (:class:`Heads`) or per-head programs, or why not."""
     traced = []
     for t in (core.q, core.k, core.v):
-        found = trace_heads(t)
+        found = trace_heads(t, core.heads)
+        if found is None and core.heads is not None:
+            return f"{describe(t)}: (B·H, S, D) bmm attention whose heads are not channel blocks of a projection"
         if found is None:
             found = trace_program(t)
             if isinstance(found, str):
@@ -711,7 +962,7 @@ def _per_query_head(offsets: list[int], heads: int) -> list[int]:
 
 def _blocked(core: Core, traced: list) -> bool:
     """Shapes anefx does not rewrite (yet): batch or sequence mismatches, odd GQA ratios."""
-    q, k, v = (shape(t) for t in (core.q, core.k, core.v))
+    q, k, v = (core.shape4(t) for t in (core.q, core.k, core.v))
     if None in (q, k, v) or q[0] != k[0] or k[2] != v[2]:
         return True
     h = len(_heads_of(traced[0]))
