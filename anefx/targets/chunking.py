@@ -360,7 +360,8 @@ def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str
             if n.name not in near:
                 continue
             val = n.meta.get("val")
-            nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+            # only a tensor can cross (a ``split``'s list stays with the getitems that read it)
+            nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) else float("inf")
             g.add_edge(n.name, ("out", n.name), capacity=float(nbytes))
             for u in users[n.name]:
                 if u in near:
