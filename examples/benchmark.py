@@ -2,7 +2,7 @@
 
     python examples/benchmark.py                         # stock DistilBERT, full size
     python examples/benchmark.py --models all            # the whole zoo, full size
-    python examples/benchmark.py --models llama_small,qwen3_small,mistral_small,neox_small,opt_small,llama_lm_small
+    python examples/benchmark.py --models llama_small,opt_small,torch_encoder_small   # decoders, nn.Transformer*
     python examples/benchmark.py --memory --scaling      # the memory and depth-scaling checks
     python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
     python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
@@ -55,6 +55,7 @@ FULL_SIZE = {
     "neox_small": lambda attn: models.small_decoder("neox"),
     "opt_small": lambda attn: models.small_decoder("opt"),
     "llama_lm_small": lambda attn: models.small_decoder("llama_lm"),
+    "torch_encoder_small": lambda attn: models.torch_encoder(),
 }
 KEY_OPS = (
     "linear",

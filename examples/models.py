@@ -606,3 +606,32 @@ def small_decoder(kind: str = "llama", layers: int = 4, dim: int = 256, heads: i
 def smollm2():
     """SmolLM2-135M-Instruct and its tokenizer (trained weights, offline): ``(model, tokenizer)``."""
     return smollm2_model_and_tokenizer()
+
+
+class _TorchEncoder(torch.nn.Module):
+    """``nn.TransformerEncoder`` of ``nn.TransformerEncoderLayer(batch_first=True)`` called with a key
+    padding mask (True = padding, PyTorch's convention) derived from a (B, S) keep-mask."""
+
+    def __init__(self, layers: int, dim: int, heads: int):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, 4 * dim, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x, keep):
+        return self.encoder(x, src_key_padding_mask=keep == 0)
+
+
+def torch_encoder(layers: int = 4, dim: int = 256, heads: int = 8, seq: int = 64):
+    """PyTorch's own ``nn.TransformerEncoder`` (batch first, eval), random weights with nothing zero
+    or identity, called with embeddings and a right-padded mask."""
+    torch.manual_seed(0)
+    model = _TorchEncoder(layers, dim, heads)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
+    x = torch.randn(1, seq, dim, generator=gen)
+    keep = torch.ones(1, seq, dtype=torch.long)
+    keep[:, -seq // 8 :] = 0
+    return model.eval(), (x, keep), {}
