@@ -160,8 +160,7 @@ def split_lm(
     from torch.export.graph_signature import InputKind
 
     from anefx.targets.base import HandOff
-    from anefx.targets.chunking import export_program, split
-    from anefx.targets.quality import WeightSwap
+    from anefx.targets.chunking import check_chain, export_program, split
 
     names = layout.state_names
     n_layers = len(layout.layers)
@@ -176,11 +175,7 @@ def split_lm(
         placeholders = dict(zip(user[2:], names, strict=True))
         stages = {p: i % n_layers for i, p in enumerate(user[2:])}
         chunked = split(ep, flat, ["logits", *names], cap_mb, bytes_per_weight, stages)
-        got = chunked.run(flat)
-        want = WeightSwap(ep).swap(flat, {})[0]
-        for name, a, b in zip(["logits", *names], got, want, strict=True):
-            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-                raise ConversionError(f"{fn}: the chained chunks differ from the whole graph on {name!r}")
+        check_chain(chunked, ep, flat, f"{fn}: ")
         per_fn[fn] = (chunked, placeholders)
     groups = {fn: [c.stages for c in per_fn[fn][0].chunks] for fn in FUNCTIONS}
     if groups["prefill"] != groups["decode"]:

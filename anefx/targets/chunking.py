@@ -379,23 +379,30 @@ def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str
         chunk_of[name] = c
 
 
+def check_chain(chunked: Chunked, ep, inputs: Sequence[torch.Tensor], what: str = "") -> None:
+    """Raise ``ConversionError`` unless the chain of chunks, run in torch on ``inputs``, computes
+    every output of the whole program ``ep`` (to fp32 rounding). ``what`` prefixes the message."""
+    from anefx.ir.errors import ConversionError
+    from anefx.targets.quality import WeightSwap
+
+    got = chunked.run(inputs)
+    want = WeightSwap(ep).swap(list(inputs), {})[0]
+    for name, a, b in zip(chunked.output_names, got, want, strict=True):
+        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise ConversionError(f"{what}the chained chunks differ from the whole graph on output {name!r}")
+
+
 def convert_chunked(handoff, flat_inputs, target, compression, cap_mb: float, progress, timings: dict) -> Chunked:
     """Split the hand-off's graph at layer boundaries under ``cap_mb``, check the chain in torch
     against the whole graph, then convert (and compress) each chunk with ``target``."""
-    from anefx.ir.errors import ConversionError
     from anefx.targets.base import HandOff
     from anefx.targets.compression import bytes_per_weight, compress_artifact
-    from anefx.targets.quality import WeightSwap
 
     t0 = time.perf_counter()
     ep = export_program(handoff)
     flat = list(flat_inputs)
     chunked = split(ep, flat, handoff.output_names, cap_mb, bytes_per_weight(compression))
-    got = chunked.run(flat)
-    want = WeightSwap(ep).swap(flat, {})[0]
-    for name, a, b in zip(handoff.output_names, got, want, strict=True):
-        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
-            raise ConversionError(f"the chained chunks differ from the whole graph on output {name!r}")
+    check_chain(chunked, ep, flat)
     timings["split"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for c in chunked.chunks:
