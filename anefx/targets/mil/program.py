@@ -56,13 +56,12 @@ class MILProgram(LoadedProgram):
         self._info = read.functions
         self._default = read.default_function
         constants = Constants()
+        functions = read.program.functions
         self._plans: dict[str, FunctionPlan] = {
-            name: plan_function(name, function, constants) for name, function in read.program.functions.items()
+            name: plan_function(name, functions[name], constants) for name in self._info
         }
         #: MIL op type → count, per function (nested blocks included); ``const`` excluded
-        self.op_counts: dict[str, dict[str, int]] = {
-            name: _op_counts(function) for name, function in read.program.functions.items()
-        }
+        self.op_counts: dict[str, dict[str, int]] = {name: _op_counts(functions[name]) for name in self._info}
 
     @classmethod
     def open(cls, path) -> MILProgram:

@@ -79,8 +79,10 @@ def read_spec(spec, weights_dir: Path | None, source: str = "a Model protobuf") 
     with warnings.catch_warnings(), quiet_coremltools():
         warnings.simplefilter("ignore")
         program = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir or ""))
-    functions = {name: _describe(name, fn) for name, fn in program.functions.items()}
-    default = spec.description.defaultFunctionName or ("main" if "main" in functions else next(iter(functions)))
+    described = [f.name for f in spec.description.functions]  # the package's order (the proto map has none)
+    order = [n for n in described if n in program.functions] + sorted(set(program.functions) - set(described))
+    functions = {name: _describe(name, program.functions[name]) for name in order}
+    default = spec.description.defaultFunctionName or ("main" if "main" in functions else order[0])
     return ReadProgram(program, functions, default, source)
 
 

@@ -127,11 +127,11 @@ _RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0,
 def quantize(a: Args):
     x = a.input
     axis = to_int(a.axis)
-    q = x / _promote(a.scale, x.dim(), axis)
+    q = torch.round(x / _promote(a.scale, x.dim(), axis))  # half to even, as numpy's around
     if a.zero_point is not None:
         q = q + _promote(a.zero_point.to(torch.float32), x.dim(), axis)
     low, high = _RANGES[a.output_dtype]
-    return torch.clamp(torch.round(q), low, high)
+    return torch.clamp(q, low, high)
 
 
 def dequantize(a: Args):
