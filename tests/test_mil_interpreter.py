@@ -223,3 +223,54 @@ def test_an_in_memory_mlmodel_runs_from_its_staged_package(tmp_path):
     np.testing.assert_array_equal(
         next(iter(program({"x": x}).values())), next(iter(anefx.load(tmp_path / "saved.mlpackage")({"x": x}).values()))
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# ops that coremltools gives no numpy semantics for: through ct.convert of PyTorch layers
+# ---------------------------------------------------------------------------------------------
+
+
+class Layers(torch.nn.Module):
+    """PyTorch layers that coremltools converts to MIL ops without a ``value_inference``: batch_norm,
+    instance_norm, conv_transpose (+ crop), strided conv, avg / max pool (padding, ceil mode, padding
+    excluded from the average), upsample nearest / bilinear, pad reflect / replicate, pixel_shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.bn, self.inorm = nn.BatchNorm2d(4), nn.InstanceNorm2d(4, affine=True)
+        self.up = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+        self.conv, self.gn = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.GroupNorm(2, 8)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.5 + 0.3 * torch.randn(p.shape, generator=gen))
+            self.bn.running_mean.normal_(generator=gen)
+            self.bn.running_var.uniform_(0.5, 2, generator=gen)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        y = self.gn(self.conv(self.up(self.inorm(self.bn(x)))))
+        a = F.avg_pool2d(y, 3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+        b = F.max_pool2d(y, 3, stride=2, padding=1, ceil_mode=True)
+        c = F.interpolate(a, scale_factor=2, mode="nearest") + F.interpolate(b, scale_factor=2, mode="bilinear")
+        d = F.interpolate(c, size=(7, 9), mode="bilinear", align_corners=True)
+        e = F.pad(d, (1, 2, 2, 1), mode="reflect") + F.pad(d, (1, 2, 2, 1), mode="replicate")
+        return e * 1.0, F.pixel_shuffle(e[:, :8, :8, :8], 2), torch.topk(e.flatten(1), 5)[0]
+
+
+def test_layers_without_numpy_semantics_match_eager(tmp_path):
+    model, x = Layers().eval(), torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        ep = torch.export.export(model, (x,)).run_decompositions({})
+    program = anefx.load(_save(ep, tmp_path / "layers.mlpackage"))
+    ops = program.op_counts["main"]
+    for op in ("batch_norm", "instance_norm", "conv_transpose", "avg_pool", "max_pool", "pad", "pixel_shuffle"):
+        assert ops.get(op), (op, ops)
+    assert ops.get("upsample_bilinear") and ops.get("upsample_nearest_neighbor")
+    outs = program({"x": x})
+    for (name, got), w in zip(outs.items(), want):
+        assert got.shape == tuple(w.shape), name
+        # a chain of 14 ops in float32: 5e-5 of the output's scale (a wrong semantics is O(1))
+        assert np.abs(got - w.numpy()).max() <= 5e-5 * float(w.abs().max()), name

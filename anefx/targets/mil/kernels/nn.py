@@ -119,26 +119,25 @@ def layer_norm(a: Args):
     return y
 
 
+def _channel_affine(y: torch.Tensor, a: Args) -> torch.Tensor:
+    """``y · gamma + beta`` with per-channel (axis 1) ``gamma`` and ``beta``, each optional."""
+    if a.gamma is not None:
+        y = y * channel_view(a.gamma, y.dim())
+    if a.beta is not None:
+        y = y + channel_view(a.beta, y.dim())
+    return y
+
+
 def batch_norm(a: Args):
     x = a.x
     rank = x.dim()
     y = (x - channel_view(a.mean, rank)) / torch.sqrt(channel_view(a.variance, rank) + to_float(a.epsilon, 1e-5))
-    if a.gamma is not None:
-        y = y * channel_view(a.gamma, rank)
-    if a.beta is not None:
-        y = y + channel_view(a.beta, rank)
-    return y
+    return _channel_affine(y, a)
 
 
 def instance_norm(a: Args):
     x = a.x
-    rank = x.dim()
-    y = _normalize(x, list(range(2, rank)), to_float(a.epsilon, 1e-5))
-    if a.gamma is not None:
-        y = y * channel_view(a.gamma, rank)
-    if a.beta is not None:
-        y = y + channel_view(a.beta, rank)
-    return y
+    return _channel_affine(_normalize(x, list(range(2, x.dim())), to_float(a.epsilon, 1e-5)), a)
 
 
 def l2_norm(a: Args):
