@@ -1,11 +1,12 @@
 """Read a saved ML Program back into coremltools' MIL ``Program``: every function, its weights.
 
 Where anefx touches coremltools to read programs: ``ct.utils.load_spec`` (the package's protobuf),
-``coremltools.converters.mil.frontend.milproto.load`` (protobuf + weight blobs → MIL ``Program``,
-the inverse of what ``ct.convert`` writes; it fills each op's optional inputs with the defaults of
-coremltools' op definitions), and the MIL ``Program`` / ``Function`` / ``Operation`` / ``Var``
-objects (``op.op_type``, ``op.inputs``, ``op.outputs``, ``op.blocks``, ``var.val``, ``var.dtype``,
-``var.shape``). ``tests/test_mil_interpreter.py`` pins what is relied on.
+coremltools' ``milproto`` loader (protobuf + weight blobs → MIL ``Program``, the inverse of what
+``ct.convert`` writes; it fills each op's optional inputs with the defaults of coremltools' op
+definitions), through :func:`anefx.compat.coremltools.program_from_spec`, and the MIL ``Program`` /
+``Function`` / ``Operation`` / ``Var`` objects of coremltools' MIL builder API (``op.op_type``,
+``op.inputs``, ``op.outputs``, ``op.blocks``, ``var.val``, ``var.dtype``, ``var.shape``).
+``tests/test_compat.py`` and ``tests/test_mil_interpreter.py`` pin what is relied on.
 
 A program can come from a saved or staged ``.mlpackage`` folder (:func:`read_package`), from an
 ``MLModel`` (:func:`read_mlmodel`: the package ``ct.convert`` staged, i.e. the bytes ``save`` will
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anefx.compat.coremltools import program_from_spec
 from anefx.ir.errors import AnefxError
 from anefx.targets.coreml import coremltools_module, quiet_coremltools
 from anefx.targets.executor import TensorSpec
@@ -68,8 +70,6 @@ def read_mlmodel(mlmodel) -> ReadProgram:
 
 def read_spec(spec, weights_dir: Path | None, source: str = "a Model protobuf") -> ReadProgram:
     """A ``Model`` protobuf of an ML Program and the folder of its weight blobs."""
-    from coremltools.converters.mil.frontend.milproto import load as milproto
-
     if spec.WhichOneof("Type") != "mlProgram":
         raise AnefxError(
             f"cannot load {source}: it is a {spec.WhichOneof('Type')} model, not an ML Program; "
@@ -78,7 +78,7 @@ def read_spec(spec, weights_dir: Path | None, source: str = "a Model protobuf") 
     coremltools_module()
     with warnings.catch_warnings(), quiet_coremltools():
         warnings.simplefilter("ignore")
-        program = milproto.load(spec, spec.specificationVersion, file_weights_dir=str(weights_dir or ""))
+        program = program_from_spec(spec, str(weights_dir or ""))
     described = [f.name for f in spec.description.functions]  # the package's order (the proto map has none)
     order = [n for n in described if n in program.functions] + sorted(set(program.functions) - set(described))
     functions = {name: _describe(name, program.functions[name]) for name in order}
