@@ -33,7 +33,7 @@ import torch
 
 from anefx.ir.errors import AnefxError
 from anefx.targets.mil.kernels import KERNELS, Args
-from anefx.targets.mil.reader import dtype_name
+from anefx.targets.mil.reader import dtype_name, is_state
 
 #: Ops the interpreter runs itself (they read or write its state, or hold nested blocks).
 INTERPRETER_OPS = frozenset({"const", "read_state", "coreml_update_state", "cond", "while_loop"})
@@ -197,8 +197,7 @@ def check_supported(program) -> None:
 
 
 def plan_function(name: str, function, constants: Constants) -> FunctionPlan:
-    from anefx.targets.mil.reader import is_state
-
+    """The steps of one function of a MIL ``Program`` (constants evaluated, last uses marked)."""
     known: dict[str, Any] = {}
     inputs = {n: dtype_name(v) for n, v in function.inputs.items() if not is_state(v)}
     states = {n: dtype_name(v) for n, v in function.inputs.items() if is_state(v)}
