@@ -180,6 +180,34 @@ def test_bad_inputs_are_explained(accumulator, control_flow):
         anefx.load("nowhere.mlpackage")
 
 
+def test_outputs_are_the_callers_to_modify(tmp_path):
+    """An output that is a tensor the interpreter holds (here an int32 input passed through unchanged)
+    is handed out as a copy: writing into it changes neither the caller's input nor the program."""
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4), dtype=types.int32)], opset_version=ct.target.iOS17)
+    def prog(ids):
+        return mb.identity(x=ids)
+
+    program = anefx.load(_save(prog, tmp_path / "identity.mlpackage"))
+    ids = np.arange(4, dtype=np.int32).reshape(1, 4)
+    (out,) = program({"ids": ids}).values()
+    out[...] = 100
+    np.testing.assert_array_equal(ids, np.arange(4).reshape(1, 4))
+
+
+def test_core_ml_itself_runs_on_macos_only(control_flow):
+    from anefx.targets.coreml import runtime_available
+
+    if runtime_available()[0]:  # pragma: no cover - macOS
+        program = anefx.load(control_flow.source, runtime="coreml")
+        feed = {"x": np.array([1, 2], np.float32), "n": np.array([3], np.int32)}
+        np.testing.assert_array_equal(next(iter(program(feed).values())), next(iter(control_flow(feed).values())))
+        return
+    with pytest.raises(anefx.TargetUnavailableError, match="needs macOS"):
+        anefx.load(control_flow.source, runtime="coreml")
+    pytest.skip(f"Core ML runtime: {runtime_available()[1]}")
+
+
 def test_trace_gives_every_value_by_its_mil_name(control_flow):
     values = control_flow.trace({"x": torch.tensor([1.0, 2.0]), "n": torch.tensor([2], dtype=torch.int32)})
     assert torch.equal(values["cond_0"], torch.tensor([2.0, 4.0]))

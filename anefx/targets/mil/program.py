@@ -113,7 +113,7 @@ class MILProgram(LoadedProgram):
         name = self.function_name(function)
         plan = self._plans[name]
         out = run_function(plan, self._held_inputs(name, inputs), self._states_of(name, state))
-        return {k: declared(v, plan.outputs[k]) for k, v in out.items()}
+        return {k: _fresh(declared(v, plan.outputs[k]), v) for k, v in out.items()}
 
     def trace(
         self, inputs: Mapping[str, torch.Tensor], function: str | None = None, state: State | None = None
@@ -140,6 +140,12 @@ class MILProgram(LoadedProgram):
         if not isinstance(state, MILState):
             raise TypeError(f"the interpreter runs with the state of make_state(), got a {type(state).__name__}")
         return state.values
+
+
+def _fresh(value: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """An output the caller may modify: a copy when it is the interpreter's own tensor (a constant,
+    a state, an input passed through)."""
+    return value.clone() if value is held else value
 
 
 def _value_dtypes(plan: FunctionPlan) -> dict[str, str]:
