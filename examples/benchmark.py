@@ -199,15 +199,24 @@ def interpreter_row(compiled, model, args, kwargs) -> dict:
     program = anefx.load(compiled.artifact.model)
     load = time.perf_counter() - t0
     feed = dict(zip(program.inputs(), [*args, *kwargs.values()]))
+    times = {}
+    threads = torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):  # on a busy machine, torch's threads wait for each other
+        torch.set_num_threads(n)
+        try:
+            with torch.no_grad():
+                times[n] = (_best_of(lambda: model(*args, **kwargs)), _best_of(lambda: program(feed)))
+        finally:
+            torch.set_num_threads(threads)
     with torch.no_grad():
-        eager = _best_of(lambda: model(*args, **kwargs))
         want = model(*args, **kwargs)
-    interp = _best_of(lambda: program(feed))
+    eager, interp = min(t[0] for t in times.values()), min(t[1] for t in times.values())
     out = next(iter(program(feed).values())).astype(np.float64)
     want = getattr(want, "last_hidden_state", want)
     want = (want[0] if isinstance(want, (tuple, list)) else want).double().numpy()
     error = float(np.abs(out - want).max() / np.abs(want).max())
-    return {"load": load, "eager": eager, "interp": interp, "error": error, "finite": bool(np.isfinite(out).all())}
+    finite = bool(np.isfinite(out).all())
+    return {"load": load, "eager": eager, "interp": interp, "times": times, "error": error, "finite": finite}
 
 
 def bench(name: str, attn: str, coreai: bool) -> dict:
@@ -321,9 +330,13 @@ def print_result(r: dict) -> None:
         print(f"rolled back: {', '.join(r['rolled_back'])}")
     run = r["interpreter"]
     ratio = run["interp"] / run["eager"]
+    per_threads = "; ".join(
+        f"{n} thread{'s' if n > 1 else ''}: {i * 1e3:.0f} vs {e * 1e3:.0f} ms" for n, (e, i) in run["times"].items()
+    )
     print(
-        f"shipped program on the MIL interpreter (fp16): {run['interp'] * 1e3:.0f} ms vs eager PyTorch "
-        f"{run['eager'] * 1e3:.0f} ms: ratio {ratio:.2f} [target <= 5: {'OK' if ratio <= 5 else 'OVER TARGET'}]; "
+        f"shipped program on the MIL interpreter (fp16) vs eager PyTorch, each at its fastest thread count: "
+        f"{run['interp'] * 1e3:.0f} ms vs {run['eager'] * 1e3:.0f} ms: ratio {ratio:.2f} "
+        f"[target <= 5: {'OK' if ratio <= 5 else 'OVER TARGET'}] ({per_threads}); "
         f"error vs eager {run['error']:.2e} of the output's scale"
         + ("" if run["finite"] else " [INF/NAN IN THE OUTPUT]")
         + f"; load {run['load']:.2f}s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
