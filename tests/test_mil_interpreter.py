@@ -128,13 +128,14 @@ def control_flow(tmp_path_factory):
         input_specs=[mb.TensorSpec((2,)), mb.TensorSpec((1,), dtype=types.int32)], opset_version=ct.target.iOS17
     )
     def prog(x, n):
-        pred = mb.greater(x=mb.reduce_sum(x=x, axes=[0]), y=0.0)
-        y = mb.cond(pred=pred, _true_fn=lambda: mb.mul(x=x, y=2.0), _false_fn=lambda: mb.sub(x=x, y=1.0))
+        pred = mb.greater(x=mb.reduce_sum(x=x, axes=[0]), y=0.0, name="positive")
+        y = mb.cond(pred=pred, _true_fn=lambda: mb.mul(x=x, y=2.0), _false_fn=lambda: mb.sub(x=x, y=1.0), name="branch")
         start = mb.cast(x=mb.mul(x=n, y=0), dtype="int32")
         _, acc = mb.while_loop(
             _cond=lambda i, acc: mb.less(x=i, y=n),
             _body=lambda i, acc: (mb.add(x=i, y=1), mb.add(x=acc, y=y)),
             loop_vars=(start, mb.mul(x=x, y=0.0)),
+            name="loop",
         )
         return acc
 
@@ -210,9 +211,9 @@ def test_core_ml_itself_runs_on_macos_only(control_flow):
 
 def test_trace_gives_every_value_by_its_mil_name(control_flow):
     values = control_flow.trace({"x": torch.tensor([1.0, 2.0]), "n": torch.tensor([2], dtype=torch.int32)})
-    assert torch.equal(values["cond_0"], torch.tensor([2.0, 4.0]))
-    assert torch.equal(values["while_loop_0_1"], torch.tensor([4.0, 8.0]))
-    assert bool(values["greater_0"])
+    assert torch.equal(values["branch"], torch.tensor([2.0, 4.0]))
+    assert torch.equal(values["loop_1"], torch.tensor([4.0, 8.0]))
+    assert bool(values["positive"])
 
 
 # ---------------------------------------------------------------------------------------------
