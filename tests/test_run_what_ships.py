@@ -18,6 +18,7 @@ import anefx
 from anefx.targets.coreml import coremltools_module
 from anefx.targets.mil import SUPPORTED_OPS, MILProgram
 from examples import models
+from examples.ane_distilbert import ane_distilbert
 
 ct = coremltools_module()
 
@@ -70,8 +71,8 @@ CT_CONVERT_ALONE = {
     "conv_net": lambda: models.nin(),
     # coremltools 9 cannot convert transformers' mask code (new_ones): DistilBERT without a mask,
     # full size (the one full-size model interpreted in this file)
-    "distilbert": lambda: (lambda m, a, k: (m, a, {}))(*models.distilbert()),
-    "ane_distilbert": lambda: __import__("examples.ane_distilbert", fromlist=["x"]).ane_distilbert(2, 64, 4, 32),
+    "distilbert": lambda: (*models.distilbert()[:2], {}),
+    "ane_distilbert": lambda: ane_distilbert(n_layers=2, dim=64, heads=4, seq=32),  # Apple's hand-written form
 }
 
 
