@@ -261,6 +261,27 @@ def tiny_rms_norm(seq: int = 4):
     return TinyRMSNorm().eval(), (torch.randn(1, seq, 8),), {}
 
 
+class LargeRMSNorm(nn.Module):
+    """A projection whose outputs reach about ±300, then an RMSNorm (``LlamaRMSNorm``) and a
+    projection back: the norm's squares (~90,000) overflow fp16, while fp32 is fine."""
+
+    def __init__(self, c=8, h=16, peak=300.0):
+        super().__init__()
+        self.up = nn.Linear(c, h)
+        self.norm = TinyRMSNorm(h)
+        self.down = nn.Linear(h, c)
+        with torch.no_grad():
+            self.up.weight.mul_(peak / 2.0)
+
+    def forward(self, x):
+        return self.down(self.norm(self.up(x)))
+
+
+def large_rms_norm(seq: int = 4):
+    _seed()
+    return LargeRMSNorm().eval(), (torch.randn(1, seq, 8),), {}
+
+
 class TinyGrouped(nn.Module):
     def __init__(self, c=8, groups=2):
         super().__init__()

@@ -16,9 +16,9 @@ import torch
 import torch.fx
 
 from anefx.analysis.heads import MOVEMENT
+from anefx.analysis.ranges import FP16_MAX, value_ranges
 from anefx.ir.graph import describe, source_location
 
-FP16_MAX = 65504.0
 HUGE = 1e38  # at or beyond this, fp32 values are stand-ins for infinity
 
 
@@ -32,25 +32,13 @@ class RangeFinding:
     location: str | None
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.absmax: dict[torch.fx.Node, float] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
-            finite = out[torch.isfinite(out)]
-            self.absmax[n] = float(finite.abs().max()) if finite.numel() else 0.0
-        return out
-
-
 def check_fp16_range(gm: torch.fx.GraphModule, flat_inputs: Sequence) -> list[RangeFinding]:
-    rec = _Recorder(gm)
-    with torch.no_grad():
-        rec.run(*flat_inputs)
+    absmax = value_ranges(gm, [flat_inputs])
     findings = []
-    for node, value in rec.absmax.items():
+    for node in gm.graph.nodes:
+        if node.name not in absmax:
+            continue
+        value = absmax[node.name]
         if node.op not in ("call_function", "get_attr") or node.target in MOVEMENT:
             continue  # data movement repeats its input's values: report where they are made
         if value >= HUGE:

@@ -13,6 +13,7 @@ from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
 from anefx.passes.fp16_mask_values import Fp16MaskValues
+from anefx.passes.fp16_norm_scale import Fp16NormScale
 from anefx.passes.grouped_projection import GroupedProjection
 from anefx.passes.layer_norm_bc1s import LayerNormBC1S
 from anefx.passes.linear_to_conv import LinearToConv
@@ -31,6 +32,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Fp16MaskValues,
     ToBC1S,
     FoldTransposes,
+    Fp16NormScale,
 )
 
 ALL_PASSES: tuple[type[Pass], ...] = DEFAULT_PASSES
@@ -57,6 +59,7 @@ __all__ = [
     "FoldConstants",
     "FoldTransposes",
     "Fp16MaskValues",
+    "Fp16NormScale",
     "GroupedProjection",
     "LayerNormBC1S",
     "LinearToConv",
