@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 
-import pytest
 import torch
 from torch import nn
 
@@ -144,7 +143,7 @@ def test_a_planted_converter_bug_is_located_at_its_op_node_and_line():
     assert found.location == f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}"
     # the fp16 fallback cannot hide it: fp32 for the region changes nothing, the check still fails
     with gelu_computed_as_relu():
-        shipped, check = check_and_fix(
+        _shipped, check = check_and_fix(
             program,
             sets,
             reference=compiled.artifact.converter_input,
