@@ -14,6 +14,7 @@ from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
 from anefx.passes.fp16_mask_values import Fp16MaskValues
 from anefx.passes.fp16_norm_scale import Fp16NormScale
+from anefx.passes.fp16_residual_scale import Fp16ResidualScale
 from anefx.passes.grouped_projection import GroupedProjection
 from anefx.passes.layer_norm_bc1s import LayerNormBC1S
 from anefx.passes.linear_to_conv import LinearToConv
@@ -32,6 +33,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Fp16MaskValues,
     ToBC1S,
     FoldTransposes,
+    Fp16ResidualScale,
     Fp16NormScale,
 )
 
@@ -60,6 +62,7 @@ __all__ = [
     "FoldTransposes",
     "Fp16MaskValues",
     "Fp16NormScale",
+    "Fp16ResidualScale",
     "GroupedProjection",
     "LayerNormBC1S",
     "LinearToConv",

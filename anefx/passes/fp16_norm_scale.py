@@ -6,8 +6,9 @@ scale-invariant: ``norm(x · s)`` with ``ε · s²`` is ``norm(x)``, exactly. Th
 input of each norm whose values exceed ``max_abs`` by the power of two ``s = 2⁻ᵏ`` that brings them
 under it (a power of two scales fp16 values exactly) and scales ``ε`` by ``s²``. So that ``ε`` does
 not flush to zero in fp16 (a row of zeros would then give 0/0), it is kept at least fp16's smallest
-normal number, 2⁻¹⁴: a row whose mean square is ``m`` then moves by at most ``2⁻¹⁴ / (2 s² m)``
-relative, far below fp16's rounding for the rows that need the scaling.
+positive number, 2⁻²⁴. That floor matters only when ``ε · s²`` is below it (``ε = 1e-5`` with
+``s < 2⁻⁶``: inputs beyond ~8,000): the norm then computes with ``ε = 2⁻²⁴ / s²`` in the input's
+units, which moves a row whose mean square is ``m`` by about ``2⁻²⁴ / (2 s² m)`` relative.
 
 Which norms: the values come from the graph's value ranges on the validation's input sets (the
 example, random and stress sets; ``PassContext.ranges``), so the pass acts only for an fp16 target
@@ -21,7 +22,7 @@ Original::
 Result::
 
     %xs = aten.mul(%x, 0.25)                          # |x · 2⁻²| ≤ 75: x² ≤ 5,625
-    %n = aten.layer_norm(%xs, [64], %w, %b, 6.1e-05)  # ε · 2⁻⁴, at least 2⁻¹⁴
+    %n = aten.layer_norm(%xs, [64], %w, %b, 6.25e-07) # ε · 2⁻⁴
 
 Options:
   max_abs: norm inputs larger than this on the validation inputs are scaled to at most it (squares
@@ -36,19 +37,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from anefx.analysis.norms import match_rms_norm
+from anefx.analysis.norms import match_rms_norm, norm_op, scale_norm_input, scaled_eps
 from anefx.ir.graph import call, provenance
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
-
-#: fp16's smallest normal number: the least ε a scaled norm keeps.
-FP16_TINY = 2.0**-14
-#: (op, position of ε, ε when not given)
-_NORMS = {
-    aten.layer_norm.default: (4, 1e-5),
-    aten.rms_norm.default: (3, None),
-}
 
 
 @dataclass(frozen=True)
@@ -59,10 +52,6 @@ class Fp16NormScaleOptions:
 def scale_for(absmax: float, max_abs: float) -> float:
     """The power of two ``2⁻ᵏ`` (k ≥ 1) that brings ``absmax`` to at most ``max_abs``."""
     return 2.0 ** -max(1, math.ceil(math.log2(absmax / max_abs)))
-
-
-def _scaled_eps(eps: float, s: float) -> float:
-    return max(eps * s * s, FP16_TINY) if eps > 0 else eps
 
 
 class Fp16NormScale(Pass):
@@ -80,54 +69,33 @@ class Fp16NormScale(Pass):
         scaled, largest = 0, 0.0
         graph = gm.graph
         for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            x, eps_at, default_eps = self._norm_input(node)
+            norm = norm_op(node)
+            spelled = match_rms_norm(node, (2, 3, 4)) if norm is None and node.target == aten.mean.dim else None
+            x = norm.x if norm is not None else spelled.x if spelled is not None else None
             if x is None:
                 continue
             absmax = ranges.get(x.name, 0.0)
             if absmax <= limit or not ctx.site(node):
                 continue
             s = scale_for(absmax, limit)
-            if node.target == aten.mean.dim:
-                self._scale_spelled_rms(graph, node, s)
+            if spelled is not None:
+                self._scale_spelled_rms(graph, node, spelled.x, s)
             else:
-                eps = node.args[eps_at] if len(node.args) > eps_at else node.kwargs.get("eps")
-                if eps is None:
-                    eps = default_eps if default_eps is not None else torch.finfo(torch.float32).eps
                 with graph.inserting_before(node), provenance(node):
                     xs = call(graph, aten.mul.Tensor, (x, s))
-                args = list(node.args) + [None] * max(0, eps_at + 1 - len(node.args))
-                args[0], args[eps_at] = xs, _scaled_eps(float(eps), s)
-                kwargs = {k: v for k, v in node.kwargs.items() if k != "eps"}
-                node.args, node.kwargs = tuple(args), kwargs
+                scale_norm_input(norm, xs, s)
             scaled += 1
             largest = max(largest, absmax)
         return finish(gm, bool(scaled), norms=scaled, largest_input=round(largest, 1))
 
     @staticmethod
-    def _norm_input(node: torch.fx.Node) -> tuple[torch.fx.Node | None, int, float | None]:
-        """The input of the norm ``node`` computes (or whose mean square it is), where its ε sits."""
-        if node.target in _NORMS:
-            eps_at, default = _NORMS[node.target]
-            return node.args[0], eps_at, default
-        if node.target == torch.ops.anefx.channel_layer_norm.default:
-            return node.args[0], 3, 1e-5
-        if node.target == aten.mean.dim:
-            norm = match_rms_norm(node, (2, 3, 4))
-            if norm is not None:
-                return norm.x, -1, None
-        return None, -1, None
-
-    @staticmethod
-    def _scale_spelled_rms(graph: torch.fx.Graph, mean: torch.fx.Node, s: float) -> None:
+    def _scale_spelled_rms(graph: torch.fx.Graph, mean: torch.fx.Node, x: torch.fx.Node, s: float) -> None:
         """``x * rsqrt(mean(x²) + ε)`` → the same with ``x · s`` and ``ε · s²``."""
-        norm = match_rms_norm(mean, (2, 3, 4))
         square = mean.args[0]
         add = next(iter(mean.users))
         h = next(iter(next(iter(add.users)).users))  # x * rsqrt(…)
         with graph.inserting_before(square), provenance(mean):
-            xs = call(graph, aten.mul.Tensor, (norm.x, s))
-        square.args = tuple(xs if a is norm.x else a for a in square.args)
-        h.args = tuple(xs if a is norm.x else a for a in h.args)
-        add.args = (add.args[0], _scaled_eps(float(add.args[1]), s), *add.args[2:])
+            xs = call(graph, aten.mul.Tensor, (x, s))
+        square.args = tuple(xs if a is x else a for a in square.args)
+        h.args = tuple(xs if a is x else a for a in h.args)
+        add.args = (add.args[0], scaled_eps(float(add.args[1]), s), *add.args[2:])
