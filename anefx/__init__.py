@@ -9,7 +9,7 @@ outputs = program({"x": x})
 
 from anefx.ane.report import ANEReport
 from anefx.backend import backend
-from anefx.check import check
+from anefx.check import check, check_artifact
 from anefx.compile import CompiledModel, compile  # noqa: A004
 from anefx.driver.debug import DebugOptions
 from anefx.driver.pipeline import Pipeline
@@ -46,6 +46,7 @@ __all__ = [
     "backend",
     "capture",
     "check",
+    "check_artifact",
     "compile",
     "compile_lm",
     "load",

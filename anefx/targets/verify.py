@@ -130,6 +130,8 @@ class ArtifactCheck:
     fallback: dict[str, Any] | None = None
     #: a run that failed outright (the executor raised)
     error: str | None = None
+    #: localisation was attempted (a failure of a MIL interpreter program with a reference graph)
+    localized: bool = False
 
     @property
     def ok(self) -> bool:
@@ -155,6 +157,11 @@ class ArtifactCheck:
         )
         if self.divergence is not None:
             text += f". {self.divergence}"
+        elif self.localized:
+            text += (
+                ". No op of the program could be located: none whose name maps to a node of the reference "
+                "graph differs (a program converted from another graph than this one keeps other names)"
+            )
         return text
 
     def summary(self) -> dict[str, Any]:
@@ -381,6 +388,7 @@ def check_and_fix(
         return one, locate(prog, reference, one.inputs, function=name, tolerance=chk.tolerance, input_set=one.name)
 
     one, check.divergence = located(program, check)
+    check.localized = True
     region: set[str] = set()
     rounds = 0
     while reconvert is not None and check.precision == "fp16" and rounds < options.fp16_fallback_rounds:
@@ -397,4 +405,5 @@ def check_and_fix(
         program, check = candidate, again
         if not check.error:
             one, check.divergence = located(program, check)
+            check.localized = True
     return program, check
