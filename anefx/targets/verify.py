@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,6 +84,8 @@ class InputSet:
     undefined: dict[str, torch.Tensor | None] | None = None
     #: initial values of the function's states (None: zeros)
     states: dict[str, Any] | None = None
+    #: the states' values PyTorch leaves after the call (compared as outputs named ``state:<name>``)
+    expected_states: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -292,36 +294,50 @@ def check_program(
             undefined = (one.undefined or {}).get(ref_name)
             measured = _measure(out_name, got[out_name], one.expected[ref_name], undefined, one.name)
             worst[out_name] = _worse(worst.get(out_name), measured)
+        for state_name, want in (one.expected_states or {}).items():
+            key = f"state:{state_name}"
+            measured = _measure(key, state[state_name], want, None, one.name)
+            worst[key] = _worse(worst.get(key), measured)
     for o in worst.values():
         if o.mismatches:
             o.ok = 1.0 - o.mismatches / max(o.elements, 1) >= options.integer_agreement
         else:
             o.ok = o.ok and o.nonfinite == 0 and o.rel_error <= check.tolerance
-    check.outputs = {n: worst[n] for n in outputs if n in worst}
+    check.outputs = {n: worst[n] for n in [*outputs, *sorted(k for k in worst if k.startswith("state:"))] if n in worst}
     check.seconds = time.perf_counter() - start
     return check
 
 
 def input_sets_from_validator(
-    validator, input_names: Sequence[str], output_names: Sequence[str], program_inputs: Sequence[str]
+    validator,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    program_inputs: Sequence[str],
+    states_in: Mapping[str, str] | None = None,
+    states_out: Mapping[str, str] | None = None,
 ) -> list[InputSet]:
     """The graph validation's input sets (example, random, stress masks) and reference outputs as
     named :class:`InputSet` s for a program whose inputs are ``program_inputs``: flat input ``i``
     is the program input ``input_names[i]`` (inputs the program does not take, such as constants
-    folded into it, are left out); flat output ``j`` is ``output_names[j]``."""
+    folded into it, are left out), or the initial value of the state ``states_in[name]``; flat output
+    ``j`` is ``output_names[j]``, or the new value of the state ``states_out[name]``."""
+    states_in, states_out = dict(states_in or {}), dict(states_out or {})
     wanted = set(program_inputs)
     sets = []
     for k, (set_name, flat, expected) in enumerate(
         zip(validator.set_names, validator.input_sets, validator.references, strict=False)
     ):
-        inputs = {n: v for n, v in zip(input_names, flat) if n in wanted}
         undefined = validator.undefined[k] if k < len(validator.undefined) else None
+        values = dict(zip(output_names, expected))
+        masks = dict(zip(output_names, undefined)) if undefined is not None else None
         sets.append(
             InputSet(
                 set_name,
-                inputs,
-                {n: v for n, v in zip(output_names, expected) if isinstance(v, torch.Tensor)},
-                None if undefined is None else dict(zip(output_names, undefined)),
+                {n: v for n, v in zip(input_names, flat) if n in wanted and n not in states_in},
+                {n: v for n, v in values.items() if isinstance(v, torch.Tensor) and n not in states_out},
+                None if masks is None else {n: m for n, m in masks.items() if n not in states_out},
+                {states_in[n]: v for n, v in zip(input_names, flat) if n in states_in} or None,
+                {states_out[n]: v for n, v in values.items() if n in states_out} or None,
             )
         )
     return sets
