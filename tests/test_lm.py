@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -348,3 +349,8 @@ def test_compile_lm_takes_the_compile_options():
         # the 256-token head as two 128-channel convs: one conv more than the 7 per layer and the head
         assert lm.op_histogram(fn)["conv"] == 2 * 7 + 2
     assert lm.timings.keys() >= {"probe", "capture.prefill", "passes.decode", "convert.decode.ct_convert", "check"}
+    staged = lm.package.path  # the merged package, staged in a private folder until saved
+    assert staged.is_dir()
+    del lm
+    gc.collect()
+    assert not staged.parent.parent.exists()  # removed with the last reference: nothing left behind

@@ -132,13 +132,13 @@ def _choice(table: dict, value, field_name: str):
 
 
 class _Staged:
-    """A package written to a private temporary folder, removed when the last reference goes."""
+    """A package written to a private temporary folder (``root``), removed when the last reference goes."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, root: Path):
+        self.path, self.root = path, root
 
     def __del__(self):
-        shutil.rmtree(self.path.parent, ignore_errors=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass
@@ -555,7 +555,7 @@ def merge(functions: dict[str, ConvertedFunction], metadata: dict[str, str], def
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return model, _Staged(final)
+    return model, _Staged(final, tmp)
 
 
 def explain_failure(exc: BaseException, ep, gm: torch.fx.GraphModule) -> str:
