@@ -21,7 +21,6 @@ The result is a :class:`Build`: per function its capture, pipeline result and re
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,7 +112,9 @@ def _sub(events: Events, name: str, several: bool):
     return events.stage(name) if several else contextlib.nullcontext()
 
 
-def run_passes(spec: FunctionSpec, captured: Captured, plan: Plan, events: Events) -> tuple[PipelineResult, ...]:
+def run_passes(
+    spec: FunctionSpec, captured: Captured, plan: Plan, events: Events
+) -> tuple[PipelineResult, PipelineResult, dict]:
     """The pipeline on one captured function, then the never-worse guard; ``(result, unguarded,
     guard info)``."""
     pipeline = plan.pipeline
@@ -263,8 +264,3 @@ def converter_input_errors(checks: list[dict]) -> dict:
         "converter_input_max_abs_error": f"{max(f['max_abs_error'] for f in measured):.2e}",
         "converter_input_max_rel_error": f"{max(f['max_rel_error'] for f in measured):.2e}",
     }
-
-
-def replace_artifact(build_: Build, artifact: Artifact) -> Build:
-    """The same build with another artifact (``with_compression``)."""
-    return dataclasses.replace(build_, artifact=artifact)
