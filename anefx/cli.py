@@ -603,9 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument(
         "--runtime",
-        choices=["torch", "target", "coreml"],
+        choices=["torch", "target", "mil", "coreml"],
         default="torch",
-        help="torch: the rewritten graphs; target (or coreml): the package with the target's executor (Core ML: macOS)",
+        help="torch: the rewritten graphs; target: the package with the target's executor (anefx's MIL "
+        "interpreter); mil or coreml (macOS) name it",
     )
     g.add_argument("--no-convert", action="store_true", help="skip the conversion (torch runtime only)")
     g.add_argument("-o", "--output", help="also save the .mlpackage here")

@@ -154,8 +154,8 @@ def reference_conversion() -> dict:
 
     import torch
 
-    from anefx.compat.coremltools import operations
-    from anefx.targets.coreml import CoreMLOptions, coremltools_module, quiet_coremltools
+    from anefx.compat.coremltools import coremltools_module, operations, quiet_coremltools
+    from anefx.targets.coreml import CoreMLOptions
     from examples.ane_distilbert import ane_distilbert
 
     ct = coremltools_module()
@@ -196,7 +196,7 @@ def interpreter_row(compiled, model, args, kwargs) -> dict:
     import torch
 
     t0 = time.perf_counter()
-    program = anefx.load(compiled.artifact.model)
+    program = anefx.load(compiled)
     load = time.perf_counter() - t0
     feed = dict(zip(program.inputs(), [*args, *kwargs.values()]))
     times = {}
@@ -423,7 +423,7 @@ def interpreter_decode(lm, console) -> None:
     from rich.markup import escape
 
     t0 = time.perf_counter()
-    program = anefx.load(lm.package.staged)
+    program = anefx.load(lm)
     load = time.perf_counter() - t0
     prompt = list(range(3, 3 + min(8, lm.prefill_length)))
     reference = lm.generate(prompt, 2, eos_token_id=None)

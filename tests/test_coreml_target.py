@@ -129,8 +129,8 @@ def test_save_errors_leave_nothing_behind(tmp_path):
 def test_predict_matches_pytorch_on_macos():
     model, args, _ = example("mlp")
     compiled = anefx.compile(model, args)
-    out = compiled.artifact.package.predict({"x": args[0].numpy()})
-    torch.testing.assert_close(torch.from_numpy(out["output"]).float(), model(*args), atol=5e-2, rtol=5e-2)
+    (out,) = anefx.load(compiled, runtime="coreml")({"x": args[0].numpy()}).values()
+    torch.testing.assert_close(torch.from_numpy(out).float(), model(*args), atol=5e-2, rtol=5e-2)
 
 
 def test_predict_off_macos_says_why():
@@ -139,7 +139,7 @@ def test_predict_off_macos_says_why():
     model, args, _ = example("mlp")
     compiled = anefx.compile(model, args)
     with pytest.raises(anefx.TargetUnavailableError, match="needs macOS"):
-        compiled.artifact.package.predict({"x": args[0].numpy()})
+        anefx.load(compiled, runtime="coreml")
 
 
 @pytest.mark.parametrize("name", ["distilbert_small", "vit", "t5_encoder"])

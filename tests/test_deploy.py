@@ -549,9 +549,11 @@ def test_compile_lm_chain_generates_like_the_model(lm_chunked):
 
 def test_both_front_ends_ship_one_artifact_type(chunked, lm_chunked, tmp_path):
     """A chunked compile and a chunked compile_lm: the same artifact type, run by the same runner,
-    saved with the same manifest format, read back the same way."""
-    from anefx.ir.errors import TargetUnavailableError
-    from anefx.targets.artifact import Artifact, Session
+    saved with the same manifest format, read back the same way; ``anefx.load(folder)`` runs the
+    saved chain with the target's executor (the MIL interpreter) as the compile's own artifact runs
+    in memory, within fp16 of the rewritten graphs."""
+    from anefx.targets.artifact import Artifact
+    from anefx.targets.executor import ChainProgram
 
     compiled, lm = chunked[0], lm_chunked[0]
     assert type(compiled.chunks) is type(lm.chunks) is Artifact
@@ -571,8 +573,33 @@ def test_both_front_ends_ship_one_artifact_type(chunked, lm_chunked, tmp_path):
         assert {s: spec.shape for s, spec in loaded.states.items()} == shapes
         with pytest.raises(AnefxError, match="no PyTorch graphs"):
             loaded.run([torch.zeros(1)] * len(made.inputs[made.default]))
-        with pytest.raises(TargetUnavailableError, match="macOS"):  # Linux: no Core ML (a MIL interpreter next)
-            Session(loaded, "target")
+
+    # compile's chain: the saved folder and the compile itself, through the one chain runner
+    program, in_memory = anefx.load(tmp_path / "m"), anefx.load(compiled)
+    assert isinstance(program, ChainProgram) and len(program.parts) == len(compiled.chunks.chunks) >= 2
+    assert program.runtime == "mil" and list(program.inputs()) == compiled.chunks.inputs["main"]
+    examples = compiled.chunks.programs[0].functions["main"].value_examples()
+    feed = dict(zip(compiled.chunks.inputs["main"], examples, strict=True))
+    (want,) = compiled.chunks.run(feed)
+    got = program(feed)["logits"]
+    np.testing.assert_array_equal(got, in_memory(feed)["logits"])  # the same bytes, run the same way
+    assert float(np.abs(got - want.numpy()).max() / want.abs().max()) < 1e-2
+
+    # compile_lm's chain: prefill then decode, each chunk keeping its layers' caches
+    program = anefx.load(tmp_path / "lm")
+    state = program.make_state("prefill")
+    assert list(state) == [f"{kind}_cache_{i}" for i in range(3) for kind in ("key", "value")]
+    step = lm._step("torch")
+    prompt = _lm_prompts(1, 20)[0]
+    ids = prompt[0, :LM_PREFILL].reshape(1, -1).to(torch.int32)
+    positions = torch.arange(LM_PREFILL, dtype=torch.int32).reshape(1, -1)
+    calls = [("prefill", ids, positions), ("decode", prompt[:, LM_PREFILL : LM_PREFILL + 1], positions[:, -1:] + 1)]
+    for fn, i, p in calls:
+        want = step(fn, i.to(torch.int32), p)
+        got = program({"input_ids": i, "position_ids": p}, function=fn, state=state)["logits"]
+        assert float(np.abs(got - want.numpy()).max() / want.abs().max()) < 1e-2, fn
+    written = np.abs(state["key_cache_2"]).sum(axis=(0, 1, 2))  # the last chunk's cache, by position
+    assert (written[: LM_PREFILL + 1] > 0).all() and not written[LM_PREFILL + 1 :].any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
   that two programs holding the same weight get the same tables (``SharedKMeans``).
 * ``frontend.torch.ops._get_inputs``: a torch op converter's inputs (anefx's own ops' converters).
 * ``PassPipeline._pass_options``: the options of each pass of a MIL pass pipeline.
-* ``quiet_coremltools``: coremltools' chatter goes to its own logger and to tqdm bars on stderr (no
-  switch); how to silence both is coremltools behaviour, kept here.
+* ``quiet_coremltools`` / ``coremltools_module``: coremltools' chatter goes to its own logger and to
+  tqdm bars on stderr (no switch); how to silence both (also while importing it) is coremltools
+  behaviour, kept here.
 * ``FP16ComputePrecision.fp16_overflow`` (``defs.quantization``): the overflow check of
   ``common::add_fp16_cast``, which anefx's faster equivalent pass overrides.
 * ``converters.mil.frontend.milproto.load``: a saved ML Program's protobuf and weight blobs back into a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from typing import Any
 
 
@@ -83,6 +85,15 @@ def quiet_coremltools(progress_bars: bool = False):
             yield
     finally:
         logger.setLevel(level)
+
+
+def coremltools_module():
+    """``import coremltools``, without the warnings and log lines it prints while importing."""
+    with warnings.catch_warnings(), quiet_coremltools(progress_bars=True):
+        warnings.simplefilter("ignore")
+        import coremltools
+
+    return coremltools
 
 
 def program_from_spec(spec, weights_dir: str):

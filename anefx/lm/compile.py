@@ -44,7 +44,6 @@ from anefx.lm.generate import (
     prefill,
     prompt_ids,
 )
-from anefx.targets.artifact import Session
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_quality
 
@@ -141,15 +140,33 @@ class CompiledLM(Compiled):
         return out
 
     # -- running -------------------------------------------------------------------------------
-    def _step(self, runtime: str):
-        if runtime not in ("torch", "target", self.target):
-            raise AnefxError(f"unknown runtime {runtime!r}; choose 'torch' or {self.target!r}")
-        session = Session(self.artifact, "torch" if runtime == "torch" else "target")
+    def _step(self, runtime: str = "torch", variant: str | None = None):
+        """One call of ``prefill`` or ``decode`` with the states carried from call to call (fresh
+        zeros at first): in PyTorch (``"torch"``: the rewritten graphs, or with ``variant`` the
+        converted programs with their ``"fp16"`` or ``"compressed"`` weights), or the package with the
+        target's executor (``"target"``: its default one; or a runtime of ``anefx.load`` the target
+        lists)."""
+        if runtime == "torch":
+            states = {name: spec.zeros() for name, spec in self.artifact.states.items()}
 
-        def step(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return session(function, input_ids=ids, position_ids=positions)["logits"].float()
+            def step(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                values = {"input_ids": ids, "position_ids": positions}
+                return self.artifact.call(function, values, states, variant)["logits"].float()
 
-        return step
+            return step
+        if runtime not in ("target", *self.artifact.target.capabilities.runtimes):
+            raise AnefxError(
+                f"unknown runtime {runtime!r}; choose 'torch', 'target' or one of "
+                f"{sorted(self.artifact.target.capabilities.runtimes)}"
+            )
+        program = self.artifact.executor(None if runtime == "target" else runtime)
+        state = program.make_state(self.artifact.default)
+
+        def run(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            out = program({"input_ids": ids, "position_ids": positions}, function=function, state=state)
+            return torch.from_numpy(out["logits"]).float()
+
+        return run
 
     def generate(
         self,
@@ -160,13 +177,14 @@ class CompiledLM(Compiled):
         runtime: str = "torch",
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Greedy generation with the rewritten stateful graphs.
+        """Greedy generation with the rewritten stateful graphs, or with the package.
 
-        ``runtime="torch"`` runs them in PyTorch (anywhere); ``runtime="coreml"`` runs the package
-        with the target's executor (Core ML on macOS; raises :class:`TargetUnavailableError` with the
-        reason elsewhere). The prompt is prefilled in chunks of ``prefill_length``; generation stops
-        at an EOS id, after ``max_new_tokens``, or when the cache is full (``context_length``, with a
-        warning).
+        ``runtime="torch"`` runs the graphs in PyTorch (anywhere); ``runtime="target"`` runs the
+        package with the target's executor (Core ML: anefx's MIL interpreter, any OS);
+        ``runtime="mil"`` / ``"coreml"`` name the executor (``"coreml"``: Core ML itself, macOS; it
+        raises :class:`TargetUnavailableError` with the reason elsewhere). The prompt is prefilled
+        in chunks of ``prefill_length``; generation stops at an EOS id, after ``max_new_tokens``, or
+        when the cache is full (``context_length``, with a warning).
         """
         prompt = prompt_ids(input_ids, self.context_length)
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
@@ -178,13 +196,7 @@ class CompiledLM(Compiled):
         """Every position's next-token logits of ``ids`` (1, T), prefilled chunk by chunk from an empty
         cache through the artifact (``variant``: the converted programs with their ``"fp16"`` or
         ``"compressed"`` weights; None: the rewritten graphs)."""
-        states = {name: spec.zeros() for name, spec in self.artifact.states.items()}
-
-        def step(function, chunk_ids, positions):
-            values = {"input_ids": chunk_ids, "position_ids": positions}
-            return self.artifact.call(function, values, states, variant)["logits"].float()
-
-        return torch.cat(prefill(step, [int(t) for t in ids.reshape(-1)], self.prefill_length))
+        return torch.cat(prefill(self._step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
 
 
 #: Per-pass validation of an LM step, relative to the largest output value (logits reach tens: an

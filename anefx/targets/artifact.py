@@ -8,13 +8,15 @@ and write, and once converted its target's :class:`~anefx.targets.base.Package`.
 
 Everything below works the same for every front end:
 
-* :meth:`Artifact.run` runs a function through the chain in PyTorch (the validated graphs, or the
-  converted programs with their fp16 or compressed weights: ``variant``), states carried in place;
-  :class:`Session` carries them from call to call (generation), in PyTorch or with the target's
-  executor (``runtime="target"``);
+* :meth:`Artifact.call` / :meth:`Artifact.run` run a function through the chain in PyTorch (the
+  validated graphs, or the converted programs with their fp16 or compressed weights: ``variant``),
+  states carried in place; :meth:`Artifact.executor` gives the packages ready to run outside PyTorch
+  with the target's executor (a :class:`~anefx.targets.executor.LoadedProgram`; a
+  :class:`~anefx.targets.executor.ChainProgram` for a chain). Both run a chain with the one runner,
+  :func:`~anefx.targets.executor.run_chain`;
 * :meth:`Artifact.save` writes one package, or a folder with one package per chunk and
   ``manifest.json`` (:meth:`Artifact.manifest`, format ``anefx-chunks/2``); :meth:`Artifact.load`
-  reads either back (packages only: it runs with the target's executor);
+  reads either back (packages only: it runs with the target's executor; ``anefx.load(folder)``);
 * :meth:`Artifact.compressed` compresses every function of every package (one k-means shared by
   all, so a weight two functions hold is stored once), and :attr:`Artifact.compression` says how
   well (:class:`~anefx.targets.compression.Compression`);
@@ -37,6 +39,7 @@ from anefx.driver.validate import run_flat
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.targets.base import Package, Target, write_atomically
 from anefx.targets.compression import Compressed, Compression, CompressionOptions, SharedKMeans, compress_function
+from anefx.targets.executor import ChainProgram, LoadedProgram, run_chain
 from anefx.targets.handoff import ProgramSpec, StateSpec
 
 MB = 1_000_000
@@ -209,11 +212,13 @@ class Artifact:
             raise AnefxError(
                 "this artifact was loaded from disk and has no PyTorch graphs: run it with runtime='target'"
             )
-        env = dict(values)
+
+        def call(i: int, program: Program, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            compressed = self.compression.packages[i][function] if self.compression is not None else None
+            return program.call(function, given, states, compressed, variant)
+
         with torch.no_grad():
-            for i, program in enumerate(self.programs):
-                compressed = self.compression.packages[i][function] if self.compression is not None else None
-                env.update(program.call(function, env, states, compressed, variant))
+            env = run_chain(self.programs, values, lambda program: program.value_inputs(function), call)
         return {name: env[name] for name in self.outputs[function]}
 
     def run(
@@ -230,8 +235,16 @@ class Artifact:
             inputs = dict(zip(self.inputs[function], inputs, strict=True))
         return list(self.call(function, inputs, states, variant).values())
 
-    def session(self, runtime: str = "torch") -> Session:
-        return Session(self, runtime)
+    def executor(self, runtime: str | None = None) -> LoadedProgram:
+        """The converted packages ready to run outside PyTorch with the target's executor
+        (``runtime``: one that the target's ``capabilities.runtimes`` lists; default its
+        ``executor``): the program ``save`` would write, as ``anefx.load`` returns it; a chain is a
+        :class:`~anefx.targets.executor.ChainProgram` over one program per chunk."""
+        self._need_converted()
+        parts = [self.target.executor(p.package, runtime) for p in self.programs]
+        if not self.chunked:
+            return parts[0]
+        return ChainProgram(parts, self.inputs, self.outputs, self.default)
 
     # -- compression -------------------------------------------------------------------------
     def compressed(self, options: CompressionOptions, events: Events | None = None) -> Artifact:
@@ -394,34 +407,3 @@ def _same_plan(done: dict[str, Compressed]) -> None:
                 f"{first} and {fn} would ship different compressions of the same weights ({differ} …): "
                 "the package would store both; report this model"
             )
-
-
-class Session:
-    """An artifact run call after call with its states carried (generation): in PyTorch
-    (``runtime="torch"``: the validated graphs, states as tensors) or with the target's executor
-    (``runtime="target"``: the converted packages, one state object per package)."""
-
-    def __init__(self, artifact: Artifact, runtime: str = "torch"):
-        if runtime not in ("torch", "target"):
-            raise AnefxError(f"unknown runtime {runtime!r}; choose 'torch' or 'target'")
-        self.artifact, self.runtime = artifact, runtime
-        if runtime == "target":
-            artifact._need_converted()
-            self.executors = [artifact.target.executor(p.package) for p in artifact.programs]
-        self.reset()
-
-    def reset(self) -> None:
-        """Fresh (zero) states."""
-        if self.runtime == "torch":
-            self.states = {name: spec.zeros() for name, spec in self.artifact.states.items()}
-        else:
-            self.states = [e.new_state() for e in self.executors]
-
-    def __call__(self, function: str, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.runtime == "torch":
-            return self.artifact.call(function, inputs, self.states)
-        env = dict(inputs)
-        for executor, state, program in zip(self.executors, self.states, self.artifact.programs, strict=True):
-            wanted = program.package.input_names(function)
-            env.update(executor.run(function, {n: env[n] for n in wanted}, state))
-        return {name: env[name] for name in self.artifact.outputs[function]}

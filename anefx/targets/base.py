@@ -4,10 +4,11 @@ A target (:class:`Target`) converts a :class:`~anefx.targets.handoff.ProgramSpec
 function, and the program's states) into a :class:`Package`: the file the target's runtime loads
 (``.mlpackage``, ``.aimodel``) with one :class:`ConvertedFunction` per function. Callers never test
 a target's name: they ask its :class:`Capabilities` (states, several functions in one package,
-compression schemes, chunking and its default size cap, an executor).
+compression schemes, chunking and its default size cap, its executor).
 
-An :class:`Executor` runs a package outside PyTorch (the target's runtime, or an interpreter of its
-program): the slot each target fills when it can (``Target.executor``).
+Each target names what runs its packages outside PyTorch (:meth:`Target.executor`): a
+:class:`~anefx.targets.executor.LoadedProgram`, the interface ``anefx.load`` returns (Core ML: anefx's
+MIL interpreter, or Core ML itself on macOS; Core AI: coreai-core's runtime).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import abc
 import collections
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -26,6 +27,7 @@ import torch.fx
 
 from anefx.driver.events import Events
 from anefx.ir.errors import AnefxError, TargetUnavailableError
+from anefx.targets.executor import LoadedProgram
 from anefx.targets.handoff import ProgramSpec, StateSpec
 
 
@@ -40,14 +42,16 @@ class Capabilities:
     """What a target can do. ``states``: functions that read and write states in place (KV caches);
     ``multiple_functions``: several functions sharing weights in one package; ``compression``: the
     scheme names it ships; ``chunks``: whether it splits a program into a chain of packages under a
-    size cap (:meth:`Target.default_cap_mb`); ``executor``: what runs its packages
-    (:meth:`Target.executor`; None: nothing yet)."""
+    size cap (:meth:`Target.default_cap_mb`); ``executor``: the runtime that runs its packages by
+    default (:meth:`Target.executor`: ``"mil"``, ``"coreai"``; None: nothing yet), ``runtimes``
+    every runtime that can (the names ``anefx.load`` takes)."""
 
     states: bool = False
     multiple_functions: bool = False
     compression: frozenset[str] = frozenset()
     chunks: bool = False
     executor: str | None = None
+    runtimes: frozenset[str] = frozenset()
     #: the converted program's form: ``"mil"`` (a Core ML MIL program, which the ANE report reads)
     program: str = ""
 
@@ -150,22 +154,6 @@ class Package(abc.ABC):
         return write_atomically(path, self._write)
 
 
-class Executor(abc.ABC):
-    """Runs a converted package outside PyTorch, function by function, its states carried in an
-    opaque state object (one per package): the target's runtime, or an interpreter of its program."""
-
-    def __init__(self, package: Package):
-        self.package = package
-
-    @abc.abstractmethod
-    def new_state(self) -> Any:
-        """Fresh (zeroed) states of the package, or None when it has none."""
-
-    @abc.abstractmethod
-    def run(self, function: str, inputs: Mapping[str, torch.Tensor], state: Any = None) -> dict[str, torch.Tensor]:
-        """The function's outputs by name; ``state`` is updated in place."""
-
-
 class Target(abc.ABC):
     """A hand-off: converts a validated program into a package. Subclasses declare ``name``,
     ``Options`` (a frozen dataclass, checked when the target is made), ``suffix`` and
@@ -227,9 +215,25 @@ class Target(abc.ABC):
         """A package of already converted functions (after compression replaced their models)."""
         raise AnefxError(f"the {self.name} target cannot repackage converted functions")
 
-    def executor(self, package: Package) -> Executor:
-        """What runs ``package`` here; ``TargetUnavailableError`` with the reason when nothing can."""
-        raise TargetUnavailableError(f"nothing runs {self.name} packages on this machine")
+    def runtime(self, runtime: str | None = None) -> str:
+        """``runtime`` checked against the runtimes that run this target's packages (``None`` or
+        ``"auto"``: its default executor)."""
+        caps = self.capabilities
+        if runtime in (None, "auto"):
+            if caps.executor is None:
+                raise TargetUnavailableError(f"nothing runs {self.name} packages yet")
+            return caps.executor
+        if runtime not in caps.runtimes:
+            raise AnefxError(
+                f"{self.name} packages run with runtime {sorted(caps.runtimes)} (default {caps.executor!r}), "
+                f"not {runtime!r}"
+            )
+        return runtime
+
+    def executor(self, package: Package, runtime: str | None = None) -> LoadedProgram:
+        """``package`` ready to run outside PyTorch with ``runtime`` (default: ``capabilities.executor``);
+        ``TargetUnavailableError`` with the reason when that runtime cannot run here."""
+        raise TargetUnavailableError(f"nothing runs {self.name} packages yet")
 
     def load(self, path: Path) -> Package:
         """A package saved by this target, read back (its functions' models, no exported programs)."""

@@ -22,6 +22,7 @@ import contextlib
 import io
 import os
 import re
+import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
@@ -156,7 +157,8 @@ class CoreAITarget(Target):
     name = "coreai"
     Options = CoreAIOptions
     suffix = ".aimodel"
-    capabilities = Capabilities(program="coreai")  # one stateless function, no compression or chunking (yet)
+    #: one stateless function, no compression or chunking (yet); packages run with coreai-core
+    capabilities = Capabilities(program="coreai", executor="coreai", runtimes=frozenset({"coreai"}))
 
     def convert(self, program: ProgramSpec, events: Events | None = None) -> CoreAIPackage:
         self.require(states=program.stateful, functions=len(program.functions))
@@ -184,6 +186,13 @@ class CoreAITarget(Target):
         return CoreAIPackage(
             {name: function}, program_, name, dict(program.metadata), read_ops(program_), list(handoff.output_names)
         )
+
+    def executor(self, package: CoreAIPackage, runtime: str | None = None) -> CoreAIProgram:
+        """``package`` run by coreai-core's runtime: saved to a private temporary folder, removed with
+        the program."""
+        self.runtime(runtime)
+        staged = tempfile.TemporaryDirectory(prefix="anefx-")
+        return CoreAIProgram(package.save(Path(staged.name) / "model.aimodel"), keep=staged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,13 +244,14 @@ class CoreAIProgram(LoadedProgram):
 
     runtime = "coreai"
 
-    def __init__(self, path):
+    def __init__(self, path, keep: object = None):
         ok, why = runtime_available()
         if not ok:
             raise TargetUnavailableError(why)
         from coreai.authoring import AIModelAsset
 
         self.source = str(path)
+        self._keep = keep  #: what the program holds alive (the temporary folder of a staged package)
         path = Path(path)
         if not (path / "metadata.json").exists():
             raise AnefxError(f"cannot load {path}: not an .aimodel (no metadata.json inside)")

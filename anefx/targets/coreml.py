@@ -13,9 +13,11 @@ them Core ML states (iOS18 / macOS15), and the exported program, made pure again
 ``check_converter_input`` validates. Several functions are merged into one package
 (``save_multifunction``: the weights they share are stored once) with the program's metadata.
 
-Running a package (:class:`CoreMLRuntime`, the target's executor; ``predict``) and
-``MLComputePlan`` need macOS; :func:`runtime_available` says whether this machine has them, and
-callers skip with its reason elsewhere.
+What runs a package (:meth:`CoreMLTarget.executor`): anefx's MIL interpreter
+(:class:`~anefx.targets.mil.MILProgram`, any OS: the default) or Core ML itself
+(:class:`CoreMLProgram`, ``runtime="coreml"``). Core ML and ``MLComputePlan`` need macOS;
+:func:`runtime_available` says whether this machine has them, and callers skip with its reason
+elsewhere.
 """
 
 from __future__ import annotations
@@ -28,34 +30,29 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
-from anefx.compat.coremltools import mil_program, quiet_coremltools, torch_node_inputs
+from anefx.compat.coremltools import coremltools_module, mil_program, quiet_coremltools, torch_node_inputs
 from anefx.driver.events import Events, events_of
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.graph import describe
-from anefx.targets.base import Capabilities, ConvertedFunction, Executor, Package, Target
+from anefx.targets.base import Capabilities, ConvertedFunction, Package, Target
 from anefx.targets.compression import SCHEMES, check_deployment_target, needs_ios18
+from anefx.targets.executor import LoadedProgram, State, TensorSpec
 from anefx.targets.handoff import HandOff, ProgramSpec, StateSpec, check_converter_input, legalized_clone
 from anefx.targets.lift import keep_input_names, lifted_program
+from anefx.targets.mil import MILProgram
+from anefx.targets.mil.reader import read_package
 from anefx.targets.mil_pipeline import pass_pipeline
 from anefx.targets.stateful import functional_view, stateful_module
-
-
-def coremltools_module():
-    with warnings.catch_warnings(), quiet_coremltools(progress_bars=True):
-        warnings.simplefilter("ignore")
-        try:
-            import coremltools as ct
-        except ImportError as exc:  # pragma: no cover - coremltools is a hard dependency
-            raise TargetUnavailableError("the Core ML target needs coremltools: pip install coremltools") from exc
-    return ct
 
 
 def runtime_available() -> tuple[bool, str]:
@@ -214,21 +211,10 @@ class CoreMLPackage(Package):
             self.model.save(str(path))
         deterministic_manifest(Path(path))
 
-    def predict(self, inputs: dict, function: str | None = None):
-        """``MLModel.predict`` of one function (macOS only; ``TargetUnavailableError`` elsewhere)."""
-        return CoreMLRuntime(self)._model(function or self.default).predict(inputs)
-
 
 def read_program(path: Path):
-    """The MIL program of a saved package, every function included (coremltools' milproto reader)."""
-    ct = coremltools_module()
-    from coremltools.converters.mil.frontend.milproto.load import load
-
-    spec = ct.utils.load_spec(str(path))
-    weights = Path(path) / "Data" / "com.apple.CoreML" / "weights"
-    with warnings.catch_warnings(), quiet_coremltools():
-        warnings.simplefilter("ignore")
-        return load(spec, spec.specificationVersion, file_weights_dir=str(weights))
+    """The MIL program of a saved package, every function included (the interpreter's reader)."""
+    return read_package(path).program
 
 
 def package_weight_bytes(package: Path) -> int:
@@ -237,40 +223,73 @@ def package_weight_bytes(package: Path) -> int:
     return sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
 
 
-class CoreMLRuntime(Executor):
-    """Core ML itself (macOS): each function loaded with ``MLModel(path, function_name=...)``, states
-    from ``make_state``. Elsewhere making one raises ``TargetUnavailableError`` with the reason."""
+class CoreMLState(State):
+    """Core ML's own ``MLState`` (macOS), read and written through coremltools."""
 
-    def __init__(self, package: CoreMLPackage):
-        super().__init__(package)
+    def __init__(self, specs: dict[str, TensorSpec], mlstate):
+        self.specs = dict(specs)
+        self.mlstate = mlstate
+
+    def _read(self, name: str) -> np.ndarray:  # pragma: no cover - macOS only
+        return np.array(self.mlstate.read_state(name), copy=True)
+
+    def _write(self, name: str, value: np.ndarray) -> None:  # pragma: no cover - macOS only
+        self.mlstate.write_state(name, value)
+
+
+class CoreMLProgram(LoadedProgram):
+    """A saved ``.mlpackage`` run by Apple's Core ML (macOS; ``coremltools``' ``MLModel.predict``),
+    one ``MLModel`` per function; the interface comes from the program itself, as the interpreter
+    reads it, so that both executors describe a package the same way."""
+
+    runtime = "coreml"
+
+    def __init__(self, path, compute_units: str = "CPU_AND_NE"):
         ok, why = runtime_available()
         if not ok:
-            raise TargetUnavailableError(f"running Core ML models needs macOS: {why}")
-        self._models: dict[str, Any] = {}  # pragma: no cover - macOS only below
+            raise TargetUnavailableError(f"runtime='coreml' cannot run here: {why}; the default runtime runs it")
+        self.source = str(path)
+        read = read_package(path)  # pragma: no cover - macOS only from here on
+        self._info, self._default = read.functions, read.default_function
+        ct = coremltools_module()
+        units = ct.ComputeUnit[compute_units]
+        self._models = {
+            name: ct.models.MLModel(
+                str(path), compute_units=units, function_name=name if len(read.functions) > 1 else None
+            )
+            for name in read.functions
+        }
 
-    def _model(self, function: str):  # pragma: no cover - macOS only
-        if function not in self._models:
-            ct = coremltools_module()
-            pkg = self.package
-            if pkg.staged is None and len(pkg.functions) == 1:
-                self._models[function] = pkg.function(function).model
-            else:
-                path = pkg.path
-                if path is None:
-                    self._tmp = tempfile.TemporaryDirectory()
-                    path = pkg.save(Path(self._tmp.name) / "m.mlpackage")
-                self._models[function] = ct.models.MLModel(str(path), function_name=function)
-        return self._models[function]
+    @property
+    def functions(self) -> list[str]:  # pragma: no cover - macOS only
+        return list(self._info)
 
-    def new_state(self):  # pragma: no cover - macOS only
-        stateful = [f for f in self.package.functions if self._model(f).get_spec().description.state]
-        return self._model(stateful[0]).make_state() if stateful else None
+    @property
+    def default_function(self) -> str:  # pragma: no cover - macOS only
+        return self._default
 
-    def run(self, function, inputs, state=None):  # pragma: no cover - macOS only
-        feed = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        model = self._model(function)
-        out = model.predict(feed, state=state) if state is not None else model.predict(feed)
-        return {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in out.items()}
+    def inputs(self, function: str | None = None) -> dict[str, TensorSpec]:  # pragma: no cover - macOS only
+        return dict(self._info[self.function_name(function)].inputs)
+
+    def outputs(self, function: str | None = None) -> dict[str, TensorSpec]:  # pragma: no cover - macOS only
+        return dict(self._info[self.function_name(function)].outputs)
+
+    def states(self, function: str | None = None) -> dict[str, TensorSpec]:  # pragma: no cover - macOS only
+        return dict(self._info[self.function_name(function)].states)
+
+    def make_state(self, function: str | None = None) -> CoreMLState:  # pragma: no cover - macOS only
+        name = self.function_name(function)
+        return CoreMLState(self.states(name), self._models[name].make_state())
+
+    def __call__(
+        self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
+    ) -> dict[str, np.ndarray]:  # pragma: no cover - macOS only
+        name = self.function_name(function)
+        arrays = self.checked_inputs(name, inputs)
+        state = self.checked_state(name, state)
+        kwargs = {"state": state.mlstate} if isinstance(state, CoreMLState) else {}
+        out = self._models[name].predict(arrays, **kwargs)
+        return {k: np.asarray(out[k]).astype(spec.dtype) for k, spec in self.outputs(name).items()}
 
 
 #: ATen overloads torch.export emits whose TorchScript spelling coremltools already converts.
@@ -377,7 +396,8 @@ class CoreMLTarget(Target):
         multiple_functions=True,
         compression=frozenset(SCHEMES),
         chunks=True,
-        executor="Core ML (macOS)",
+        executor="mil",
+        runtimes=frozenset({"mil", "coreml"}),
         program="mil",
     )
 
@@ -502,8 +522,14 @@ class CoreMLTarget(Target):
 
         return ConvertedFunction(name, mlmodel, seconds, ep, handed, param_name)
 
-    def executor(self, package: CoreMLPackage) -> CoreMLRuntime:
-        return CoreMLRuntime(package)
+    def executor(self, package: CoreMLPackage, runtime: str | None = None) -> LoadedProgram:
+        """``package`` ready to run: anefx's MIL interpreter (``"mil"``, the default, any OS) or Core ML
+        itself (``"coreml"``, macOS), both reading the bytes :meth:`CoreMLPackage.save` writes."""
+        runtime = self.runtime(runtime)
+        path = package.path if package.path is not None else Path(package.model.package_path)
+        if runtime == "coreml":
+            return CoreMLProgram(path)
+        return MILProgram.open(path) if package.path is not None else MILProgram.from_mlmodel(package.model)
 
     def load(self, path: Path) -> CoreMLPackage:
         ct = coremltools_module()
