@@ -612,8 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", help="also save the .mlpackage here")
     g.set_defaults(func=cmd_generate)
 
-    r = sub.add_parser("run", help="run a saved .mlpackage (any ML Program) or .aimodel and summarize its outputs")
-    r.add_argument("path", help="a saved .mlpackage or .aimodel")
+    r = sub.add_parser(
+        "run", help="run a saved .mlpackage (any ML Program), .aimodel or chunk folder and summarize its outputs"
+    )
+    r.add_argument("path", help="a saved .mlpackage, .aimodel or chunk folder (manifest.json)")
     r.add_argument("--function", default=None, help="the function to run (default: the program's default)")
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a .npy file")
     r.add_argument("--random", action="store_true", help="seeded random values for the inputs not given")

@@ -1,10 +1,11 @@
 """The generation loop of a compiled causal LM, and the end-to-end token check.
 
 Generation calls the artifact's ``prefill`` and ``decode`` functions through a step (its states
-carried from call to call): in PyTorch, or with the target's executor. A prompt is prefilled in chunks of ``prefill_length`` tokens (a short
-last chunk padded: a padded slot is overwritten before any query can see it), then one ``decode``
-call per new token. The same chunked prefill scores whole sequences for the compression quality
-(:func:`prefill_logits`: every position's logits, teacher forced).
+carried from call to call): in PyTorch, or with the target's executor. A prompt is prefilled in
+chunks of ``prefill_length`` tokens (a short last chunk padded: a padded slot is overwritten before
+any query can see it), then one ``decode`` call per new token. The same chunked prefill scores whole
+sequences for the compression quality (:func:`prefill_logits`: every position's logits, teacher
+forced).
 """
 
 from __future__ import annotations
