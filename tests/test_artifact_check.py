@@ -11,18 +11,19 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pytest
 import torch
 from torch import nn
 
 import anefx
 from anefx.compat.coremltools import torch_node_inputs
 from anefx.driver.validate import ValidationOptions, Validator
-from anefx.targets.coreml import CoreMLOptions, coremltools_module
-from anefx.targets.localize import fp32_selector, fx_name, locate
+from anefx.targets.coreml import CoreMLOptions
+from anefx.targets.localize import fx_name, locate
 from anefx.targets.mil import MILProgram
-from anefx.targets.mil_pipeline import pass_pipeline
 from anefx.targets.verify import (
     ArtifactCheckOptions,
+    ArtifactError,
     InputSet,
     check_and_fix,
     check_program,
@@ -30,7 +31,6 @@ from anefx.targets.verify import (
 )
 from examples import models
 
-ct = coremltools_module()
 aten = torch.ops.aten
 
 
@@ -67,16 +67,11 @@ def _input_sets(compiled, program) -> list[InputSet]:
 
 
 def _compile(model, args, kwargs=None, pipeline=None, fp32_nodes=()):
-    """anefx.compile, optionally with the torch nodes ``fp32_nodes`` computed in fp32 (op_selector)."""
-    options = None
-    if fp32_nodes:
-        names = [n for n in _compile.names]
-        pp = pass_pipeline(ct, fp16=True)
-        pp.set_options("anefx::add_fp16_cast", {"op_selector": fp32_selector(names, fp32_nodes)})
-        options = CoreMLOptions(convert_kwargs=(("pass_pipeline", pp),))
-    compiled = anefx.compile(model, args, kwargs or {}, pipeline=pipeline, target_options=options)
-    _compile.names = [n.name for n in compiled.artifact.converter_input.graph.nodes]
-    return compiled, MILProgram.from_mlmodel(compiled.artifact.model)
+    """anefx.compile without its own artifact check (these tests run it by hand), optionally with
+    the torch nodes ``fp32_nodes`` computed in fp32."""
+    options = CoreMLOptions(fp32_nodes=frozenset(fp32_nodes))
+    compiled = anefx.compile(model, args, kwargs or {}, pipeline=pipeline, target_options=options, artifact_check="off")
+    return compiled, MILProgram.from_mlmodel(compiled.mlmodel)
 
 
 def test_fx_name_reads_coremltools_names_back():
@@ -91,9 +86,16 @@ def test_fx_name_reads_coremltools_names_back():
     assert fx_name("cast_3", names) == (None, False)
 
 
-def test_check_measures_every_output_on_every_input_set():
+@pytest.fixture(scope="module")
+def distilbert():
+    """A small DistilBERT compiled with the artifact stage on (shared by the tests that read it)."""
     model, args, kwargs = models.distilbert_small(pad=4)
-    compiled, program = _compile(model, args, kwargs)
+    return anefx.compile(model, args, kwargs)
+
+
+def test_check_measures_every_output_on_every_input_set(distilbert):
+    compiled = distilbert
+    program = MILProgram.from_mlmodel(compiled.mlmodel)
     sets = _input_sets(compiled, program)
     assert [s.name for s in sets][-3:] == [
         "stress: masks with right padding",
@@ -137,7 +139,7 @@ def test_a_planted_converter_bug_is_located_at_its_op_node_and_line():
     assert program.op_counts["main"].get("relu") == 1 and "gelu" not in program.op_counts["main"]
     sets = _input_sets(compiled, program)
     assert not check_program(program, sets).ok
-    found = locate(program, compiled.artifact.converter_input, sets[0].inputs)
+    found = locate(program, compiled.artifact.package.converter_input, sets[0].inputs)
     assert (found.op_type, found.node, found.local, found.overflow) == ("relu", "gelu", True, False)
     assert found.torch_op.startswith("%gelu (aten.gelu)")
     assert found.location == f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}"
@@ -146,7 +148,7 @@ def test_a_planted_converter_bug_is_located_at_its_op_node_and_line():
         _shipped, check = check_and_fix(
             program,
             sets,
-            reference=compiled.artifact.converter_input,
+            reference=compiled.artifact.package.converter_input,
             reconvert=lambda region: _compile(model, (x,), fp32_nodes=region)[1],
         )
     assert not check.ok and check.fallback["fp32_nodes"] == ["gelu"]
@@ -164,13 +166,52 @@ def test_an_fp16_overflow_falls_back_to_fp32_for_its_region_only():
     shipped, check = check_and_fix(
         program,
         sets,
-        reference=compiled.artifact.converter_input,
+        reference=compiled.artifact.package.converter_input,
         reconvert=lambda region: _compile(model, args, kwargs, pipeline, fp32_nodes=region)[1],
     )
     assert check.ok, check.message()
-    nodes = {n.name: n for n in compiled.artifact.converter_input.graph.nodes}
+    nodes = {n.name: n for n in compiled.artifact.package.converter_input.graph.nodes}
     region = check.fallback["fp32_nodes"]
     assert {nodes[n].target for n in region} == {aten.pow.Tensor_Scalar, aten.mean.dim}
     assert "overflows fp16" in check.fallback["first_divergence"]
     fp32_ops = {op.op_type for op in shipped.operations() if op.dtypes == ("fp32",)} - {"cast"}
     assert fp32_ops == {"pow", "reduce_mean"}
+
+
+# ---------------------------------------------------------------------------------------------
+# inside anefx.compile: the artifact stage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compile_reports_the_executed_artifact(distilbert):
+    check = distilbert.report.artifact["main"]
+    assert check["ok"] and check["runtime"] == "mil" and check["precision"] == "fp16" and check["input_sets"] == 5
+    out = check["outputs"]["last_hidden_state"]
+    assert 1e-5 < out["rel_error"] <= 1e-2 and out["nonfinite"] == 0
+    assert "artifact main (mil, fp16, 5 input sets): ok" in str(distilbert.report)
+    model, args, _ = models.mlp()
+    off = anefx.compile(model, args, artifact_check="off")
+    assert off.report.artifact == {"status": "not executed (off)"}
+
+
+def test_compile_refuses_a_planted_converter_bug_and_names_it(tmp_path):
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with gelu_computed_as_relu(), pytest.raises(ArtifactError) as info:
+        anefx.compile(GeluBlock().eval(), (x,))
+    text = str(info.value)
+    assert "MIL op #" in text and "(relu 'gelu')" in text and "%gelu (aten.gelu)" in text
+    assert f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}" in text  # the model's line
+    assert "Nothing was written" in text and not list(tmp_path.iterdir())
+
+
+def test_compile_falls_back_to_fp32_for_an_overflowing_region():
+    model, args, kwargs = models.large_rms_norm()
+    pipeline = anefx.Pipeline.default().without("rms_norm_bc1s", "fp16_norm_scale")  # the squares overflow
+    compiled = anefx.compile(model, args, kwargs, pipeline=pipeline)
+    check = compiled.report.artifact["main"]
+    assert (
+        check["ok"] and check["fallback"]["rounds"] == 1 and "overflows fp16" in check["fallback"]["first_divergence"]
+    )
+    shipped = MILProgram.from_mlmodel(compiled.mlmodel)  # what save() writes: the region in fp32
+    assert {op.op_type for op in shipped.operations() if op.dtypes == ("fp32",)} - {"cast"} == {"pow", "reduce_mean"}

@@ -49,6 +49,7 @@ from anefx.targets.compression import SCHEMES, check_deployment_target, needs_io
 from anefx.targets.executor import LoadedProgram, State, TensorSpec
 from anefx.targets.handoff import HandOff, ProgramSpec, StateSpec, check_converter_input, legalized_clone
 from anefx.targets.lift import keep_input_names, lifted_program
+from anefx.targets.localize import fp32_selector
 from anefx.targets.mil import MILProgram
 from anefx.targets.mil.reader import read_package
 from anefx.targets.mil_pipeline import pass_pipeline
@@ -82,6 +83,9 @@ class CoreMLOptions:
     fast_conversion: bool = True
     #: Extra keyword arguments for ``ct.convert`` (advanced).
     convert_kwargs: tuple[tuple[str, object], ...] = ()
+    #: Torch nodes (names in the graph handed to the converter) whose MIL ops compute in fp32 in an
+    #: fp16 program: the artifact check's fp16 fallback sets it for the region it located.
+    fp32_nodes: frozenset[str] = frozenset()
 
     def resolved(self) -> tuple[Any, Any, Any]:
         """``(ct.target member, ct.precision member, ct.ComputeUnit member)``; a ``ConversionError``
@@ -428,6 +432,11 @@ class CoreMLTarget(Target):
         super().for_program(states=states, functions=functions)
         return self.for_states() if states else self
 
+    def with_fp32_nodes(self, nodes) -> CoreMLTarget:
+        """This target with the MIL ops of the torch nodes ``nodes`` computed in fp32 (an fp16 program's
+        fallback for a region that overflows)."""
+        return CoreMLTarget(dataclasses.replace(self.options, fp32_nodes=frozenset(nodes)))
+
     def for_states(self) -> CoreMLTarget:
         """This target for a program with states: Core ML states need iOS18 / macOS15."""
         ct = coremltools_module()
@@ -495,8 +504,12 @@ class CoreMLTarget(Target):
         target, precision, units = opts.resolved()
         outputs = [ct.TensorType(name=n) for n in handoff.value_outputs]
         kwargs = dict(opts.convert_kwargs)
+        fp16 = opts.precision_name == "float16"
+        selector = fp32_selector([n.name for n in ep.graph.nodes], opts.fp32_nodes) if opts.fp32_nodes else None
         if "pass_pipeline" not in kwargs and opts.fast_conversion:
-            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.precision_name == "float16")
+            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=fp16, op_selector=selector)
+        elif selector is not None and fp16:
+            precision = ct.transform.FP16ComputePrecision(op_selector=selector)
         with events.stage("ct_convert"):
             try:
                 with warnings.catch_warnings(), quiet_coremltools():

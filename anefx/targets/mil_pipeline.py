@@ -50,10 +50,12 @@ def _register() -> None:
             return False
 
 
-def pass_pipeline(ct, fp16: bool):
+def pass_pipeline(ct, fp16: bool, op_selector=None):
     """coremltools' default pipeline with the faster, equivalent passes swapped in (same order, options).
 
-    Without fp16 compute precision coremltools drops ``add_fp16_cast`` itself: the default is returned."""
+    Without fp16 compute precision coremltools drops ``add_fp16_cast`` itself: the default is returned.
+    ``op_selector`` (``op -> bool``): the ops the fp16 cast pass casts (the others stay fp32), as
+    ``ct.transform.FP16ComputePrecision(op_selector=…)`` takes it."""
     pipeline = ct.PassPipeline.DEFAULT
     if not fp16:
         return pipeline
@@ -63,4 +65,6 @@ def pass_pipeline(ct, fp16: bool):
     fast = ct.PassPipeline(pass_names=names, pipeline_name="anefx")
     for name, opts in options.items():
         fast.set_options(name, opts)
+    if op_selector is not None:
+        fast.set_options(_REPLACEMENTS["common::add_fp16_cast"], {"op_selector": op_selector})
     return fast
