@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from anefx.core.options import CompileOptions, compile_options, prepare
+from anefx.core.options import CompileOptions, artifact_check_options, compile_options, prepare
 from anefx.core.result import Compiled
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
@@ -46,6 +47,7 @@ from anefx.lm.generate import (
 )
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_quality
+from anefx.targets.verify import ArtifactCheckOptions
 
 FUNCTIONS = ("prefill", "decode")
 
@@ -140,7 +142,7 @@ class CompiledLM(Compiled):
         return out
 
     # -- running -------------------------------------------------------------------------------
-    def _step(self, runtime: str = "torch", variant: str | None = None):
+    def step(self, runtime: str = "torch", variant: str | None = None):
         """One call of ``prefill`` or ``decode`` with the states carried from call to call (fresh
         zeros at first): in PyTorch (``"torch"``: the rewritten graphs, or with ``variant`` the
         converted programs with their ``"fp16"`` or ``"compressed"`` weights), or the package with the
@@ -189,15 +191,26 @@ class CompiledLM(Compiled):
         prompt = prompt_ids(input_ids, self.context_length)
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-        step = self._step(runtime)
+        step = self.step(runtime)
         return greedy(step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token)
 
     def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:
         """Every position's next-token logits of ``ids`` (1, T), prefilled chunk by chunk from an empty
         cache through the artifact (``variant``: the converted programs with their ``"fp16"`` or
         ``"compressed"`` weights; None: the rewritten graphs)."""
-        return torch.cat(prefill(self._step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
+        return torch.cat(prefill(self.step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
 
+
+#: The least teacher-forced greedy-token agreement the executed package must reach with the model
+#: (fp16 can flip a near-tie: a few steps of a random model's flat logits; a package that computes
+#: something else agrees on almost none).
+MIN_AGREEMENT = 0.75
+
+#: The executed fp16 step's tolerance, relative to each output's scale (the logits' largest
+#: magnitude): a decoder step reads a cache of fp16 values through every layer's attention, and a
+#: random-weight model's logits come out within 1-2 % of their scale (a wrong program is off by its
+#: whole scale); the end-to-end greedy-token check is the final word.
+LM_ARTIFACT_TOLERANCE = 3e-2
 
 #: Per-pass validation of an LM step, relative to the largest output value (logits reach tens: an
 #: absolute 1e-4 would roll back any re-association of a 30-layer sum). The program runs in fp16,
@@ -296,6 +309,7 @@ def compile_lm(
     name: str | None = None,
     quality_prompts=None,
     quality_tokens: int = 64,
+    check_runtime: str | None = None,
     options: CompileOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **compile_kwargs,
@@ -309,6 +323,13 @@ def compile_lm(
         prefill_length: tokens per prefill call; longer prompts are prefilled in chunks.
         check_prompt: the prompt of the end-to-end check (default: seeded random ids spanning two
             prefill chunks); ``check_tokens`` new tokens are compared (0 skips the check).
+        check_runtime: what the end-to-end check runs: by default the fp16 package that ships,
+            executed with the target's executor (``"target"``: anefx's MIL interpreter for Core ML,
+            coreai-core for Core AI), which must agree with the original model's greedy tokens on
+            at least ``MIN_AGREEMENT`` of the steps teacher forced (fp16 may flip a near-tie;
+            ``CompiledLM.check`` reports the agreement and the per-step logit error); ``"torch"``
+            (the default with ``convert=False``) runs the rewritten graphs, whose greedy tokens must
+            equal the model's.
         eos_token_id: stop ids (default: the model's generation config).
         compression: ``"lut4" | "lut6" | "lut8" | "int8"`` or a ``CompressionOptions``: both functions
             carry the same compressed weights (stored once); greedy-token agreement and mean KL against
@@ -328,6 +349,11 @@ def compile_lm(
     if not isinstance(model, torch.nn.Module):
         raise AnefxError(f"compile_lm needs an nn.Module causal LM, got {type(model).__name__}")
     opts = compile_options(options, "compile_lm", **compile_kwargs)
+    if not isinstance(opts.artifact_check, ArtifactCheckOptions):  # an LM step's own fp16 tolerance
+        mode = artifact_check_options(opts.artifact_check).mode
+        opts = dataclasses.replace(
+            opts, artifact_check=ArtifactCheckOptions(mode=mode, fp16_tolerance=LM_ARTIFACT_TOLERANCE)
+        )
     context = round_up(int(context_length))
     if not 1 <= prefill_length <= context:
         raise AnefxError(f"prefill_length must be in [1, context_length={context}], got {prefill_length}")
@@ -349,13 +375,24 @@ def compile_lm(
     request = request_for(StepFunction(model, layout), layout, prefill_length, vocab, metadata)
     compiled = CompiledLM(build(request, plan, events), layout, prefill_length, eos, vocab)
     if check_tokens:
-        with events.stage("check"):
-            compiled.check = end_to_end_check(compiled, model, check_prompt, check_tokens, vocab)
-        if not compiled.check.tokens_equal:
+        runtime = check_runtime or (
+            "target" if compiled.artifact.converted and compiled.artifact.target.capabilities.executor else "torch"
+        )
+        checked = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
+        with events.stage("check", runtime=runtime):
+            compiled.check = end_to_end_check(checked, model, check_prompt, check_tokens, vocab, runtime)
+        check = compiled.check
+        if runtime == "torch" and not check.tokens_equal:
             raise GenerationMismatch(
-                f"{compiled.check}: reference {compiled.check.reference}, compiled {compiled.check.compiled}. "
+                f"{check}: reference {check.reference}, compiled {check.compiled}. "
                 "A pass changed what the model generates; rerun with ANEFX_DUMP_DIR set and compare the reports "
                 "of both functions"
+            )
+        if runtime != "torch" and check.agreement < MIN_AGREEMENT:
+            raise GenerationMismatch(
+                f"{check}: reference {check.reference}, compiled {check.compiled}; below {MIN_AGREEMENT:.0%} "
+                "agreement. The package that would ship generates something else than the model: compare "
+                "report.artifact of both functions, and check_runtime='torch' (the rewritten graphs)"
             )
     if compiled.compression is not None and quality_tokens:
         with events.stage("quality"):
