@@ -161,7 +161,10 @@ class CompiledLM(Compiled):
                 f"unknown runtime {runtime!r}; choose 'torch', 'target' or one of "
                 f"{sorted(self.artifact.target.capabilities.runtimes)}"
             )
-        program = self.artifact.executor(None if runtime == "target" else runtime)
+        executors = self.__dict__.setdefault("_executors", {})  # one load per runtime (weights decompressed once)
+        if runtime not in executors:
+            executors[runtime] = self.artifact.executor(None if runtime == "target" else runtime)
+        program = executors[runtime]
         state = program.make_state(self.artifact.default)
 
         def run(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -194,11 +197,16 @@ class CompiledLM(Compiled):
         step = self.step(runtime)
         return greedy(step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token)
 
-    def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+    def prefill_logits(self, ids: torch.Tensor, variant: str | None = None, runtime: str = "torch") -> torch.Tensor:
         """Every position's next-token logits of ``ids`` (1, T), prefilled chunk by chunk from an empty
-        cache through the artifact (``variant``: the converted programs with their ``"fp16"`` or
-        ``"compressed"`` weights; None: the rewritten graphs)."""
-        return torch.cat(prefill(self.step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
+        cache through the artifact. ``runtime="torch"``: the rewritten graphs, or with ``variant`` the
+        converted programs with their ``"fp16"`` or ``"compressed"`` weights mapped back into PyTorch;
+        another runtime executes the packages (``variant="fp16"``: the packages before compression)."""
+        view = self
+        if runtime != "torch":
+            view = self._with_artifact(self.artifact.fp16()) if variant == "fp16" else self
+            variant = None
+        return torch.cat(prefill(view.step(runtime, variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
 
 
 #: The least teacher-forced greedy-token agreement the executed package must reach with the model
@@ -402,12 +410,15 @@ def compile_lm(
     return compiled
 
 
-def measure(compiled: CompiledLM, prompts, new_tokens: int) -> LMQuality:
-    """Greedy-token agreement and mean KL of the compressed weights against the fp16 weights, on the
-    shipped weights: each prompt is continued greedily by the compiled generator (``new_tokens``
-    tokens, EOS ignored, capped so every sequence fits the context), then the prefill function with
-    the fp16 and with the compressed weights scores every continuation token teacher forced
-    (:func:`~anefx.targets.quality.lm_quality`)."""
+def measure(compiled: CompiledLM, prompts, new_tokens: int, runtime: str | None = None) -> LMQuality:
+    """Greedy-token agreement and mean KL of the compressed package against the fp16 package, both
+    executed (``runtime``: by default the target's executor, which runs the ``constexpr`` ops that
+    decompress the weights; ``"torch"``: the converted graphs with each package's weights mapped back
+    into PyTorch): each prompt is continued greedily by the fp16 package (``new_tokens`` tokens, EOS
+    ignored, capped so every sequence fits the context), then the prefill function of both packages
+    scores every continuation token teacher forced (:func:`~anefx.targets.quality.lm_quality`)."""
+    if runtime is None:
+        runtime = "target" if compiled.artifact.target.capabilities.executor else "torch"
     if prompts is None:
         prompts = default_prompts(compiled.vocab_size)
     prompts = [torch.as_tensor(p).long().reshape(1, -1) for p in prompts]
@@ -417,11 +428,13 @@ def measure(compiled: CompiledLM, prompts, new_tokens: int) -> LMQuality:
         raise ConversionError(
             f"the quality prompts ({longest} tokens) leave no room in the {compiled.context_length}-token context"
         )
+    fp16 = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sequences = [compiled.generate(p, n, eos_token_id=None).sequences for p in prompts]
+        sequences = [fp16.generate(p, n, eos_token_id=None, runtime=runtime).sequences for p in prompts]
 
     def logits(variant: str):
-        return lambda ids: compiled.prefill_logits(ids, variant)
+        view = fp16 if variant == "fp16" else compiled
+        return lambda ids: view.prefill_logits(ids, variant, runtime)
 
     return compiled.compression.set_lm(lm_quality(logits, prompts, n, sequences))
