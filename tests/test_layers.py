@@ -3,7 +3,7 @@
 The layers, bottom to top (docs/architecture.md draws them):
 
 1. ``anefx.ir``        the canonical graph: fx helpers, capture, errors
-2. ``anefx.analysis``  analyses over it: layout vocabulary, heads, masks, legalization
+2. ``anefx.analysis``  analyses over it: layout vocabulary, heads, masks, in-place writes
 3. ``anefx.passes``    one rewrite per file
 4. ``anefx.driver``    pipeline, validation, instruments, reports, reproducers, bisection
 5. ``anefx.targets``   hand-offs to coremltools / coreai-torch, compression, chunking

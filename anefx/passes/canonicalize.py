@@ -25,10 +25,164 @@ Options: none.
 
 from __future__ import annotations
 
+import torch
 import torch.fx
 
-from anefx.analysis.legalize import canonicalize
+from anefx.analysis.legalize import aliases
+from anefx.ir.graph import call, dtype, eval_constant, is_constant, replace_node, shape
+from anefx.ir.sites import SiteFilter, every_site
 from anefx.passes.base import Pass, PassContext, PassResult, finish
+
+aten = torch.ops.aten
+
+_CHECKS = {aten._assert_tensor_metadata.default, aten._assert_async.msg, aten._assert_scalar.default}
+_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
+_CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default}
+_BITWISE = {
+    aten.__and__.Tensor: (aten.logical_and.default, aten.bitwise_and.Tensor),
+    aten.__or__.Tensor: (aten.logical_or.default, aten.bitwise_or.Tensor),
+    aten.__xor__.Tensor: (aten.logical_xor.default, aten.bitwise_xor.Tensor),
+}
+_NEW_FILLED = {aten.new_ones.default: 1, aten.new_zeros.default: 0}
+
+
+def _same_value(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    return isinstance(src, torch.fx.Node) and dtype(node) == dtype(src) and shape(node) == shape(src)
+
+
+def _is_identity(node: torch.fx.Node) -> bool:
+    """Inference dropout, and clones/aliases/casts that keep shape and dtype."""
+    t = node.target
+    if t == aten.dropout.default:
+        return len(node.args) < 3 or node.args[2] is False
+    if t in _IDENTITY or t in _CASTS:
+        return _same_value(node, node.args[0]) and not node.kwargs.get("memory_format")
+    return False
+
+
+def _index_is_reshape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """``x[i0, i1, …]`` with constant index grids that only reshape ``x`` (a gather that moves nothing).
+
+    transformers 5.x builds its padding mask as ``mask[batch_idx, kv_idx]`` with ``arange`` grids;
+    for static shapes that is ``mask.view(B, 1, 1, S)``, which needs no gather on the ANE.
+    """
+    src, indices = node.args[0], node.args[1]
+    src_shape, out_shape = shape(src), shape(node)
+    if src_shape is None or out_shape is None or not all(i is None or is_constant(i) for i in indices):
+        return False
+    numel = 1
+    for d in src_shape:
+        numel *= d
+    try:
+        idx = torch.arange(numel).reshape(src_shape)
+        values = [None if i is None else eval_constant(gm, i) for i in indices]
+        picked = idx[tuple(slice(None) if v is None else v for v in values)]
+    except Exception:
+        return False
+    return picked.numel() == numel and torch.equal(picked.reshape(-1), torch.arange(numel))
+
+
+def _functional_variant(node: torch.fx.Node):
+    """``aten.add_.Tensor`` → ``aten.add.Tensor`` when the mutated value is a temporary no one reads
+    afterwards (so the in-place write is invisible); None otherwise."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or not node.args:
+        return None
+    schema = t._schema
+    if not schema.arguments or not (schema.arguments[0].alias_info and schema.arguments[0].alias_info.is_write):
+        return None
+    base = schema.name.split("::")[-1]
+    if not base.endswith("_"):
+        return None
+    target = node.args[0]
+    if not isinstance(target, torch.fx.Node) or target.op != "call_function":
+        return None  # an input or a buffer: the write is visible outside
+    if aliases(target) or any(aliases(u) for u in target.users if u is not node):
+        return None  # a view of another tensor, or viewed by another node: the write is visible there
+    if any(u > node for u in target.users):  # fx nodes compare by their position in the graph
+        return None
+    packet = getattr(torch.ops.aten, base[:-1], None)
+    return getattr(packet, t._overloadname, None) if packet is not None else None
+
+
+def _drop_empty_cat_operands(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    """``cat([empty, x])`` (a 1-D size-0 operand, which ``cat`` skips; transformers' ``DynamicCache``
+    starts from one) → ``cat([x])``, and a ``cat`` of a single operand of the result's shape → that
+    operand. Returns whether the node changed."""
+    tensors = node.args[0]
+    keep = [a for a in tensors if shape(a) != (0,)]
+    if len(keep) == len(tensors) or not keep:
+        return False
+    if len(keep) == 1 and shape(keep[0]) == shape(node) and dtype(keep[0]) == dtype(node):
+        replace_node(graph, node, keep[0])
+    else:
+        node.args = (keep, *node.args[1:])
+    return True
+
+
+def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dict[str, int]:
+    """Remove no-ops and respell ops converters reject; return counts of what changed.
+
+    Each rewritten node is a site (``site(node)`` says whether it may be rewritten)."""
+    stats = {"checks_removed": 0, "identities_removed": 0, "ops_respelled": 0}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not _candidate(gm, node) or not site(node):
+            continue
+        functional = _functional_variant(node)
+        if functional is not None:
+            node.target = functional
+            stats["ops_respelled"] += 1
+        t = node.target
+        if t in _CHECKS and not node.users:
+            graph.erase_node(node)
+            stats["checks_removed"] += 1
+        elif _is_identity(node):
+            if t in (aten.contiguous.default, aten.clone.default):  # x.contiguous().view(…) on a permuted x
+                for user in node.users:
+                    if user.op == "call_function" and user.target == aten.view.default:
+                        user.target = aten.reshape.default
+            replace_node(graph, node, node.args[0])
+            stats["identities_removed"] += 1
+        elif t in _BITWISE:
+            logical, bitwise = _BITWISE[t]
+            node.target = logical if dtype(node) == torch.bool else bitwise
+            stats["ops_respelled"] += 1
+        elif t in _NEW_FILLED:
+            src, size = node.args[0], node.args[1]
+            kwargs = {
+                "dtype": node.kwargs.get("dtype") or dtype(src),
+                "device": node.kwargs.get("device") or getattr(src.meta.get("val"), "device", None),
+            }
+            with graph.inserting_before(node):
+                new = call(graph, aten.full.default, (list(size), _NEW_FILLED[t]), kwargs)
+            replace_node(graph, node, new, keep_meta=True)
+            stats["ops_respelled"] += 1
+        elif t == aten.index.Tensor and _index_is_reshape(gm, node):
+            with graph.inserting_before(node):
+                new = call(graph, aten.view.default, (node.args[0], list(shape(node))))
+            replace_node(graph, node, new, keep_meta=True)
+            stats["ops_respelled"] += 1
+        elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
+            stats["identities_removed"] += 1
+        elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
+            cond, x, scalar = node.args
+            with graph.inserting_before(node):
+                inv = call(graph, aten.logical_not.default, (cond,))
+                new = call(graph, aten.masked_fill.Scalar, (x, inv, scalar))
+            replace_node(graph, node, new, keep_meta=True)
+            stats["ops_respelled"] += 1
+    return stats
+
+
+def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether :func:`canonicalize` would rewrite ``node`` (asked before declaring it a site)."""
+    t = node.target
+    if _functional_variant(node) is not None or _is_identity(node):
+        return True
+    if (t in _CHECKS and not node.users) or t in _BITWISE or t in _NEW_FILLED or t == aten.where.ScalarOther:
+        return True
+    return t == aten.index.Tensor and _index_is_reshape(gm, node)
 
 
 class Canonicalize(Pass):
