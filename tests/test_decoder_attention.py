@@ -224,7 +224,7 @@ def test_bmm_attention_is_per_head(kind):
     x, keep = torch.randn(2, 8, 16), torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     compiled = anefx.compile(model, (x, keep))
     rec = _attention_record(compiled)
-    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0, "patterns": {kind: 1}}, rec.stats
     ops = compiled.op_histogram()
     assert ops.get("matmul", 0) == 0 and ops.get("linear", 0) == 0 and ops["einsum"] == 8, ops
     _check_padded_batches(model, compiled, 16)
@@ -261,7 +261,7 @@ def test_logit_soft_capping_is_carried_per_head():
     x, keep = torch.randn(2, 8, 32), torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     compiled = anefx.compile(model, (x, keep))
     rec = _attention_record(compiled)
-    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0, "patterns": {"matmul": 1}}, rec.stats
     ops = compiled.op_histogram()
     assert ops["tanh"] == 4 and ops["einsum"] == 8 and ops.get("matmul", 0) == 0, ops
     _check_padded_batches(model, compiled, 32)

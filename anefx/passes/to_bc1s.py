@@ -148,6 +148,7 @@ class ToBC1S(Pass):
             "linear_to_conv",
             "layer_norm_bc1s",
             "rms_norm_bc1s",
+            "cache_write_bc1s",
             "attention_bc1s",
             "attention_chunks",
         }

@@ -15,7 +15,7 @@ def test_sdpa_becomes_per_head_einsums():
     cap, gm = prepare("tiny_attention", "linear_to_conv")
     out, rec = apply("attention_bc1s", gm, cap)
     counts = ops(out)
-    assert rec.stats == {"rewritten": 1, "heads": 2, "unmatched": 0}
+    assert rec.stats == {"rewritten": 1, "heads": 2, "unmatched": 0, "patterns": {"sdpa": 1}}
     assert "aten.scaled_dot_product_attention" not in counts and "aten.matmul" not in counts
     einsums = [n.args[0] for n in out.graph.nodes if n.target == aten.einsum.default]
     assert einsums == ["bchq,bkhc->bkhq", "bkhq,bchk->bchq"] * 2
