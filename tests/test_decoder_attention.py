@@ -52,6 +52,13 @@ def build(name: str, layers: int) -> nn.Module:
             n_embd=HIDDEN, n_layer=layers, n_head=4, rotary_dim=8, vocab_size=VOCAB, n_positions=128, n_inner=128
         )
         model = tf.GPTJModel(cfg)
+    elif name == "phi3":  # one fused qkv_proj sliced into Q, K and V, then rotary (GQA: 2 K/V heads)
+        model = tf.Phi3Model(tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common))
+    elif name == "falcon":  # multi-query: one K/V head behind the fused query_key_value, then rotary
+        cfg = tf.FalconConfig(multi_query=True, new_decoder_architecture=False, alibi=False, **common)
+        model = tf.FalconModel(cfg)
+    elif name == "bloom":  # ALiBi biases through baddbmm on (B·H, S, D), fused query_key_value
+        model = tf.BloomModel(tf.BloomConfig(hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB))
     elif name == "opt":
         cfg = tf.OPTConfig(
             hidden_size=HIDDEN,
@@ -122,6 +129,41 @@ def test_decoder_attention_is_per_head_at_depth_2_and_4(name):
     (t2, r2), (t4, r4) = counts[2], counts[4]
     assert t4 - t2 <= 2, counts  # at most one transpose per added layer: the K transpose
     assert r4 == r2 == 0, counts
+
+
+#: issue 21: spellings real decoders use, and the pattern each is matched by
+SPELLINGS = {"phi3": "sdpa", "falcon": "sdpa", "bloom": "baddbmm"}
+
+
+@pytest.mark.parametrize("name", SPELLINGS)
+def test_fused_qkv_multi_query_and_alibi_are_per_head_at_depth_2_and_4(name):
+    """Phi-3's one qkv_proj sliced into Q, K and V then rotary (its empty pass-through of a full
+    rotary dropped), Falcon's multi-query attention behind one query_key_value (K and V picked by a
+    constant index: a slice), Bloom's ALiBi biases through baddbmm on (B·H, S, D): every layer per
+    head, no matmul, exact on right padding and on token ids the compile never saw."""
+    counts = {}
+    for layers in (2, 4):
+        model = build(name, layers)
+        args, kwargs = inputs()
+        compiled = anefx.compile(model, args, kwargs)
+        rec = _attention_record(compiled)
+        assert rec.stats["rewritten"] == layers and rec.stats["unmatched"] == 0, rec.stats
+        assert rec.stats["heads"] == 4 * layers and rec.stats["patterns"] == {SPELLINGS[name]: layers}, rec.stats
+        ops = compiled.op_histogram()
+        assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0 and ops.get("gather_nd", 0) == 0, ops
+        assert ops["einsum"] == 2 * 4 * layers and ops["softmax"] == 4 * layers, ops
+        counts[layers] = (ops.get("transpose", 0), ops.get("reshape", 0))
+        _check_numerics(model, compiled)
+        ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(7))
+        for pad in (3, 9):
+            mask = torch.ones(1, SEQ, dtype=torch.long)
+            mask[:, -pad:] = 0
+            with torch.no_grad():
+                ref = _main_output(model(ids, attention_mask=mask))[:, : SEQ - pad]
+            out = _main_output(compiled(ids, attention_mask=mask))[:, : SEQ - pad]
+            assert float((out - ref).abs().max() / ref.abs().max()) < 1e-4, (layers, pad)
+    (t2, r2), (t4, r4) = counts[2], counts[4]
+    assert t4 - t2 <= 2 and r4 == r2 <= 2, counts  # per added layer at most the K transpose; no reshape
 
 
 def test_rotary_runs_on_channel_chunks_without_leaving_bc1s():

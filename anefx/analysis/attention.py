@@ -35,7 +35,7 @@ import torch.fx
 from anefx.analysis.head_program import HeadProgram, trace_program
 from anefx.analysis.heads import Heads, index_map, trace_heads
 from anefx.analysis.masks import MaskUse
-from anefx.ir.graph import describe, dtype, is_constant, shape, val
+from anefx.ir.graph import describe, dtype, is_constant, op_name, shape, val
 
 aten = torch.ops.aten
 Node = torch.fx.Node
@@ -286,6 +286,8 @@ def match_attention(node: Node) -> Attention | NoMatch | None:
             return x
     walk.masks.reverse()
     pattern = next((p for p in PATTERNS if p.value_product == node.target and p.score_product == x.target), None)
+    if pattern is None and _activation_product(x):
+        return NoMatch(x, f"{describe(x)}: no attention pattern has this score product ({op_name(node)} weights @ v)")
     if pattern is None:
         return NoMatch(x, f"{describe(x)} between QK^T and softmax has no per-head form (no pattern reads it)")
     found = pattern.operands(x, walk.scale)
@@ -411,7 +413,21 @@ _BOUNDARIES = {
 }  # fmt: skip
 
 
-def attention_softmaxes(graph: torch.fx.Graph, depth: int = 8) -> dict[Node, Node]:
+@dataclass(frozen=True)
+class Reader:
+    """The product that reads a softmax's weights, and the ops between them (softmax side first)."""
+
+    product: Node
+    path: tuple[Node, ...]
+
+    def why_unmatched(self, softmax: Node) -> str:
+        """The reason to give when no pattern matched this attention."""
+        between = ", ".join(f"%{n.name} ({op_name(n)})" for n in self.path)
+        through = f" through {between}" if between else ""
+        return f"{describe(softmax)}: weights read by {describe(self.product)}{through}: no attention pattern"
+
+
+def attention_softmaxes(graph: torch.fx.Graph, depth: int = 8) -> dict[Node, Reader]:
     """Every softmax that is an attention's, whatever its spelling, with the product that reads
     it: computed from a product of two activations and read by one, each within ``depth`` ops
     that are neither projections nor norms. Independent of :data:`PATTERNS`, so a spelling no
@@ -420,24 +436,29 @@ def attention_softmaxes(graph: torch.fx.Graph, depth: int = 8) -> dict[Node, Nod
     for n in graph.nodes:
         if n.op != "call_function" or n.target not in SOFTMAX or len(shape(n) or ()) < 3:
             continue
-        reader = _reach([n], lambda m: list(m.users), depth)
-        if reader is not None and _reach([n], lambda m: m.all_input_nodes, depth) is not None:
+        reader = _reach(n, lambda m: list(m.users), depth)
+        if reader is not None and _reach(n, lambda m: m.all_input_nodes, depth) is not None:
             found[n] = reader
     return found
 
 
-def _reach(frontier: list[Node], step: Callable[[Node], list[Node]], depth: int) -> Node | None:
-    """The first product of two activations reached from ``frontier`` by ``step`` (breadth first)."""
-    seen = set(frontier)
+def _reach(start: Node, step: Callable[[Node], list[Node]], depth: int) -> Reader | None:
+    """The first product of two activations reached from ``start`` by ``step`` (breadth first)."""
+    came_from: dict[Node, Node | None] = {start: None}
+    frontier = [start]
     for _ in range(depth):
         nxt = []
         for n in frontier:
             for m in step(n):
-                if m in seen or m.op != "call_function" or m.target in _BOUNDARIES:
+                if m in came_from or m.op != "call_function" or m.target in _BOUNDARIES:
                     continue
+                came_from[m] = n
                 if _activation_product(m):
-                    return m
-                seen.add(m)
+                    path = []
+                    while came_from[n] is not None:
+                        path.append(n)
+                        n = came_from[n]
+                    return Reader(m, tuple(reversed(path)))
                 nxt.append(m)
         frontier = nxt
     return None

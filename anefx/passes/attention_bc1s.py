@@ -121,7 +121,7 @@ from anefx.analysis.head_replay import FREE, HeadReplay, Splits
 from anefx.analysis.heads import MOVEMENT, Heads, lifted_projection, merge_users
 from anefx.analysis.layout import from_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm
-from anefx.ir.graph import add_constant, call, dce, describe, provenance, shape, val
+from anefx.ir.graph import add_constant, call, dce, provenance, shape, val
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -196,9 +196,8 @@ class AttentionBC1S(Pass):
             self._rewrite_site(gm, att, traced, replay, lowering, stats)
         for softmax, reader in softmaxes.items():  # attention no pattern matched: counted, never silent
             if softmax not in claimed:
-                why = failed.get(reader)  # a NoMatch is false: compare with None
-                generic = f"{describe(softmax)}: no attention pattern reads {describe(reader)}"
-                stats.refuse(why.reason if why is not None else generic)
+                why = failed.get(reader.product)  # a NoMatch is false: compare with None
+                stats.refuse(why.reason if why is not None else reader.why_unmatched(softmax))
         if stats.rewritten:
             dce(graph)
         return finish(gm, bool(stats.rewritten), **stats.as_dict())

@@ -29,6 +29,8 @@ Options: none.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 
@@ -45,7 +47,9 @@ Node = torch.fx.Node
 def channels_first_merge(node: Node) -> Node | None:
     """The (B, H, S, D) head tensor that ``node`` (data movement only) merges channels-first, into
     (B, H·D, 1, S) or (B, H·D, S) with channel ``h·D + d``: how a KV cache in the ANE layout is
-    written. None for anything else. Reads recorded shapes only (never infers one)."""
+    written. None for anything else. The head tensor is the first of the movement chain ending at
+    ``node`` from which the rest of the chain is that merge (so a head sliced out of a fused QKV
+    projection is found below the slice). Reads recorded shapes only (never infers one)."""
     if node.op != "call_function" or node.target not in MOVEMENT or not node.users:
         return None
     s = _recorded_shape(node)
@@ -55,18 +59,18 @@ def channels_first_merge(node: Node) -> Node | None:
     if found is None or not found[1]:
         return None
     src, chain = found
-    hs = _recorded_shape(src)
-    if hs is None or len(hs) != 4:
-        return None
-    b, h, sq, d = hs
-    if h == 1 or (s[0], s[1], s[-1]) != (b, h * d, sq):
-        return None
-    idx = torch.arange(b * h * sq * d).reshape(hs)
-    try:
-        r = simulate(chain, idx)
-    except Exception:
-        return None
-    return src if torch.equal(r, idx.permute(0, 1, 3, 2).reshape(s)) else None
+    for i, head in enumerate([src, *chain[:-1]]):
+        hs = _recorded_shape(head)
+        if hs is None or len(hs) != 4 or hs[3] == 1 or (s[0], s[1], s[-1]) != (hs[0], hs[1] * hs[3], hs[2]):
+            continue  # (a head of one channel is no head: a (B, C, 1, 1) tensor moved as itself)
+        idx = torch.arange(math.prod(hs)).reshape(hs)
+        try:
+            r = simulate(chain[i:], idx)
+        except Exception:
+            continue
+        if torch.equal(r, idx.permute(0, 1, 3, 2).reshape(s)):
+            return head
+    return None
 
 
 def _recorded_shape(node: Node) -> tuple[int, ...] | None:

@@ -13,12 +13,15 @@ Original::
     %a = aten.__and__(%o, %b)
     %w = aten.where.ScalarOther(%c, %x, -inf)
     %i = aten.add_(%tmp, %j)                              # in place on a temporary no one reads again
+    %k = aten.index(%qkv, [None, None, %last_but_one])    # a constant index [-2] (one head): a gather
+    %r = aten.cat([%rotated, %nothing], -1)               # %nothing: (B, H, S, 0), a partial rotary's rest
 Result::
 
     %o = aten.ones([1, 128], dtype=bool)
     %a = aten.logical_and(%o, %b)                         # uses %x where %c was used
     %w = aten.masked_fill(%x, aten.logical_not(%c), -inf)
     %i = aten.add(%tmp, %j)
+    %k = aten.slice(%qkv, 2, H, H + 1, 1)                 # uses %rotated where %r was used
 
 Options: none.
 """
@@ -44,6 +47,7 @@ _BITWISE = {
     aten.__xor__.Tensor: (aten.logical_xor.default, aten.bitwise_xor.Tensor),
 }
 _NEW_FILLED = {aten.new_ones.default: 1, aten.new_zeros.default: 0}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _same_value(node: torch.fx.Node, src: torch.fx.Node) -> bool:
@@ -51,12 +55,14 @@ def _same_value(node: torch.fx.Node, src: torch.fx.Node) -> bool:
 
 
 def _is_identity(node: torch.fx.Node) -> bool:
-    """Inference dropout, and clones/aliases/casts that keep shape and dtype."""
+    """Inference dropout, and clones/aliases/casts/views that keep shape and dtype."""
     t = node.target
     if t == aten.dropout.default:
         return len(node.args) < 3 or node.args[2] is False
     if t in _IDENTITY or t in _CASTS:
         return _same_value(node, node.args[0]) and not node.kwargs.get("memory_format")
+    if t in _VIEWS:  # x.view(x.shape) (Falcon's scores and weights, viewed to the shape they have)
+        return _same_value(node, node.args[0])
     return False
 
 
@@ -105,13 +111,42 @@ def _functional_variant(node: torch.fx.Node):
     return getattr(packet, t._overloadname, None) if packet is not None else None
 
 
+def _index_as_slice(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, int, int, int] | None:
+    """``x[..., [a, a+k, …], …]``: one constant 1-D index, an arithmetic progression with a positive
+    step, on one axis (Falcon's ``fused_qkv[..., [-2], :]``) is ``slice(x, axis, start, stop, step)``,
+    which moves no data on the ANE, where a gather would. Returns (axis, start, stop, step) or None."""
+    src, indices = node.args[0], node.args[1]
+    src_shape = shape(src)
+    given = [(axis, i) for axis, i in enumerate(indices) if i is not None]
+    if src_shape is None or len(given) != 1 or not is_constant(given[0][1]):
+        return None
+    axis, index = given[0]
+    try:
+        values = torch.as_tensor(eval_constant(gm, index))
+    except Exception:
+        return None
+    size = src_shape[axis]
+    if values.dim() != 1 or not len(values) or values.dtype not in (torch.int32, torch.int64):
+        return None
+    values = [int(v) % size if -size <= int(v) < size else None for v in values]
+    step = values[1] - values[0] if len(values) > 1 else 1
+    if None in values or step <= 0 or values != list(range(values[0], values[-1] + 1, step)):
+        return None
+    return axis, values[0], values[-1] + 1, step
+
+
+def _has_empty_operand(node: torch.fx.Node) -> bool:
+    return any(s is not None and 0 in s for s in map(shape, node.args[0]))
+
+
 def _drop_empty_cat_operands(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    """``cat([empty, x])`` (a 1-D size-0 operand, which ``cat`` skips; transformers' ``DynamicCache``
-    starts from one) → ``cat([x])``, and a ``cat`` of a single operand of the result's shape → that
-    operand. Returns whether the node changed."""
+    """``cat([empty, x])`` → ``cat([x])``: a size-0 operand (1-D, which ``cat`` skips, as transformers'
+    ``DynamicCache`` starts from; or empty on the concatenated axis, as a partial rotary's pass-through
+    of nothing) adds nothing. A ``cat`` of a single operand of the result's shape → that operand.
+    Returns whether the node changed."""
     tensors = node.args[0]
-    keep = [a for a in tensors if shape(a) != (0,)]
-    if len(keep) == len(tensors) or not keep:
+    keep = [a for a in tensors if shape(a) is not None and 0 not in shape(a)]
+    if len(keep) == len(tensors) or not keep or any(shape(a) is None for a in tensors):
         return False
     if len(keep) == 1 and shape(keep[0]) == shape(node) and dtype(keep[0]) == dtype(node):
         replace_node(graph, node, keep[0])
@@ -163,6 +198,12 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
                 new = call(graph, aten.view.default, (node.args[0], list(shape(node))))
             replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
+        elif t == aten.index.Tensor and _index_as_slice(gm, node) is not None:
+            axis, start, stop, step = _index_as_slice(gm, node)
+            with graph.inserting_before(node):
+                new = call(graph, aten.slice.Tensor, (node.args[0], axis, start, stop, step))
+            replace_node(graph, node, new, keep_meta=True)
+            stats["ops_respelled"] += 1
         elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
             stats["identities_removed"] += 1
         elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
@@ -182,7 +223,9 @@ def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return True
     if (t in _CHECKS and not node.users) or t in _BITWISE or t in _NEW_FILLED or t == aten.where.ScalarOther:
         return True
-    return t == aten.index.Tensor and _index_is_reshape(gm, node)
+    if t == aten.cat.default:
+        return _has_empty_operand(node)
+    return t == aten.index.Tensor and (_index_is_reshape(gm, node) or _index_as_slice(gm, node) is not None)
 
 
 class Canonicalize(Pass):

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -133,3 +134,58 @@ def test_fp16():
     )
     rec = compiled.report.record("attention_bc1s")
     assert rec.modified and not rec.rolled_back and rec.max_abs_error < 1e-2
+
+
+class Unmatchable(nn.Module):
+    """Attention in spellings no pattern knows (planted): scores or weighted sum as ``einsum``, the
+    weights flipped over the keys before the value product."""
+
+    def __init__(self, kind, c=16, heads=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind, self.h, self.d = kind, heads, c // heads
+        self.qkv = nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        b, s, c = x.shape
+        q, k, v = (t.view(b, s, self.h, self.d).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        if self.kind == "einsum_scores":
+            w = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.d**-0.5
+        else:
+            w = q @ k.transpose(-1, -2) * self.d**-0.5
+        w = w.softmax(-1)
+        if self.kind == "flipped_weights":
+            w = w.flip(-1)
+        o = torch.einsum("bhqk,bhkd->bhqd", w, v) if self.kind == "einsum_values" else w @ v
+        return o.transpose(1, 2).reshape(b, s, c)
+
+
+@pytest.mark.parametrize(
+    "kind, why",
+    [
+        ("einsum_scores", r"\(aten\.einsum\).*: no attention pattern has this score product"),
+        ("einsum_values", r"^%softmax .*weights read by %einsum\w* \(aten\.einsum\).*: no attention pattern$"),
+        ("flipped_weights", r"^%softmax .*weights read by %matmul.* through %flip\w* \(aten\.flip\): no attention"),
+    ],
+)
+def test_an_attention_no_pattern_matches_is_counted_unmatched(kind, why, monkeypatch, capsys):
+    """Whatever the spelling, an attention is rewritten or counted with its reason, never skipped
+    silently; ANEFX_MATCH_DEBUG says what the patterns made of the value product."""
+    model = Unmatchable(kind).eval()
+    cap = anefx.capture(model, (torch.randn(1, 6, 16),))
+    gm, _ = prepare_linear(cap)
+    product = [n.name for n in gm.graph.nodes if n.target in (aten.matmul.default, aten.einsum.default)][-1]
+    monkeypatch.setenv("ANEFX_MATCH_DEBUG", product)
+    out, rec = apply("attention_bc1s", gm, cap)
+    assert rec.stats["unmatched"] == 1 and rec.stats["rewritten"] == 0 and not rec.modified, rec.stats
+    (reason,) = rec.stats["unmatched_reasons"]
+    assert re.search(why, reason), reason
+    assert f"attention_bc1s: %{product} " in capsys.readouterr().err
+    assert max_abs_diff(out, cap, [torch.randn(1, 6, 16)]) == 0.0
+
+
+def prepare_linear(cap):
+    res = anefx.Pipeline.from_names(["linear_to_conv"]).run(
+        cap.graph_module, cap.flat_inputs, reference_outputs=cap.reference_outputs
+    )
+    return res.graph_module, res.records[0]
