@@ -97,9 +97,9 @@ class Pattern:
     product's operands are read."""
 
     name: str
-    value_product: torch._ops.OpOverload  # the anchor: weights @ v
+    value_product: object  # the anchor (an aten op): weights @ v
     rank: int  # of q, k, v: 4 = (B, H, S, D), 3 = (B·H, S, D)
-    score_product: torch._ops.OpOverload
+    score_product: object  # an aten op: q @ k^T
     operands: Callable[[Node, float], ScoreProduct | NoMatch]  # (score product, scale after it)
 
 

@@ -29,6 +29,7 @@ from anefx.analysis.head_program import D as H_D
 from anefx.analysis.heads import Heads
 from anefx.analysis.layout import to_bc1s
 from anefx.analysis.norms import emit_channel_rms_norm
+from anefx.compat.torch import detect_fake_mode
 from anefx.ir.graph import add_constant, call, eval_constant, is_constant, shape, val, walk_args
 
 aten = torch.ops.aten
@@ -108,8 +109,6 @@ def _take(graph, x: Node, perm: Perm, wanted: list[int]) -> tuple[Node, Perm]:
 
 def constant(gm, value: torch.Tensor, prefix: str, like: Node) -> Node:
     """A new constant (``get_attr``) with shape metadata in ``like``'s fake mode."""
-    from torch._guards import detect_fake_mode
-
     value = value.detach().contiguous()
     node = gm.graph.get_attr(add_constant(gm, value, prefix))
     mode = detect_fake_mode([val(like)])

@@ -10,24 +10,26 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from anefx.compat.torch import is_op_overload, op_schema
+
 
 def aliases(node: torch.fx.Node) -> bool:
     """Whether ``node``'s result may share memory with one of its inputs (a view, ``getitem``…)."""
     t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
+    if not is_op_overload(t):
         return node.op == "call_function"  # getitem of a multi-output op and the like: assume so
-    return any(r.alias_info is not None for r in t._schema.returns)
+    return any(r.alias_info is not None for r in op_schema(t).returns)
 
 
 def is_pure(node: torch.fx.Node) -> bool:
     """Whether ``node`` computes a value from its inputs alone: an ATen op, not random, writing nothing."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not is_op_overload(target):
         return False
     tags = getattr(target, "tags", ())
     if torch.Tag.nondeterministic_seeded in tags:
         return False
-    schema = target._schema
+    schema = op_schema(target)
     if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
         return False
     return bool(schema.returns)
@@ -35,9 +37,9 @@ def is_pure(node: torch.fx.Node) -> bool:
 
 def _writes(node: torch.fx.Node) -> bool:
     t = node.target
-    if not isinstance(t, torch._ops.OpOverload) or not t._schema.arguments:
+    if not is_op_overload(t) or not op_schema(t).arguments:
         return False
-    alias = t._schema.arguments[0].alias_info
+    alias = op_schema(t).arguments[0].alias_info
     return alias is not None and alias.is_write
 
 

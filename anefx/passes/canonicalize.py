@@ -32,6 +32,7 @@ import torch
 import torch.fx
 
 from anefx.analysis.legalize import aliases
+from anefx.compat.torch import is_op_overload, op_schema, overload_name
 from anefx.ir.graph import call, dtype, eval_constant, is_constant, replace_node, shape
 from anefx.ir.sites import SiteFilter, every_site
 from anefx.passes.base import Pass, PassContext, PassResult, finish
@@ -92,9 +93,9 @@ def _functional_variant(node: torch.fx.Node):
     """``aten.add_.Tensor`` → ``aten.add.Tensor`` when the mutated value is a temporary no one reads
     afterwards (so the in-place write is invisible); None otherwise."""
     t = node.target
-    if not isinstance(t, torch._ops.OpOverload) or not node.args:
+    if not is_op_overload(t) or not node.args:
         return None
-    schema = t._schema
+    schema = op_schema(t)
     if not schema.arguments or not (schema.arguments[0].alias_info and schema.arguments[0].alias_info.is_write):
         return None
     base = schema.name.split("::")[-1]
@@ -108,7 +109,7 @@ def _functional_variant(node: torch.fx.Node):
     if any(u > node for u in target.users):  # fx nodes compare by their position in the graph
         return None
     packet = getattr(torch.ops.aten, base[:-1], None)
-    return getattr(packet, t._overloadname, None) if packet is not None else None
+    return getattr(packet, overload_name(t), None) if packet is not None else None
 
 
 def _index_as_slice(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, int, int, int] | None:
