@@ -14,6 +14,7 @@ Original::
     %w = aten.where.ScalarOther(%c, %x, -inf)
     %i = aten.add_(%tmp, %j)                              # in place on a temporary no one reads again
     %k = aten.index(%qkv, [None, None, %last_but_one])    # a constant index [-2] (one head): a gather
+    %e = aten.broadcast_to(%k, [B, S, G, D])
     %r = aten.cat([%rotated, %nothing], -1)               # %nothing: (B, H, S, 0), a partial rotary's rest
 Result::
 
@@ -22,6 +23,7 @@ Result::
     %w = aten.masked_fill(%x, aten.logical_not(%c), -inf)
     %i = aten.add(%tmp, %j)
     %k = aten.slice(%qkv, 2, H, H + 1, 1)                 # uses %rotated where %r was used
+    %e = aten.expand(%k, [B, S, G, D])
 
 Options: none.
 """
@@ -49,6 +51,7 @@ _BITWISE = {
 }
 _NEW_FILLED = {aten.new_ones.default: 1, aten.new_zeros.default: 0}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_RESPELLED = {aten.where.ScalarOther, aten.broadcast_to.default}
 
 
 def _same_value(node: torch.fx.Node, src: torch.fx.Node) -> bool:
@@ -207,6 +210,9 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
             stats["ops_respelled"] += 1
         elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
             stats["identities_removed"] += 1
+        elif t == aten.broadcast_to.default:  # the same as expand (Falcon's K/V heads of a group)
+            node.target = aten.expand.default
+            stats["ops_respelled"] += 1
         elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
             cond, x, scalar = node.args
             with graph.inserting_before(node):
@@ -222,7 +228,7 @@ def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     t = node.target
     if _functional_variant(node) is not None or _is_identity(node):
         return True
-    if (t in _CHECKS and not node.users) or t in _BITWISE or t in _NEW_FILLED or t == aten.where.ScalarOther:
+    if (t in _CHECKS and not node.users) or t in _BITWISE or t in _NEW_FILLED or t in _RESPELLED:
         return True
     if t == aten.cat.default:
         return _has_empty_operand(node)
