@@ -354,7 +354,8 @@ def explain(node: Node) -> str:
 
 
 # -- what attention reads -----------------------------------------------------------------------
-Traced = list  # [q, k, v], each Heads | HeadProgram
+#: q, k and v, each as channel blocks or a per-head program
+Traced = list[Heads | HeadProgram]
 
 
 def trace_inputs(att: Attention) -> Traced | NoMatch:

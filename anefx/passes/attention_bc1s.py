@@ -110,6 +110,7 @@ import torch.fx
 from anefx.analysis.attention import (
     Attention,
     NoMatch,
+    Traced,
     attention_softmaxes,
     explain,
     match_attention,
@@ -141,8 +142,8 @@ class AttentionStats:
     rewritten: int = 0
     heads: int = 0
     unmatched: int = 0
-    patterns: Counter = field(default_factory=Counter)
-    unmatched_reasons: Counter = field(default_factory=Counter)
+    patterns: Counter[str] = field(default_factory=Counter)  # rewritten, per pattern name
+    unmatched_reasons: Counter[str] = field(default_factory=Counter)
     reordered_heads: int = 0
     qk_norms: int = 0
 
@@ -202,7 +203,15 @@ class AttentionBC1S(Pass):
             dce(graph)
         return finish(gm, bool(stats.rewritten), **stats.as_dict())
 
-    def _rewrite_site(self, gm, att: Attention, traced: list, replay: HeadReplay, lowering: dict, stats) -> None:
+    def _rewrite_site(
+        self,
+        gm: torch.fx.GraphModule,
+        att: Attention,
+        traced: Traced,
+        replay: HeadReplay,
+        lowering: dict[torch.dtype, MaskLowering],
+        stats: AttentionStats,
+    ) -> None:
         graph = gm.graph
         orders = [channel_order(t) if isinstance(t, HeadProgram) else None for t in traced]
         qk_free = all(isinstance(t, HeadProgram) for t in traced[:2])
@@ -221,7 +230,16 @@ class AttentionBC1S(Pass):
             t.base_heads for t in traced if isinstance(t, HeadProgram) for s in t.steps.values() if s.kind == "norm"
         )
 
-    def _rewrite(self, gm, att: Attention, qh: Heads, kh: Heads, vh: Heads, replay: HeadReplay, lowering) -> None:
+    def _rewrite(
+        self,
+        gm: torch.fx.GraphModule,
+        att: Attention,
+        qh: Heads,
+        kh: Heads,
+        vh: Heads,
+        replay: HeadReplay,
+        lowering: dict[torch.dtype, MaskLowering],
+    ) -> None:
         graph = gm.graph
         b, h, sq, d = att.shape4(att.q)
         sk, dv = att.shape4(att.k)[2], att.shape4(att.v)[3]
