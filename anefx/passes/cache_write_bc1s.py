@@ -36,12 +36,14 @@ import torch.fx
 
 from anefx.analysis.head_program import HeadProgram, channel_order, trace_program
 from anefx.analysis.head_replay import HeadReplay
-from anefx.analysis.heads import MOVEMENT, movement_chain, simulate, trace_heads
+from anefx.analysis.heads import MOVEMENT, Heads, movement_chain, simulate, trace_heads
+from anefx.analysis.projections import match_projection
 from anefx.ir.graph import call, dce, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
 Node = torch.fx.Node
+_CONVS = {aten.conv2d.default, aten.convolution.default}
 
 
 def channels_first_merge(node: Node) -> Node | None:
@@ -73,6 +75,16 @@ def channels_first_merge(node: Node) -> Node | None:
     return None
 
 
+def projected(found: Heads | HeadProgram) -> bool:
+    """Whether the heads a write reads are channel blocks of a projection (for a per-head
+    program: one of its leaves). Anything else (a model input, a cos/sin table already in chunk
+    layout) merged channels-first is a layout change either way: left alone."""
+    leaves = [found] if isinstance(found, Heads) else [s.heads for s in found.steps.values() if s.heads is not None]
+    return any(
+        h.lift is not None or h.source.target in _CONVS or match_projection(h.source) is not None for h in leaves
+    )
+
+
 def _recorded_shape(node: Node) -> tuple[int, ...] | None:
     v = node.meta.get("val")
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
@@ -92,7 +104,7 @@ class CacheWriteBC1S(Pass):
             if src is None or src in merged_sources:
                 continue
             found = trace_heads(src) or trace_program(src)
-            if isinstance(found, str) or not ctx.site(node):
+            if isinstance(found, str) or not projected(found) or not ctx.site(node):
                 continue
             with provenance(node), graph.inserting_before(node):
                 order = channel_order(found) if isinstance(found, HeadProgram) else None
