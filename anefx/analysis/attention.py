@@ -395,6 +395,47 @@ def per_query_head(offsets: list[int], heads: int) -> list[int]:
 PRODUCT_OPS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default, aten.mm.default}
 
 
+def _contraction(n: Node) -> bool:
+    """A product of two activations in any spelling: a product op, or a sum over their
+    elementwise product (``(q[..., None, :] * k[..., None, :, :]).sum(-1)``)."""
+    if _activation_product(n):
+        return True
+    if n.op != "call_function" or n.target != aten.sum.dim_IntList or not isinstance(n.args[0], Node):
+        return False
+    m = n.args[0]
+    return (
+        m.op == "call_function"
+        and m.target == aten.mul.Tensor
+        and all(isinstance(a, Node) and not is_constant(a) for a in m.args[:2])
+    )
+
+
+#: the normalisations an attention's weights may be spelled with: the patterns rewrite
+#: :data:`SOFTMAX`; the others (and ``exp(x) / exp(x).sum(-1, keepdim=True)``) are counted only
+NORMALIZERS = {
+    *SOFTMAX, aten._safe_softmax.default, aten.log_softmax.int, aten._log_softmax.default,
+}  # fmt: skip
+
+
+def _normalizes(n: Node) -> bool:
+    """Whether ``n`` normalises attention scores: a softmax op, or one spelled out, ``e / e.sum(d)``
+    with ``e = exp(…)``."""
+    if n.op != "call_function":
+        return False
+    if n.target in NORMALIZERS:
+        return True
+    if n.target != aten.div.Tensor or not all(isinstance(a, Node) for a in n.args[:2]):
+        return False
+    e, total = n.args[:2]
+    return (
+        e.op == "call_function"
+        and e.target == aten.exp.default
+        and total.op == "call_function"
+        and total.target == aten.sum.dim_IntList
+        and total.args[0] is e
+    )
+
+
 def _activation_product(n: Node) -> bool:
     if n.op != "call_function" or n.target not in PRODUCT_OPS:
         return False
@@ -410,7 +451,7 @@ def _activation_product(n: Node) -> bool:
 #: ops an attention's scores and weights never pass through (projections and norms end the search)
 _BOUNDARIES = {
     aten.conv2d.default, aten.convolution.default, aten.linear.default, aten.layer_norm.default,
-    aten.embedding.default, aten.scaled_dot_product_attention.default, *SOFTMAX,
+    aten.embedding.default, aten.scaled_dot_product_attention.default, *NORMALIZERS,
 }  # fmt: skip
 
 
@@ -429,13 +470,14 @@ class Reader:
 
 
 def attention_softmaxes(graph: torch.fx.Graph, depth: int = 8) -> dict[Node, Reader]:
-    """Every softmax that is an attention's, whatever its spelling, with the product that reads
+    """Every softmax that is an attention's, whatever its spelling (of the softmax: see
+    :func:`_normalizes`; of the products: see :func:`_contraction`), with the product that reads
     it: computed from a product of two activations and read by one, each within ``depth`` ops
     that are neither projections nor norms. Independent of :data:`PATTERNS`, so a spelling no
     pattern knows is still found."""
     found = {}
     for n in graph.nodes:
-        if n.op != "call_function" or n.target not in SOFTMAX or len(shape(n) or ()) < 3:
+        if not _normalizes(n) or len(shape(n) or ()) < 3:
             continue
         reader = _reach(n, lambda m: list(m.users), depth)
         if reader is not None and _reach(n, lambda m: m.all_input_nodes, depth) is not None:
@@ -451,10 +493,10 @@ def _reach(start: Node, step: Callable[[Node], list[Node]], depth: int) -> Reade
         nxt = []
         for n in frontier:
             for m in step(n):
-                if m in came_from or m.op != "call_function" or m.target in _BOUNDARIES:
+                if m in came_from or m.op != "call_function" or m.target in _BOUNDARIES or _normalizes(m):
                     continue
                 came_from[m] = n
-                if _activation_product(m):
+                if _contraction(m):
                     path = []
                     while came_from[n] is not None:
                         path.append(n)

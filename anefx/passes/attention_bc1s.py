@@ -51,9 +51,10 @@ fill plus the ``attn_mask`` terms.
 
 Every attention is either rewritten or counted in ``unmatched`` with the reason in
 ``unmatched_reasons``: inputs that are not channel blocks of a projection, and also any softmax over
-a product of two activations that feeds one (:func:`anefx.analysis.attention.attention_softmaxes`)
-that no pattern reads, e.g. scores mixed across heads. ``ANEFX_MATCH_DEBUG=<node names>`` prints
-what the patterns make of those nodes.
+a product of two activations that feeds one (:func:`anefx.analysis.attention.attention_softmaxes`:
+the softmax and the products in any spelling, ``_safe_softmax``, ``exp(x) / exp(x).sum(-1)``, a sum
+over an elementwise product) that no pattern reads, e.g. scores mixed across heads.
+``ANEFX_MATCH_DEBUG=<node names>`` prints what the patterns make of those nodes.
 
 Original::
 

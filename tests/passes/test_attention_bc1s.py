@@ -124,6 +124,26 @@ def test_other_activation_products_are_left_alone():
     assert not rec.modified and ops(out)["aten.matmul"] == 2
 
 
+def test_a_softmax_over_a_projection_is_no_attention():
+    """A router's softmax over a projection weighting experts by a sum over a product (mixture of
+    experts): no product of activations computes its scores, so it is no attention, matched or not."""
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.experts = nn.Linear(8, 4), nn.Linear(8, 32)
+
+        def forward(self, x):
+            w = self.gate(x).softmax(-1)  # (B, S, E)
+            outs = self.experts(x).view(*x.shape[:2], 4, 8)  # (B, S, E, C)
+            return (w.unsqueeze(-1) * outs).sum(-2)
+
+    cap = anefx.capture(Router().eval(), (torch.randn(1, 5, 8),))
+    gm, _ = prepare_linear(cap)
+    _, rec = apply("attention_bc1s", gm, cap)
+    assert rec.stats == {"rewritten": 0, "heads": 0, "unmatched": 0}, rec.stats
+
+
 def test_fp16():
     from examples.models import TinyAttention
 
@@ -137,8 +157,9 @@ def test_fp16():
 
 
 class Unmatchable(nn.Module):
-    """Attention in spellings no pattern knows (planted): scores or weighted sum as ``einsum``, the
-    weights flipped over the keys before the value product."""
+    """Attention in spellings no pattern knows (planted): scores or weighted sum as ``einsum`` or
+    as a sum over an elementwise product, the weights flipped over the keys before the value
+    product, the softmax as ``_safe_softmax``, as ``log_softmax(…).exp()`` or spelled out."""
 
     def __init__(self, kind, c=16, heads=4):
         super().__init__()
@@ -151,12 +172,25 @@ class Unmatchable(nn.Module):
         q, k, v = (t.view(b, s, self.h, self.d).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         if self.kind == "einsum_scores":
             w = torch.einsum("bhqd,bhkd->bhqk", q, k) * self.d**-0.5
+        elif self.kind == "mul_sum_scores":
+            w = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * self.d**-0.5
         else:
             w = q @ k.transpose(-1, -2) * self.d**-0.5
-        w = w.softmax(-1)
+        if self.kind == "safe_softmax":
+            w = torch.ops.aten._safe_softmax(w, -1)
+        elif self.kind == "log_softmax":
+            w = w.log_softmax(-1).exp()
+        elif self.kind == "spelled_softmax":
+            e = (w - w.amax(-1, keepdim=True)).exp()
+            w = e / e.sum(-1, keepdim=True)
+        else:
+            w = w.softmax(-1)
         if self.kind == "flipped_weights":
             w = w.flip(-1)
-        o = torch.einsum("bhqk,bhkd->bhqd", w, v) if self.kind == "einsum_values" else w @ v
+        if self.kind == "mul_sum_values":
+            o = (w.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+        else:
+            o = torch.einsum("bhqk,bhkd->bhqd", w, v) if self.kind == "einsum_values" else w @ v
         return o.transpose(1, 2).reshape(b, s, c)
 
 
@@ -166,6 +200,11 @@ class Unmatchable(nn.Module):
         ("einsum_scores", r"\(aten\.einsum\).*: no attention pattern has this score product"),
         ("einsum_values", r"^%softmax .*weights read by %einsum\w* \(aten\.einsum\).*: no attention pattern$"),
         ("flipped_weights", r"^%softmax .*weights read by %matmul.* through %flip\w* \(aten\.flip\): no attention"),
+        ("mul_sum_scores", r"^%sum\w* \(aten\.sum\) .*between QK\^T and softmax has no per-head form"),
+        ("mul_sum_values", r"^%softmax .*weights read by %sum\w* \(aten\.sum\) .* through .*%mul\w* \(aten\.mul\)"),
+        ("safe_softmax", r"^%_safe_softmax .*weights read by %matmul\w* \(aten\.matmul\) .*: no attention pattern$"),
+        ("log_softmax", r"^%log_softmax .*weights read by %matmul\w* .* through %exp\w* \(aten\.exp\): no attention"),
+        ("spelled_softmax", r"^%div\w* \(aten\.div\) .*weights read by %matmul\w* .*: no attention pattern$"),
     ],
 )
 def test_an_attention_no_pattern_matches_is_counted_unmatched(kind, why, monkeypatch, capsys):
