@@ -591,7 +591,7 @@ def test_both_front_ends_ship_one_artifact_type(chunked, lm_chunked, tmp_path):
     program = anefx.load(tmp_path / "lm")
     state = program.make_state("prefill")
     assert list(state) == [f"{kind}_cache_{i}" for i in range(3) for kind in ("key", "value")]
-    step = lm._step("torch")
+    step = lm.step("torch")
     prompt = _lm_prompts(1, 20)[0]
     ids = prompt[0, :LM_PREFILL].reshape(1, -1).to(torch.int32)
     positions = torch.arange(LM_PREFILL, dtype=torch.int32).reshape(1, -1)

@@ -31,7 +31,7 @@ import torch.fx
 from anefx.ir.graph import describe, source_location
 
 FP16_MAX = 65504.0
-_SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32)+$")
+_SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
 
 
 def fx_name(mil_name: str, fx_names: Collection[str]) -> tuple[str | None, bool]:
