@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -215,3 +216,40 @@ def test_compile_falls_back_to_fp32_for_an_overflowing_region():
     )
     shipped = MILProgram.from_mlmodel(compiled.mlmodel)  # what save() writes: the region in fp32
     assert {op.op_type for op in shipped.operations() if op.dtypes == ("fp32",)} - {"cast"} == {"pow", "reduce_mean"}
+
+
+class BeyondFp16(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + 100000.0  # the output holds values beyond fp16's 65,504
+
+
+def test_an_output_beyond_fp16_falls_back_to_an_fp32_output():
+    """coremltools computes the add in fp32 (its constant does not fit fp16) and casts the output
+    back to fp16: all inf. The cast (an op of coremltools' own) is located by the value it holds, and
+    the fallback computes the region in fp32 up to an fp32 output."""
+    torch.manual_seed(0)
+    compiled = anefx.compile(BeyondFp16().eval(), (torch.randn(1, 8, 16),))
+    check = compiled.report.artifact["main"]
+    assert check["ok"] and check["fallback"]["rounds"] == 1, check
+    first = check["fallback"]["first_divergence"]
+    assert "(cast '" in first and "(aten.add)" in first and "overflows fp16" in first
+    assert f"{__file__}:{BeyondFp16.forward.__code__.co_firstlineno + 1}" in first
+    assert anefx.load(compiled).outputs()["output"].dtype == np.float32
+
+
+def test_a_program_the_interpreter_cannot_run_is_said_not_refused(monkeypatch):
+    """An op without a kernel is the interpreter's gap, not evidence against the program: the
+    compile ships it (as the stock conversion would), and the report and a warning name the op."""
+    from anefx.targets.mil import interpreter
+
+    monkeypatch.setattr(interpreter, "SUPPORTED_OPS", interpreter.SUPPORTED_OPS - {"relu"})
+    model, args, _ = models.mlp()
+    with pytest.warns(UserWarning, match="not checked by executing it.*'relu'"):
+        compiled = anefx.compile(model, args)
+    (status,) = compiled.report.artifact.values()
+    assert status.startswith("not executed (anefx's MIL interpreter has no kernel for 'relu'")
+    assert compiled.mlmodel is not None

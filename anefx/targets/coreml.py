@@ -334,6 +334,12 @@ def _ensure_anefx_ops() -> None:
     register_torch_op(_convert_channel_layer_norm, torch_alias=kinds, override=True)
 
 
+def _output_nodes(ep) -> list[str | None]:
+    """The name of the node each output of ``ep``'s graph is (None for a constant output)."""
+    out = next(n for n in ep.graph.nodes if n.op == "output")
+    return [a.name if isinstance(a, torch.fx.Node) else None for a in out.args[0]]
+
+
 def _unconvertible(ep) -> list[str]:
     """ATen ops of ``ep`` coremltools' torch frontend has no converter for, asked through its public
     ``is_torch_fx_node_supported`` (in-place ops, which it asserts on, are its states: convertible)."""
@@ -503,6 +509,11 @@ class CoreMLTarget(Target):
             check_converter_input(handoff, handed)
         target, precision, units = opts.resolved()
         outputs = [ct.TensorType(name=n) for n in handoff.value_outputs]
+        if opts.fp32_nodes:  # an output the fp16 fallback computes in fp32 is not cast back to fp16
+            outputs = [
+                ct.TensorType(name=t.name, dtype=np.float32) if node in opts.fp32_nodes else t
+                for t, node in zip(outputs, _output_nodes(ep), strict=False)
+            ]
         kwargs = dict(opts.convert_kwargs)
         fp16 = opts.precision_name == "float16"
         selector = fp32_selector([n.name for n in ep.graph.nodes], opts.fp32_nodes) if opts.fp32_nodes else None

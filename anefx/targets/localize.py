@@ -169,9 +169,14 @@ def locate(
     nodes = {n.name: n for n in reference.graph.nodes}
     # the MIL value holding each node's value, and each op's outputs
     held: dict[str, str] = {n: n for n in inputs}
+    results = _graph_outputs(reference, list(program.outputs(name)))
     first_drift: Divergence | None = None
     for op in program.operations(name):
         node_name, exact = fx_name(op.name, nodes)
+        if op.outputs and op.outputs[0] in results:  # the op writing a program output holds the graph's
+            node_name, exact = results[op.outputs[0]], True
+        elif node_name is None and op.outputs:  # an op of coremltools' own (``cast_4``) holding a node's value
+            node_name, exact = fx_name(op.outputs[0], nodes)
         if node_name is None or not exact or not op.outputs:
             continue
         held[node_name] = op.outputs[0]
@@ -205,6 +210,15 @@ def locate(
             return found
         first_drift = first_drift or found
     return first_drift
+
+
+def _graph_outputs(reference: torch.fx.GraphModule, program_outputs: list[str]) -> dict[str, str]:
+    """Program output name → the graph node it is (by position, when the counts agree)."""
+    out = next(n for n in reversed(reference.graph.nodes) if n.op == "output")
+    args = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    if len(args) != len(program_outputs):
+        return {}
+    return {p: a.name for p, a in zip(program_outputs, args) if isinstance(a, torch.fx.Node) and a.op != "placeholder"}
 
 
 def _local_error(
