@@ -17,6 +17,7 @@ from typing import Any
 from anefx.ane.estimate import CHIPS, Estimate, OpCost, op_cost
 from anefx.ane.fp16 import RangeFinding, check_fp16_range
 from anefx.ane.rules import KNOWN_ANE_OPS, RULES, UNKNOWN_SOURCE, OpInfo
+from anefx.ane.traffic import Traffic, estimate_traffic
 from anefx.targets.coreml import runtime_available
 
 _SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
@@ -42,6 +43,7 @@ class ANEReport:
     compute_plan: str = ""  # why the real-device column is absent, or "MLComputePlan"
     op_count: int = 0
     costs: list[OpCost] = field(default_factory=list)  # the estimate's per-op FLOPs and bytes
+    traffic: list[Traffic] = field(default_factory=list)  # bytes per call, one per package of the chain
 
     def by_rule(self) -> dict[str, list[Finding]]:
         out: dict[str, list[Finding]] = {}
@@ -55,6 +57,7 @@ class ANEReport:
             "findings": [asdict(f) for f in self.findings],
             "fp16_range": [asdict(f) for f in self.fp16],
             "estimate": self.estimate,
+            "traffic": [t.to_dict() for t in self.traffic],
             "compute_plan": self.compute_plan,
         }
 
@@ -89,6 +92,8 @@ class ANEReport:
         for chip, ms in self.estimate.get("ms_per_chip", {}).items():
             e.add_row(f"latency on {chip} (ms)", str(ms))
         tables.append(e)
+        if self.traffic:
+            tables.append(traffic_table(self.traffic))
         return tables
 
     def __str__(self) -> str:
@@ -195,30 +200,31 @@ def analyse(artifact, graph_module, flat_inputs, parts=None) -> ANEReport:
     notes = set()
     report = ANEReport()
     estimate = Estimate()
-    weight_bytes = 0
     for art, gm, prefix in parts:
         devices, plan_note = _compute_plan(art)
         notes.add(plan_note)
-        weight_bytes += _scan(art, _locations(art, gm), devices, prefix, report, estimate)
+        _scan(art, _locations(art, gm), devices, prefix, report, estimate)
     report.compute_plan = "; ".join(sorted(notes))
     report.costs = estimate.ops
-    report.estimate = estimate.to_dict(weight_bytes)
+    report.estimate = estimate.to_dict()
     report.estimate["chips"] = sorted(CHIPS)
     report.fp16 = check_fp16_range(graph_module, flat_inputs)
     return report
 
 
-def _scan(artifact, locations, devices, prefix: str, report: ANEReport, estimate: Estimate) -> int:
-    """Apply every rule to the ops of one Core ML program; returns its weight bytes (fp16)."""
-    weight_bytes = 0
-    for op in artifact.operations():
+def _scan(artifact, locations, devices, prefix: str, report: ANEReport, estimate: Estimate) -> None:
+    """Apply every rule to the ops of one Core ML program, and estimate what they cost."""
+    operations = artifact.operations()
+    traffic = estimate_traffic(operations, prefix.rstrip("/") or "main")
+    report.traffic.append(traffic)
+    moved = {t.name: t for t in traffic.ops}
+    for op in operations:
         if op.op_type == "const":
-            val = getattr(op, "val", None)
-            weight_bytes += getattr(getattr(val, "val", None), "size", 0) * 2
             continue
         report.op_count += 1
         info, in_shapes, weights = _op_info(op)
-        estimate.ops.append(op_cost(info, in_shapes, weights))
+        if op.name in moved:
+            estimate.ops.append(op_cost(info, in_shapes, weights, moved[op.name]))
         location = _lookup(op.name, locations)
         out_name = op.outputs[0].name if op.outputs else op.name
         flagged = False
@@ -250,7 +256,6 @@ def _scan(artifact, locations, devices, prefix: str, report: ANEReport, estimate
                     location,
                 )
             )
-    return weight_bytes
 
 
 def add_unmatched_attention(report: ANEReport, records) -> None:
@@ -262,6 +267,23 @@ def add_unmatched_attention(report: ANEReport, records) -> None:
             for _ in range(count):
                 finding = Finding("attention", "attention", "unmatched_attention", "slow", reason, record.name, None)
                 report.findings.append(finding)
+
+
+def traffic_table(traffic: list[Traffic]):
+    """Bytes per call of each package, against the floor (weights + states read once)."""
+    from rich.table import Table
+
+    from anefx.ane.traffic import LABEL
+
+    t = Table(title=f"memory traffic per call: {LABEL}")
+    for col in ("program", "total MB", "weights MB", "states MB", "state reads MB", "floor MB", "x floor", "largest"):
+        t.add_column(col, justify="right" if col != "largest" else "left")
+    for tr in traffic:
+        d = tr.to_dict()
+        top = ", ".join(f"{k} {v}" for k, v in list(d["by_op_type_mb"].items())[:3])
+        row = (d["total_mb"], d["weights_mb"], d["state_mb"], d["state_read_mb"], d["floor_mb"], d["times_floor"], top)
+        t.add_row(tr.function, *(str(x) for x in row))
+    return t
 
 
 def compare_estimates(reports: dict[str, ANEReport]):
