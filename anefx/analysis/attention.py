@@ -380,6 +380,54 @@ def trace_inputs(att: Attention) -> Traced | NoMatch:
     return traced
 
 
+@dataclass(frozen=True)
+class KeysLast:
+    """A (B, H, S, D) key or value tensor that is a (B, H_kv, D, S) tensor read as it lies: head ``h``
+    is the transposed plane of head ``h // (H / H_kv)`` of ``source`` (grouped-query heads repeated).
+    A KV cache is kept this way (:mod:`anefx.lm.cache`): positions on the last axis, so the score
+    product ``q @ source`` reads it without a transpose."""
+
+    source: Node  # (B, H_kv, D, S)
+    heads: int  # H_kv
+
+    @property
+    def head_dim(self) -> int:
+        return shape(self.source)[2]
+
+
+def keys_last(node: Node) -> KeysLast | None:
+    """``node`` (B, H, S, D) as a :class:`KeysLast` tensor (through data movement only), or None."""
+    out = shape(node)
+    mapped = index_map(node) if out is not None and len(out) == 4 else None
+    if mapped is None:
+        return None
+    src, r = mapped
+    s = shape(src)
+    if s is None or len(s) != 4 or s[0] != out[0] or s[2] != out[3] or s[3] != out[2] or s[1] == 0 or out[1] % s[1]:
+        return None
+    idx = torch.arange(math.prod(s)).reshape(s).transpose(2, 3).repeat_interleave(out[1] // s[1], dim=1)
+    return KeysLast(src, s[1]) if torch.equal(r, idx) else None
+
+
+def trace_cached(att: Attention) -> tuple[Heads | HeadProgram, KeysLast, KeysLast] | NoMatch:
+    """Q as channel blocks or a per-head program, K and V as :class:`KeysLast` tensors (attention
+    over a KV cache kept keys-last), or why not."""
+    if att.heads is not None:
+        return NoMatch(att.out, f"{describe(att.out)}: (B·H, S, D) attention over a keys-last cache")
+    k, v = keys_last(att.k), keys_last(att.v)
+    if k is None or v is None:
+        return NoMatch(att.out, f"{describe(att.out)}: K and V are not both keys-last (B, H_kv, D, S) tensors")
+    q = trace_heads(att.q)
+    if q is None:
+        q = trace_program(att.q)
+        if isinstance(q, str):
+            return NoMatch(att.q, q)
+    b, h = shape(att.q)[:2]
+    if k.heads != v.heads or h % k.heads or shape(k.source)[0] != b or shape(k.source)[3] != shape(v.source)[3]:
+        return NoMatch(att.out, "batch, sequence or GQA ratio mismatch")
+    return q, k, v
+
+
 def heads_of(t: Heads | HeadProgram) -> list[int]:
     return t.offsets if isinstance(t, Heads) else t.head_map
 

@@ -243,6 +243,8 @@ def estimate_traffic(function, name: str = "main") -> Traffic:
                 traffic.states.setdefault(v.name, _padded(v))
     seen_weights: set[str] = set()
     for op in operations:
+        if op.op_type == "coreml_update_state" and op.outputs:  # its result is the state, as written
+            state_of[op.outputs[0].name] = _var(op.inputs["state"]).name
         if op.op_type == "const" or op.op_type.startswith("constexpr_") or op.op_type in STATE_ALIASES:
             continue
         read = state_read = weights = 0

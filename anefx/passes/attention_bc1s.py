@@ -100,6 +100,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import sys
 from collections import Counter
@@ -110,16 +111,18 @@ import torch.fx
 
 from anefx.analysis.attention import (
     Attention,
+    KeysLast,
     NoMatch,
     Traced,
     attention_softmaxes,
     explain,
     match_attention,
     per_query_head,
+    trace_cached,
     trace_inputs,
 )
 from anefx.analysis.head_program import HeadProgram, channel_order
-from anefx.analysis.head_replay import FREE, HeadReplay, Splits
+from anefx.analysis.head_replay import FREE, HeadReplay, Splits, constant
 from anefx.analysis.heads import MOVEMENT, Heads, lifted_projection, merge_users
 from anefx.analysis.layout import from_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm
@@ -147,6 +150,7 @@ class AttentionStats:
     unmatched_reasons: Counter[str] = field(default_factory=Counter)
     reordered_heads: int = 0
     qk_norms: int = 0
+    keys_last: int = 0  # rewritten over a keys-last KV cache (the cached form)
 
     def refuse(self, why: str) -> None:
         self.unmatched += 1
@@ -156,7 +160,8 @@ class AttentionStats:
         out = {"rewritten": self.rewritten, "heads": self.heads, "unmatched": self.unmatched}
         if self.patterns:
             out["patterns"] = dict(self.patterns)
-        out.update({k: v for k, v in (("reordered_heads", self.reordered_heads), ("qk_norms", self.qk_norms)) if v})
+        extra = (("reordered_heads", self.reordered_heads), ("qk_norms", self.qk_norms), ("keys_last", self.keys_last))
+        out.update({k: v for k, v in extra if v})
         if self.unmatched_reasons:
             out["unmatched_reasons"] = dict(self.unmatched_reasons)
         return out
@@ -190,12 +195,16 @@ class AttentionBC1S(Pass):
                 continue
             claimed.add(att.softmax)
             traced = trace_inputs(att)
-            if isinstance(traced, NoMatch):
+            cached = trace_cached(att) if isinstance(traced, NoMatch) else None
+            if isinstance(traced, NoMatch) and isinstance(cached, NoMatch):
                 stats.refuse(traced.reason)
                 continue
             if not ctx.site(att.out):
                 continue
-            self._rewrite_site(gm, att, traced, replay, lowering, stats)
+            if cached is not None:
+                self._rewrite_cached(gm, att, *cached, replay, stats)
+            else:
+                self._rewrite_site(gm, att, traced, replay, lowering, stats)
         for softmax, reader in softmaxes.items():  # attention no pattern matched: counted, never silent
             if softmax not in claimed:
                 why = failed.get(reader.product)  # a NoMatch is false: compare with None
@@ -302,6 +311,97 @@ class AttentionBC1S(Pass):
                     back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
             att.out.replace_all_uses_with(back)
             _lift_output_projections(graph, back, out4, replay)
+
+    def _rewrite_cached(
+        self,
+        gm: torch.fx.GraphModule,
+        att: Attention,
+        q_found: Heads | HeadProgram,
+        k: KeysLast,
+        v: KeysLast,
+        replay: HeadReplay,
+        stats: AttentionStats,
+    ) -> None:
+        """Attention over a keys-last KV cache: grouped ``matmul``s that read K and V as they lie.
+
+        With ``G = H / H_kv`` query heads per K/V head, the queries of a group are the rows of one
+        product: ``scores = q (B, H_kv, G·T, D) @ K (B, H_kv, D, S)``, ``out = w @ V^T`` (``V`` read
+        by the product's ``transpose_y``). The keys are the scores' last axis, so a one-token query
+        pads nothing; masks apply in the model's own (…, T, S) orientation."""
+        graph = gm.graph
+        b, h, sq, d = shape(att.q)
+        hkv, g, dv, sk = k.heads, h // k.heads, v.head_dim, shape(k.source)[3]
+        neg = self.options.mask_value
+        with provenance(att.out), graph.inserting_before(att.out):
+            qh, _ = replay.materialise(q_found, None, None, att.out)  # the model's channel order, as K was cached
+            q4 = replay.merged(qh, h)  # (B, H·D, 1, T)
+            if att.scale != 1.0:  # every factor before the soft-cap's tanh goes into Q
+                q4 = call(graph, aten.mul.Tensor, (q4, att.scale))
+            if sq == 1:
+                qg = call(graph, aten.view.default, (q4, [b, hkv, g, d]))
+            else:
+                q5 = call(graph, aten.view.default, (q4, [b, hkv, g, d, sq]))
+                q5 = call(graph, aten.permute.default, (q5, [0, 1, 2, 4, 3]))
+                qg = call(graph, aten.reshape.default, (q5, [b, hkv, g * sq, d]))
+            s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G·T, S)
+            if att.softcap is not None:
+                s = call(graph, aten.mul.Tensor, (call(graph, aten.tanh.default, (s,)), att.softcap))
+            for use in att.masks:
+                s = _apply_keys_last_mask(graph, s, use, (b, h, hkv, g, sq, sk), neg)
+            if att.causal:
+                hidden = (torch.arange(sk).view(1, sk) > torch.arange(sq).view(sq, 1)).view(1, 1, sq, sk)
+                hidden = constant(gm, hidden.repeat(1, 1, g, 1), "_anefx_mask", s)  # torch's top-left tril
+                s = call(graph, aten.masked_fill.Scalar, (s, hidden, neg))
+            w = call(graph, aten._softmax.default, (s, -1, False))
+            vt = call(graph, aten.transpose.int, (v.source, 2, 3))  # the product's transpose_y
+            o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G·T, D_v)
+            if sq == 1:
+                out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))
+            else:
+                o5 = call(graph, aten.view.default, (o, [b, hkv, g, sq, dv]))
+                o5 = call(graph, aten.permute.default, (o5, [0, 1, 2, 4, 3]))
+                out4 = call(graph, aten.reshape.default, (o5, [b, h * dv, 1, sq]))
+        merged = from_bc1s(graph, out4, 3)
+        for m in merge_users(att.out, hs=(b, h, sq, dv)):
+            m.replace_all_uses_with(merged)
+        if att.out.users:
+            with graph.inserting_before(att.out):
+                heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
+                back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
+            att.out.replace_all_uses_with(back)
+        stats.rewritten += 1
+        stats.heads += h
+        stats.keys_last += 1
+        stats.patterns[att.pattern] += 1
+
+
+def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float) -> Node:
+    """``use`` (a mask broadcasting against the model's (B, H, T, S) scores) applied to keys-last
+    grouped scores (B, H_kv, G·T, S): a per-head mask regrouped, a shared one repeated over the
+    group's rows when there are several queries."""
+    _, h, hkv, g, sq, sk = dims
+    m = use.node
+    ms = list(shape(m))
+    while len(ms) < 4:
+        m = call(graph, aten.unsqueeze.default, (m, 0))
+        ms = [1, *ms]
+    if ms[1] == h and h != 1:  # per head: each group's rows, in the scores' (g, t) order
+        if ms[2] != sq:
+            m = call(graph, aten.expand.default, (m, [ms[0], h, sq, ms[3]]))
+        if ms[3] == 1:
+            m = call(graph, aten.expand.default, (m, [ms[0], h, sq, sk]))
+        m = call(graph, aten.reshape.default, (m, [ms[0], hkv, g * sq, sk]))
+    elif g > 1 and sq > 1 and ms[2] == sq:
+        m = call(graph, aten.cat.default, ([m] * g, 2))
+    if use.kind == "add":
+        if use.scale != 1.0:
+            m = call(graph, aten.mul.Tensor, (m, use.scale))
+        return call(graph, aten.add.Tensor, (s, m))
+    fill = use.fill * use.scale if math.isfinite(use.fill) else neg
+    fill = max(fill, neg) if fill <= neg else fill  # a finite fill at or below the mask value is raised to it
+    if use.kind == "keep":
+        m = call(graph, aten.logical_not.default, (m,))
+    return call(graph, aten.masked_fill.Scalar, (s, m, fill))
 
 
 def _causal_term(gm: torch.fx.GraphModule, sq: int, sk: int, before: Node) -> MaskTerm:
