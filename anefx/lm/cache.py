@@ -173,7 +173,7 @@ def visible_keys(layout: CacheLayout, i: int, position_ids: torch.Tensor) -> tor
         held = ring_positions(position_ids[0, :1] - 1, length).unsqueeze(0)  # before the chunk
         old = (held >= 0) & (q - held < window)
         own = position_ids[0].to(torch.int64).unsqueeze(0)  # (1, T)
-        mine = (own <= q) & (q - own < window)
+        mine = (own >= 0) & (own <= q) & (q - own < window)  # padding before a prompt: negative positions
         seen = torch.cat([old, mine], dim=-1)
     return seen.view(1, 1, tokens, seen.shape[-1])
 
@@ -323,9 +323,14 @@ def probe_layout(model: torch.nn.Module, context: int, dtype: torch.dtype) -> tu
     return CacheLayout(tuple(layers), round_up(context), dtype), int(logits.shape[-1])
 
 
-def call_model(model, input_ids, position_ids, cache, attention_mask=None):
-    """The call convention compile_lm relies on; returns the logits."""
+def call_model(model, input_ids, position_ids, cache, attention_mask=None, last_only: bool = False):
+    """The call convention compile_lm relies on; returns the logits (of the last position only with
+    ``last_only``: through the model's own ``logits_to_keep=1`` when it has one, so that its head runs
+    on that position alone)."""
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+    keep = last_only and _takes(model, "logits_to_keep")
+    if keep:
+        kwargs["logits_to_keep"] = 1
     out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, **kwargs)
     logits = getattr(out, "logits", None)
     if logits is None and isinstance(out, (tuple, list)):
@@ -335,25 +340,48 @@ def call_model(model, input_ids, position_ids, cache, attention_mask=None):
             f"the model returned {type(out).__name__} without logits: compile_lm needs outputs with .logits "
             "or a tuple whose first element is the logits"
         )
-    return logits
+    return logits[:, -1:] if last_only and not keep else logits
+
+
+def _takes(model, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class StepFunction(torch.nn.Module):
-    """One generation step as a pure function: ``(input_ids, position_ids, *states) -> (logits, *states')``.
+    """One generation step as a pure function: ``(input_ids, position_ids, *states) -> (logits, *states')``;
+    with ``last_only`` (prefill) the logits are (1, 1, vocab), of the chunk's last position.
 
     This is what the anefx pipeline rewrites and validates: the states are ordinary inputs, so each
     pass is checked on random caches (no state carried between validation runs)."""
 
-    def __init__(self, model: torch.nn.Module, layout: CacheLayout):
+    def __init__(self, model: torch.nn.Module, layout: CacheLayout, last_only: bool = False):
         super().__init__()
         self.model = model
         self.layout = layout
+        self.last_only = last_only  #: a prefill: the logits of the chunk's last position only
 
     def forward(self, input_ids, position_ids, *states):
         cache = make_cache(self.layout, list(states), position_ids)
         masks = attention_masks(self.model, self.layout, position_ids, states[0].dtype)
-        logits = call_model(self.model, input_ids, position_ids, cache, masks)
+        logits = call_model(self.model, input_ids, position_ids, cache, masks, self.last_only)
         missing = [self.layout.state_names[i] for i, s in enumerate(cache.new_states) if s is None]
         if missing:
             raise AnefxError(f"the model never updated the caches {missing}")
         return (logits, *cache.new_states)
+
+
+def takes_negative_positions(model) -> bool:
+    """Whether the model runs on a negative position (rotary embeddings do; a learned position
+    embedding raises): the padding in front of a prompt's first prefill chunk needs it."""
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=torch.tensor([[-1, 0]]), use_cache=False)
+    except Exception:
+        return False
+    return True

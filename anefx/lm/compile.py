@@ -32,7 +32,7 @@ from anefx.driver.report import Report
 from anefx.driver.validate import Tolerance, ValidationOptions
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up
+from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up, takes_negative_positions
 from anefx.lm.generate import (
     EndToEndCheck,
     Generation,
@@ -41,8 +41,8 @@ from anefx.lm.generate import (
     end_to_end_check,
     eos_ids,
     greedy,
-    prefill,
     prompt_ids,
+    teacher_forced,
 )
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_quality
@@ -54,8 +54,8 @@ INPUTS_DOC = {
     "input_ids": "int32 (1, T): token ids of this chunk (T = prefill_length for prefill, 1 for decode); "
     "pad a short last chunk with any id",
     "position_ids": "int32 (1, T): positions of the chunk's tokens, consecutive from the number of tokens "
-    "already in the cache; padding positions >= context_length are not written",
-    "logits": "float (1, T, vocab): next-token logits for every token of the chunk",
+    "already in the cache; padding before a prompt takes negative positions (never written nor attended to)",
+    "logits": "float (1, 1, vocab): next-token logits of the chunk's last token",
 }
 
 __all__ = ["CompiledLM", "EndToEndCheck", "Generation", "GenerationMismatch", "compile_lm"]
@@ -70,6 +70,9 @@ class CompiledLM(Compiled):
     eos_token_ids: list[int]
     vocab_size: int
     check: EndToEndCheck | None = None
+    #: the first prefill chunk of a prompt is padded in front with negative positions (False: the
+    #: model cannot take them; the tokens after the last full chunk go through ``decode``)
+    front_pad: bool = True
 
     # -- what was built ------------------------------------------------------------------------
     @property
@@ -190,13 +193,16 @@ class CompiledLM(Compiled):
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
         step = self._step(runtime)
-        return greedy(step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token)
+        return greedy(
+            step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token, self.front_pad
+        )
 
     def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        """Every position's next-token logits of ``ids`` (1, T), prefilled chunk by chunk from an empty
-        cache through the artifact (``variant``: the converted programs with their ``"fp16"`` or
+        """Every position's next-token logits of ``ids`` (1, T), teacher forced from an empty cache
+        through the artifact (``variant``: the converted programs with their ``"fp16"`` or
         ``"compressed"`` weights; None: the rewritten graphs)."""
-        return torch.cat(prefill(self._step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
+        ids = [int(t) for t in ids.reshape(-1)]
+        return teacher_forced(self._step("torch", variant), ids, self.prefill_length, self.front_pad)
 
 
 #: Per-pass validation of an LM step, relative to the largest output value (logits reach tens: an
@@ -253,8 +259,9 @@ def metadata_for(
     }
 
 
-def request_for(step: StepFunction, layout: CacheLayout, prefill_length: int, vocab: int, metadata) -> ProgramRequest:
-    """The program compile_lm asks for: ``prefill`` and ``decode`` over the same states."""
+def request_for(model, layout: CacheLayout, prefill_length: int, vocab: int, metadata) -> ProgramRequest:
+    """The program compile_lm asks for: ``prefill`` (the logits of its last position) and ``decode``
+    over the same states."""
     names = layout.state_names
     io = {n: n for n in names}
     functions = []
@@ -264,7 +271,7 @@ def request_for(step: StepFunction, layout: CacheLayout, prefill_length: int, vo
         functions.append(
             FunctionSpec(
                 fn,
-                step,
+                StepFunction(model, layout, last_only=fn == "prefill"),
                 (ids, positions, *states),
                 input_names=["input_ids", "position_ids", *names],
                 output_names=["logits", *names],
@@ -336,6 +343,7 @@ def compile_lm(
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     with events.stage("probe"), eval_mode(model):
         layout, vocab = probe_layout(model, context, dtype)
+        front_pad = takes_negative_positions(model)
     eos = eos_ids(model, eos_token_id)
     model_name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     metadata = metadata_for(
@@ -346,8 +354,9 @@ def compile_lm(
         eos_ids=eos,
         precision=plan.target.precision,
     )
-    request = request_for(StepFunction(model, layout), layout, prefill_length, vocab, metadata)
+    request = request_for(model, layout, prefill_length, vocab, metadata)
     compiled = CompiledLM(build(request, plan, events), layout, prefill_length, eos, vocab)
+    compiled.front_pad = front_pad
     if check_tokens:
         with events.stage("check"):
             compiled.check = end_to_end_check(compiled, model, check_prompt, check_tokens, vocab)

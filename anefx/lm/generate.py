@@ -2,10 +2,10 @@
 
 Generation calls the artifact's ``prefill`` and ``decode`` functions through a step (its states
 carried from call to call): in PyTorch, or with the target's executor. A prompt is prefilled in
-chunks of ``prefill_length`` tokens (a short last chunk padded: a padded slot is overwritten before
-any query can see it), then one ``decode`` call per new token. The same chunked prefill scores whole
-sequences for the compression quality (:func:`prefill_logits`: every position's logits, teacher
-forced).
+chunks of ``prefill_length`` tokens aligned on its end (``prefill`` returns its last position's
+logits only; the first chunk is padded in front with negative positions, which are never written
+nor seen), then one ``decode`` call per new token. The compression quality scores whole sequences
+teacher forced (:func:`teacher_forced`: the first token prefilled, the others decoded).
 """
 
 from __future__ import annotations
@@ -86,16 +86,47 @@ def prompt_ids(input_ids, context_length: int) -> list[int]:
     return prompt
 
 
-def prefill(step: Step, prompt: list[int], prefill_length: int) -> list[torch.Tensor]:
-    """Prefill ``prompt`` chunk by chunk; every chunk's logits of its real (unpadded) tokens."""
-    out = []
-    for start in range(0, len(prompt), prefill_length):
-        chunk = prompt[start : start + prefill_length]
-        n = len(chunk)
-        ids = torch.tensor([chunk + [0] * (prefill_length - n)], dtype=torch.int32)
-        positions = torch.arange(start, start + prefill_length, dtype=torch.int32).unsqueeze(0)
-        out.append(step("prefill", ids, positions)[0, :n])
-    return out
+def prefill(step: Step, prompt: list[int], prefill_length: int, front_pad: bool = True) -> torch.Tensor:
+    """Prefill ``prompt``; the next-token logits after its last token.
+
+    ``prefill`` returns the logits of its chunk's last position only, so the chunks are aligned on
+    the prompt's end: full chunks of ``prefill_length`` tokens, the first padded in front with
+    negative positions (never written to the cache, never attended to). A model that cannot take a
+    negative position (a learned absolute position embedding: ``front_pad`` False) prefills the
+    full chunks from the start and feeds the remainder through ``decode``."""
+    n, p = len(prompt), prefill_length
+    last = None
+    if front_pad:
+        for start in range(n - -(-n // p) * p, n, p):
+            pad = max(0, -start)
+            ids = torch.tensor([[0] * pad + prompt[max(start, 0) : start + p]], dtype=torch.int32)
+            positions = torch.arange(start, start + p, dtype=torch.int32).unsqueeze(0)
+            last = step("prefill", ids, positions)[0, -1]
+        return last
+    full = n // p * p
+    for start in range(0, full, p):
+        ids = torch.tensor([prompt[start : start + p]], dtype=torch.int32)
+        last = step("prefill", ids, torch.arange(start, start + p, dtype=torch.int32).unsqueeze(0))[0, -1]
+    for pos in range(full, n):
+        last = _decode(step, prompt[pos], pos)
+    return last
+
+
+def _decode(step: Step, token: int, pos: int) -> torch.Tensor:
+    return step("decode", torch.tensor([[token]], dtype=torch.int32), torch.tensor([[pos]], dtype=torch.int32))[0, 0]
+
+
+def teacher_forced(step: Step, ids: list[int], prefill_length: int, front_pad: bool = True) -> torch.Tensor:
+    """Every position's next-token logits of ``ids`` (T, vocab), from an empty cache: the first token
+    prefilled, each next one fed through ``decode``."""
+    out = [prefill(step, ids[:1], prefill_length, front_pad)]
+    for pos in range(1, len(ids)):
+        out.append(
+            step("decode", torch.tensor([[ids[pos]]], dtype=torch.int32), torch.tensor([[pos]], dtype=torch.int32))[
+                0, 0
+            ]
+        )
+    return torch.stack(out)
 
 
 def greedy(
@@ -106,10 +137,11 @@ def greedy(
     context_length: int,
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
+    front_pad: bool = True,
 ) -> Generation:
     """Greedy generation: prefill, then one decode call per new token until an EOS id,
     ``max_new_tokens`` or a full cache (with a warning)."""
-    last = prefill(step, prompt, prefill_length)[-1][-1]
+    last = prefill(step, prompt, prefill_length, front_pad)
     logits_out: list[torch.Tensor] = []
     new: list[int] = []
     stop, message = "max_new_tokens", ""
@@ -133,8 +165,7 @@ def greedy(
             )
             warnings.warn(message, stacklevel=3)
             break
-        ids = torch.tensor([[token]], dtype=torch.int32)
-        last = step("decode", ids, torch.tensor([[pos]], dtype=torch.int32))[0, 0]
+        last = _decode(step, token, pos)
         pos += 1
     return Generation(torch.tensor([prompt + new], dtype=torch.long), new, logits_out, stop, message)
 
