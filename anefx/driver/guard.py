@@ -8,8 +8,9 @@ changes of the rewritten graph with those of the captured (stock) graph and keep
 came out worse in their original form:
 
 * **Estimate, no second conversion.** :func:`layout_change` counts the FX nodes that coremltools
-  turns into a MIL ``transpose`` (``permute``/``transpose``/``t`` of an activation, identity
-  permutations excluded) or ``reshape`` (``view``/``reshape``/``reshape_as``/``flatten``/``unflatten``
+  turns into a MIL ``transpose`` (``permute``/``transpose``/``t`` of an activation; identity
+  permutations, and swaps of the last two axes that only matrix products read, which coremltools
+  folds into them, excluded) or ``reshape`` (``view``/``reshape``/``reshape_as``/``flatten``/``unflatten``
   that change the shape); ``squeeze``/``unsqueeze`` become ``squeeze``/``expand_dims``, and ops on
   constants are folded, so neither counts. On the test zoo this is within 2 of the real
   ``op_histogram()`` counts (coremltools cancels a few transposes by itself).
@@ -24,6 +25,9 @@ came out worse in their original form:
   the region keeps its original form and every other region keeps its rewrite; validation runs on
   the result as on any pipeline run. Rounds repeat (at most ``max_rounds``) while a region is still
   worse. Nothing is re-run when no region is worse: the common case costs one count over the graph.
+  A region with more layout changes than stock is still kept rewritten when they move fewer bytes
+  (:func:`moved_bytes`: fp16, last axis padded to 64 bytes): attention over a KV cache read as it
+  lies reshapes one token's queries where the stock form transposes the whole cache.
 
 The report (``compiled.report.guard``) names every kept region: its sites (pass, node, op, source
 line) and its layout changes in the captured graph, in anefx's graph before and after the fallback.
@@ -40,6 +44,7 @@ import networkx as nx
 import torch
 import torch.fx
 
+from anefx.analysis.layout import padded_bytes
 from anefx.analysis.layout_rules import rule_for
 from anefx.driver.pipeline import PipelineResult
 from anefx.ir.graph import is_constant, origin, shape
@@ -94,7 +99,25 @@ def layout_change(node: torch.fx.Node) -> str | None:
         before, after = shape(src), shape(node)
         return "reshape" if before is None or before != after else None
     perm = _permutation(node)
-    return None if perm is not None and perm == list(range(len(perm))) else "transpose"
+    if perm is not None and perm == list(range(len(perm))):
+        return None
+    if _into_matmul(node, perm):
+        return None
+    return "transpose"
+
+
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+
+
+def _into_matmul(node: torch.fx.Node, perm: list[int] | None) -> bool:
+    """A swap of the last two axes read only by matrix products: coremltools folds it into their
+    ``transpose_x`` / ``transpose_y`` (``common::fuse_transpose_matmul``), no MIL ``transpose`` is left."""
+    rank = len(perm) if perm is not None else 0
+    if rank < 2 or perm != [*range(rank - 2), rank - 1, rank - 2]:
+        return False
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target in _MATMULS and node in u.args[:2] for u in node.users
+    )
 
 
 def layout_changes(gm: torch.fx.GraphModule) -> collections.Counter:
@@ -179,6 +202,21 @@ def charged(gm: torch.fx.GraphModule, owners: Mapping[str, int], captured_names:
     return counts
 
 
+def moved_bytes(node: torch.fx.Node) -> int:
+    """Bytes a layout change reads and writes on the ANE (fp16, last axis padded to 64 bytes)."""
+    src = node.args[0]
+    return padded_bytes(shape(src)) + padded_bytes(shape(node))
+
+
+def charged_bytes(gm: torch.fx.GraphModule, owners: Mapping[str, int], captured_names: Collection[str]):
+    """Bytes moved by the layout changes of ``gm`` per region index (None: outside every region)."""
+    total: collections.Counter = collections.Counter()
+    for n in gm.graph.nodes:
+        if layout_change(n) is not None:
+            total[_owner(n, owners, captured_names)] += moved_bytes(n)
+    return total
+
+
 @dataclass
 class GuardOutcome:
     result: PipelineResult
@@ -216,8 +254,13 @@ def never_worse(
             info["regions"] = len(regions)
         owners = {name: r.index for r in regions for name in r.nodes}
         stock, ours = charged(captured, owners, names), charged(current.graph_module, owners, names)
+        stock_bytes = charged_bytes(captured, owners, names)
+        ours_bytes = charged_bytes(current.graph_module, owners, names)
         worse = [
-            r for r in regions if ours[r.index] > stock[r.index] and any(s.name not in refused[p] for p, s in r.sites)
+            r
+            for r in regions
+            if _worse(ours[r.index], ours_bytes[r.index], stock[r.index], stock_bytes[r.index])
+            and any(s.name not in refused[p] for p, s in r.sites)
         ]
         if not worse or round_ == max_rounds:
             break
@@ -245,6 +288,12 @@ def never_worse(
     #: refuse (anchored on nodes the captured graph does not have)
     info["worse_than_stock"] = sum(info["anefx"].values()) > sum(info["stock"].values())
     return GuardOutcome(current, info)
+
+
+def _worse(count: int, moved: int, stock_count: int, stock_moved: int) -> bool:
+    """More layout changes than stock, unless they move fewer bytes (a whole KV cache transposed
+    once moves more than a few one-token reshapes)."""
+    return count > stock_count and moved >= stock_moved
 
 
 def _total(counts: Mapping[str, int]) -> dict[str, int]:

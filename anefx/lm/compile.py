@@ -37,10 +37,13 @@ from anefx.lm.generate import (
     EndToEndCheck,
     Generation,
     GenerationMismatch,
+    Sampling,
+    argmax,
     default_prompts,
     end_to_end_check,
     eos_ids,
     greedy,
+    next_token_scores,
     prompt_ids,
     teacher_forced,
 )
@@ -154,7 +157,7 @@ class CompiledLM(Compiled):
 
             def step(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                 values = {"input_ids": ids, "position_ids": positions}
-                return self.artifact.call(function, values, states, variant)["logits"].float()
+                return next_token_scores(self.artifact.call(function, values, states, variant), self.vocab_size)
 
             return step
         if runtime not in ("target", *self.artifact.target.capabilities.runtimes):
@@ -167,7 +170,7 @@ class CompiledLM(Compiled):
 
         def run(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             out = program({"input_ids": ids, "position_ids": positions}, function=function, state=state)
-            return torch.from_numpy(out["logits"]).float()
+            return next_token_scores({k: torch.from_numpy(v) for k, v in out.items()}, self.vocab_size)
 
         return run
 
@@ -179,8 +182,17 @@ class CompiledLM(Compiled):
         eos_token_id: int | list[int] | None = ...,
         runtime: str = "torch",
         on_token: Callable[[int], None] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
     ) -> Generation:
-        """Greedy generation with the rewritten stateful graphs, or with the package.
+        """Generation with the rewritten stateful graphs, or with the package: greedy (the default,
+        and what the end-to-end check compares), or with ``do_sample`` seeded sampling with
+        ``temperature``, ``top_k`` and ``top_p`` as ``transformers`` applies them (``seed``: the same
+        seed, the same tokens). ``on_token`` is called with each new token as it is chosen. The stop
+        tokens are the model's generation config's EOS ids unless ``eos_token_id`` is given.
 
         ``runtime="torch"`` runs the graphs in PyTorch (anywhere); ``runtime="target"`` runs the
         package with the target's executor (Core ML: anefx's MIL interpreter, any OS);
@@ -193,8 +205,17 @@ class CompiledLM(Compiled):
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
         step = self._step(runtime)
+        pick = Sampling(temperature, top_k, top_p, seed).picker() if do_sample else argmax
         return greedy(
-            step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token, self.front_pad
+            step,
+            prompt,
+            max_new_tokens,
+            self.prefill_length,
+            self.context_length,
+            eos_set,
+            on_token,
+            self.front_pad,
+            pick,
         )
 
     def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:

@@ -112,6 +112,21 @@ def prefill(step: Step, prompt: list[int], prefill_length: int, front_pad: bool 
     return last
 
 
+def next_token_scores(outputs: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+    """The next-token scores of a call's outputs, (1, T, vocab): its ``logits``, or what a head that
+    returns tokens left of them (``LMHeadOptions(output=…)``): ``argmax`` ids as a one-hot, ``topk``
+    values at their ids and -inf elsewhere (greedy decoding and sampling within the top k read them
+    alike)."""
+    if "logits" in outputs:
+        return outputs["logits"].float()
+    if "token" in outputs:
+        ids = outputs["token"].long()
+        return torch.nn.functional.one_hot(ids, vocab).float()
+    ids, values = outputs["topk_ids"].long(), outputs["topk_values"].float()
+    scores = torch.full((*ids.shape[:-1], vocab), -math.inf)
+    return scores.scatter(-1, ids, values)
+
+
 def _decode(step: Step, token: int, pos: int) -> torch.Tensor:
     return step("decode", torch.tensor([[token]], dtype=torch.int32), torch.tensor([[pos]], dtype=torch.int32))[0, 0]
 
@@ -129,6 +144,48 @@ def teacher_forced(step: Step, ids: list[int], prefill_length: int, front_pad: b
     return torch.stack(out)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling of the next token, in ``transformers``' order: logits divided by
+    ``temperature``, then kept to the ``top_k`` largest, then to the smallest set whose probability
+    reaches ``top_p`` (nucleus); one draw from a ``torch.Generator`` seeded with ``seed``, so a
+    generation is reproducible."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise AnefxError(f"temperature must be > 0 (greedy decoding is the default), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise AnefxError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise AnefxError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def picker(self) -> Callable[[torch.Tensor], int]:
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def pick(logits: torch.Tensor) -> int:
+            scores = logits.double() / self.temperature
+            if self.top_k is not None and self.top_k < scores.numel():
+                kth = torch.topk(scores, self.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, -math.inf)
+            if self.top_p is not None and self.top_p < 1:
+                ordered, order = torch.sort(scores, descending=True)
+                cumulative = ordered.softmax(-1).cumsum(-1)
+                drop = cumulative - ordered.softmax(-1) >= self.top_p  # keep the first token reaching top_p
+                scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+            return int(torch.multinomial(scores.softmax(-1), 1, generator=gen))
+
+        return pick
+
+
+def argmax(logits: torch.Tensor) -> int:
+    return int(torch.argmax(logits))
+
+
 def greedy(
     step: Step,
     prompt: list[int],
@@ -138,16 +195,17 @@ def greedy(
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
     front_pad: bool = True,
+    pick: Callable[[torch.Tensor], int] = argmax,
 ) -> Generation:
-    """Greedy generation: prefill, then one decode call per new token until an EOS id,
-    ``max_new_tokens`` or a full cache (with a warning)."""
+    """Generation: prefill, then one decode call per new token until an EOS id, ``max_new_tokens`` or
+    a full cache (with a warning); each token chosen by ``pick`` from its logits (greedy: argmax)."""
     last = prefill(step, prompt, prefill_length, front_pad)
     logits_out: list[torch.Tensor] = []
     new: list[int] = []
     stop, message = "max_new_tokens", ""
     pos = len(prompt)
     while len(new) < max_new_tokens:
-        token = int(torch.argmax(last))
+        token = pick(last)
         logits_out.append(last.float())
         new.append(token)
         if on_token is not None:

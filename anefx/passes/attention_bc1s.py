@@ -324,12 +324,15 @@ class AttentionBC1S(Pass):
     ) -> None:
         """Attention over a keys-last KV cache: grouped ``matmul``s that read K and V as they lie.
 
-        With ``G = H / H_kv`` query heads per K/V head, the queries of a group are the rows of one
-        product: ``scores = q (B, H_kv, G·T, D) @ K (B, H_kv, D, S)``, ``out = w @ V^T`` (``V`` read
-        by the product's ``transpose_y``). The keys are the scores' last axis, so a one-token query
-        pads nothing; masks apply in the model's own (…, T, S) orientation."""
+        With ``G = H / H_kv`` query heads per K/V head: one query per head (decode) makes the group's
+        queries the rows of one product, ``scores = q (B, H_kv, G, D) @ K (B, H_kv, D, S)`` and
+        ``out = w @ V^T`` (``V`` read by the product's ``transpose_y``); T queries per head (prefill)
+        add a group axis, ``scores = q^T (B, H_kv, G, T, D) @ K (B, H_kv, 1, D, S)`` and
+        ``out^T = V @ w^T`` (B, H_kv, G, D_v, T), channels-first as the next projection reads it. The
+        keys are the scores' last axis, so a one-token query pads nothing; masks apply in the
+        model's own (…, T, S) orientation."""
         graph = gm.graph
-        b, h, sq, d = shape(att.q)
+        b, h, sq, d = att.shape4(att.q)
         hkv, g, dv, sk = k.heads, h // k.heads, v.head_dim, shape(k.source)[3]
         neg = self.options.mask_value
         with provenance(att.out), graph.inserting_before(att.out):
@@ -337,30 +340,33 @@ class AttentionBC1S(Pass):
             q4 = replay.merged(qh, h)  # (B, H·D, 1, T)
             if att.scale != 1.0:  # every factor before the soft-cap's tanh goes into Q
                 q4 = call(graph, aten.mul.Tensor, (q4, att.scale))
-            if sq == 1:
+            if sq == 1:  # one query per head: the group's queries are the rows of one product
                 qg = call(graph, aten.view.default, (q4, [b, hkv, g, d]))
-            else:
+                s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G, S)
+            else:  # (B, H_kv, G, D, T) queries against the keys of their K/V head: (B, H_kv, G, T, S)
                 q5 = call(graph, aten.view.default, (q4, [b, hkv, g, d, sq]))
-                q5 = call(graph, aten.permute.default, (q5, [0, 1, 2, 4, 3]))
-                qg = call(graph, aten.reshape.default, (q5, [b, hkv, g * sq, d]))
-            s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G·T, S)
+                qt = call(graph, aten.transpose.int, (q5, 3, 4))  # the product's transpose_x
+                s = call(graph, aten.matmul.default, (qt, call(graph, aten.unsqueeze.default, (k.source, 2))))
             if att.softcap is not None:
                 s = call(graph, aten.mul.Tensor, (call(graph, aten.tanh.default, (s,)), att.softcap))
             for use in att.masks:
-                s = _apply_keys_last_mask(graph, s, use, (b, h, hkv, g, sq, sk), neg)
+                ms = shape(use.node)
+                if att.heads is not None and len(ms) == 3 and ms[0] == b * h > 1:  # (B·H, ·, ·) as (B, H, ·, ·)
+                    use = dataclasses.replace(use, node=call(graph, aten.view.default, (use.node, [b, h, *ms[1:]])))
+                s = _apply_keys_last_mask(graph, s, use, (b, h, hkv, g, sq), neg)
             if att.causal:
-                hidden = (torch.arange(sk).view(1, sk) > torch.arange(sq).view(sq, 1)).view(1, 1, sq, sk)
-                hidden = constant(gm, hidden.repeat(1, 1, g, 1), "_anefx_mask", s)  # torch's top-left tril
+                hidden = (torch.arange(sk).view(1, sk) > torch.arange(sq).view(sq, 1)).view(1, 1, 1, sq, sk)
+                hidden = constant(gm, hidden, "_anefx_mask", s)  # torch's top-left tril
                 s = call(graph, aten.masked_fill.Scalar, (s, hidden, neg))
             w = call(graph, aten._softmax.default, (s, -1, False))
-            vt = call(graph, aten.transpose.int, (v.source, 2, 3))  # the product's transpose_y
-            o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G·T, D_v)
             if sq == 1:
+                vt = call(graph, aten.transpose.int, (v.source, 2, 3))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G, D_v)
                 out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))
-            else:
-                o5 = call(graph, aten.view.default, (o, [b, hkv, g, sq, dv]))
-                o5 = call(graph, aten.permute.default, (o5, [0, 1, 2, 4, 3]))
-                out4 = call(graph, aten.reshape.default, (o5, [b, h * dv, 1, sq]))
+            else:  # out^T = V @ w^T: (B, H_kv, G, D_v, T), channels-first as it comes out
+                wt = call(graph, aten.transpose.int, (w, 3, 4))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (call(graph, aten.unsqueeze.default, (v.source, 2)), wt))
+                out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, sq]))
         merged = from_bc1s(graph, out4, 3)
         for m in merge_users(att.out, hs=(b, h, sq, dv)):
             m.replace_all_uses_with(merged)
@@ -368,6 +374,8 @@ class AttentionBC1S(Pass):
             with graph.inserting_before(att.out):
                 heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
                 back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
+                if att.heads is not None:  # bmm attention: (B·H, S_q, D_v)
+                    back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
             att.out.replace_all_uses_with(back)
         stats.rewritten += 1
         stats.heads += h
@@ -376,23 +384,22 @@ class AttentionBC1S(Pass):
 
 
 def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float) -> Node:
-    """``use`` (a mask broadcasting against the model's (B, H, T, S) scores) applied to keys-last
-    grouped scores (B, H_kv, G·T, S): a per-head mask regrouped, a shared one repeated over the
-    group's rows when there are several queries."""
-    _, h, hkv, g, sq, sk = dims
+    """``use`` (a mask broadcasting against the model's (B, H, T, S) scores) applied to the grouped
+    scores: (B, H_kv, G, S) for one query, else (B, H_kv, G, T, S) — a per-head mask viewed by group,
+    a shared one given a unit group axis."""
+    _, h, hkv, g, sq = dims
     m = use.node
     ms = list(shape(m))
     while len(ms) < 4:
         m = call(graph, aten.unsqueeze.default, (m, 0))
         ms = [1, *ms]
-    if ms[1] == h and h != 1:  # per head: each group's rows, in the scores' (g, t) order
-        if ms[2] != sq:
-            m = call(graph, aten.expand.default, (m, [ms[0], h, sq, ms[3]]))
-        if ms[3] == 1:
-            m = call(graph, aten.expand.default, (m, [ms[0], h, sq, sk]))
-        m = call(graph, aten.reshape.default, (m, [ms[0], hkv, g * sq, sk]))
-    elif g > 1 and sq > 1 and ms[2] == sq:
-        m = call(graph, aten.cat.default, ([m] * g, 2))
+    if sq == 1:  # scores (B, H_kv, G, S): the mask's (T = 1) row axis is the group axis
+        if ms[1] == h and h != 1:
+            m = call(graph, aten.view.default, (m, [ms[0], hkv, g, ms[3]]))
+    elif ms[1] == h and h != 1:
+        m = call(graph, aten.view.default, (m, [ms[0], hkv, g, ms[2], ms[3]]))
+    else:
+        m = call(graph, aten.unsqueeze.default, (m, 2))
     if use.kind == "add":
         if use.scale != 1.0:
             m = call(graph, aten.mul.Tensor, (m, use.scale))
