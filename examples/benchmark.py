@@ -6,6 +6,7 @@
     python examples/benchmark.py --memory --scaling      # the memory and depth-scaling checks
     python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
     python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
+    python examples/benchmark.py --models none --decode-traffic 512,2048,4096   # decode traffic vs context
 
 For each model it prints, side by side, the op histogram of the stock conversion (the captured graph
 handed to the converter with no anefx pass) and of anefx's, for Core ML (MIL ops) and, when the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import resource
 import sys
@@ -377,6 +379,7 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     """Generation: both functions' MIL histograms, state and weight bytes, a roofline ESTIMATE of the
     prefill latency and the decode tokens/s per chip."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from anefx.ane.estimate import CHIPS
@@ -410,7 +413,51 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
         est.add_row(chip, f"{p_ms:.3f}", f"{d_ms:.3f}", f"{1000 / d_ms:.0f}")
     console.print(est)
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
+    for fn in lm.functions:
+        console.print(escape(str(lm.traffic(fn))))
     interpreter_decode(lm, console)
+
+
+def decode_traffic_section(contexts=(512, 2048, 4096), prefill: int = 64) -> None:
+    """The small Llama of issue 22 (hidden 256, 4 heads, 2 KV heads, 4 layers) compiled at each
+    context: compile time, peak memory, each function's memory-traffic ESTIMATE against its floor
+    (weights + KV cache read once), and the bytes that grow with the context between consecutive
+    contexts against the size of the KV cache."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=170)
+    table = Table(title="decode at the bandwidth floor: small Llama, ESTIMATE (static, see anefx/ane/traffic.py)")
+    for col in ("context", "compile (s)", "peak RSS (MiB)", "check", "decode MB", "x floor", "prefill MB", "floor MB"):
+        table.add_column(col, justify="right")
+    compiled = []
+    for context in contexts:
+        with RssSampler() as rss:
+            t0 = time.perf_counter()
+            lm = anefx.compile_lm(
+                models.small_llama_lm(), context_length=context, prefill_length=prefill, check_tokens=8
+            )
+            seconds = time.perf_counter() - t0
+        decode, pre = lm.traffic("decode"), lm.traffic("prefill")
+        table.add_row(
+            str(context),
+            f"{seconds:.0f}",
+            f"{rss.peak / 2**20:.0f}",
+            "equal" if lm.check.tokens_equal else "DIFFER",
+            f"{decode.total / 1e6:.1f}",
+            f"{decode.total / decode.floor:.2f}",
+            f"{pre.total / 1e6:.1f}",
+            f"{decode.floor / 1e6:.1f}",
+        )
+        compiled.append(lm)
+    console.print(table)
+    for short, long in itertools.pairwise(compiled):
+        for fn in ("decode", "prefill"):
+            growth = long.context_growth(short, fn)
+            console.print(escape(str(growth)))
+            top = ", ".join(f"{k} {v}" for k, v in list(growth.to_dict()["growing_by_op_type_mb"].items())[:4])
+            console.print(escape(f"    growing by MIL op type (MB): {top}"))
 
 
 def interpreter_decode(lm, console) -> None:
@@ -428,12 +475,13 @@ def interpreter_decode(lm, console) -> None:
     prompt = list(range(3, 3 + min(8, lm.prefill_length)))
     reference = lm.generate(prompt, 2, eos_token_id=None)
     state = program.make_state("prefill")
-    ids = [prompt + [0] * (lm.prefill_length - len(prompt))]
-    positions = [list(range(lm.prefill_length))]
+    pad = lm.prefill_length - len(prompt)  # padded in front, negative positions: the last position is the prompt's
+    ids = [[0] * pad + prompt]
+    positions = [list(range(-pad, len(prompt)))]
     t0 = time.perf_counter()
     logits = program({"input_ids": ids, "position_ids": positions}, function="prefill", state=state)["logits"]
     prefill = time.perf_counter() - t0
-    last = logits[0, len(prompt) - 1].astype(np.float64)
+    last = logits[0, -1].astype(np.float64)
     want = reference.logits[0].double().numpy()
     error = float(np.abs(last - want).max() / np.abs(want).max())
     token, position = reference.new_tokens[0], len(prompt)
@@ -673,6 +721,11 @@ def main(argv=None) -> int:
         help="SmolLM2 compile_lm: comma-separated schemes (lut6, lut4, int8, lut6:per_tensor, lut6:g128)",
     )
     ap.add_argument("--lm-chunk-mb", type=float, default=None, help="SmolLM2 compile_lm: a chunked compile too")
+    ap.add_argument(
+        "--decode-traffic",
+        default="",
+        help="the small Llama at these contexts (e.g. 512,2048,4096): compile time, peak memory, traffic ESTIMATE",
+    )
     args = ap.parse_args(argv)
     from anefx.targets import coreai
 
@@ -685,6 +738,8 @@ def main(argv=None) -> int:
         print_result(bench(name, args.attn, use_coreai))
     for name in [n.strip() for n in args.lm.split(",") if n.strip()]:
         bench_lm(name, args.lm_context, args.lm_prefill)
+    if args.decode_traffic:
+        decode_traffic_section(tuple(int(c) for c in args.decode_traffic.split(",")))
     if args.memory:
         memory_check()
     if args.scaling:

@@ -550,6 +550,29 @@ def smollm2_chat_ids(tok, prompt: str = SMOLLM2_PROMPT) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def small_llama_lm(seed: int = 0):
+    """The small random-weight LlamaForCausalLM of the decode-traffic figures (issue 22): hidden 256,
+    4 heads, 2 KV heads, 4 layers, vocabulary 1,000, every weight random (nothing zero or identity)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
 def tiny_llama_lm(seed: int = 0):
     """A small random-weight LlamaForCausalLM (GQA: 4 heads, 2 KV heads), nothing zero or identity."""
     from transformers import LlamaConfig, LlamaForCausalLM

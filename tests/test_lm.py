@@ -272,12 +272,7 @@ def test_decode_reads_each_cache_once_and_writes_one_column(compiled_llama):
         program = read_package(lm.package.path).program.functions["decode"]
         readers = _cache_readers(program)
         kinds = sorted({(t, k) for t, k, _ in readers})
-        assert kinds == [
-            ("coreml_update_state", "state"),
-            ("coreml_update_state", "value"),
-            ("matmul", "y"),
-            ("slice_update", "x"),
-        ], kinds
+        assert kinds == [("coreml_update_state", "value"), ("matmul", "y"), ("slice_update", "x")], kinds
         assert sum(t == "matmul" for t, _, _ in readers) == 2 * layers  # K by the scores, V by the weighted sum
         columns = [shape for t, k, shape in readers if t == "slice_update"]
         assert len(columns) == 2 * layers and all(shape[-1] == 1 for shape in columns), columns

@@ -122,9 +122,32 @@ class CompiledLM(Compiled):
         return super().op_histogram(function)
 
     def ane_report(self, function: str):
-        """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip) of one function."""
+        """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip, memory traffic
+        against its floor) of one function; :meth:`context_growth` adds the share that grows with the
+        context."""
         self.op_histogram(function)  # same errors for unknown functions / no package
         return self.analyse(function)
+
+    def traffic(self, function: str = "decode"):
+        """The memory traffic ESTIMATE of one call of ``function`` (:mod:`anefx.ane.traffic`: bytes each
+        MIL op reads and writes, weights once, states updated in place; every package of a chain)."""
+        from anefx.ane.traffic import Traffic, estimate_traffic
+
+        self.op_histogram(function)  # same errors for unknown functions / no package
+        total = Traffic(function)
+        for program in self._converted().programs:
+            part = estimate_traffic(program.package.operations(function), function)
+            total.ops += part.ops
+            total.states.update(part.states)
+        return total
+
+    def context_growth(self, other: CompiledLM, function: str = "decode"):
+        """How ``function``'s traffic grows with the context: this compile against ``other``, the same
+        model compiled at another ``context_length`` (ESTIMATE, :func:`anefx.ane.traffic.context_growth`)."""
+        from anefx.ane.traffic import context_growth
+
+        (a, ca), (b, cb) = sorted(((self, self.context_length), (other, other.context_length)), key=lambda x: x[1])
+        return context_growth(a.traffic(function), ca, b.traffic(function), cb)
 
     def weight_bytes(self) -> int:
         """Bytes of the weight files (stored once for both functions), over every package of a chain."""
