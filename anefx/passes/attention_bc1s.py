@@ -92,6 +92,22 @@ Result::
     %O = cat(per-head attention over split(%P, D, 1), 1)                       # (B, C, 1, S)
     %y = aten.reshape(aten.permute(aten.conv2d(%O, %w_out, %b_out), [3, 0, 1, 2]), [S*B, C, 1, 1])
 
+Attention over a KV cache kept keys-last (each K and V a (B, H_kv, D, S) tensor, positions on the
+last axis, as :mod:`anefx.lm.cache` keeps it) takes another form: grouped ``matmul``s that read the
+cache as it lies (no K transpose, no per-head split of the cache, the keys on the scores' last axis
+so a one-token query pads nothing), counted in ``keys_last``. The choices and their sources are in
+``passes_catalog/decode.md``.
+
+Original (decode: one query, K and V read from the cache states)::
+
+    %K = anefx.cache_write(%key_cache, %k_new, %pos, 3)                 # (1, H_kv, D, S)
+    %o = aten.scaled_dot_product_attention(%q, aten.transpose(%K, 2, 3), aten.transpose(%V, 2, 3), %mask)
+Result::
+
+    %qg = aten.view(to_bc1s(%q_proj) * s, [1, H_kv, G, D])              # G = H / H_kv query heads per K/V head
+    %w = aten._softmax(aten.matmul(%qg, %K).masked_fill(~%mask, -1e4), -1)   # (1, H_kv, G, S)
+    %o = aten.view(aten.matmul(%w, aten.transpose(%V, 2, 3)), [1, H·D, 1, 1])  # V^T: the product's transpose_y
+
 Options:
   mask_value: the finite negative used for masked positions (default -1e4, safe in fp16)
 """
