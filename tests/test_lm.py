@@ -198,6 +198,9 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         assert hist["slice_update"] == (4 if fn == "decode" else 0), hist  # decode: one column per state
         assert hist["linear"] == 0, hist
         ops = lm.package.operations(fn)
+        if fn == "prefill":  # the LM head runs on the last position only
+            shapes = [tuple(o.shape) for op in ops if op.op_type != "const" for o in op.outputs if o.shape is not None]
+            assert not [shp for shp in shapes if 256 in shp and PREFILL in shp], shapes
         on_weights = [op.name for op in ops if op.op_type in ("matmul", "linear") and _weight_operand(op)]
         assert not on_weights, on_weights
         # fp16-safe masks: no infinite constant anywhere (bool masks become -3e4 in coremltools)
@@ -218,6 +221,8 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         assert [i.name for i in f.input] == ["input_ids", "position_ids"]
     for fn, tokens in (("prefill", PREFILL), ("decode", 1)):
         assert [list(i.type.multiArrayType.shape) for i in functions[fn].input] == [[1, tokens]] * 2
+        # the last position's logits only: no (1, prefill_length, vocab) tensor leaves the prefill
+        assert [list(o.type.multiArrayType.shape) for o in functions[fn].output] == [[1, 1, 256]]
     meta = dict(spec.description.metadata.userDefined)
     assert meta["co.huggingface.exporters.task"] == "text-generation"
     assert int(meta["anefx.context_length"]) == CONTEXT and int(meta["anefx.prefill_length"]) == PREFILL
