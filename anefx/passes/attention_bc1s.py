@@ -316,16 +316,8 @@ class AttentionBC1S(Pass):
             out4 = call(graph, aten.cat.default, (outs, 1)) if len(outs) > 1 else outs[0]
             if visible is not None and not visible.per_head:
                 out4 = call(graph, aten.mul.Tensor, (out4, visible.node))
-        merged = from_bc1s(graph, out4, 3)
-        for m in merge_users(att.out, hs=(b, h, sq, dv)):
-            m.replace_all_uses_with(merged)
-        if att.out.users:  # consumers that want (B, H, S_q, D_v): give it back to them
-            with graph.inserting_before(att.out):
-                heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
-                back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
-                if att.heads is not None:  # bmm attention: (B·H, S_q, D_v)
-                    back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
-            att.out.replace_all_uses_with(back)
+        back = _hand_back(graph, att, out4, (b, h, sq, dv))
+        if back is not None:
             _lift_output_projections(graph, back, out4, replay)
 
     def _rewrite_cached(
@@ -383,20 +375,29 @@ class AttentionBC1S(Pass):
                 wt = call(graph, aten.transpose.int, (w, 3, 4))  # the product's transpose_y
                 o = call(graph, aten.matmul.default, (call(graph, aten.unsqueeze.default, (v.source, 2)), wt))
                 out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, sq]))
-        merged = from_bc1s(graph, out4, 3)
-        for m in merge_users(att.out, hs=(b, h, sq, dv)):
-            m.replace_all_uses_with(merged)
-        if att.out.users:
-            with graph.inserting_before(att.out):
-                heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
-                back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
-                if att.heads is not None:  # bmm attention: (B·H, S_q, D_v)
-                    back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
-            att.out.replace_all_uses_with(back)
+        _hand_back(graph, att, out4, (b, h, sq, dv))
         stats.rewritten += 1
         stats.heads += h
         stats.keys_last += 1
         stats.patterns[att.pattern] += 1
+
+
+def _hand_back(graph, att: Attention, out4: Node, dims: tuple[int, int, int, int]) -> Node | None:
+    """The attention output ``out4`` (B, H·D_v, 1, S_q) in place of ``att.out``: merges of its heads
+    read it channels-last; other consumers get (B, H, S_q, D_v) (or (B·H, S_q, D_v)) back, returned."""
+    b, h, sq, dv = dims
+    merged = from_bc1s(graph, out4, 3)
+    for m in merge_users(att.out, hs=dims):
+        m.replace_all_uses_with(merged)
+    if not att.out.users:
+        return None
+    with graph.inserting_before(att.out):
+        heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
+        back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
+        if att.heads is not None:  # bmm attention: (B·H, S_q, D_v)
+            back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
+    att.out.replace_all_uses_with(back)
+    return back
 
 
 def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float) -> Node:
