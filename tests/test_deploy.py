@@ -578,6 +578,7 @@ def test_both_front_ends_ship_one_artifact_type(chunked, lm_chunked, tmp_path):
     program, in_memory = anefx.load(tmp_path / "m"), anefx.load(compiled)
     assert isinstance(program, ChainProgram) and len(program.parts) == len(compiled.chunks.chunks) >= 2
     assert program.runtime == "mil" and list(program.inputs()) == compiled.chunks.inputs["main"]
+    assert program.source == str(tmp_path / "m")
     examples = compiled.chunks.programs[0].functions["main"].value_examples()
     feed = dict(zip(compiled.chunks.inputs["main"], examples, strict=True))
     (want,) = compiled.chunks.run(feed)

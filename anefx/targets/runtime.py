@@ -46,7 +46,9 @@ def load(path, runtime: str = "auto") -> LoadedProgram:
     if not path.exists():
         raise AnefxError(f"cannot load {path}: no such file or folder")
     if (path / "manifest.json").is_file():
-        return Artifact.load(path).executor(runtime)
+        program = Artifact.load(path).executor(runtime)
+        program.source = str(path)
+        return program
     if path.suffix == ".aimodel" or ((path / "metadata.json").is_file() and not (path / "Manifest.json").exists()):
         if runtime not in ("auto", "coreai"):
             raise AnefxError(f"{path} is a Core AI model: it runs with runtime='coreai', not {runtime!r}")
