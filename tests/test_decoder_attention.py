@@ -106,7 +106,7 @@ def _check_numerics(model, compiled, seed: int = 2):
 def _check_shipped_program(model, compiled, seed: int = 7):
     """The Core ML program itself (fp16, run by anefx's MIL interpreter) within 1e-2 of the output's
     scale on the valid tokens, with right paddings and token ids the compile never saw."""
-    program = anefx.load(compiled.artifact.model)
+    program = anefx.load(compiled.mlmodel)
     for pad in (0, 5, 13):
         args, kwargs = inputs(pad, seed)
         (out, *_) = program(dict(zip(program.inputs(), [*args, *kwargs.values()]))).values()
