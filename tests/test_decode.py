@@ -14,6 +14,16 @@ from anefx.lm.generate import Sampling
 from anefx.targets.lm_head import LMHeadOptions
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models, hundreds of steps: one intra-op thread. Two threads per process on a shared
+    2-core runner (xdist runs two) spin against each other and make each step ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _reinit(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -73,22 +83,22 @@ def _hf(model, prompt, n):
     return [int(t) for t in out[0, prompt.shape[1] :]]
 
 
-@pytest.mark.parametrize("arch, tokens", [("mistral", 200), ("gemma3", 200), ("gemma2", 72)])
-def test_sliding_window_layers_keep_rings_and_generate_like_hf(arch, tokens):
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
+def test_sliding_window_layers_keep_rings_and_generate_like_hf(arch):
     """Window 32, context 256: the local layers keep 32-slot ring buffers, the global ones the
-    context; greedy tokens (200: six windows past the prompt; Gemma 2's soft-capped scores over two)
-    equal transformers' generate. Per-pass validation at lint: the end-to-end tokens are the check."""
+    context; 200 greedy tokens (six windows past the prompt) equal transformers' generate. Per-pass
+    validation at lint: the end-to-end tokens are the check."""
     model = {"mistral": _mistral, "gemma2": _gemma2, "gemma3": _gemma3}[arch]()
     lm = anefx.compile_lm(
         model,
         context_length=256,
         prefill_length=16,
         check_prompt=_prompt(40),
-        check_tokens=tokens,
+        check_tokens=200,
         convert=False,
         validate="lint",
     )
-    assert lm.check.tokens_equal and lm.check.new_tokens == tokens, lm.check
+    assert lm.check.tokens_equal and lm.check.new_tokens == 200, lm.check
     rings = [lm.states[f"key_cache_{i}"][-1] for i in range(2)]
     assert rings == ([32, 32] if arch == "mistral" else [32, 256]), lm.states
     assert all(lm.states[f"value_cache_{i}"][-1] == rings[i] for i in range(2))
@@ -100,7 +110,9 @@ def test_long_contexts_and_prompts_of_many_chunks():
     chunks (the first padded in front) attends to what the earlier chunks wrote. The decode step's
     traffic grows with the context by about the cache read once (ESTIMATE, 2048 against 4096)."""
     model = _llama()
-    long = anefx.compile_lm(model, context_length=4096, prefill_length=16, check_prompt=_prompt(70), check_tokens=8)
+    long = anefx.compile_lm(
+        model, context_length=4096, prefill_length=16, check_prompt=_prompt(70), check_tokens=8, validate="lint"
+    )
     assert long.check.tokens_equal and long.check.prompt_tokens == 70
     assert long.states["key_cache_0"] == (1, 2, 16, 4096)
     for n in (5, 33):  # one short chunk, three chunks
