@@ -73,6 +73,20 @@ def _index_is_reshape(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return picked.numel() == numel and torch.equal(picked.reshape(-1), torch.arange(numel))
 
 
+def einsum_permutation(node: torch.fx.Node) -> list[int] | None:
+    """The permutation a one-operand ``einsum`` applies (``'nhwpqc->nchpwq'``: DiT's unpatchify), or
+    None when ``node`` is not such an einsum. coremltools converts it to one MIL ``transpose``."""
+    if node.op != "call_function" or node.target != aten.einsum.default or len(node.args) < 2:
+        return None
+    eq, operands = node.args[0], node.args[1]
+    if not isinstance(eq, str) or len(operands) != 1 or "->" not in eq or "." in eq:
+        return None
+    src, dst = (part.replace(" ", "") for part in eq.split("->"))
+    if len(set(src)) != len(src) or sorted(src) != sorted(dst):
+        return None
+    return [src.index(c) for c in dst]
+
+
 def _aliases(node: torch.fx.Node) -> bool:
     """Whether ``node``'s result may share memory with one of its inputs (a view, ``getitem``…)."""
     t = node.target
@@ -162,6 +176,15 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
                 new = call(graph, aten.view.default, (node.args[0], list(shape(node))))
             replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
+        elif t == aten.einsum.default and einsum_permutation(node) is not None:
+            with graph.inserting_before(node):
+                new = call(graph, aten.permute.default, (node.args[1][0], einsum_permutation(node)))
+            replace_node(graph, node, new, keep_meta=True)
+            stats["ops_respelled"] += 1
+        elif t == aten.rms_norm.default and _arg(node, 3, "eps") is None:  # coremltools needs the eps
+            eps = torch.finfo(dtype(node.args[0])).eps  # what aten.rms_norm uses for None
+            node.args, node.kwargs = (*node.args[:2], _arg(node, 2, "weight"), eps), {}
+            stats["ops_respelled"] += 1
         elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
             stats["identities_removed"] += 1
         elif t == aten.where.ScalarOther:  # where(c, x, s) == masked_fill(x, ~c, s)
@@ -174,6 +197,11 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
     return stats
 
 
+def _arg(node: torch.fx.Node, index: int, name: str):
+    """Argument ``name`` of ``node``, given by position ``index`` or by keyword (None when absent)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
 def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether :func:`canonicalize` would rewrite ``node`` (asked before declaring it a site)."""
     t = node.target
@@ -181,6 +209,10 @@ def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return True
     if (t in _CHECKS and not node.users) or t in _BITWISE or t in _NEW_FILLED or t == aten.where.ScalarOther:
         return True
+    if t == aten.einsum.default:
+        return einsum_permutation(node) is not None
+    if t == aten.rms_norm.default:
+        return _arg(node, 3, "eps") is None
     return t == aten.index.Tensor and _index_is_reshape(gm, node)
 
 

@@ -13,12 +13,16 @@ Original::
     %a = aten.__and__(%o, %b)
     %w = aten.where.ScalarOther(%c, %x, -inf)
     %i = aten.add_(%tmp, %j)                              # in place on a temporary no one reads again
+    %p = aten.einsum("nhwpqc->nchpwq", [%r])              # one operand, only permuted (DiT's unpatchify)
+    %n = aten.rms_norm(%h, [C], %g, None)                 # eps None: coremltools needs a number
 Result::
 
     %o = aten.ones([1, 128], dtype=bool)
     %a = aten.logical_and(%o, %b)                         # uses %x where %c was used
     %w = aten.masked_fill(%x, aten.logical_not(%c), -inf)
     %i = aten.add(%tmp, %j)
+    %p = aten.permute(%r, [0, 5, 1, 3, 2, 4])             # one MIL transpose, as coremltools makes it
+    %n = aten.rms_norm(%h, [C], %g, 1.1920928955078125e-07)  # torch.finfo(dtype).eps, what None means
 
 Options: none.
 """
