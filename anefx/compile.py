@@ -15,6 +15,7 @@ import torch.fx
 from anefx.ane.report import add_unmatched_attention, analyse
 from anefx.driver.debug import DebugOptions, validate_mode_from_env
 from anefx.driver.guard import never_worse as guard
+from anefx.driver.guard import stock_pipeline
 from anefx.driver.pipeline import Pipeline
 from anefx.driver.report import Report
 from anefx.driver.validate import ValidationOptions, run_flat
@@ -255,7 +256,7 @@ def compile(  # noqa: A001 - the public name users expect
 
     t0 = time.perf_counter()
 
-    def run(refused=None):
+    def run(refused=None, pipeline=pipeline):
         if refused and progress:
             progress(f"guard: re-run without {sum(map(len, refused.values()))} site(s)")
         return pipeline.run(
@@ -271,7 +272,7 @@ def compile(  # noqa: A001 - the public name users expect
     result = unguarded = run()
     guard_info: dict = {}
     if never_worse and pipeline.passes and debug.bisect_limit is None:  # bisecting: the passes as they ran
-        outcome = guard(captured.graph_module, result, run)
+        outcome = guard(captured.graph_module, result, run, stock_form=lambda: run(pipeline=stock_pipeline(pipeline)))
         result, guard_info = outcome.result, outcome.info
         timings["passes.guard"] = guard_info["seconds"]
     timings["passes"] = time.perf_counter() - t0

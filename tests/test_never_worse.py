@@ -228,3 +228,39 @@ def test_a_kept_form_that_does_not_convert_falls_back_to_the_passes_output():
     assert compiled.op_histogram()["conv"] == 1
     assert "would keep region 0" in str(compiled.report)
     torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _RoundTrip(anefx.Pass):
+    """A user pass without sites that leaves a transpose pair on every input (equivalent, so it
+    validates; worse, and the guard cannot refuse what has no site)."""
+
+    name = "round_trip"
+
+    def run(self, gm, ctx):
+        from anefx.ir.graph import call
+
+        graph = gm.graph
+        for x in [n for n in graph.nodes if n.op == "placeholder"]:
+            users = list(x.users)
+            with graph.inserting_after(x):
+                there = call(graph, torch.ops.aten.permute.default, (x, [0, 2, 1]))
+            with graph.inserting_after(there):
+                back = call(graph, torch.ops.aten.permute.default, (there, [0, 2, 1]))
+            for u in users:
+                u.replace_input_with(x, back)
+        return anefx.passes.base.finish(gm, True)
+
+
+def test_still_worse_after_the_refusals_ships_the_stock_form():
+    model, args, _ = example("mlp_block")
+    stock = anefx.compile(model, args, pipeline=anefx.Pipeline.empty(), validate="off")
+    compiled = anefx.compile(model, args, pipeline=anefx.Pipeline.default().append(_RoundTrip()))
+    info = compiled.report.guard
+    assert info["shipped"] == "stock" and not info["worse_than_stock"]
+    assert sum(info["worse_counts"].values()) > sum(info["stock"].values())
+    assert [r.name for r in compiled.report.records] == ["canonicalize", "fold_constants", "fp16_mask_values"]
+    assert compiled.op_histogram() == stock.op_histogram()
+    assert "shipped the stock form of the validated captured graph" in str(compiled.report)
+    assert "WORSE" not in str(compiled.report)
+    x = torch.randn(*args[0].shape) * 2
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)

@@ -68,7 +68,7 @@ class RMSNormBC1S(Pass):
                 norm = match_aten_rms_norm(node, GLOBAL_RANKS)
             else:
                 continue
-            if norm is None:
+            if norm is None or not ctx.site(node):
                 continue
             with graph.inserting_before(norm.last), provenance(norm.last):
                 y = self._emit(graph, norm)
