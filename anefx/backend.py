@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from anefx.compat.torch import is_dynamo_static_input
 from anefx.ir.errors import AnefxError
 
 _LIFTED = re.compile(r"(_parameters_|_buffers_|^L_self_|^l_self_)")
@@ -57,7 +58,7 @@ def _lifted_positions(gm: torch.fx.GraphModule, example_inputs: Sequence) -> lis
     out = []
     for i, (name, value) in enumerate(zip(names, example_inputs)):
         source = gm.graph.find_nodes(op="placeholder", target=name)
-        static = bool(source and source[0].meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+        static = bool(source) and is_dynamo_static_input(source[0])
         if isinstance(value, torch.nn.Parameter) or static or (_LIFTED.search(name) and "_modules_" in name):
             out.append(i)
     return out

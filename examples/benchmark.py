@@ -160,6 +160,7 @@ def reference_conversion() -> dict:
 
     import torch
 
+    from anefx.compat.coremltools import operations
     from anefx.targets.coreml import CoreMLOptions, coremltools_module, quiet_coremltools
     from examples.ane_distilbert import ane_distilbert
 
@@ -180,7 +181,7 @@ def reference_conversion() -> dict:
             skip_model_load=True,
         )
     t2 = time.perf_counter()
-    ops = [op.op_type for op in mlmodel._mil_program.functions["main"].operations if op.op_type != "const"]
+    ops = [op.op_type for op in operations(mlmodel) if op.op_type != "const"]
     return {"export": t1 - t0, "ct_convert": t2 - t1, "total": t2 - t0, "ops": ops}
 
 

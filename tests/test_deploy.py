@@ -140,7 +140,7 @@ def lut4():
 def test_lut4_ships_luts_for_every_planned_weight(lut4, tmp_path):
     compiled, model, _, _, before = lut4
     comp = compiled.compression
-    ops = list(compiled.mlmodel._mil_program.functions["main"].operations)
+    ops = compiled.artifact.operations()
     luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
     shipped = comp.shipped
     # the 7 projections; the tied embedding table is stored once, shared with the LM head, so
@@ -221,7 +221,7 @@ def test_lm_agreement_counts_positions():
 def test_int8_is_per_channel_and_with_compression_reuses_the_program(lut4):
     compiled = lut4[0]
     int8 = compiled.with_compression("int8")
-    ops = list(int8.mlmodel._mil_program.functions["main"].operations)
+    ops = int8.artifact.operations()
     q = [op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"]
     # the 7 projections and the tied table (int8 is asked without keep_lm_head)
     assert len(q) == 8 and not [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
@@ -321,9 +321,7 @@ def test_lm_head_split_into_channel_chunks(output):
     assert ops["conv"] == 7 + 3  # the 300-channel head as 128 + 128 + 44
     assert compiled.report.conversion["lm_head"] == {"lm_head_split": 1, "output": output}
     convs = [
-        op
-        for op in compiled.mlmodel._mil_program.functions["main"].operations
-        if op.op_type == "conv" and op.outputs[0].shape[1] in (128, 44)
+        op for op in compiled.artifact.operations() if op.op_type == "conv" and op.outputs[0].shape[1] in (128, 44)
     ]
     assert sorted(op.outputs[0].shape[1] for op in convs) == [44, 128, 128]
     outputs = [o.name for o in compiled.mlmodel.get_spec().description.output]

@@ -1,6 +1,6 @@
 """Issue 4's done-when: stock transformers models reach Apple's hand-written ANE structure.
 
-Measured on the Core ML program's MIL ops (``mlmodel._mil_program``).
+Measured on the Core ML program's MIL ops (``compiled.artifact.operations()``).
 """
 
 import pytest

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from anefx.compat.torch import tree_leaves
 from anefx.ir.graph import shape
 
 aten = torch.ops.aten
@@ -50,7 +51,7 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 
 
 def _literal(args) -> bool:
-    return not any(isinstance(a, torch.fx.Node) for a in torch.utils._pytree.tree_leaves(list(args)))
+    return not any(isinstance(a, torch.fx.Node) for a in tree_leaves(list(args)))
 
 
 def movement_chain(node: torch.fx.Node, max_len: int = 16) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from anefx.compat.torch import is_op_overload, op_schema, overload_name
 from anefx.ir.graph import (
     add_constant,
     call,
@@ -90,18 +91,18 @@ def einsum_permutation(node: torch.fx.Node) -> list[int] | None:
 def _aliases(node: torch.fx.Node) -> bool:
     """Whether ``node``'s result may share memory with one of its inputs (a view, ``getitem``…)."""
     t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
+    if not is_op_overload(t):
         return node.op == "call_function"  # getitem of a multi-output op and the like: assume so
-    return any(r.alias_info is not None for r in t._schema.returns)
+    return any(r.alias_info is not None for r in op_schema(t).returns)
 
 
 def _functional_variant(node: torch.fx.Node):
     """``aten.add_.Tensor`` → ``aten.add.Tensor`` when the mutated value is a temporary no one reads
     afterwards (so the in-place write is invisible); None otherwise."""
     t = node.target
-    if not isinstance(t, torch._ops.OpOverload) or not node.args:
+    if not is_op_overload(t) or not node.args:
         return None
-    schema = t._schema
+    schema = op_schema(t)
     if not schema.arguments or not (schema.arguments[0].alias_info and schema.arguments[0].alias_info.is_write):
         return None
     base = schema.name.split("::")[-1]
@@ -115,7 +116,7 @@ def _functional_variant(node: torch.fx.Node):
     if any(u > node for u in target.users):  # fx nodes compare by their position in the graph
         return None
     packet = getattr(torch.ops.aten, base[:-1], None)
-    return getattr(packet, t._overloadname, None) if packet is not None else None
+    return getattr(packet, overload_name(t), None) if packet is not None else None
 
 
 def _drop_empty_cat_operands(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
@@ -218,12 +219,12 @@ def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 
 def _is_pure(node: torch.fx.Node) -> bool:
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not is_op_overload(target):
         return False
     tags = getattr(target, "tags", ())
     if torch.Tag.nondeterministic_seeded in tags:
         return False
-    schema = target._schema
+    schema = op_schema(target)
     if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
         return False
     return bool(schema.returns)
@@ -231,9 +232,9 @@ def _is_pure(node: torch.fx.Node) -> bool:
 
 def _writes(node: torch.fx.Node) -> bool:
     t = node.target
-    if not isinstance(t, torch._ops.OpOverload) or not t._schema.arguments:
+    if not is_op_overload(t) or not op_schema(t).arguments:
         return False
-    alias = t._schema.arguments[0].alias_info
+    alias = op_schema(t).arguments[0].alias_info
     return alias is not None and alias.is_write
 
 

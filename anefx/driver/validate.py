@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 import torch.fx
 
+from anefx.compat.torch import pytree_info, tree_leaves, tree_unflatten
 from anefx.ir.graph import clone_graph_module, describe, refresh_meta, tensor_str
 from anefx.ir.sites import Site, SiteFilter, SiteSelection
 
@@ -229,7 +230,7 @@ def lint(gm: torch.fx.GraphModule, expected_outputs: Sequence | None = None, req
             return f"{describe(node)} has no shape metadata (meta['val'])"
     if expected_outputs is not None:
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        outs = torch.utils._pytree.tree_leaves(out_node.args[0])
+        outs = tree_leaves(out_node.args[0])
         if len(outs) != len(expected_outputs):
             return f"graph returns {len(outs)} outputs, the model {len(expected_outputs)}"
         for i, (node, ref) in enumerate(zip(outs, expected_outputs, strict=True)):
@@ -274,7 +275,7 @@ def undefined_elements(reference: torch.fx.GraphModule, flat_inputs: Sequence, e
     when no element does); see the module docstring."""
     with torch.no_grad():
         out = _FullyMaskedRows(reference).run(*flat_inputs)  # placeholders take the flat inputs
-    alt = torch.utils._pytree.tree_leaves(out)
+    alt = tree_leaves(out)
     masks = []
     for a, e in zip(alt, expected, strict=False):
         if isinstance(a, torch.Tensor) and isinstance(e, torch.Tensor) and e.is_floating_point():
@@ -422,14 +423,14 @@ def run_flat(gm: torch.fx.GraphModule, flat_inputs: Sequence) -> list:
     """Run a canonical GraphModule on flat inputs (placeholder order) and return flat outputs."""
     # torch has no public accessor for a GraphModule's input spec; torch.fx.Interpreter would take
     # flat inputs but dispatches node by node in Python, on every validation run
-    info = getattr(gm.graph._codegen, "pytree_info", None)
+    info = pytree_info(gm.graph)
     with torch.no_grad():
         if info is not None and info.in_spec is not None:
-            args, kwargs = torch.utils._pytree.tree_unflatten(list(flat_inputs), info.in_spec)
+            args, kwargs = tree_unflatten(list(flat_inputs), info.in_spec)
             out = gm(*args, **kwargs)
         else:
             out = gm(*flat_inputs)
-    return torch.utils._pytree.tree_leaves(out)
+    return tree_leaves(out)
 
 
 #: A transformation for :func:`apply_validated`: rewrites the GraphModule it is given (a clone)

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 
+from anefx.compat import torch as pytree
 from anefx.ir.errors import CaptureError
 
 

@@ -20,6 +20,16 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from anefx.compat.torch import (
+    detect_fake_mode,
+    fake_mode,
+    is_op_overload,
+    is_op_packet,
+    op_schema,
+    packet_name,
+    tree_leaves,
+)
+
 aten = torch.ops.aten
 
 
@@ -41,9 +51,7 @@ def clone_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def refresh_meta(gm: torch.fx.GraphModule, flat_inputs: Iterable[torch.Tensor]) -> None:
     """Recompute ``node.meta["val"]`` (FakeTensors) for every node from the flat example inputs."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode(allow_non_fake_inputs=True)
     fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat_inputs]
     with mode:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
@@ -115,10 +123,10 @@ def op_name(node: torch.fx.Node) -> str:
     """A stable short name for a node's operation: ``aten.linear``, ``placeholder``, ``call_module:foo``."""
     if node.op == "call_function":
         t = node.target
-        if isinstance(t, torch._ops.OpOverload):
-            return f"{t.namespace}.{t._schema.name.split('::')[-1]}"
-        if isinstance(t, torch._ops.OpOverloadPacket):
-            return f"{t._qualified_op_name.replace('::', '.')}"
+        if is_op_overload(t):
+            return f"{t.namespace}.{op_schema(t).name.split('::')[-1]}"
+        if is_op_packet(t):
+            return f"{packet_name(t).replace('::', '.')}"
         return getattr(t, "__name__", str(t))
     if node.op in ("call_module", "call_method"):
         return f"{node.op}:{node.target}"
@@ -224,12 +232,10 @@ def is_constant(node) -> bool:
 
 def infer_meta(node: torch.fx.Node) -> None:
     """Fill ``node.meta["val"]`` by running its op on its inputs' FakeTensors (no real compute)."""
-    from torch._guards import detect_fake_mode
-
     if node.op != "call_function":
         return
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-    vals = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+    vals = [v for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
     mode = detect_fake_mode(vals)
     if mode is None:
         return
@@ -346,8 +352,8 @@ def _removable(node: torch.fx.Node) -> bool:
     if node.op != "call_function":
         return False
     t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        schema = t._schema
+    if is_op_overload(t):
+        schema = op_schema(t)
         if schema.name in _KEEP:
             return False
         # mutating ops have side effects; ops merely tagged random (dropout, sdpa) are fine to drop

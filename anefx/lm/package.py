@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.fx
 
+from anefx.compat.coremltools import operations
 from anefx.ir.errors import ConversionError
 from anefx.lm.cache import CacheLayout
 from anefx.lm.stateful import Stateful
@@ -62,7 +63,7 @@ class LMFunction:
         return self.mlmodel
 
     def operations(self) -> list:
-        return list(self.mlmodel._mil_program.functions["main"].operations)
+        return operations(self.mlmodel)
 
     def op_histogram(self) -> collections.Counter:
         return collections.Counter(op.op_type for op in self.operations() if op.op_type != "const")

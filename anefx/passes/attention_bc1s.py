@@ -685,7 +685,7 @@ def _reorder(graph, x: torch.fx.Node, have: Perm, want: Perm) -> torch.fx.Node:
 
 def _constant(gm, value: torch.Tensor, prefix: str, like: torch.fx.Node) -> torch.fx.Node:
     """A new constant (``get_attr``) with shape metadata in ``like``'s fake mode."""
-    from torch._guards import detect_fake_mode
+    from anefx.compat.torch import detect_fake_mode
 
     value = value.detach().contiguous()
     node = gm.graph.get_attr(add_constant(gm, value, prefix))

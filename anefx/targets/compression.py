@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from anefx.compat.coremltools import kmeans_lut_and_indices, operations
 from anefx.ir.errors import AnefxError
 from anefx.ir.graph import layer_of
 
@@ -198,7 +199,7 @@ def node_of_const(name: str, node_names: set[str]) -> str | None:
 
 def weight_table(mlmodel, ep, threshold: int) -> list[WeightInfo]:
     """Every weight-sized const of ``main`` with its FX node, parameter, consumer and role."""
-    ops = list(mlmodel._mil_program.functions["main"].operations)
+    ops = operations(mlmodel)
     node_names = {n.name for n in ep.graph.nodes}
     table: dict[str, WeightInfo] = {}
     for op in ops:
@@ -283,15 +284,13 @@ class SharedKMeans:
         self.hits = 0
 
     def lut_function(self, nbits: int):
-        from coremltools.optimize.coreml._quantization_passes import palettize_weights
-
         def lut_and_indices(val: np.ndarray):
             data = np.ascontiguousarray(val)
             key = (nbits, data.dtype.str, data.shape, hashlib.sha1(data.tobytes()).digest())
             if key in self._cache:
                 self.hits += 1
             else:
-                self._cache[key] = palettize_weights._get_lut_and_indices(data, "KMEANS", nbits, None)
+                self._cache[key] = kmeans_lut_and_indices(data, nbits)
             return self._cache[key]
 
         return lut_and_indices

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from anefx.compat.coreai import function_graph, walk
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.ops import DECOMPOSITIONS
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
@@ -91,8 +92,7 @@ class CoreAIArtifact(Artifact):
 
     def ir_text(self) -> str:
         """The program as MLIR-like text, without the weights."""
-        graph = self.model._get_graph("main")
-        return graph.get_asm(large_elements_limit=16)
+        return function_graph(self.model).get_asm(large_elements_limit=16)
 
 
 _STRUCTURAL = {"constant", "graph", "output"}
@@ -118,15 +118,8 @@ def _user_location(text: str) -> str | None:
 
 
 def read_ops(program) -> list[CoreAIOp]:
-    from coreai._compiler.ir import WalkResult
-
     ops: list[CoreAIOp] = []
-
-    def visit(op):
-        ops.append(CoreAIOp(_short_name(op), _user_location(str(op.location))))
-        return WalkResult.ADVANCE
-
-    program._get_graph("main").walk(visit)
+    walk(program, lambda op: ops.append(CoreAIOp(_short_name(op), _user_location(str(op.location)))))
     return ops
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
+from anefx.compat.coremltools import mil_program, torch_node_inputs
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.graph import describe
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
@@ -146,7 +147,7 @@ class CoreMLArtifact(Artifact):
 
     @property
     def mil_program(self):
-        return self.model._mil_program
+        return mil_program(self.model)
 
     def operations(self) -> list:
         return list(self.mil_program.functions["main"].operations)
@@ -185,9 +186,8 @@ def _ensure_aliases() -> None:
 def _convert_channel_layer_norm(context, node):
     """``anefx::channel_layer_norm`` → one MIL ``layer_norm`` over axis 1."""
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
 
-    x, weight, bias, eps = _get_inputs(context, node, expected=4)
+    x, weight, bias, eps = torch_node_inputs(context, node, expected=4)
     eps = 1e-5 if eps is None else float(eps.val)
     context.add(mb.layer_norm(x=x, axes=[1], gamma=weight, beta=bias, epsilon=eps, name=node.name))
 

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.export.exported_program import ExportedProgram, ModuleCallEntry, ModuleCallSignature
-from torch.export.graph_signature import (
-    ExportGraphSignature,
-    InputKind,
-    InputSpec,
-    OutputKind,
-    OutputSpec,
-    TensorArgument,
-)
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, OutputKind, OutputSpec, TensorArgument
+
+from anefx.compat.torch import exported_program, non_persistent_buffers, pytree_info, rename_node, tree_leaves
 
 aten = torch.ops.aten
 #: Non-core overloads export keeps and ``run_decompositions`` would rewrite: respelled here the same way.
@@ -62,7 +57,7 @@ def lifted_program(gm: torch.fx.GraphModule) -> ExportedProgram | None:
     """``gm`` (which this takes over: pass a clone) as an ATen-dialect ``ExportedProgram``, or None."""
     graph = gm.graph
     _respell_casts(graph)
-    info = getattr(graph._codegen, "pytree_info", None)
+    info = pytree_info(graph)
     if info is None or info.in_spec is None or info.out_spec is None:
         return None
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -103,7 +98,7 @@ def lifted_program(gm: torch.fx.GraphModule) -> ExportedProgram | None:
         for n in nodes:
             n.replace_all_uses_with(ph)
             graph.erase_node(n)
-        persistent = kind != InputKind.BUFFER or target not in getattr(gm, "_non_persistent_buffers_set", set())
+        persistent = kind != InputKind.BUFFER or target not in non_persistent_buffers(gm)
         specs.append(InputSpec(kind, TensorArgument(ph.name), target, persistent if kind == InputKind.BUFFER else None))
         (constants if kind == InputKind.CONSTANT_TENSOR else state)[target] = value
     for n in users:
@@ -113,22 +108,13 @@ def lifted_program(gm: torch.fx.GraphModule) -> ExportedProgram | None:
     specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), None) for n in users]
 
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    flat = torch.utils._pytree.tree_leaves(out.args[0])
+    flat = tree_leaves(out.args[0])
     if not all(isinstance(n, torch.fx.Node) for n in flat):
         return None
     out.args = (tuple(flat),)
     outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(n.name), None) for n in flat]
-    signature = ModuleCallSignature(inputs=[], outputs=[], in_spec=info.in_spec, out_spec=info.out_spec)
     try:
-        return ExportedProgram(
-            root=gm,
-            graph=graph,
-            graph_signature=ExportGraphSignature(specs, outputs),
-            state_dict=state,
-            range_constraints={},
-            module_call_graph=[ModuleCallEntry("", signature)],
-            constants=constants,
-        )
+        return exported_program(gm, graph, specs, outputs, state, constants, info.in_spec, info.out_spec)
     except Exception:  # torch's verifier refused it: the caller re-exports
         return None
 
@@ -145,7 +131,7 @@ def keep_input_names(before: ExportedProgram, after: ExportedProgram) -> Exporte
     nodes = {n.name: n for n in after.graph.nodes if n.op == "placeholder"}
     for spec, name in zip(specs, old):
         if spec.arg.name != name:
-            nodes[spec.arg.name]._rename(name)
+            rename_node(nodes[spec.arg.name], name)
             spec.arg.name = name
     after.graph_module.recompile()
     return after

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from anefx.compat.torch import set_flat_io
 from anefx.ir.errors import AnefxError
 
 _CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
@@ -93,7 +94,7 @@ def split_head(gm: torch.fx.GraphModule, options: LMHeadOptions) -> tuple[torch.
             else:
                 top = graph.call_function(torch.ops.aten.topk.default, (logits, options.k, -1))
                 leaves[0:1] = [graph.call_function(_getitem, (top, 0)), graph.call_function(_getitem, (top, 1))]
-        graph._codegen = torch.fx.graph.CodeGen()  # the output structure changed: plain tuple
+        set_flat_io(graph)  # the output structure changed: plain tuple
         out.args = (tuple(leaves),)
     graph.lint()
     gm.recompile()

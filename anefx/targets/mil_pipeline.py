@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from anefx.compat.coremltools import fp16_cast_pass, pass_options
+
 FP16_MAX = 65504.0
 _REPLACEMENTS = {"common::add_fp16_cast": "anefx::add_fp16_cast"}
 
 
 def _register() -> None:
-    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY, register_pass
 
     if "anefx::add_fp16_cast" in PASS_REGISTRY:
         return
+
+    FP16ComputePrecision = fp16_cast_pass()
 
     @register_pass(namespace="anefx", name="add_fp16_cast")
     class FastFP16Cast(FP16ComputePrecision):
@@ -56,8 +59,8 @@ def pass_pipeline(ct, fp16: bool):
         return pipeline
     _register()
     names = [_REPLACEMENTS.get(n, n) for n in pipeline.passes]
-    options = {_REPLACEMENTS.get(n, n): opts for n, opts in pipeline._pass_options.items()}
+    options = {_REPLACEMENTS.get(n, n): opts for n, opts in pass_options(pipeline).items()}
     fast = ct.PassPipeline(pass_names=names, pipeline_name="anefx")
     for name, opts in options.items():
-        fast.set_options(name, {o.option_name: o.option_val for o in opts})
+        fast.set_options(name, opts)
     return fast

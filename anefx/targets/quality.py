@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.fx
 
+from anefx.compat.coremltools import operations
+
 _COMPRESSED_SUFFIX = re.compile(r"^(?P<const>.+)_(?:palettized|quantized)$")
 #: constexpr ops that stand for a whole (dense) weight at the top of a decompression chain.
 _CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "constexpr_affine_dequantize")
@@ -36,7 +38,7 @@ _CONSTEXPR = ("constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "cons
 def const_values(mlmodel, names: set[str] | None = None) -> dict[str, np.ndarray]:
     """The values of the ``const`` ops of ``main`` (optionally only ``names``)."""
     out = {}
-    for op in mlmodel._mil_program.functions["main"].operations:
+    for op in operations(mlmodel):
         if op.op_type == "const" and (names is None or op.name in names):
             out[op.name] = op.outputs[0].val
     return out
@@ -49,7 +51,7 @@ def decompressed_weights(mlmodel) -> dict[str, np.ndarray]:
     feeds real computation; its name, minus coremltools' ``_palettized``/``_quantized`` suffix,
     is the name the const had before compression."""
     out = {}
-    for op in mlmodel._mil_program.functions["main"].operations:
+    for op in operations(mlmodel):
         if not op.op_type.startswith("constexpr_"):
             continue
         children = op.outputs[0].child_ops
@@ -239,7 +241,7 @@ def program_weight_bytes(mlmodel, threshold: int = 0) -> int:
     from coremltools.converters.mil.mil import types
 
     total = 0
-    for op in mlmodel._mil_program.functions["main"].operations:
+    for op in operations(mlmodel):
         if op.op_type != "const":
             continue
         var = op.outputs[0]

@@ -1,0 +1,59 @@
+"""The private coremltools APIs anefx relies on, each behind one function (pinned by ``tests/test_compat.py``).
+
+* ``MLModel._mil_program``: the MIL program of a model converted in this process (its functions,
+  blocks and operations; what op histograms, compression and the ANE report read).
+* ``palettize_weights._get_lut_and_indices``: coremltools' own k-means, called per weight group so
+  that two programs holding the same weight get the same tables (``SharedKMeans``).
+* ``frontend.torch.ops._get_inputs``: a torch op converter's inputs (anefx's own ops' converters).
+* ``PassPipeline._pass_options``: the options of each pass of a MIL pass pipeline.
+* ``FP16ComputePrecision.fp16_overflow`` (``defs.quantization``): the overflow check of
+  ``common::add_fp16_cast``, which anefx's faster equivalent pass overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def mil_program(mlmodel):
+    """The MIL ``Program`` of a model converted (or compressed) in this process."""
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None:
+        raise AttributeError(
+            "this MLModel has no MIL program in memory (coremltools keeps it only for models converted or "
+            "compressed in this process, not for packages loaded from disk)"
+        )
+    return program
+
+
+def operations(mlmodel, function: str = "main") -> list:
+    """The operations of one function's main block, in order."""
+    return list(mil_program(mlmodel).functions[function].operations)
+
+
+def kmeans_lut_and_indices(values, nbits: int):
+    """coremltools' k-means palettization of one weight group: ``(lut, indices)`` as
+    ``palettize_weights`` computes them in its ``kmeans`` mode."""
+    from coremltools.optimize.coreml._quantization_passes import palettize_weights
+
+    return palettize_weights._get_lut_and_indices(values, "KMEANS", nbits, None)
+
+
+def torch_node_inputs(context, node, expected: int) -> list:
+    """The converted inputs of a torch node inside a registered op converter."""
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+
+    return _get_inputs(context, node, expected=expected)
+
+
+def pass_options(pipeline) -> dict[str, dict[str, Any]]:
+    """Each pass's options of a ``ct.PassPipeline``: pass name → {option name: value}."""
+    return {name: {o.option_name: o.option_val for o in opts} for name, opts in pipeline._pass_options.items()}
+
+
+def fp16_cast_pass():
+    """The class of ``common::add_fp16_cast`` (``FP16ComputePrecision``): subclasses override its static
+    ``fp16_overflow(op) -> bool``."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    return FP16ComputePrecision
