@@ -195,9 +195,8 @@ def _convert_channel_layer_norm(context, node):
 def _convert_instance_norm(context, node):
     """``anefx::instance_norm`` → one MIL ``instance_norm`` (no gamma/beta)."""
     from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
 
-    x, eps = _get_inputs(context, node, expected=2)
+    x, eps = torch_node_inputs(context, node, expected=2)
     context.add(mb.instance_norm(x=x, epsilon=float(eps.val), name=node.name))
 
 
