@@ -34,6 +34,7 @@ class CatalogExample:
 
 EXAMPLES: dict[str, CatalogExample] = {
     "canonicalize": CatalogExample("masked_scores"),
+    "token_batch_norm": CatalogExample("tiny_token_batch_norm"),
     "fold_constants": CatalogExample("masked_scores", ("canonicalize",)),
     "grouped_projection": CatalogExample("tiny_grouped"),
     "linear_to_conv": CatalogExample("tiny_block"),
@@ -183,7 +184,7 @@ for node in list(gm.graph.nodes):
 When such a pass fails validation, the pipeline re-runs it on halves of its sites until it has
 found the failing ones (about 2·log2(n) re-runs for one bad site of n), keeps the pass without
 them, and the report names each excluded site: its node, op, the user's source line and the error.
-`canonicalize`, `fold_constants`, `split_modulation`, `grouped_projection`, `linear_to_conv`,
+`canonicalize`, `token_batch_norm`, `fold_constants`, `split_modulation`, `grouped_projection`, `linear_to_conv`,
 `layer_norm_bc1s`, `rms_norm_bc1s`, `group_norm_4d`, `attention_bc1s` and `fp16_mask_values` declare
 sites. `to_bc1s` and `fold_transposes` stay whole:
 they choose one layout for the whole graph (a cut over the dataflow graph) and cancel transposes

@@ -293,6 +293,27 @@ def tiny_modulation(seq: int = 4):
     return TinyModulation().eval(), (torch.randn(2, seq, 8), torch.randn(2, 8)), {}
 
 
+class TinyTokenBatchNorm(nn.Module):
+    """LeViT's projection: a linear, then BatchNorm1d over the tokens flattened to (B·S, C)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.linear = nn.Linear(c, c, bias=False)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def tiny_token_batch_norm(seq: int = 4):
+    _seed()
+    model = _randomise(TinyTokenBatchNorm(), scale=0.5)
+    model.bn.running_mean.normal_(0, 0.5)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    return model, (torch.randn(2, seq, 8),), {}
+
+
 def tiny_rms_norm(seq: int = 4):
     _seed()
     return TinyRMSNorm().eval(), (torch.randn(1, seq, 8),), {}

@@ -110,11 +110,11 @@ class Hybrid(nn.Module):
         return tokens
 
 
-def _three(model, args):
+def _three(model, args, pipeline=None):
     """Stock conversion, anefx with the guard (the default) and the passes' own output."""
     stock = anefx.compile(model, args, pipeline=anefx.Pipeline.empty(), validate="off")
-    guarded = anefx.compile(model, args)
-    raw = anefx.compile(model, args, never_worse=False)
+    guarded = anefx.compile(model, args, pipeline=pipeline)
+    raw = anefx.compile(model, args, pipeline=pipeline, never_worse=False)
     return stock, guarded, raw
 
 
@@ -138,8 +138,10 @@ def test_einsum_projections_are_never_worse_than_stock():
 
 
 def test_hybrid_keeps_the_worse_region_and_rewrites_the_attention():
+    """Without ``token_batch_norm`` the LeViT MLPs' batch norms over flattened tokens force their
+    tokens out of (B, C, 1, S): those regions come out worse and are kept."""
     model, image = _reinit(Hybrid()), torch.randn(1, 3, 16, 16)
-    stock, guarded, raw = _three(model, (image,))
+    stock, guarded, raw = _three(model, (image,), anefx.Pipeline.default().without("token_batch_norm"))
     s, g, r = stock.op_histogram(), guarded.op_histogram(), raw.op_histogram()
     assert _layout(g) <= _layout(s) and _layout(g) < _layout(r), (s, g, r)
     # the attention region stays rewritten: per-head einsums, 12 projections + 2 convs of the model
@@ -156,6 +158,21 @@ def test_hybrid_keeps_the_worse_region_and_rewrites_the_attention():
     assert text.count("kept region") == len(kept) >= 1
     for inputs in (image, torch.randn(1, 3, 16, 16) * 2):
         torch.testing.assert_close(guarded(inputs), model(inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_hybrid_comes_out_whole_with_batch_norm_on_tokens():
+    """With ``token_batch_norm`` (the default) the whole hybrid runs in (B, C, 1, S): attention per
+    head, the LeViT projections as convs with their batch norms folded into them by coremltools."""
+    model, image = _reinit(Hybrid()), torch.randn(1, 3, 16, 16)
+    stock = anefx.compile(model, (image,), pipeline=anefx.Pipeline.empty(), validate="off")
+    compiled = anefx.compile(model, (image,))
+    s, g = stock.op_histogram(), compiled.op_histogram()
+    assert compiled.report.guard["kept"] == [] and compiled.report.record("token_batch_norm").stats["rewritten"] == 4
+    assert _layout(g) * 4 < _layout(s), (g, s)
+    assert "linear" not in g and "matmul" not in g and "batch_norm" not in g and s["batch_norm"] == 4, g
+    assert g["einsum"] == 16 and g["conv"] == 18, g
+    for inputs in (image, torch.randn(1, 3, 16, 16) * 2):
+        torch.testing.assert_close(compiled(inputs), model(inputs), atol=1e-4, rtol=1e-4)
 
 
 def _levit_linears(compiled):
@@ -196,10 +213,10 @@ def test_refused_sites_keep_their_original_form():
 def test_regions_are_split_by_the_models_convolutions(attention_blocks, mlp_blocks):
     """The attention blocks and their residual stream make one region; so do the LeViT blocks' up
     projections (on the residual stream), while each down projection sits between two batch norms:
-    a region of its own."""
+    a region of its own (without ``token_batch_norm``, whose sites, the batch norms, join them)."""
     model = _reinit(Hybrid(attention_blocks=attention_blocks, mlp_blocks=mlp_blocks))
     cap = anefx.capture(model, (torch.randn(1, 3, 16, 16),))
-    res = anefx.Pipeline.default().run(cap.graph_module, cap.flat_inputs)
+    res = anefx.Pipeline.default().without("token_batch_norm").run(cap.graph_module, cap.flat_inputs)
     regions = find_regions(cap.graph_module, res.sites)
     assert len(regions) == (1 if attention_blocks else 1 + mlp_blocks)
     assert {p for r in regions for p, _ in r.sites} >= {"linear_to_conv"}

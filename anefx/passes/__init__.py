@@ -20,9 +20,11 @@ from anefx.passes.linear_to_conv import LinearToConv
 from anefx.passes.rms_norm_bc1s import RMSNormBC1S
 from anefx.passes.split_modulation import SplitModulation
 from anefx.passes.to_bc1s import ToBC1S
+from anefx.passes.token_batch_norm import TokenBatchNorm
 
 DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
+    TokenBatchNorm,
     FoldConstants,
     SplitModulation,
     GroupedProjection,
@@ -72,6 +74,7 @@ __all__ = [
     "RMSNormBC1S",
     "SplitModulation",
     "ToBC1S",
+    "TokenBatchNorm",
     "default_passes",
     "pass_by_name",
 ]

@@ -149,6 +149,7 @@ class ToBC1S(Pass):
             "layer_norm_bc1s",
             "rms_norm_bc1s",
             "split_modulation",
+            "token_batch_norm",
             "attention_bc1s",
             "attention_chunks",
         }
