@@ -346,17 +346,22 @@ def diffusion_section(names=DIFFUSION) -> None:
         console.print(compare_estimates(reports))
 
 
-def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0) -> None:
+def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0, queries: int = 512) -> None:
     """Stable Diffusion 1.5's UNet (860M parameters, random weights) at ``latent``x``latent`` latents,
-    batch 2: compiled and chunked under ``chunk_mb``; compile time and peak memory."""
+    batch 2: compiled and chunked under ``chunk_mb``; compile time and peak memory. Attention score
+    tensors are chunked by ``queries`` queries (Apple's ml-stable-diffusion uses 512)."""
     model, args, kwargs = models.unet_sd15(latent=(latent, latent))
     params = sum(p.numel() for p in model.parameters())
+    tokens = latent * latent
+    score_bytes = 2 * tokens * queries * 2  # batch 2, fp16: one query chunk's per-head scores
+    pipeline = anefx.Pipeline.default().with_options("attention_chunks", max_bytes=score_bytes)
     gc.collect()
     with RssSampler() as rss:
         t0 = time.perf_counter()
-        compiled = anefx.compile(model, args, kwargs, max_chunk_mb=chunk_mb)
+        compiled = anefx.compile(model, args, kwargs, pipeline=pipeline, max_chunk_mb=chunk_mb, progress=print)
         seconds = time.perf_counter() - t0
     print(f"\n=== SD-1.5 UNet: {params / 1e6:.0f}M parameters, latents {latent}x{latent}, batch 2 ===")
+    print(f"attention_chunks max_bytes {score_bytes / 2**20:.0f} MiB ({queries} queries x {tokens} keys x batch 2)")
     sizes = [c.weight_bytes / 1e6 for c in compiled.chunks.chunks] if compiled.chunks else []
     print(f"compile {seconds:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in compiled.timings.items())})")
     print(f"peak RSS {rss.peak / 2**30:.2f} GiB (before {rss.start / 2**30:.2f} GiB)")

@@ -922,3 +922,32 @@ def text_encoder(layers: int = 2, dim: int = 32, heads: int = 4, text: int = 77,
     model = TextEncoder(_randomise(CLIPTextModel(cfg)))
     gen = torch.Generator().manual_seed(1)
     return model, (torch.randint(0, 1000, (batch, text), generator=gen),), {}
+
+
+def rotary_or_fused(kind: str = "roformer", layers: int = 2, dim: int = 256, heads: int = 8, seq: int = 64):
+    """Small random-weight models whose attention is spelled unusually, called with ids and a padded
+    mask: ``roformer`` (an encoder with interleaved rotary, ``stack(...).reshape_as(x)``),
+    ``modernbert`` (a fused QKV viewed (B, S, 3, H, D) and unbound) and ``falcon_mqa`` (multi-query,
+    a fused QKV sliced with ``[..., [-2], :]``)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1024, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads)
+    if kind == "roformer":
+        model = tf.RoFormerModel(
+            tf.RoFormerConfig(intermediate_size=2 * dim, max_position_embeddings=2 * seq, embedding_size=dim, **common)
+        )
+    elif kind == "modernbert":
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        model = tf.ModernBertModel(
+            tf.ModernBertConfig(intermediate_size=2 * dim, max_position_embeddings=2 * seq, **ids, **common)
+        )
+    elif kind == "falcon_mqa":
+        model = tf.FalconModel(tf.FalconConfig(multi_query=True, new_decoder_architecture=False, alibi=False, **common))
+    else:
+        raise KeyError(f"unknown kind {kind!r}: roformer, modernbert or falcon_mqa")
+    model = _randomise(model, scale=0.05)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -seq // 8 :] = 0
+    return model, (torch.randint(3, 1024, (1, seq), generator=gen),), {"attention_mask": mask}

@@ -281,3 +281,30 @@ def test_still_worse_after_the_refusals_ships_the_stock_form():
     assert "WORSE" not in str(compiled.report)
     x = torch.randn(*args[0].shape) * 2
     torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, rewritten",
+    [("roformer", True), ("modernbert", False), ("falcon_mqa", False)],
+)
+def test_unusual_attention_is_rewritten_or_ships_stock(kind, rewritten):
+    """RoFormer's interleaved rotary (``stack(...).reshape_as(x)``) is per head; ModernBERT's
+    ``view(B, S, 3, H, D).unbind(2)`` and Falcon's multi-query ``[..., [-2], :]`` slices are not matched
+    yet: their conv projections alone would be worse than stock outside any region the guard can
+    refuse, so the stock form ships (it used to ship the worse graph)."""
+    model, args, kwargs = example("rotary_or_fused", kind=kind)
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    info = compiled.report.guard
+    assert not info["worse_than_stock"] and "WORSE" not in str(compiled.report)
+    if rewritten:
+        assert compiled.report.record("attention_bc1s").stats["heads"] == 16 and info["kept"] == []
+        assert sum(info["anefx"].values()) * 4 < sum(info["stock"].values())
+    else:
+        assert info["shipped"] == "stock" and "shipped the stock form" in str(compiled.report)
+    ids = torch.randint(3, 1024, args[0].shape, generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(kwargs["attention_mask"])
+    mask[:, -3:] = 0
+    out = compiled(ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -129,7 +129,7 @@ from anefx.analysis.heads import (
 )
 from anefx.analysis.layout import from_bc1s, to_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm, MaskUse
-from anefx.analysis.norms import emit_channel_rms_norm
+from anefx.analysis.norms import LayerNorm, emit_channel_rms_norm
 from anefx.ir.graph import (
     add_constant,
     call,
@@ -613,7 +613,14 @@ class AttentionBC1S(Pass):
                     norm = step.norm
                     if perm is not None and norm.weight is not None:
                         norm = dataclasses.replace(norm, weight=_permuted_constant(gm, norm.weight, perm, memo))
-                    out = emit_channel_rms_norm(graph, x, norm, memo=sides), perm
+                    if isinstance(norm, LayerNorm):  # per-head QK LayerNorm: over the head chunk's channels
+                        bias = norm.bias
+                        if perm is not None and bias is not None:
+                            bias = _permuted_constant(gm, bias, perm, memo)
+                        ln = torch.ops.anefx.channel_layer_norm.default
+                        out = call(graph, ln, (x, norm.weight, bias, norm.eps)), perm
+                    else:
+                        out = emit_channel_rms_norm(graph, x, norm, memo=sides), perm
                 elif step.kind == "interleave":
                     parts = [chunk(a, j) for a in step.parts]
                     n = len(parts)

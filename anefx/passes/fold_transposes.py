@@ -46,7 +46,7 @@ import torch.fx
 
 from anefx.analysis.heads import movement_chain, simulate
 from anefx.analysis.layout_rules import BINARY, UNARY
-from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape
+from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape, views_to_reshapes
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -224,6 +224,7 @@ class FoldTransposes(Pass):
                 moved = call(graph, user.target, (src, *user.args[1:]), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
             replace_node(graph, user, new_perm)
+            views_to_reshapes(new_perm)
             graph.erase_node(node)
             stats["sunk"] += 1
             return True
@@ -247,6 +248,7 @@ class FoldTransposes(Pass):
                 moved = call(graph, user.target, tuple(args), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
             replace_node(graph, user, new_perm)
+            views_to_reshapes(new_perm)
             graph.erase_node(node)
             if drop is not None:
                 graph.erase_node(drop)

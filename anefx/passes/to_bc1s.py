@@ -46,7 +46,7 @@ import torch.fx
 
 from anefx.analysis.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
 from anefx.analysis.layout_rules import Rule, rule_for
-from anefx.ir.graph import dce, provenance, rank
+from anefx.ir.graph import dce, provenance, rank, views_to_reshapes
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 SOURCE, SINK = "__bc1s__", "__orig__"
@@ -211,6 +211,7 @@ class ToBC1S(Pass):
             back = from_bc1s(graph, bc[n], problem.rules[n].rank, from_memo)
             for u in outside:
                 u.replace_input_with(n, back)
+            views_to_reshapes(back)
         for n in reversed(order):
             if not n.users:
                 graph.erase_node(n)
