@@ -756,6 +756,35 @@ def unet(layers: int = 1, latent=(16, 16), batch: int = 2, text: int = 77, confi
     return model, (sample, _timesteps(batch), states), {"return_dict": False}
 
 
+#: SDXL-style blocks: linear projections in and out of the transformers, two transformer layers at
+#: the lower resolution, no attention at the top one, added conditions (pooled text, time ids)
+UNET_SDXL_SMALL = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32,
+)
+
+
+def unet_sdxl_style(latent=(16, 32), batch: int = 2, text: int = 77):
+    """A small SDXL-style ``UNet2DConditionModel`` called with ``added_cond_kwargs`` (pooled text
+    embeddings and six time ids per row) and ``return_dict=False``."""
+    model, args, kwargs = unet(latent=latent, batch=batch, text=text, config=UNET_SDXL_SMALL)
+    gen = torch.Generator().manual_seed(2)
+    added = {"text_embeds": torch.randn(batch, 32, generator=gen), "time_ids": torch.randn(batch, 6, generator=gen)}
+    return model, args, {"added_cond_kwargs": added, **kwargs}
+
+
 def unet_sd15(latent=(64, 64), batch: int = 2):
     """Stable Diffusion 1.5's UNet from its config, random weights (the benchmark's full-size row)."""
     return unet(latent=latent, batch=batch, config=UNET_SD15)

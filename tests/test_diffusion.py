@@ -78,6 +78,22 @@ def test_unet_layout_changes_at_most_stock_and_one_per_added_attention(unets):
         assert c.report.guard["kept"] == [] and not c.report.guard["worse_than_stock"]
 
 
+def test_sdxl_style_unet_with_added_conditions():
+    """Linear projections in and out of the transformer blocks (the hand-over is a permute and a
+    reshape before a linear), two transformer layers per block, pooled-text and time-id conditions."""
+    model, args, kwargs, stock, compiled = _pair("unet_sdxl_style")
+    ops, s = compiled.op_histogram(), stock.op_histogram()
+    n = _attentions(model)
+    assert _layout(ops) * 2 < _layout(s) and ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, (ops, s)
+    assert ops["transpose"] == n + 1, ops  # one K transpose per attention, the text states' one
+    gen = torch.Generator().manual_seed(7)
+    added = {k: torch.randn(v.shape, generator=gen) for k, v in kwargs["added_cond_kwargs"].items()}
+    sample, t = torch.randn(args[0].shape, generator=gen), torch.tensor([3, 999])
+    out = compiled(sample, t, args[2], added_cond_kwargs=added, return_dict=False)[0]
+    with torch.no_grad():
+        assert _rel(out, model(sample, t, args[2], added_cond_kwargs=added, return_dict=False)[0]) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["vae_decoder", "vae_encoder"])
 def test_vae_per_head_attention_and_4d_group_norms(name):
     model, args, _, stock, compiled = _pair(name)
