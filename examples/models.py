@@ -842,12 +842,9 @@ def vae_encoder(layers: int = 1, image=(32, 32), batch: int = 1):
     return VAEEncoder(_vae(layers)), (torch.randn(batch, 3, *image, generator=gen),), {}
 
 
-def dit(layers: int = 2, latent: int = 16, batch: int = 2):
-    """diffusers' ``DiTTransformer2DModel`` (adaLN-Zero modulation, patchify/unpatchify), small."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
+def _patch_transformer(layers: int, latent: int) -> dict:
+    """The config DiT and PixArt share here: 4 heads of 16, patches of 2, 4 channels in, 8 out."""
+    return dict(
         num_attention_heads=4,
         attention_head_dim=16,
         in_channels=4,
@@ -856,8 +853,20 @@ def dit(layers: int = 2, latent: int = 16, batch: int = 2):
         sample_size=latent,
         patch_size=2,
         norm_num_groups=8,
-        num_embeds_ada_norm=10,
     )
+
+
+def _latents_and_text(batch: int, latent: int, text: int, gen: torch.Generator):
+    """Random latents (B, 4, latent, latent) and text states (B, text, 32)."""
+    return torch.randn(batch, 4, latent, latent, generator=gen), torch.randn(batch, text, 32, generator=gen)
+
+
+def dit(layers: int = 2, latent: int = 16, batch: int = 2):
+    """diffusers' ``DiTTransformer2DModel`` (adaLN-Zero modulation, patchify/unpatchify), small."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**_patch_transformer(layers, latent), num_embeds_ada_norm=10)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, latent, latent, generator=gen)
     return _randomise(model), (x, _timesteps(batch), torch.arange(batch) % 10), {"return_dict": False}
@@ -869,26 +878,18 @@ def pixart(layers: int = 2, latent: int = 16, batch: int = 2, text: int = 77):
 
     torch.manual_seed(0)
     model = PixArtTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=layers,
-        sample_size=latent,
-        patch_size=2,
-        norm_num_groups=8,
+        **_patch_transformer(layers, latent),
         cross_attention_dim=64,
         caption_channels=32,
         use_additional_conditions=False,
     )
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, latent, latent, generator=gen)
-    kwargs = {
-        "encoder_hidden_states": torch.randn(batch, text, 32, generator=gen),
-        "timestep": _timesteps(batch),
-        "return_dict": False,
-    }
-    return _randomise(model), (x,), kwargs
+    x, states = _latents_and_text(batch, latent, text, gen)
+    return (
+        _randomise(model),
+        (x,),
+        {"encoder_hidden_states": states, "timestep": _timesteps(batch), "return_dict": False},
+    )
 
 
 def sd3(layers: int = 2, latent: int = 16, batch: int = 2, text: int = 77):
@@ -910,9 +911,9 @@ def sd3(layers: int = 2, latent: int = 16, batch: int = 2, text: int = 77):
         pos_embed_max_size=latent,
     )
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, latent, latent, generator=gen)
+    x, states = _latents_and_text(batch, latent, text, gen)
     kwargs = {
-        "encoder_hidden_states": torch.randn(batch, text, 32, generator=gen),
+        "encoder_hidden_states": states,
         "pooled_projections": torch.randn(batch, 32, generator=gen),
         "timestep": _timesteps(batch),
         "return_dict": False,
