@@ -139,9 +139,13 @@ def main(argv=None) -> int:
     if args.chunk_mb is not None:
         pipeline = anefx.Pipeline.default().with_options("attention_chunks", max_bytes=int(args.chunk_mb * 2**20))
     compiled = compile_components(parts, convert=not args.no_convert, unet_pipeline=pipeline, progress=print)
+    args.out.mkdir(parents=True, exist_ok=True)
     for name, c in compiled.items():
         guard = c.report.guard_lines()
         print(f"{name}: {guard[0] if guard else ''}")
+        chunks = [r for r in c.report.records if r.name == "attention_chunks" and r.modified]
+        if chunks:
+            print(f"  attention_chunks: {chunks[0].stats}")
         if not args.no_convert:
             ops = c.op_histogram()
             print(
