@@ -3,6 +3,8 @@
 compiled = anefx.compile(model, (x,))
 compiled.save("model.mlpackage")
 print(compiled.report)
+program = anefx.load("model.mlpackage")      # run what ships (any ML Program, or an .aimodel)
+outputs = program({"x": x})
 """
 
 from anefx.ane.report import ANEReport
@@ -18,6 +20,7 @@ from anefx.ir.capture import Captured, capture
 from anefx.ir.errors import AnefxError, CaptureError, ConversionError, PassError, TargetUnavailableError
 from anefx.lm import CompiledLM, compile_lm
 from anefx.passes import Pass, PassContext, PassResult
+from anefx.targets.runtime import load
 
 __version__ = "0.1.0"
 
@@ -45,5 +48,6 @@ __all__ = [
     "check",
     "compile",
     "compile_lm",
+    "load",
     "load_reproducer",
 ]

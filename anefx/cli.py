@@ -6,6 +6,7 @@
     anefx bisect examples/models.py:mlp_block --pipeline my_pipelines.py:broken
     anefx compile-lm examples/models.py:smollm2 -o smollm2.mlpackage --context-length 256
     anefx generate examples/models.py:smollm2 --prompt "What is the capital of France?" --chat
+    anefx run distilbert.mlpackage --random            # run a saved package (any ML Program) or .aimodel
 
 A factory is ``<python file or module>:<function>``. It returns a model, or ``(model, args, kwargs)``;
 ``--input name:shape:dtype`` builds example inputs (random, seeded) and overrides those it returned.
@@ -357,6 +358,105 @@ def cmd_check(ns) -> int:
     return 0
 
 
+def _run_inputs(ns, program, function: str) -> tuple[dict, dict]:
+    """The inputs of ``anefx run``: ``--input name=file.npy`` and, with ``--random``, seeded random
+    values for the others (floats ~ N(0, 1), integers in [0, 100), booleans True)."""
+    import numpy as np
+
+    from anefx.ir.errors import AnefxError
+
+    specs = program.inputs(function)
+    given, source = {}, {}
+    for text in ns.input:
+        name, sep, file = text.partition("=")
+        if not sep or not file:
+            raise SystemExit(f"anefx: --input wants name=file.npy, got {text!r}")
+        if name not in specs:
+            raise SystemExit(f"anefx: {function!r} has no input {name!r}; its inputs: {list(specs)}")
+        try:
+            given[name] = np.load(file)
+        except OSError as exc:
+            raise SystemExit(f"anefx: cannot read {file}: {exc}") from None
+        source[name] = file
+    missing = [n for n in specs if n not in given]
+    if missing and not ns.random:
+        wanted = ", ".join(f"{n} ({specs[n]})" for n in missing)
+        raise AnefxError(f"no value for {wanted}: pass --input name=file.npy, or --random")
+    rng = np.random.default_rng(0)
+    for name in missing:
+        spec = specs[name]
+        shape = tuple(1 if d is None else d for d in spec.shape)
+        if np.issubdtype(spec.dtype, np.floating):
+            given[name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            given[name] = np.ones(shape, np.bool_)
+        else:
+            given[name] = rng.integers(0, 100, size=shape).astype(spec.dtype)
+        source[name] = "random"
+    return given, source
+
+
+def cmd_run(ns) -> int:
+    import time
+
+    from rich.table import Table
+
+    import anefx
+
+    console = _console()
+    t0 = time.perf_counter()
+    program = anefx.load(ns.path, runtime=ns.runtime)
+    load_seconds = time.perf_counter() - t0
+    function = program.function_name(ns.function)
+    inputs, source = _run_inputs(ns, program, function)
+    state = program.make_state(function) if program.states(function) else None
+    t0 = time.perf_counter()
+    outputs = program(inputs, function=function, state=state)
+    run_seconds = time.perf_counter() - t0
+    table = Table(
+        title=f"{ns.path}: {function!r} ({program.runtime} runtime; functions {', '.join(program.functions)})"
+    )
+    for col in ("", "name", "shape", "dtype", "min", "max", "mean", "std", "inf/nan"):
+        table.add_column(col, justify="right" if col in ("min", "max", "mean", "std", "inf/nan") else "left")
+    for i, (name, value) in enumerate(inputs.items()):
+        row = ("input", f"{name} ({source[name]})", _shape_text(value), str(value.dtype), *_summary(value), "")
+        table.add_row(*row, end_section=i == len(inputs) - 1)
+    for name, value in outputs.items():
+        table.add_row("output", name, _shape_text(value), str(value.dtype), *_summary(value), _bad(value))
+    console.print(table)
+    if state is not None:
+        console.print(f"states (fresh, zeros): {', '.join(f'{k} {v}' for k, v in program.states(function).items())}")
+    console.print(f"load {load_seconds:.3f} s, run {run_seconds:.3f} s")
+    if hasattr(program, "close"):
+        program.close()
+    return 0
+
+
+def _shape_text(value) -> str:
+    return "x".join(map(str, value.shape)) or "scalar"
+
+
+def _summary(value) -> list[str]:
+    import numpy as np
+
+    if value.size == 0:
+        return ["", "", "", ""]
+    v = value.astype(np.float64)
+    finite = v[np.isfinite(v)] if np.issubdtype(value.dtype, np.floating) else v
+    if finite.size == 0:
+        return ["-", "-", "-", "-"]
+    return [f"{finite.min():.4g}", f"{finite.max():.4g}", f"{finite.mean():.4g}", f"{finite.std():.4g}"]
+
+
+def _bad(value) -> str:
+    import numpy as np
+
+    if not np.issubdtype(value.dtype, np.floating):
+        return ""
+    inf, nan = int(np.isinf(value).sum()), int(np.isnan(value).sum())
+    return f"[red]{inf}/{nan}[/red]" if inf or nan else "0/0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="anefx", description="Compile PyTorch models for the Apple Neural Engine.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -438,6 +538,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-convert", action="store_true", help="skip the Core ML conversion (torch runtime only)")
     g.add_argument("-o", "--output", help="also save the .mlpackage here")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="run a saved .mlpackage (any ML Program) or .aimodel and summarize its outputs")
+    r.add_argument("path", help="a saved .mlpackage or .aimodel")
+    r.add_argument("--function", default=None, help="the function to run (default: the program's default)")
+    r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a .npy file")
+    r.add_argument("--random", action="store_true", help="seeded random values for the inputs not given")
+    r.add_argument(
+        "--runtime",
+        choices=["auto", "mil", "coreml", "coreai"],
+        default="auto",
+        help="auto: anefx's MIL interpreter for .mlpackage, coreai-core for .aimodel; coreml needs macOS",
+    )
+    r.set_defaults(func=cmd_run)
     return ap
 
 

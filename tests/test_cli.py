@@ -78,3 +78,29 @@ def test_bisect_command(tmp_path):
     res = run("bisect", "examples/models.py:mlp_block", "--pipeline", f"{broken}:pipeline")
     index = anefx_names().index("to_bc1s") + 1
     assert res.returncode == 1 and f"first bad pass application: ({index}) flip_sign" in res.stdout
+
+
+def test_run_a_saved_package(tmp_path):
+    """``anefx run``: the outputs' shapes and values summarized, from --input files or --random."""
+    import numpy as np
+    import torch
+
+    import anefx
+    from examples import models
+
+    model, (x,), _ = models.mlp()
+    out = anefx.compile(model, (x,), validate="off").save(tmp_path / "mlp.mlpackage")
+    np.save(tmp_path / "x.npy", x.numpy())
+    res = run("run", str(out), "--input", f"x={tmp_path / 'x.npy'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    with torch.no_grad():
+        want = model(x)
+    row = next(line for line in res.stdout.splitlines() if line.startswith("│ output"))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[2:4] == ["4x32", "float16"] and cells[-1] == "0/0"
+    assert abs(float(cells[4]) - float(want.min())) < 1e-2 and abs(float(cells[5]) - float(want.max())) < 1e-2
+    assert "mil runtime" in res.stdout and "run " in res.stdout.splitlines()[-1]
+    res = run("run", str(out), "--random")
+    assert res.returncode == 0 and "x (random)" in res.stdout
+    res = run("run", str(out))
+    assert res.returncode == 2 and "no value for x (4x64 float32)" in res.stderr

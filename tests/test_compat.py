@@ -167,6 +167,40 @@ def test_mil_program_of_a_converted_model():
         ctc.mil_program(object())
 
 
+def test_program_from_spec_of_a_saved_package(tmp_path):
+    """A saved package's protobuf and weights back into a MIL program: functions, weights, the
+    defaults of optional inputs filled in, a state write read back as ``coreml_update_state``."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    from anefx.targets.coreml import quiet_coremltools
+
+    weight = np.arange(12, dtype=np.float16).reshape(3, 4)
+
+    @mb.program(
+        input_specs=[mb.StateTensorSpec((1, 3), dtype=types.fp16), mb.TensorSpec((1, 4), dtype=types.fp16)],
+        opset_version=ct.target.iOS18,
+    )
+    def prog(acc, x):
+        y = mb.softmax(x=mb.linear(x=x, weight=weight))
+        mb.coreml_update_state(state=acc, value=mb.add(x=mb.read_state(input=acc), y=y))
+        return y
+
+    with quiet_coremltools():
+        model = ct.convert(
+            prog, convert_to="mlprogram", skip_model_load=True, minimum_deployment_target=ct.target.iOS18
+        )
+    model.save(str(tmp_path / "m.mlpackage"))
+    spec = ct.utils.load_spec(str(tmp_path / "m.mlpackage"))
+    program = ctc.program_from_spec(spec, str(tmp_path / "m.mlpackage" / "Data" / "com.apple.CoreML" / "weights"))
+    ops = {op.op_type: op for op in program.functions["main"].operations}
+    assert list(program.functions) == ["main"]
+    assert int(ops["softmax"].inputs["axis"].val) == -1  # the op definition's default, filled in
+    assert ops["linear"].inputs["weight"].val.dtype == np.float16
+    assert "coreml_update_state" in ops and "read_state" in ops and "write_state" not in ops
+
+
 def test_kmeans_lut_and_indices():
     values = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float16)
     lut, indices = ctc.kmeans_lut_and_indices(values, 4)

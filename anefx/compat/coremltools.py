@@ -8,6 +8,9 @@
 * ``PassPipeline._pass_options``: the options of each pass of a MIL pass pipeline.
 * ``FP16ComputePrecision.fp16_overflow`` (``defs.quantization``): the overflow check of
   ``common::add_fp16_cast``, which anefx's faster equivalent pass overrides.
+* ``converters.mil.frontend.milproto.load``: a saved ML Program's protobuf and weight blobs back into a
+  MIL ``Program`` (every function; optional op inputs filled with their defaults; a state write read
+  back as ``coreml_update_state``): what anefx's MIL interpreter executes.
 """
 
 from __future__ import annotations
@@ -57,3 +60,10 @@ def fp16_cast_pass():
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
 
     return FP16ComputePrecision
+
+
+def program_from_spec(spec, weights_dir: str):
+    """The MIL ``Program`` of a ``Model`` protobuf (an ML Program) whose weight blobs are in ``weights_dir``."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+
+    return milproto.load(spec, spec.specificationVersion, file_weights_dir=weights_dir)

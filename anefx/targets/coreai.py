@@ -7,30 +7,37 @@ clone of the graph (as for Core ML) → ``torch.export`` → ``run_decomposition
 
 The program's ops are read by walking its MLIR graph: names (``coreai.conv2d``, ``coreai.transpose``,
 ``coreai.invoke`` of composites such as ``@layer_norm_…``) and the source locations coreai-torch
-keeps (``file:line`` of the user's code). Loading and running an ``.aimodel``
-(``coreai.runtime.AIModel``) needs Apple's OS; :func:`runtime_available` says so elsewhere.
+keeps (``file:line`` of the user's code). A saved ``.aimodel`` runs through coreai-core's runtime,
+on the CPU on Linux and on Apple's OS 27 and later (:class:`CoreAIProgram`, what ``anefx.load``
+returns for an ``.aimodel``).
 
 Install with ``pip install 'anefx[coreai]'``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import io
-import platform
+import os
 import re
+import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from anefx.compat.coreai import function_graph, walk
-from anefx.ir.errors import ConversionError, TargetUnavailableError
+from anefx.ir.errors import AnefxError, ConversionError, TargetUnavailableError
 from anefx.ir.ops import DECOMPOSITIONS
 from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
+from anefx.targets.executor import LoadedProgram, State, TensorSpec
 
 INSTALL_HINT = (
     "the Core AI target needs the optional extra: pip install 'anefx[coreai]' "
@@ -57,15 +64,23 @@ def available() -> tuple[bool, str]:
     return True, "coreai-torch is installed"
 
 
+RUNTIME_HINT = (
+    "running .aimodel files needs coreai-core's runtime: pip install 'anefx[coreai]' "
+    "(it runs them on the CPU on Linux, and on Apple's OS 27 or later)"
+)
+
+
 def runtime_available() -> tuple[bool, str]:
-    """Whether ``.aimodel`` files can be loaded and run here."""
-    if platform.system() != "Darwin":
-        return False, f"running Core AI models needs Apple's OS 27 or later (this is {platform.system()})"
+    """Whether ``.aimodel`` files can be loaded and run here (coreai-core's runtime: the CPU on
+    Linux, Core AI on Apple's OS 27 or later)."""
     try:
-        import coreai.runtime  # noqa: F401
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import coreai.authoring
+            import coreai.runtime  # noqa: F401
     except ImportError:
-        return False, "coreai.runtime is not available in this environment"
-    return True, "Core AI runtime available"
+        return False, RUNTIME_HINT
+    return True, "coreai-core's runtime runs .aimodel files here"
 
 
 @dataclass(frozen=True)
@@ -152,3 +167,135 @@ class CoreAITarget(Target):
             converter_input=handed,
             ops=read_ops(program),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# running a saved .aimodel: coreai-core's runtime
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """coreai-core's runtime logs each function it loads on the process's stderr (file descriptor 2)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+class CoreAIState(State):
+    """States of an ``.aimodel`` function: coreai-core ``NDArray`` buffers the runtime updates in place."""
+
+    def __init__(self, specs: dict[str, TensorSpec]):
+        from coreai.runtime import NDArray
+
+        self.specs = dict(specs)
+        self.arrays = {n: NDArray(np.zeros(s.shape, s.dtype)) for n, s in specs.items()}
+
+    def _read(self, name: str) -> np.ndarray:
+        return np.array(self.arrays[name].numpy(), copy=True)
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        from coreai.runtime import NDArray
+
+        self.arrays[name] = NDArray(np.ascontiguousarray(value))
+
+
+class CoreAIProgram(LoadedProgram):
+    """A saved ``.aimodel`` run by coreai-core's runtime (``AIModelAsset.load(path).executable()``,
+    ``load_function(name)``, ``await f(inputs, state=...)``). The runtime is asynchronous: the
+    program keeps the loaded model open on an event loop of its own (a background thread), so that
+    calls are plain synchronous calls, also from code that runs an event loop itself. ``close()``
+    releases the model (also done when the program is garbage-collected)."""
+
+    runtime = "coreai"
+
+    def __init__(self, path):
+        ok, why = runtime_available()
+        if not ok:
+            raise TargetUnavailableError(why)
+        from coreai.authoring import AIModelAsset
+
+        self.source = str(path)
+        path = Path(path)
+        if not (path / "metadata.json").exists():
+            raise AnefxError(f"cannot load {path}: not an .aimodel (no metadata.json inside)")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="anefx-coreai", daemon=True)
+        self._thread.start()
+        self._context = AIModelAsset.load(path).executable()
+        self._model = self._await(self._context.__aenter__())
+        self._functions: dict[str, Any] = {}
+        with _quiet_stderr():
+            for name in self._model.function_names:
+                self._functions[name] = self._model.load_function(name)
+
+    def _await(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        if getattr(self, "_model", None) is not None:
+            self._functions.clear()
+            self._await(self._context.__aexit__(None, None, None))
+            self._model = None
+        if getattr(self, "_loop", None) is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def functions(self) -> list[str]:
+        return list(self._functions)
+
+    @property
+    def default_function(self) -> str:
+        return "main" if "main" in self._functions else self.functions[0]
+
+    def _specs(self, function: str | None, kind: str) -> dict[str, TensorSpec]:
+        desc = self._functions[self.function_name(function)].desc
+        names = getattr(desc, f"{kind}_names")
+        describe = getattr(desc, f"{kind}_descriptor")
+        out = {}
+        for name in names:
+            d = describe(name)
+            out[name] = TensorSpec(tuple(int(x) for x in d.shape), np.dtype(str(d.dtype)))
+        return out
+
+    def inputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return self._specs(function, "input")
+
+    def outputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return self._specs(function, "output")
+
+    def states(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return self._specs(function, "state")
+
+    def make_state(self, function: str | None = None) -> CoreAIState:
+        return CoreAIState(self.states(function))
+
+    def __call__(
+        self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
+    ) -> dict[str, np.ndarray]:
+        from coreai.runtime import NDArray
+
+        name = self.function_name(function)
+        arrays = self.checked_inputs(name, inputs)
+        state = self.checked_state(name, state)
+        if state is not None and not isinstance(state, CoreAIState):
+            raise TypeError(f"an .aimodel runs with the state of make_state(), got a {type(state).__name__}")
+        feed = {k: NDArray(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        buffers = {k: state.arrays[k] for k in self.states(name)} if state is not None else {}
+        out = self._await(self._functions[name](feed, state=buffers))
+        return {k: np.array(out[k].numpy(), copy=True) for k in self._specs(name, "output")}

@@ -1,0 +1,175 @@
+"""A saved ML Program run by anefx's MIL interpreter: :class:`MILProgram` and its :class:`MILState`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anefx.targets.executor import LoadedProgram, State, TensorSpec
+from anefx.targets.mil.interpreter import (
+    Constants,
+    FunctionPlan,
+    check_supported,
+    coerce,
+    declared,
+    plan_function,
+    run_function,
+)
+from anefx.targets.mil.reader import ReadProgram, read_mlmodel, read_package, read_spec
+
+
+class MILState(State):
+    """States of a program run by the interpreter: name → value, held as the interpreter holds values
+    (fp16 states as float32 tensors of fp16 values); a call replaces them with the new values."""
+
+    def __init__(self, specs: dict[str, TensorSpec], dtypes: dict[str, str]):
+        self.specs = dict(specs)
+        self.dtypes = dict(dtypes)  #: state name → MIL dtype
+        self.values = {n: coerce(torch.zeros(s.shape), dtypes[n]) for n, s in specs.items()}
+
+    def _read(self, name: str) -> np.ndarray:
+        return declared(self.values[name], self.dtypes[name]).numpy().copy()
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        self.values[name] = coerce(torch.from_numpy(np.ascontiguousarray(value)), self.dtypes[name])
+
+
+class MILProgram(LoadedProgram):
+    """An ML Program executed by anefx's MIL interpreter (:mod:`anefx.targets.mil.interpreter`).
+
+    ``MILProgram.open(path)`` reads a saved or staged ``.mlpackage``; ``MILProgram.from_mlmodel(m)``
+    the package behind a ``coremltools`` ``MLModel`` (what ``ct.convert`` staged: the bytes ``save``
+    writes); ``MILProgram.from_spec(spec, weights_dir)`` a protobuf and its weight folder. Every
+    function is prepared on loading (compressed weights decompressed once, weights shared between
+    functions); an op without a kernel fails the load with :class:`UnsupportedOpError`.
+    """
+
+    runtime = "mil"
+
+    def __init__(self, read: ReadProgram):
+        check_supported(read.program)
+        self.source = read.source
+        self._info = read.functions
+        self._default = read.default_function
+        constants = Constants()
+        functions = read.program.functions
+        self._plans: dict[str, FunctionPlan] = {
+            name: plan_function(name, functions[name], constants) for name in self._info
+        }
+        #: MIL op type → count, per function (nested blocks included); ``const`` excluded
+        self.op_counts: dict[str, dict[str, int]] = {name: _op_counts(functions[name]) for name in self._info}
+
+    @classmethod
+    def open(cls, path) -> MILProgram:
+        return cls(read_package(Path(path)))
+
+    @classmethod
+    def from_mlmodel(cls, mlmodel) -> MILProgram:
+        return cls(read_mlmodel(mlmodel))
+
+    @classmethod
+    def from_spec(cls, spec, weights_dir=None, source: str = "a Model protobuf") -> MILProgram:
+        return cls(read_spec(spec, Path(weights_dir) if weights_dir else None, source))
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    @property
+    def functions(self) -> list[str]:
+        return list(self._info)
+
+    @property
+    def default_function(self) -> str:
+        return self._default
+
+    def inputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return dict(self._info[self.function_name(function)].inputs)
+
+    def outputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return dict(self._info[self.function_name(function)].outputs)
+
+    def states(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return dict(self._info[self.function_name(function)].states)
+
+    def make_state(self, function: str | None = None) -> MILState:
+        name = self.function_name(function)
+        return MILState(self._info[name].states, self._plans[name].states)
+
+    def __call__(
+        self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
+    ) -> dict[str, np.ndarray]:
+        out = self.run_torch(inputs, function, state)
+        return {k: v.numpy() for k, v in out.items()}
+
+    # -- torch in, torch out (what anefx's own checks use) ---------------------------------------
+
+    def run_torch(
+        self, inputs: Mapping[str, torch.Tensor], function: str | None = None, state: State | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Like a call, with torch tensors out (in their declared dtypes: fp16 as ``torch.float16``)."""
+        name = self.function_name(function)
+        plan = self._plans[name]
+        out = run_function(plan, self._held_inputs(name, inputs), self._states_of(name, state))
+        return {k: _fresh(declared(v, plan.outputs[k]), v) for k, v in out.items()}
+
+    def trace(
+        self, inputs: Mapping[str, torch.Tensor], function: str | None = None, state: State | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every value the function computes, by its MIL name, in its declared dtype (to find the
+        first op where the program departs from a reference)."""
+        name = self.function_name(function)
+        plan = self._plans[name]
+        values = run_function(plan, self._held_inputs(name, inputs), self._states_of(name, state), keep_all=True)
+        dtypes = _value_dtypes(plan)
+        return {
+            k: declared(v, dtypes[k]) if k in dtypes else v for k, v in values.items() if isinstance(v, torch.Tensor)
+        }
+
+    def _held_inputs(self, function: str, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        arrays = self.checked_inputs(function, inputs)
+        dtypes = self._plans[function].inputs
+        return {k: coerce(torch.from_numpy(np.ascontiguousarray(v)), dtypes[k]) for k, v in arrays.items()}
+
+    def _states_of(self, function: str, state: State | None) -> dict[str, torch.Tensor]:
+        state = self.checked_state(function, state)
+        if state is None:
+            return {}
+        if not isinstance(state, MILState):
+            raise TypeError(f"the interpreter runs with the state of make_state(), got a {type(state).__name__}")
+        return state.values
+
+
+def _fresh(value: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """An output the caller may modify: a copy when it is the interpreter's own tensor (a constant,
+    a state, an input passed through)."""
+    return value.clone() if value is held else value
+
+
+def _value_dtypes(plan: FunctionPlan) -> dict[str, str]:
+    dtypes = dict(plan.inputs)
+
+    def visit(block):
+        for step in block.steps:
+            dtypes.update(zip(step.outputs, step.dtypes))
+            for inner in step.blocks:
+                visit(inner)
+
+    visit(plan.block)
+    return dtypes
+
+
+def _op_counts(block) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    def visit(b):
+        for op in b.operations:
+            if op.op_type != "const":
+                counts[op.op_type] = counts.get(op.op_type, 0) + 1
+            for inner in op.blocks:
+                visit(inner)
+
+    visit(block)
+    return counts
