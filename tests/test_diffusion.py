@@ -228,9 +228,9 @@ def test_a_unet_is_chunked_between_its_blocks():
     assert stage["up_blocks.0"] < stage["up_blocks.1"] < stage["conv_out"]
     total = sum(p.numel() for p in model.parameters()) * 2 / 1e6
     cap = total / 2.5
-    chunked = chunking.split(ep, list(args), ["sample"], cap)
-    assert len(chunked.chunks) >= 3 and all(c.weight_bytes <= cap * 1e6 for c in chunked.chunks)
-    assert all(c.outputs for c in chunked.chunks) and max(len(c.inputs) for c in chunked.chunks) > 2  # skips
-    chunking.check_chain(chunked, ep, list(args))
+    chunked = chunking.split(ep, list(args), cap)
+    assert len(chunked.parts) >= 3 and all(c.weight_bytes <= cap * 1e6 for c in chunked.parts)
+    assert all(c.outputs for c in chunked.parts) and max(len(c.inputs) for c in chunked.parts) > 2  # skips
+    chunking.check_chain(chunked, ep, list(args), ["sample"])
     with torch.no_grad():
         torch.testing.assert_close(chunked.run(list(args))[0], model(*args, **kwargs)[0], atol=1e-5, rtol=1e-5)

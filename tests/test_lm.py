@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -73,7 +74,53 @@ def _mistral():
     return _reinit(MistralForCausalLM(cfg), 2)
 
 
-MODELS = {"llama": _llama, "qwen3": _qwen3, "mistral": _mistral}
+def _phi3():
+    """One fused qkv_proj sliced into Q, K and V, then rotary."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _reinit(Phi3ForCausalLM(cfg), 3)
+
+
+def _falcon():
+    """Multi-query attention (one K/V head) behind one fused query_key_value, then rotary."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        multi_query=True,
+        new_decoder_architecture=False,
+        alibi=False,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _reinit(FalconForCausalLM(cfg), 4)
+
+
+def _bloom():
+    """ALiBi biases through baddbmm on (B·H, S, D), one fused query_key_value."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    return _reinit(BloomForCausalLM(cfg), 5)
+
+
+MODELS = {"llama": _llama, "qwen3": _qwen3, "mistral": _mistral, "phi3": _phi3, "falcon": _falcon, "bloom": _bloom}
 
 
 def _prompt(seed: int, n: int = PROMPT, vocab: int = 256) -> torch.Tensor:
@@ -105,13 +152,17 @@ def compiled_llama():
     return model, anefx.compile_lm(model, context_length=CONTEXT, prefill_length=PREFILL, check_tokens=NEW)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "phi3", "falcon", "bloom"])
 def test_greedy_tokens_equal_hf(arch):
     model = MODELS[arch]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lm = anefx.compile_lm(model, context_length=CONTEXT, prefill_length=PREFILL, convert=False, check_tokens=NEW)
     assert lm.check.tokens_equal and lm.check.new_tokens == NEW and lm.check.prompt_tokens == PROMPT
     assert lm.check.max_logit_error < 1e-3
+    for fn in lm.functions:  # every layer per head over the cache, every K and V write from the projection
+        stats = lm.reports[fn].record("attention_bc1s").stats
+        assert stats["rewritten"] == 2 and stats["unmatched"] == 0 and stats["heads"] == 8, (fn, stats)
+        assert lm.reports[fn].record("cache_write_bc1s").stats["merges"] == 4, fn
     for seed in (10, 11):  # prompts the compile never saw, two prefill chunks each
         prompt = _prompt(seed)
         out = lm.generate(prompt, NEW, eos_token_id=None)
@@ -144,7 +195,7 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         assert hist["read_state"] == 4 and hist["coreml_update_state"] == 4, hist
         assert hist["gather_nd"] == 0 and hist["scatter"] == 0 and hist["slice_update"] == 0, hist
         assert hist["linear"] == 0, hist
-        ops = lm.package.functions[fn].operations()
+        ops = lm.package.operations(fn)
         on_weights = [op.name for op in ops if op.op_type in ("matmul", "linear") and _weight_operand(op)]
         assert not on_weights, on_weights
         # fp16-safe masks: no infinite constant anywhere (bool masks become -3e4 in coremltools)
@@ -187,7 +238,8 @@ def test_attention_reads_and_writes_the_cache_per_head_without_layout_changes(co
         for lm, layers in ((shallow, 2), (deep, 4)):
             stats = lm.reports[fn].record("attention_bc1s").stats
             assert stats["rewritten"] == layers and stats["unmatched"] == 0 and stats["heads"] == 4 * layers
-            assert stats["merges"] == layers  # the K writes: rotary per head; V is the projection itself
+            merges = lm.reports[fn].record("cache_write_bc1s").stats["merges"]
+            assert merges == 2 * layers  # the K writes (rotary per head) and the V writes (the projection itself)
         a, b = shallow.op_histogram(fn), deep.op_histogram(fn)
         assert b["transpose"] - a["transpose"] == 2, (fn, a["transpose"], b["transpose"])
         assert b["reshape"] == a["reshape"] and a["reshape"] <= 4, (fn, a["reshape"], b["reshape"])
@@ -294,7 +346,7 @@ def test_cli_compile_lm_compressed_and_chunked(tmp_path, capsys):
     from pathlib import Path
 
     from anefx.cli import main
-    from anefx.targets.chunking import package_weight_bytes
+    from anefx.targets.coreml import package_weight_bytes
 
     factory = str(Path(__file__).resolve().parents[1] / "examples" / "models.py") + ":tiny_llama_lm"
     refused = tmp_path / "refused.mlpackage"
@@ -318,3 +370,38 @@ def test_cli_compile_lm_compressed_and_chunked(tmp_path, capsys):
         assert 0 < package_weight_bytes(folder / entry["file"]) <= 0.05e6
         spec = ct.utils.load_spec(str(folder / entry["file"]))
         assert spec.description.metadata.userDefined["anefx.compression"] == "lut4"
+
+
+def test_compile_lm_takes_the_compile_options():
+    """never_worse, lm_head, pipeline and the debug switches as compile takes them; each function's
+    converter input validated by the same code as compile's (its error in the function's report)."""
+    from anefx.targets.lm_head import LMHeadOptions
+
+    model = _llama()
+    pipeline = anefx.Pipeline.default().without("attention_chunks")
+    lm = anefx.compile_lm(
+        model,
+        context_length=64,
+        prefill_length=16,
+        check_tokens=4,
+        pipeline=pipeline,
+        never_worse=False,
+        lm_head=LMHeadOptions(max_channels=128),
+        options=anefx.CompileOptions(validate="lint"),  # the explicit validate below wins
+        validate="numeric",
+    )
+    assert lm.check.tokens_equal
+    for fn in lm.functions:
+        report = lm.reports[fn]
+        assert [r.name for r in report.records] == pipeline.names and report.guard == {}
+        assert report.conversion["lm_head"] == {"lm_head_split": 1, "output": "logits"}
+        assert float(report.conversion["converter_input_max_rel_error"]) < 1e-4
+        assert report.conversion["checks"]["converter_input"]["input_sets"] == 2  # example + random
+        # the 256-token head as two 128-channel convs: one conv more than the 7 per layer and the head
+        assert lm.op_histogram(fn)["conv"] == 2 * 7 + 2
+    assert lm.timings.keys() >= {"probe", "capture.prefill", "passes.decode", "convert.decode.ct_convert", "check"}
+    staged = lm.package.path  # the merged package, staged in a private folder until saved
+    assert staged.is_dir()
+    del lm
+    gc.collect()
+    assert not staged.parent.parent.exists()  # removed with the last reference: nothing left behind

@@ -142,7 +142,7 @@ class Report:
                 if info["kept"] and not info.get("fallback")
                 else ""
             )
-            + f" ({info['regions']} regions, {info['reruns']} re-runs, {info['seconds']:.2f}s)"
+            + f" ({info['regions']} regions, {info['reruns']} re-runs, {info.get('seconds', 0.0):.2f}s)"
         ]
         if info.get("shipped") == "stock":
             lines.append(

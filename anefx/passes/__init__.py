@@ -9,6 +9,7 @@ from __future__ import annotations
 from anefx.passes.attention_bc1s import AttentionBC1S
 from anefx.passes.attention_chunks import AttentionChunks
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
+from anefx.passes.cache_write_bc1s import CacheWriteBC1S
 from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
@@ -32,6 +33,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     LayerNormBC1S,
     RMSNormBC1S,
     GroupNorm4D,
+    CacheWriteBC1S,
     AttentionBC1S,
     AttentionChunks,
     Fp16MaskValues,
@@ -59,6 +61,7 @@ __all__ = [
     "DEFAULT_PASSES",
     "AttentionBC1S",
     "AttentionChunks",
+    "CacheWriteBC1S",
     "Canonicalize",
     "FoldConstants",
     "FoldTransposes",
