@@ -23,11 +23,19 @@ def _rel(out, ref) -> float:
     return float((out.double() - ref.double()).abs().max() / ref.double().abs().max())
 
 
+def _compile(model, args, kw, **options):
+    """``anefx.compile``, whose report never ends with "worse than stock" nor ships the stock form."""
+    compiled = anefx.compile(model, args, kw, **options)
+    guard = compiled.report.guard
+    assert not guard["worse_than_stock"] and guard.get("shipped") != "stock", compiled.report.guard_lines()
+    return compiled
+
+
 def _pair(name, **kwargs):
     """The model, its example inputs, its stock conversion and anefx's compile."""
     model, args, kw = example(name, **kwargs)
     stock = anefx.compile(model, args, kw, pipeline=anefx.Pipeline.empty(), validate="off")
-    return model, args, kw, stock, anefx.compile(model, args, kw)
+    return model, args, kw, stock, _compile(model, args, kw)
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +108,14 @@ def test_unet_layout_changes_at_most_stock_and_one_per_added_attention(unets):
 def test_sdxl_style_unet_with_added_conditions():
     """Linear projections in and out of the transformer blocks (the hand-over is a permute and a
     reshape before a linear), two transformer layers per block, pooled-text and time-id conditions."""
-    model, args, kwargs, stock, compiled = _pair("unet_sdxl_style")
-    ops, s = compiled.op_histogram(), stock.op_histogram()
+    model, args, kwargs = example("unet_sdxl_style")
+    compiled = _compile(model, args, kwargs)
+    ops, guard = compiled.op_histogram(), compiled.report.guard
     n = _attentions(model)
-    assert _layout(ops) * 2 < _layout(s) and ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, (ops, s)
+    # against stock as the never-worse guard counts it on the captured graph (the UNet tests above
+    # compare with the stock conversion itself; this one saves a conversion of a larger UNet)
+    assert _layout(guard["anefx"]) * 2 < _layout(guard["stock"]) and guard["kept"] == [], guard
+    assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, ops
     assert ops["transpose"] == n + 1, ops  # one K transpose per attention, the text states' one
     gen = torch.Generator().manual_seed(7)
     added = {k: torch.randn(v.shape, generator=gen) for k, v in kwargs["added_cond_kwargs"].items()}
@@ -158,7 +170,7 @@ def _diffusion_transformer_inputs(name, args, kwargs, gen):
     [("dit", 1), ("pixart", 2), ("sd3", 2)],  # unpatchify's permute; + the text states' transpose
 )
 def test_diffusion_transformers_modulate_without_transposes(pairs, name, extra):
-    model, args, kwargs, stock, compiled = pairs(name, layers=2)
+    model, args, kwargs, stock, compiled = pairs(name, layers=2 if name == "dit" else 1)  # DiT's 2 is shared below
     ops, s = compiled.op_histogram(), stock.op_histogram()
     n = _attentions(model)
     assert _layout(ops) <= _layout(s), (ops, s)
@@ -194,18 +206,19 @@ def test_text_to_image_example_writes_a_png_from_the_compiled_components(tmp_pat
     """The example's loop (classifier-free guidance, batch 2, DDIM) on anefx's compiled text encoder,
     UNet and VAE decoder gives the image the original components give. Their conversion is tested
     above; here the compiled graphs run in PyTorch."""
-    parts = text_to_image.build(latent=16)
+    parts = text_to_image.build(latent=8)
     compiled = text_to_image.compile_components(parts, convert=False)
-    loop = dict(steps=3, latent=16, scaling=parts.scaling)
+    assert not [n for n, c in compiled.items() if c.report.guard["worse_than_stock"] or c.report.guard.get("shipped")]
+    loop = dict(steps=2, latent=8, scaling=parts.scaling)
     prompt = "a cat on the Neural Engine"
     image = text_to_image.generate(*compiled.values(), parts.scheduler, prompt, **loop)
     ref = text_to_image.generate(parts.text_encoder, parts.unet, parts.vae_decoder, parts.scheduler, prompt, **loop)
-    assert image.shape == (1, 3, 32, 32) and float((image - ref).abs().max()) < 1e-3
+    assert image.shape == (1, 3, 16, 16) and float((image - ref).abs().max()) < 1e-3
     path = text_to_image.save_png(image, tmp_path / "image.png")
     from PIL import Image
 
     with Image.open(path) as png:
-        assert png.size == (32, 32) and png.mode == "RGB"
+        assert png.size == (16, 16) and png.mode == "RGB"
     assert float(image.std()) > 0.01  # not a constant image
 
 
