@@ -2,7 +2,9 @@
 
 For each MIL op: FLOPs (multiply-adds x 2 for conv/matmul/einsum, one per output element otherwise)
 and bytes moved (fp16 activations with the last axis padded to 64 bytes, plus constant weights).
-Time = max(FLOPs / peak, bytes / bandwidth), summed over ops. Peak figures are Apple's published
+Time = max(FLOPs / peak, bytes / bandwidth), summed over ops. Transposes and reshapes are counted, and
+so are those of them that copy memory in that padded layout (:func:`anefx.analysis.layout.moves_data`;
+a reshape that keeps the last axis, GroupNorm's, does not). Peak figures are Apple's published
 "trillion operations per second"; Apple does not say at which precision, so fp16 throughput may be
 lower. Each figure carries its source.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from anefx.analysis.layout import moves_data
 from anefx.ane.rules import OpInfo, padded_bytes
 
 
@@ -39,6 +42,8 @@ class OpCost:
     op_type: str
     flops: float
     bytes: int
+    #: a transpose or reshape that copies memory (:func:`anefx.analysis.layout.moves_data`)
+    moves: bool = False
 
 
 @dataclass
@@ -61,6 +66,10 @@ class Estimate:
     def layout_bytes(self) -> int:
         return sum(o.bytes for o in self.ops if o.op_type in LAYOUT_OPS)
 
+    @property
+    def moving_layout_ops(self) -> int:
+        return sum(1 for o in self.ops if o.op_type in LAYOUT_OPS and o.moves)
+
     def seconds(self, chip: Chip) -> float:
         peak, bw = chip.tops * 1e12, chip.bandwidth_gbs * 1e9
         return sum(max(o.flops / peak, o.bytes / bw) for o in self.ops)
@@ -72,6 +81,7 @@ class Estimate:
             "padded_activation_mib": round(self.activation_bytes / 2**20, 3),
             "weight_mib": round(weight_bytes / 2**20, 3),
             "layout_change_ops": self.layout_ops,
+            "layout_change_ops_moving_data": self.moving_layout_ops,
             "layout_change_mib": round(self.layout_bytes / 2**20, 3),
             "ms_per_chip": {c.name: round(self.seconds(c) * 1e3, 3) for c in CHIPS.values()},
             "chip_sources": {c.name: c.source for c in CHIPS.values()},
@@ -90,7 +100,10 @@ def op_cost(op: OpInfo, in_shapes: list[tuple[int, ...] | None], weight_shapes: 
     elif op.op_type in ("matmul", "linear") and in_shapes and in_shapes[0] and out:
         flops = 2.0 * out_n * in_shapes[0][-1]
     moved = sum(padded_bytes(s) for s in in_shapes if s is not None) + sum(padded_bytes(s) for s in op.out_shapes)
-    return OpCost(op.name, op.op_type, flops, moved)
+    moves = False
+    if op.op_type in LAYOUT_OPS and in_shapes and in_shapes[0] is not None and out is not None:
+        moves = moves_data(in_shapes[0], out, list(op.attrs["perm"]) if "perm" in op.attrs else None)
+    return OpCost(op.name, op.op_type, flops, moved, moves)
 
 
 def _contracted(equation: str, shapes: list[tuple[int, ...]]) -> int:

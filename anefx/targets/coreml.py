@@ -317,17 +317,28 @@ def _convert_channel_layer_norm(context, node):
     context.add(mb.layer_norm(x=x, axes=[1], gamma=weight, beta=bias, epsilon=eps, name=node.name))
 
 
+def _convert_instance_norm(context, node):
+    """``anefx::instance_norm`` → one MIL ``instance_norm`` (no gamma/beta)."""
+    from coremltools.converters.mil import Builder as mb
+
+    x, eps = torch_node_inputs(context, node, expected=2)
+    context.add(mb.instance_norm(x=x, epsilon=float(eps.val), name=node.name))
+
+
 def _ensure_anefx_ops() -> None:
     """Register the converters of anefx's own torch ops (:mod:`anefx.ir.ops`) through coremltools'
     public ``register_torch_op``, at conversion time (never on import); registering again is a no-op."""
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
     from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
 
-    op = torch.ops.anefx.channel_layer_norm.default
-    # the converter looks ops up by their qualified name (``anefx::channel_layer_norm``), the
-    # support query ``is_torch_fx_node_supported`` by ``__name__`` (``channel_layer_norm.default``)
-    kinds = sorted({sanitize_op_kind(op.name()), sanitize_op_kind(op.__name__)})
-    register_torch_op(_convert_channel_layer_norm, torch_alias=kinds, override=True)
+    for op, convert in (
+        (torch.ops.anefx.channel_layer_norm.default, _convert_channel_layer_norm),
+        (torch.ops.anefx.instance_norm.default, _convert_instance_norm),
+    ):
+        # the converter looks ops up by their qualified name (``anefx::channel_layer_norm``), the
+        # support query ``is_torch_fx_node_supported`` by ``__name__`` (``channel_layer_norm.default``)
+        kinds = sorted({sanitize_op_kind(op.name()), sanitize_op_kind(op.__name__)})
+        register_torch_op(convert, torch_alias=kinds, override=True)
 
 
 def _unconvertible(ep) -> list[str]:
