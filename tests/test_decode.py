@@ -14,16 +14,6 @@ from anefx.lm.generate import Sampling
 from anefx.targets.lm_head import LMHeadOptions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models, hundreds of steps: one intra-op thread. Two threads per process on a shared
-    2-core runner (xdist runs two) spin against each other and make each step ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reinit(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

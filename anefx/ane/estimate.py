@@ -3,7 +3,9 @@
 For each MIL op: FLOPs (multiply-adds x 2 for conv/matmul/einsum, one per output element otherwise)
 and the bytes it moves, from the traffic estimate (:mod:`anefx.ane.traffic`: activations padded on
 the last axis to 64 bytes, each weight read once, states updated in place).
-Time = max(FLOPs / peak, bytes / bandwidth), summed over ops. Peak figures are Apple's published
+Time = max(FLOPs / peak, bytes / bandwidth), summed over ops. Transposes and reshapes are counted, and
+so are those of them that copy memory in that padded layout (:func:`anefx.analysis.layout.moves_data`;
+a reshape that keeps the last axis, GroupNorm's, does not). Peak figures are Apple's published
 "trillion operations per second"; Apple does not say at which precision, so fp16 throughput may be
 lower. Each figure carries its source.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from anefx.analysis.layout import moves_data
 from anefx.ane.rules import OpInfo
 from anefx.ane.traffic import OpTraffic
 
@@ -42,6 +45,8 @@ class OpCost:
     flops: float
     bytes: int  #: read + written + the weights this op reads first
     weights: int = 0
+    #: a transpose or reshape that copies memory (:func:`anefx.analysis.layout.moves_data`)
+    moves: bool = False
 
 
 @dataclass
@@ -68,6 +73,10 @@ class Estimate:
     def layout_bytes(self) -> int:
         return sum(o.bytes for o in self.ops if o.op_type in LAYOUT_OPS)
 
+    @property
+    def moving_layout_ops(self) -> int:
+        return sum(1 for o in self.ops if o.op_type in LAYOUT_OPS and o.moves)
+
     def seconds(self, chip: Chip) -> float:
         peak, bw = chip.tops * 1e12, chip.bandwidth_gbs * 1e9
         return sum(max(o.flops / peak, o.bytes / bw) for o in self.ops)
@@ -79,6 +88,7 @@ class Estimate:
             "padded_activation_mib": round(self.activation_bytes / 2**20, 3),
             "weight_mib": round(self.weight_bytes / 2**20, 3),
             "layout_change_ops": self.layout_ops,
+            "layout_change_ops_moving_data": self.moving_layout_ops,
             "layout_change_mib": round(self.layout_bytes / 2**20, 3),
             "ms_per_chip": {c.name: round(self.seconds(c) * 1e3, 3) for c in CHIPS.values()},
             "chip_sources": {c.name: c.source for c in CHIPS.values()},
@@ -98,7 +108,10 @@ def op_cost(
         flops = 2.0 * out_n * _contracted(op.attrs["equation"], in_shapes)
     elif op.op_type in ("matmul", "linear") and in_shapes and in_shapes[0] and out:
         flops = 2.0 * out_n * in_shapes[0][-1]
-    return OpCost(op.name, op.op_type, flops, traffic.total, traffic.weights)
+    moves = False
+    if op.op_type in LAYOUT_OPS and in_shapes and in_shapes[0] is not None and out is not None:
+        moves = moves_data(in_shapes[0], out, list(op.attrs["perm"]) if "perm" in op.attrs else None)
+    return OpCost(op.name, op.op_type, flops, traffic.total, traffic.weights, moves)
 
 
 def _contracted(equation: str, shapes: list[tuple[int, ...]]) -> int:

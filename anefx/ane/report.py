@@ -87,7 +87,8 @@ class ANEReport:
         e = Table(title=self.estimate.get("label", "estimate"))
         e.add_column("measure")
         e.add_column("value", justify="right")
-        for key in ("gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_mib"):
+        keys = ("gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_ops_moving_data")
+        for key in (*keys, "layout_change_mib"):
             e.add_row(key, str(self.estimate.get(key)))
         for chip, ms in self.estimate.get("ms_per_chip", {}).items():
             e.add_row(f"latency on {chip} (ms)", str(ms))
@@ -128,9 +129,9 @@ def _op_info(op) -> tuple[OpInfo, list, list]:
                 const_inputs.add(key)
                 if key == "weight" and shape:
                     weights.append(shape)
-                if key in ("dilations", "equation") and v.val is not None:
+                if key in ("dilations", "equation", "perm") and v.val is not None:
                     val = v.val
-                    attrs[key] = tuple(int(x) for x in val) if key == "dilations" else str(val)
+                    attrs[key] = str(val) if key == "equation" else tuple(int(x) for x in val)
             else:
                 in_shapes.append(shape)
     info = OpInfo(op.name, op.op_type, tuple(dtypes), tuple(shapes), frozenset(const_inputs), attrs)
@@ -299,7 +300,8 @@ def compare_estimates(reports: dict[str, ANEReport]):
     t.add_column("measure")
     for label in reports:
         t.add_column(label, justify="right")
-    rows = ["gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_mib"]
+    rows = ["gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_ops_moving_data"]
+    rows.append("layout_change_mib")
     for key in rows:
         t.add_row(key, *(str(r.estimate.get(key)) for r in reports.values()))
     chips = next(iter(reports.values())).estimate.get("ms_per_chip", {})

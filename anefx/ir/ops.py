@@ -1,5 +1,6 @@
-"""anefx's own torch ops: normalisation over the channel axis of a (B, C, 1, S) tensor, and the
-write of a KV cache's column at a run-time position.
+"""anefx's own torch ops: normalisation over the channel axis of a (B, C, 1, S) tensor, and over
+the last two axes of a 4-D tensor (GroupNorm's ANE form), and the write of a KV cache's column at a
+run-time position.
 
 ``aten.layer_norm`` normalises trailing axes only, so LayerNorm over axis 1 has no ATen spelling
 of its own; spelled with reductions, whether coremltools fuses it back into one ``layer_norm``
@@ -13,6 +14,11 @@ is one op instead, and each target lowers it for itself:
   (``ExportedProgram.run_decompositions`` takes it with the target's own table).
 
 Numerics are those of ``nn.LayerNorm``: biased variance, ``eps`` added to the variance.
+
+``anefx::instance_norm`` normalises each (b, c) row of a 4-D tensor over its last two axes, with no
+weights: GroupNorm on (B, C, H, W) is this op on the view (B, G, C/G·H, W) (a reshape that keeps the
+last axis), then the per-channel weight and bias. Core ML gets one MIL ``instance_norm``; Core AI
+and others get reductions over axes 2 and 3 (:data:`DECOMPOSITIONS`).
 
 ``anefx::cache_write(cache, update, position, axis)`` writes ``update`` into ``cache`` at the slot
 ``position`` holds (a run-time value) along ``axis``. ATen can spell it only as ``index_copy``, which
@@ -56,6 +62,25 @@ def decompose_channel_layer_norm(x, weight, bias, eps):
     return out
 
 
+@torch.library.custom_op("anefx::instance_norm", mutates_args=())
+def instance_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each (b, c) of the 4-D ``x`` normalised over axes 2 and 3 (biased variance, ``eps`` added)."""
+    return F.instance_norm(x, eps=eps).contiguous()
+
+
+@instance_norm.register_fake
+def _(x, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def decompose_instance_norm(x, eps):
+    """``instance_norm`` with ATen reductions over axes 2 and 3."""
+    mean = aten.mean.dim(x, [2, 3], True)
+    zm = aten.sub.Tensor(x, mean)
+    var = aten.mean.dim(aten.mul.Tensor(zm, zm), [2, 3], True)
+    return aten.mul.Tensor(zm, aten.rsqrt.default(aten.add.Tensor(var, eps)))
+
+
 @torch.library.custom_op("anefx::cache_write", mutates_args=())
 def cache_write(cache: torch.Tensor, update: torch.Tensor, position: torch.Tensor, axis: int) -> torch.Tensor:
     """``cache`` with ``update`` written along ``axis`` at slots ``p, p + 1, …``, ``p`` the first element
@@ -85,5 +110,6 @@ def decompose_cache_write(cache, update, position, axis):
 #: ATen decompositions of anefx's ops, for ``ExportedProgram.run_decompositions``.
 DECOMPOSITIONS = {
     torch.ops.anefx.channel_layer_norm.default: decompose_channel_layer_norm,
+    torch.ops.anefx.instance_norm.default: decompose_instance_norm,
     torch.ops.anefx.cache_write.default: decompose_cache_write,
 }

@@ -317,6 +317,14 @@ def _convert_channel_layer_norm(context, node):
     context.add(mb.layer_norm(x=x, axes=[1], gamma=weight, beta=bias, epsilon=eps, name=node.name))
 
 
+def _convert_instance_norm(context, node):
+    """``anefx::instance_norm`` → one MIL ``instance_norm`` (no gamma/beta)."""
+    from coremltools.converters.mil import Builder as mb
+
+    x, eps = torch_node_inputs(context, node, expected=2)
+    context.add(mb.instance_norm(x=x, epsilon=float(eps.val), name=node.name))
+
+
 def _convert_cache_write(context, node):
     """``anefx::cache_write`` → one MIL ``slice_update`` at run-time begin/end: the column at the
     position along ``axis`` (on a state: written in place)."""
@@ -333,7 +341,11 @@ def _convert_cache_write(context, node):
 
 
 #: anefx's own torch ops and their Core ML converters
-_ANEFX_CONVERTERS = {"channel_layer_norm": _convert_channel_layer_norm, "cache_write": _convert_cache_write}
+_ANEFX_CONVERTERS = {
+    "channel_layer_norm": _convert_channel_layer_norm,
+    "instance_norm": _convert_instance_norm,
+    "cache_write": _convert_cache_write,
+}
 
 
 def _ensure_anefx_ops() -> None:
