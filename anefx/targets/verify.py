@@ -66,7 +66,7 @@ class ArtifactCheckOptions:
     #: on failure, find the MIL op where the program departs from the graph (MIL interpreter only)
     localize: bool = True
     #: on an fp16 failure, convert again with the located region in fp32 (rounds at most)
-    fp16_fallback_rounds: int = 2
+    fp16_fallback_rounds: int = 4
 
     def __post_init__(self):
         if self.mode not in ("off", "example", "all"):
@@ -376,6 +376,14 @@ def _worst_set(check: ArtifactCheck, input_sets: Sequence[InputSet]) -> InputSet
     return next((s for s in input_sets if s.name == wanted), input_sets[0])
 
 
+def _upstream(reference: torch.fx.GraphModule, region: set[str]) -> set[str]:
+    """``region`` with the ops whose outputs its nodes read, and those ops' other readers."""
+    nodes = {n.name: n for n in reference.graph.nodes}
+    producers = {i for name in region for i in nodes[name].all_input_nodes if i.op == "call_function"}
+    readers = {u.name for p in producers for u in p.users if u.op == "call_function"}
+    return region | {p.name for p in producers} | readers
+
+
 def check_and_fix(
     program: LoadedProgram,
     input_sets: Sequence[InputSet],
@@ -389,8 +397,9 @@ def check_and_fix(
     ``reference`` (the converter's input graph; MIL interpreter programs without states), then,
     for an fp16 program, convert again with that op's region in fp32 (``reconvert(torch node
     names)`` returns the new program) and check again, at most ``fp16_fallback_rounds`` times.
-    A round whose divergence falls in the region already in fp32 stops the rounds (fp32 does not
-    fix it: not an fp16 problem). Returns the program to ship and its check, which may still fail
+    A round whose divergence falls in the region already in fp32 grows the region upstream (the
+    ops making its inputs, and their other readers); when nothing is left to grow, the rounds stop
+    (fp32 does not fix it: not an fp16 problem). Returns the program to ship and its check, which may still fail
     (the caller raises: see :func:`require_ok`)."""
     from anefx.targets.localize import fp16_region, graph_values, locate
 
@@ -412,9 +421,18 @@ def check_and_fix(
     rounds = 0
     while reconvert is not None and check.precision == "fp16" and rounds < options.fp16_fallback_rounds:
         divergence = check.divergence
-        if divergence is None or divergence.node in region:
+        if divergence is None:
             break
-        region |= fp16_region(divergence, reference, graph_values(reference, one.inputs))
+        if divergence.node in region:
+            # fp32 there did not fix it: the op was handed inputs rounded to fp16 (a sine of a large
+            # fp16 argument: a diffusion timestep times its frequencies). The ops that make them go to
+            # fp32 too, with their other readers (the cosine of the same argument), one step a round
+            grown = _upstream(reference, region)
+            if grown == region:
+                break
+            region = grown
+        else:
+            region |= fp16_region(divergence, reference, graph_values(reference, one.inputs))
         rounds += 1
         candidate = reconvert(set(region))
         again = check_program(candidate, input_sets, function=function, options=options)
