@@ -13,7 +13,7 @@ Original::
 Result::
 
     %g = aten.reshape(%x, [B, G, C/G·H, W])
-    %n = anefx.instance_norm(%g, eps)                     # MIL: one instance_norm
+    %n = anefx.instance_norm_4d(%g, eps)                     # MIL: one instance_norm
     %y = aten.reshape(%n, [B, C, H, W]) * %w.view(1, C, 1, 1) + %b.view(1, C, 1, 1)
 
 Options: none.
@@ -26,7 +26,7 @@ import math
 import torch
 import torch.fx
 
-import anefx.ir.ops  # noqa: F401 - defines anefx::instance_norm
+import anefx.ir.ops  # noqa: F401 - defines anefx::instance_norm_4d
 from anefx.ir.graph import call, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -60,7 +60,7 @@ class GroupNorm4D(Pass):
             per_channel = [1, c] + [1] * len(spatial)
             with graph.inserting_before(node), provenance(node):
                 g = call(graph, aten.reshape.default, (x, view))
-                n = call(graph, torch.ops.anefx.instance_norm.default, (g, float(eps)))
+                n = call(graph, torch.ops.anefx.instance_norm_4d.default, (g, float(eps)))
                 y = call(graph, aten.reshape.default, (n, list(xs)))
                 if weight is not None:
                     y = call(graph, aten.mul.Tensor, (y, call(graph, aten.view.default, (weight, per_channel))))

@@ -318,7 +318,7 @@ def _convert_channel_layer_norm(context, node):
 
 
 def _convert_instance_norm(context, node):
-    """``anefx::instance_norm`` → one MIL ``instance_norm`` (no gamma/beta)."""
+    """``anefx::instance_norm_4d`` → one MIL ``instance_norm`` (no gamma/beta)."""
     from coremltools.converters.mil import Builder as mb
 
     x, eps = torch_node_inputs(context, node, expected=2)
@@ -343,7 +343,7 @@ def _convert_cache_write(context, node):
 #: anefx's own torch ops and their Core ML converters
 _ANEFX_CONVERTERS = {
     "channel_layer_norm": _convert_channel_layer_norm,
-    "instance_norm": _convert_instance_norm,
+    "instance_norm_4d": _convert_instance_norm,  # not "instance_norm": that alias is aten.instance_norm's
     "cache_write": _convert_cache_write,
 }
 
