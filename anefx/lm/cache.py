@@ -125,10 +125,12 @@ def chunk_one_hot(position_ids: torch.Tensor, length: int, context: int, dtype: 
     slots = torch.arange(length, dtype=torch.int64, device=p.device)
     tokens = p.shape[0]
     later = torch.arange(tokens, device=p.device).unsqueeze(0) > torch.arange(tokens, device=p.device).unsqueeze(1)
-    same_slot = torch.remainder(p, length).unsqueeze(0) == torch.remainder(p, length).unsqueeze(1)
+    # a full cache's slot is the position itself: no remainder, which Core AI's converter lacks
+    slot = torch.remainder(p, length) if length < context else p
+    same_slot = slot.unsqueeze(0) == slot.unsqueeze(1)
     valid = (p >= 0) & (p < context)
     overwritten = (later & same_slot & valid.unsqueeze(0)).any(1)  # a later token of the chunk lands there too
-    hit = torch.remainder(p, length).unsqueeze(-1) == slots
+    hit = slot.unsqueeze(-1) == slots
     return (hit & (valid & ~overwritten).unsqueeze(-1)).to(dtype)
 
 
