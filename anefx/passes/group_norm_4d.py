@@ -27,14 +27,10 @@ import torch
 import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines anefx::instance_norm_4d
-from anefx.ir.graph import call, provenance, shape
+from anefx.ir.graph import call, node_arg, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 class GroupNorm4D(Pass):
@@ -48,13 +44,13 @@ class GroupNorm4D(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target != aten.group_norm.default:
                 continue
-            x, groups = node.args[0], _arg(node, 1, "num_groups")
+            x, groups = node.args[0], node_arg(node, 1, "num_groups")
             xs = shape(x)
             if xs is None or len(xs) not in (3, 4) or not isinstance(groups, int) or xs[1] % groups:
                 continue
             if not ctx.site(node):
                 continue
-            weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+            weight, bias, eps = node_arg(node, 2, "weight"), node_arg(node, 3, "bias"), node_arg(node, 4, "eps", 1e-5)
             b, c, *spatial = xs
             view = [b, groups, c // groups * math.prod(spatial[:-1]), spatial[-1]]
             per_channel = [1, c] + [1] * len(spatial)
