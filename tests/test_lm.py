@@ -199,6 +199,8 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         assert hist["slice_update"] == (4 if fn == "decode" else 0), hist  # decode: one column per state
         assert hist["linear"] == 0, hist
         ops = lm.package.operations(fn)
+        # no tensor beyond 4-D, the ANE's native rank: prefill's grouped products drop the unit batch axis
+        assert max(len(o.shape) for op in ops for o in op.outputs if o.shape is not None) == 4
         if fn == "prefill":  # the LM head runs on the last position only
             shapes = [tuple(o.shape) for op in ops if op.op_type != "const" for o in op.outputs if o.shape is not None]
             assert not [shp for shp in shapes if 256 in shp and PREFILL in shp], shapes
