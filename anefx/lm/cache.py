@@ -55,16 +55,22 @@ class LayerCache:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Every layer's cache shapes and the padded context length; names the Core ML states."""
+    """Every layer's cache shapes and the padded context length; names the Core ML states.
+
+    ``names``: the prefixes of the K and V state names (``key_cache_<i>``, ``value_cache_<i>`` for a
+    decoder's self-attention; an encoder-decoder's cross-attention states use the same layout under
+    other names, its ``context`` the encoder's padded length)."""
 
     layers: tuple[LayerCache, ...]
     context: int
     dtype: torch.dtype = torch.float32
+    names: tuple[str, str] = ("key_cache", "value_cache")
 
     @property
     def state_names(self) -> list[str]:
         n = len(self.layers)
-        return [f"key_cache_{i}" for i in range(n)] + [f"value_cache_{i}" for i in range(n)]
+        keys, values = self.names
+        return [f"{keys}_{i}" for i in range(n)] + [f"{values}_{i}" for i in range(n)]
 
     @property
     def state_shapes(self) -> list[tuple[int, ...]]:
@@ -111,6 +117,17 @@ def write_one_hot(cache: torch.Tensor, new: torch.Tensor, one_hot: torch.Tensor)
     return updated
 
 
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values as a model hands them to its cache, (1, H, T, D), as cache channels (1, H·D, T)."""
+    _, h, t, d = x.shape
+    return x.transpose(2, 3).reshape(1, h * d, t)
+
+
+def heads_of(state: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """A (1, Cpad, 1, L) state read back as the model's (1, heads, L, dim) keys or values."""
+    return state[:, : heads * dim].reshape(1, heads, dim, state.shape[3]).transpose(2, 3)
+
+
 def _cache_base():
     from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -141,21 +158,17 @@ def make_cache(layout: CacheLayout, states: list[torch.Tensor], position_ids: to
         def update(self, key_states, value_states, *args, **kwargs):
             i = self.index
             spec = layout.layers[i]
-            b, h, t, d = key_states.shape
+            b, h, _, d = key_states.shape
             if (b, h, d) != (1, spec.kv_heads, spec.key_dim) or value_states.shape[-1] != spec.value_dim:
                 raise AnefxError(
                     f"layer {i} produced keys {tuple(key_states.shape)} / values {tuple(value_states.shape)}, "
                     f"but its cache was laid out for {spec}: the model's cache shapes changed between calls"
                 )
-            keys = write_one_hot(states[i], key_states.transpose(2, 3).reshape(1, h * d, t), one_hot)
-            dv = value_states.shape[-1]
-            values = write_one_hot(states[n + i], value_states.transpose(2, 3).reshape(1, h * dv, t), one_hot)
+            keys = write_one_hot(states[i], channels_first(key_states), one_hot)
+            values = write_one_hot(states[n + i], channels_first(value_states), one_hot)
             cache.new_states[i] = keys
             cache.new_states[n + i] = values
-            ctx = layout.context
-            k = keys[:, : h * d].reshape(1, h, d, ctx).transpose(2, 3)
-            v = values[:, : h * dv].reshape(1, h, dv, ctx).transpose(2, 3)
-            return k, v
+            return heads_of(keys, h, d), heads_of(values, h, value_states.shape[-1])
 
         def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
             return layout.context, 0
