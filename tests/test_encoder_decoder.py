@@ -226,3 +226,72 @@ def test_errors():
         probe_encoder_decoder(tiny_llama_lm(), CONTEXT)
     with pytest.raises(AnefxError, match="source_length"):
         probe_encoder_decoder(tiny_bart(), CONTEXT)
+
+
+def _whisper_with_languages(**settings):
+    model = tiny_whisper()
+    config = model.generation_config
+    config.lang_to_id = {"<|en|>": 250, "<|fr|>": 251}
+    config.task_to_id = {"transcribe": 252, "translate": 253}
+    config.no_timestamps_token_id = 254
+    config.is_multilingual = True
+    config.suppress_tokens = [3, 4, 5, 30]
+    config.begin_suppress_tokens = [6, 233]
+    for k, v in settings.items():
+        setattr(config, k, v)
+    return model
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"language": "fr"}, {"language": "french", "task": "translate"}, {"task": "translate"}],
+    ids=["detected", "language", "language-task", "task"],
+)
+def test_whisper_start_tokens_and_processors_follow_generate(settings):
+    """Start tokens (language set or detected, task, no-timestamps) and the suppressed tokens of the
+    generation config, as generate() applies them: greedy with the full model and these equals
+    generate()."""
+    from anefx.lm.processors import logits_processor, start_tokens
+
+    model = _whisper_with_languages(**settings)
+    feats = torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ref = model.generate(feats, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+
+        def logits(tokens):
+            return model(input_features=feats, decoder_input_ids=torch.tensor([tokens])).logits[0, -1]
+
+        tokens = start_tokens(model, first_logits=logits)
+        process = logits_processor(model.generation_config, len(tokens), 8, [2])
+        seq = list(tokens)
+        for _ in range(8):
+            seq.append(int(process(seq, logits(seq)).argmax()))
+    assert seq == ref.sequences[0].tolist()
+    assert 254 in tokens and (settings.get("task") != "translate" or 253 in tokens)
+
+
+def test_bart_processors_follow_generate():
+    """bart-large-cnn-style generation settings: forced first and last tokens, no repeated 3-grams,
+    a minimum length and a repetition penalty, followed as generate() follows them greedily."""
+    from anefx.lm.processors import logits_processor, not_followed, start_tokens
+
+    model = tiny_bart()
+    config = model.generation_config
+    config.update(forced_bos_token_id=0, forced_eos_token_id=2, no_repeat_ngram_size=3, min_length=6)
+    config.update(repetition_penalty=1.3, num_beams=4, eos_token_id=2)
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    n = 12
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ref = model.generate(ids, max_new_tokens=n, do_sample=False, num_beams=1)[0].tolist()
+        tokens = start_tokens(model)
+        process = logits_processor(config, len(tokens), n, [2])
+        seq = list(tokens)
+        while len(seq) < len(tokens) + n and (len(seq) == len(tokens) or seq[-1] != 2):
+            logits = model(input_ids=ids, decoder_input_ids=torch.tensor([seq])).logits[0, -1]
+            seq.append(int(process(seq, logits).argmax()))
+    assert seq == ref and seq[1] == 0 and seq[-1] == 2
+    assert not_followed(config) == {}
+    config.update(encoder_no_repeat_ngram_size=2)
+    assert not_followed(config) == {"encoder_no_repeat_ngram_size": 2}

@@ -65,6 +65,9 @@ class CacheLayout:
     context: int
     dtype: torch.dtype = torch.float32
     names: tuple[str, str] = ("key_cache", "value_cache")
+    #: keys stored ``(1, context, 1, C)``: the layout the per-head score product reads (``bkhc``), so
+    #: that reading them needs no transpose (values stay ``(1, C, 1, context)``)
+    keys_transposed: bool = False
 
     @property
     def state_names(self) -> list[str]:
@@ -74,7 +77,12 @@ class CacheLayout:
 
     @property
     def state_shapes(self) -> list[tuple[int, ...]]:
-        keys = [(1, round_up(lc.key_channels), 1, self.context) for lc in self.layers]
+        keys = [
+            (1, self.context, 1, round_up(lc.key_channels))
+            if self.keys_transposed
+            else (1, round_up(lc.key_channels), 1, self.context)
+            for lc in self.layers
+        ]
         values = [(1, round_up(lc.value_channels), 1, self.context) for lc in self.layers]
         return keys + values
 
@@ -123,8 +131,11 @@ def channels_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(2, 3).reshape(1, h * d, t)
 
 
-def heads_of(state: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    """A (1, Cpad, 1, L) state read back as the model's (1, heads, L, dim) keys or values."""
+def heads_of(state: torch.Tensor, heads: int, dim: int, transposed: bool = False) -> torch.Tensor:
+    """A (1, Cpad, 1, L) state (``transposed``: (1, L, 1, Cpad)) read back as the model's
+    (1, heads, L, dim) keys or values."""
+    if transposed:
+        return state[..., : heads * dim].reshape(1, state.shape[1], heads, dim).transpose(1, 2)
     return state[:, : heads * dim].reshape(1, heads, dim, state.shape[3]).transpose(2, 3)
 
 

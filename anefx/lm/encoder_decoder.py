@@ -124,7 +124,7 @@ class EncoderDecoderLayout:
 
 
 def _pad_state(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """(1, C, L) keys or values as a (1, Cpad, 1, Lpad) state, zero padded."""
+    """(1, A, B) keys or values as a (1, Apad, 1, Bpad) state, zero padded."""
     x = x.unsqueeze(2)
     return torch.nn.functional.pad(x, (0, shape[3] - x.shape[3], 0, 0, 0, shape[1] - x.shape[1]))
 
@@ -151,7 +151,7 @@ def make_cross_cache(layout: CacheLayout, states: list[torch.Tensor] | None):
             self.is_initialized = reading
             if reading:
                 spec = layout.layers[index]
-                self.keys = heads_of(states[index], spec.kv_heads, spec.key_dim)
+                self.keys = heads_of(states[index], spec.kv_heads, spec.key_dim, layout.keys_transposed)
                 self.values = heads_of(states[n + index], spec.kv_heads, spec.value_dim)
 
         def lazy_initialization(self, key_states, value_states):  # pragma: no cover - never lazy
@@ -164,7 +164,10 @@ def make_cross_cache(layout: CacheLayout, states: list[torch.Tensor] | None):
                     "the model does not reuse an EncoderDecoderCache's cross-attention cache"
                 )
             i, shapes = self.index, layout.state_shapes
-            cache.new_states[i] = _pad_state(channels_first(key_states), shapes[i])
+            keys = channels_first(key_states)
+            if layout.keys_transposed:
+                keys = keys.transpose(1, 2)
+            cache.new_states[i] = _pad_state(keys, shapes[i])
             cache.new_states[n + i] = _pad_state(channels_first(value_states), shapes[n + i])
             return key_states, value_states
 
@@ -511,7 +514,9 @@ def probe_encoder_decoder(
     encoder_length = int(hidden.shape[1])
     return EncoderDecoderLayout(
         decoder=CacheLayout(_layers(self_probe.shapes, "self-attention"), round_up(context), dtype),
-        cross=CacheLayout(_layers(cross_probe.shapes, "cross-attention"), round_up(encoder_length), dtype, CROSS_NAMES),
+        cross=CacheLayout(
+            _layers(cross_probe.shapes, "cross-attention"), round_up(encoder_length), dtype, CROSS_NAMES, True
+        ),
         encoder_length=encoder_length,
         hidden_size=int(hidden.shape[2]),
         source=source,
