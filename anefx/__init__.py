@@ -11,7 +11,9 @@ from anefx.ane.report import ANEReport
 from anefx.backend import backend
 from anefx.check import check
 from anefx.compile import CompiledModel, compile  # noqa: A004
+from anefx.core.options import CompileOptions
 from anefx.driver.debug import DebugOptions
+from anefx.driver.events import Event
 from anefx.driver.pipeline import Pipeline
 from anefx.driver.report import PassRecord, Report
 from anefx.driver.reproducer import load_reproducer
@@ -29,10 +31,12 @@ __all__ = [
     "AnefxError",
     "CaptureError",
     "Captured",
+    "CompileOptions",
     "CompiledLM",
     "CompiledModel",
     "ConversionError",
     "DebugOptions",
+    "Event",
     "Pass",
     "PassContext",
     "PassError",

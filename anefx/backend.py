@@ -98,8 +98,7 @@ class AnefxBackend:
         self.compiled.append(compiled)
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            suffix = ".aimodel" if compiled.target == "coreai" else ".mlpackage"
-            compiled.save(self.save_dir / f"graph_{index}{suffix}")
+            compiled.save(self.save_dir / f"graph_{index}{compiled.artifact.target.suffix}")
             (self.save_dir / f"graph_{index}.report.json").write_text(compiled.report.to_json())
         graph_module = compiled.graph_module
         keep = [i for i in range(len(example_inputs)) if i not in lifted]

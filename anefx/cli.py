@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from anefx.targets.registry import NAMES as TARGETS
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -110,38 +112,130 @@ def _console():
     return Console(stderr=False, width=width)
 
 
-def cmd_compile(ns) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+class StageProgress:
+    """Renders a compile's events with ``rich``: a bar over the pass steps (every function's), the
+    stage running now, and one line per finished top-level stage with its seconds."""
 
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.bar.add_task("start", total=0)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event) -> None:
+        if event.kind == "start":
+            if "passes" in event.details:  # the pipeline's passes, once per function
+                self.bar.update(self.task, total=(self.bar.tasks[0].total or 0) + event.details["passes"])
+            self.bar.update(self.task, description=event.name)
+        elif event.kind == "step":
+            passes = event.path[0] == "passes" and "of" in event.details
+            self.bar.update(self.task, description=event.name, advance=1 if passes else 0)
+        elif len(event.path) == 1:
+            detail = ", ".join(f"{k}={v}" for k, v in event.details.items() if k not in ("passes", "function"))
+            self.bar.console.print(f"{event.name} {event.seconds:.2f}s" + (f" ({detail})" if detail else ""))
+
+
+def add_compile_options(parser, *, lm: bool = False) -> None:
+    """The flags every compiling command shares (``compile``, ``compile-lm``, ``generate``): the same
+    flags for the same things, the fields of :class:`~anefx.core.options.CompileOptions`."""
+    p = parser.add_argument_group("pipeline")
+    p.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
+    p.add_argument("--without", action="append", default=[], metavar="PASS", help="drop a pass (repeatable)")
+    v = parser.add_argument_group("validation and guard")
+    v.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
+    v.add_argument(
+        "--allow-worse",
+        action="store_true",
+        help="ship the passes' output even where a region has more layout changes than stock (no guard)",
+    )
+    d = parser.add_argument_group("debugging")
+    d.add_argument("--dump-dir", default=None, help="write per-pass graphs, diffs and pictures here")
+    d.add_argument("--print-ir-after-all", action="store_true", default=None, help="print the graph after every pass")
+    d.add_argument("--print-ir-after", default=None, metavar="PASSES", help="print the graph after these passes (a,b)")
+    d.add_argument("--print-ir-before", default=None, metavar="PASSES", help="print the graph before these passes")
+    d.add_argument(
+        "--print-ir-after-change", action="store_true", default=None, help="print only after passes that changed it"
+    )
+    d.add_argument("--bisect-limit", type=int, default=None, metavar="N", help="run only the first N pass applications")
+    t = parser.add_argument_group("target and deployment")
+    t.add_argument("--target", default="coreml", choices=list(TARGETS))
+    t.add_argument(
+        "--compression",
+        default=None,
+        metavar="SCHEME",
+        help="compress the weights"
+        + (" of every function" if lm else "")
+        + ": lut4, lut6, lut8 (grouped-channel LUTs, iOS18) or int8 (per channel)",
+    )
+    t.add_argument(
+        "--max-chunk-mb", type=float, default=None, help="split into packages of at most this many MB (+ manifest)"
+    )
+    t.add_argument(
+        "--lm-head-max-channels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the projection to the vocabulary into convs of at most N output channels",
+    )
+
+
+def compile_options(ns):
+    """The :class:`~anefx.core.options.CompileOptions` of the shared flags."""
+    import anefx
+    from anefx.driver.debug import DebugOptions
+    from anefx.targets.lm_head import LMHeadOptions
+
+    pipeline = load_object(ns.pipeline)() if getattr(ns, "pipeline", None) else anefx.Pipeline.default()
+    if getattr(ns, "without", None):
+        pipeline = pipeline.without(*ns.without)
+    switches = {
+        "dump_dir": ns.dump_dir,
+        "print_ir_after_all": ns.print_ir_after_all,
+        "print_ir_after": ns.print_ir_after,
+        "print_ir_before": ns.print_ir_before,
+        "print_ir_after_change": ns.print_ir_after_change,
+        "bisect_limit": ns.bisect_limit,
+    }
+    given = {k: v for k, v in switches.items() if v is not None}
+    debug = DebugOptions.from_env().merged(**given) if given else None
+    head = LMHeadOptions(max_channels=ns.lm_head_max_channels) if ns.lm_head_max_channels else None
+    return anefx.CompileOptions(
+        pipeline=pipeline,
+        validate=ns.validate,
+        debug=debug,
+        never_worse=not ns.allow_worse,
+        target=ns.target,
+        compression=ns.compression,
+        max_chunk_mb=ns.max_chunk_mb,
+        lm_head=head,
+    )
+
+
+def cmd_compile(ns) -> int:
     import anefx
 
     model, args, kwargs = load_model(ns.factory, ns.input)
-    pipeline = load_object(ns.pipeline)() if ns.pipeline else anefx.Pipeline.default()
-    if ns.without:
-        pipeline = pipeline.without(*ns.without)
+    options = compile_options(ns)
     out = Path(ns.output)
     console = _console()
-    steps = len(pipeline.passes) + 1
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("capture", total=steps)
-
-        def progress(step: str) -> None:
-            bar.update(task, description=step, advance=0 if step == pipeline.names[0] else 1)
-
-        compiled = anefx.compile(
-            model,
-            args,
-            kwargs,
-            pipeline=pipeline,
-            target=ns.target,
-            validate=ns.validate,
-            never_worse=not ns.allow_worse,
-            progress=progress,
-            dump_dir=ns.dump_dir,
-            compression=ns.compression,
-            max_chunk_mb=ns.max_chunk_mb,
-        )
-        bar.update(task, completed=steps, description="done")
+    with StageProgress(console) as progress:
+        compiled = anefx.compile(model, args, kwargs, options=options, progress=progress)
     console.print(compiled.report.rich_table())
     for line in compiled.report.guard_lines():
         console.print(line)
@@ -169,7 +263,7 @@ def load_lm(spec: str):
 def quality_prompts(ns, tok):
     """The fixed prompt set of the compression measurement: ``--quality-prompt`` texts (or anefx's 4
     default ones) through the tokenizer's chat template; without a tokenizer, compile_lm's default."""
-    from anefx.lm.compress import DEFAULT_TEXT_PROMPTS
+    from anefx.lm.generate import DEFAULT_TEXT_PROMPTS
 
     if tok is None:
         return None
@@ -185,28 +279,22 @@ def quality_prompts(ns, tok):
 
 
 def _compile_lm(ns, console, model, *, convert: bool, check_prompt=None, tok=None):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     import anefx
 
-    steps = 2 * (len(anefx.Pipeline.default().passes) + 1) + (3 if convert else 0) + 1
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task("probe", total=steps)
+    options = compile_options(ns)
+    with StageProgress(console) as progress:
         lm = anefx.compile_lm(
             model,
+            options=options,
             context_length=ns.context_length,
             prefill_length=ns.prefill_length,
-            validate=ns.validate,
             convert=convert,
             check_prompt=check_prompt,
             check_tokens=ns.check_tokens,
-            progress=lambda step: bar.update(task, description=step, advance=1),
-            compression=getattr(ns, "compression", None),
-            max_chunk_mb=getattr(ns, "max_chunk_mb", None),
-            quality_prompts=quality_prompts(ns, tok) if getattr(ns, "compression", None) else None,
+            progress=progress,
+            quality_prompts=quality_prompts(ns, tok) if ns.compression else None,
             quality_tokens=getattr(ns, "quality_tokens", 64),
         )
-        bar.update(task, completed=steps, description="done")
     return lm
 
 
@@ -238,7 +326,7 @@ def chunk_table(lm):
     for col in ("chunk", "layers", "states", "weights MB", "decode inputs"):
         table.add_column(col)
     for c in lm.chunks.chunks:
-        size = sum(f.stat().st_size for f in c.package.staged.rglob("*.bin")) / 1e6
+        size = c.package.weight_bytes() / 1e6
         layers = f"{c.layers[0]}-{c.layers[-1]}" if c.layers else "-"
         table.add_row(str(c.index), layers, str(len(c.states)), f"{size:.1f}", ", ".join(c.value_inputs("decode")))
     return table
@@ -251,6 +339,11 @@ def cmd_compile_lm(ns) -> int:
     for name, report in lm.reports.items():
         console.print(f"[bold]{name}[/bold]")
         console.print(report.rich_table())
+        for line in report.guard_lines():
+            console.print(line)
+        conversion = {k: v for k, v in report.conversion.items() if k.startswith("converter_input")}
+        if conversion:
+            console.print(f"{name} converter input: " + ", ".join(f"{k}={v}" for k, v in conversion.items()))
     for table in lm_table(lm):
         console.print(table)
     if lm.check is not None:
@@ -465,25 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("factory", help="<python-file-or-module>:<function> returning a model or (model, args, kwargs)")
     c.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE", help="e.g. x:1x128x768:float32")
     c.add_argument("-o", "--output", required=True, help="output path (.mlpackage or .aimodel)")
-    c.add_argument("--target", default="coreml", choices=["coreml", "coreai"])
-    c.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
-    c.add_argument("--without", action="append", default=[], metavar="PASS", help="drop a pass (repeatable)")
-    c.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
-    c.add_argument(
-        "--allow-worse",
-        action="store_true",
-        help="ship the passes' output even where a region has more layout changes than stock (no guard)",
-    )
-    c.add_argument("--dump-dir", default=None, help="write per-pass graphs, diffs and pictures here")
-    c.add_argument(
-        "--compression",
-        default=None,
-        metavar="SCHEME",
-        help="compress the weights: lut4, lut6, lut8 (grouped-channel LUTs, iOS18) or int8 (per channel)",
-    )
-    c.add_argument(
-        "--max-chunk-mb", type=float, default=None, help="split into packages of at most this many MB (+ manifest)"
-    )
+    add_compile_options(c)
     c.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("passes", help="list the passes (the catalog)")
@@ -506,23 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "factory", help="<python-file-or-module>:<function> returning a causal LM or (model, tokenizer)"
         )
-        sp.add_argument("--context-length", type=int, default=512, help="tokens the KV cache holds")
-        sp.add_argument("--prefill-length", type=int, default=64, help="tokens per prefill call")
-        sp.add_argument("--check-tokens", type=int, default=16, help="new tokens compared with the model's generate")
-        sp.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
+        lm = sp.add_argument_group("language model")
+        lm.add_argument("--context-length", type=int, default=512, help="tokens the KV cache holds")
+        lm.add_argument("--prefill-length", type=int, default=64, help="tokens per prefill call")
+        lm.add_argument("--check-tokens", type=int, default=16, help="new tokens compared with the model's generate")
+        add_compile_options(sp, lm=True)
 
     cl = sub.add_parser("compile-lm", help="compile a causal LM: prefill + decode, KV cache as state, one .mlpackage")
     lm_options(cl)
     cl.add_argument("-o", "--output", required=True, help="output .mlpackage (a folder when chunked)")
-    cl.add_argument(
-        "--compression",
-        default=None,
-        metavar="SCHEME",
-        help="compress the weights of both functions: lut4, lut6, lut8 (grouped-channel LUTs) or int8 (per channel)",
-    )
-    cl.add_argument(
-        "--max-chunk-mb", type=float, default=None, help="split into stateful packages of at most this many MB"
-    )
     cl.add_argument("--quality-tokens", type=int, default=64, help="new tokens per prompt of the compression quality")
     cl.add_argument(
         "--quality-prompt", action="append", default=[], metavar="TEXT", help="a prompt of the quality set (repeatable)"
@@ -534,13 +601,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to --prompt")
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--runtime", choices=["torch", "coreml"], default="torch", help="coreml needs macOS")
-    g.add_argument("--no-convert", action="store_true", help="skip the Core ML conversion (torch runtime only)")
+    g.add_argument(
+        "--runtime",
+        choices=["torch", "target", "mil", "coreml"],
+        default="torch",
+        help="torch: the rewritten graphs; target: the package with the target's executor (anefx's MIL "
+        "interpreter); mil or coreml (macOS) name it",
+    )
+    g.add_argument("--no-convert", action="store_true", help="skip the conversion (torch runtime only)")
     g.add_argument("-o", "--output", help="also save the .mlpackage here")
     g.set_defaults(func=cmd_generate)
 
-    r = sub.add_parser("run", help="run a saved .mlpackage (any ML Program) or .aimodel and summarize its outputs")
-    r.add_argument("path", help="a saved .mlpackage or .aimodel")
+    r = sub.add_parser(
+        "run", help="run a saved .mlpackage (any ML Program), .aimodel or chunk folder and summarize its outputs"
+    )
+    r.add_argument("path", help="a saved .mlpackage, .aimodel or chunk folder (manifest.json)")
     r.add_argument("--function", default=None, help="the function to run (default: the program's default)")
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input from a .npy file")
     r.add_argument("--random", action="store_true", help="seeded random values for the inputs not given")

@@ -154,8 +154,8 @@ def reference_conversion() -> dict:
 
     import torch
 
-    from anefx.compat.coremltools import operations
-    from anefx.targets.coreml import CoreMLOptions, coremltools_module, quiet_coremltools
+    from anefx.compat.coremltools import coremltools_module, operations, quiet_coremltools
+    from anefx.targets.coreml import CoreMLOptions
     from examples.ane_distilbert import ane_distilbert
 
     ct = coremltools_module()
@@ -196,7 +196,7 @@ def interpreter_row(compiled, model, args, kwargs) -> dict:
     import torch
 
     t0 = time.perf_counter()
-    program = anefx.load(compiled.artifact.model)
+    program = anefx.load(compiled)
     load = time.perf_counter() - t0
     feed = dict(zip(program.inputs(), [*args, *kwargs.values()]))
     times = {}
@@ -223,9 +223,8 @@ def bench(name: str, attn: str, coreai: bool) -> dict:
     model, args, kwargs = FULL_SIZE[name](attn)
     stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty())
     reference = reference_conversion() if name == "distilbert" else None
-    t0 = time.perf_counter()
     compiled = anefx.compile(model, args, kwargs)
-    total = time.perf_counter() - t0
+    total = compiled.timings["total"]  # the compile's own events
     share, blocked = coverage(compiled)
     extra = {}
     if coreai:
@@ -384,9 +383,8 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     from anefx.cli import lm_table
 
     model, _tok = LMS[name]()
-    t0 = time.perf_counter()
     lm = anefx.compile_lm(model, context_length=context, prefill_length=prefill, check_tokens=8)
-    seconds = time.perf_counter() - t0
+    seconds = lm.timings["total"]
     console = Console(width=160)
     console.print(
         f"\n[bold]{name}: compile_lm (context {lm.context_length}, prefill {prefill})[/bold] in {seconds:.1f} s"
@@ -425,7 +423,7 @@ def interpreter_decode(lm, console) -> None:
     from rich.markup import escape
 
     t0 = time.perf_counter()
-    program = anefx.load(lm.package.staged)
+    program = anefx.load(lm)
     load = time.perf_counter() - t0
     prompt = list(range(3, 3 + min(8, lm.prefill_length)))
     reference = lm.generate(prompt, 2, eos_token_id=None)
@@ -463,7 +461,7 @@ def interpreter_decode(lm, console) -> None:
     )
 
 
-from anefx.lm.compress import DEFAULT_TEXT_PROMPTS as COMPRESSION_PROMPTS  # noqa: E402  (the CLI's set)
+from anefx.lm.generate import DEFAULT_TEXT_PROMPTS as COMPRESSION_PROMPTS  # noqa: E402  (the CLI's set)
 
 
 def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, chunk_mb: float = 100.0) -> None:
@@ -481,8 +479,7 @@ def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, 
     from rich.console import Console
     from rich.table import Table
 
-    from anefx.targets.chunking import package_weight_bytes
-    from anefx.targets.coreml import CoreMLOptions
+    from anefx.targets.coreml import CoreMLOptions, package_weight_bytes
 
     model, tok = models.smollm2_model_and_tokenizer()
     model.config.use_cache = False
@@ -503,11 +500,10 @@ def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, 
     length = max(s.shape[1] for s in sequences)
     ids = torch.zeros(1, length, dtype=torch.long)
     mask = torch.ones(1, length, dtype=torch.long)
-    t0 = time.perf_counter()
     fp16 = anefx.compile(
         model, (ids,), {"attention_mask": mask}, target_options=CoreMLOptions(minimum_deployment_target="iOS18")
     )
-    print(f"fp16 compile: {time.perf_counter() - t0:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
+    print(f"fp16 compile: {fp16.timings['total']:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
     out = Path(tempfile.mkdtemp(prefix="anefx-bench-"))
     fp16_bytes = package_weight_bytes(fp16.save(out / "fp16.mlpackage"))
     table = Table(title=f"SmolLM2-135M-Instruct compression ({len(prompts)} prompts x {new_tokens} tokens)")
@@ -515,9 +511,8 @@ def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, 
         table.add_column(col, justify="right")
     table.add_row("fp16", f"{fp16_bytes / 1e6:.1f}", "1.000", "-", "-", "-", "-", "-")
     for scheme in schemes:
-        t0 = time.perf_counter()
         c = fp16.with_compression(scheme)
-        seconds = time.perf_counter() - t0
+        seconds = c.compression.seconds
         size = package_weight_bytes(c.save(out / f"{scheme}.mlpackage"))
         lm = c.lm_quality(prompts, new_tokens, sequences=sequences)
         q = c.compression.quality
@@ -536,7 +531,6 @@ def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, 
         gc.collect()
     Console(width=160).print(table)
 
-    t0 = time.perf_counter()
     chunked = anefx.compile(model, (ids,), {"attention_mask": mask}, max_chunk_mb=chunk_mb)
     folder = chunked.save(out / "chunked")
     sizes = [
@@ -545,7 +539,7 @@ def compression_section(schemes=("lut6", "lut4", "int8"), new_tokens: int = 64, 
     ]
     print(
         f"max_chunk_mb={chunk_mb:g}: {len(sizes)} packages of {', '.join(f'{s:.1f}' for s in sizes)} MB "
-        f"({time.perf_counter() - t0:.0f} s)"
+        f"(compiled in {chunked.timings['total']:.0f} s)"
     )
     agree = total = 0
     worst = 0.0
@@ -592,15 +586,15 @@ def lm_compression_section(
     from rich.console import Console
     from rich.table import Table
 
-    from anefx.targets.chunking import package_weight_bytes
+    from anefx.lm.compile import measure
+    from anefx.targets.coreml import package_weight_bytes
 
     model, tok = models.smollm2_model_and_tokenizer()
     prompts = [models.smollm2_chat_ids(tok, p) for p in COMPRESSION_PROMPTS]
     out = Path(tempfile.mkdtemp(prefix="anefx-bench-lm-"))
-    t0 = time.perf_counter()
     convert = bool(schemes)  # the chunk comparison alone needs only the unchunked torch graphs
     fp16 = anefx.compile_lm(model, context_length=context, prefill_length=prefill, check_tokens=8, convert=convert)
-    print(f"compile_lm fp16: {time.perf_counter() - t0:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
+    print(f"compile_lm fp16: {fp16.timings['total']:.0f} s {dict((k, round(v)) for k, v in fp16.timings.items())}")
     fp16_bytes = package_weight_bytes(fp16.save(out / "fp16.mlpackage")) if convert else 0
     table = Table(
         title=f"SmolLM2-135M-Instruct compile_lm compression ({len(prompts)} prompts x {new_tokens} new tokens, "
@@ -610,15 +604,12 @@ def lm_compression_section(
         table.add_column(col, justify="right")
     table.add_row("fp16", f"{fp16_bytes / 1e6:.1f}", "1.000", "-", "-", "-", "-", "-")
     for spec in schemes:
-        t0 = time.perf_counter()
         c = fp16.with_compression(_scheme(spec), new_tokens=0)
-        compress_s = time.perf_counter() - t0
+        compress_s = c.compression.seconds
         size = package_weight_bytes(c.save(out / f"{spec.replace(':', '_')}.mlpackage"))
         hist = c.op_histogram("decode")
         t0 = time.perf_counter()
-        from anefx.lm.compress import measure_lm
-
-        c.compression.lm = lm = measure_lm(c, prompts, new_tokens)
+        lm = measure(c, prompts, new_tokens)
         quality_s = time.perf_counter() - t0
         table.add_row(
             spec,
@@ -641,7 +632,6 @@ def lm_compression_section(
     if schemes:
         Console(width=160).print(table)
     if chunk_mb:
-        t0 = time.perf_counter()
         chunked = anefx.compile_lm(
             model, context_length=context, prefill_length=prefill, check_tokens=8, max_chunk_mb=chunk_mb
         )
@@ -650,7 +640,7 @@ def lm_compression_section(
         sizes = [package_weight_bytes(folder / c["file"]) / 1e6 for c in manifest["chunks"]]
         print(
             f"compile_lm max_chunk_mb={chunk_mb:g}: {len(sizes)} packages of {', '.join(f'{s:.1f}' for s in sizes)} MB "
-            f"({time.perf_counter() - t0:.0f} s)"
+            f"(compiled in {chunked.timings['total']:.0f} s)"
         )
         same = total = 0
         for p in prompts:

@@ -62,7 +62,7 @@ def test_block_stack_has_one_layout_change_each_way(n):
     compiled = anefx.compile(model, args, never_worse=False)  # the passes' own output (see PROJECTIONS)
     ops = compiled.op_histogram()
     assert ops["transpose"] == 2 and ops.get("reshape", 0) == 0 and ops["conv"] == 2 * n, ops
-    main = compiled.artifact.mil_program.functions["main"]
+    main = compiled.artifact.package.mil_program.functions["main"]
     transposes = [op for op in main.operations if op.op_type == "transpose"]
     # the first transpose reads the model input, the last one produces the model output
     # (through nothing but casts, squeeze and expand_dims)

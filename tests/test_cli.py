@@ -80,6 +80,24 @@ def test_bisect_command(tmp_path):
     assert res.returncode == 1 and f"first bad pass application: ({index}) flip_sign" in res.stdout
 
 
+def _flags(command: str) -> set[str]:
+    import re
+
+    res = run(command, "--help")
+    assert res.returncode == 0, res.stderr
+    return set(re.findall(r"(--[a-z][a-z-]+)", res.stdout))
+
+
+def test_compile_and_compile_lm_take_the_same_compile_flags():
+    """One set of flags for the same things (CompileOptions): pipeline, validation, guard, debug, target."""
+    shared = {"--pipeline", "--without", "--validate", "--allow-worse", "--dump-dir", "--print-ir-after-all"}
+    shared |= {"--print-ir-after", "--print-ir-before", "--print-ir-after-change", "--bisect-limit", "--target"}
+    shared |= {"--compression", "--max-chunk-mb", "--lm-head-max-channels"}
+    compile_flags, lm_flags = _flags("compile"), _flags("compile-lm")
+    assert shared <= compile_flags and shared <= lm_flags
+    assert compile_flags - {"--input"} <= lm_flags
+
+
 def test_run_a_saved_package(tmp_path):
     """``anefx run``: the outputs' shapes and values summarized, from --input files or --random."""
     import numpy as np

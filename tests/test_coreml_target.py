@@ -2,7 +2,6 @@
 
 import collections
 import os
-import sys
 
 import coremltools as ct
 import pytest
@@ -24,7 +23,7 @@ def test_mlp_converts_to_fp16_ml_program_with_names(tmp_path):
     assert [o.name for o in spec.description.output] == ["output"]
     assert compiled.mlmodel.compute_unit == ct.ComputeUnit.CPU_AND_NE
     # fp16 compute: the input is cast to fp16 and every conv runs on fp16 tensors
-    main = compiled.artifact.mil_program.functions["main"]
+    main = compiled.artifact.package.mil_program.functions["main"]
     convs = [op for op in main.operations if op.op_type == "conv"]
     assert len(convs) == 2 and all(op.outputs[0].dtype == ct.converters.mil.mil.types.fp16 for op in convs)
     path = compiled.save(tmp_path / "mlp.mlpackage")
@@ -50,8 +49,9 @@ def test_options_take_coremltools_enums_and_fail_fast(monkeypatch):
     assert compiled.mlmodel.get_spec().specificationVersion == 8
     assert compiled.mlmodel.compute_unit == ct.ComputeUnit.CPU_ONLY
     # a bad option is refused before anything is captured (capture is never called)
-    compile_module = sys.modules["anefx.compile"]  # the module, which the function anefx.compile shadows
-    monkeypatch.setattr(compile_module, "capture", lambda *a, **k: pytest.fail("captured before checking options"))
+    import anefx.core.stages as stages  # where every front end captures
+
+    monkeypatch.setattr(stages, "capture", lambda *a, **k: pytest.fail("captured before checking options"))
     for bad in (CoreMLOptions(compute_precision="float8"), CoreMLOptions(compute_units="NE_ONLY")):
         with pytest.raises(ConversionError, match=r"unknown compute_(precision|units)"):
             anefx.compile(model, args, target_options=bad)
@@ -129,8 +129,8 @@ def test_save_errors_leave_nothing_behind(tmp_path):
 def test_predict_matches_pytorch_on_macos():
     model, args, _ = example("mlp")
     compiled = anefx.compile(model, args)
-    out = compiled.artifact.predict({"x": args[0].numpy()})
-    torch.testing.assert_close(torch.from_numpy(out["output"]).float(), model(*args), atol=5e-2, rtol=5e-2)
+    (out,) = anefx.load(compiled, runtime="coreml")({"x": args[0].numpy()}).values()
+    torch.testing.assert_close(torch.from_numpy(out).float(), model(*args), atol=5e-2, rtol=5e-2)
 
 
 def test_predict_off_macos_says_why():
@@ -139,15 +139,15 @@ def test_predict_off_macos_says_why():
     model, args, _ = example("mlp")
     compiled = anefx.compile(model, args)
     with pytest.raises(anefx.TargetUnavailableError, match="needs macOS"):
-        compiled.artifact.predict({"x": args[0].numpy()})
+        anefx.load(compiled, runtime="coreml")
 
 
 @pytest.mark.parametrize("name", ["distilbert_small", "vit", "t5_encoder"])
 def test_fast_conversion_gives_the_same_program_as_coremltools_route(name):
     """The lifted ExportedProgram and the faster MIL pipeline change conversion time, never the program:
     op for op (type and output dtype) the same as a fresh torch.export + coremltools' own pipeline."""
-    from anefx.targets.base import HandOff, legalized_clone
     from anefx.targets.coreml import CoreMLTarget
+    from anefx.targets.handoff import HandOff, ProgramSpec, legalized_clone
     from anefx.targets.lift import lifted_program
 
     model, args, kwargs = example(name)
@@ -160,21 +160,21 @@ def test_fast_conversion_gives_the_same_program_as_coremltools_route(name):
         fast.captured.output_names,
     )
     assert lifted_program(legalized_clone(handoff)) is not None  # the fast route really ran
-    slow = CoreMLTarget(CoreMLOptions(fast_conversion=False)).convert(handoff)
+    slow = CoreMLTarget(CoreMLOptions(fast_conversion=False)).convert(ProgramSpec({"main": handoff}))
 
     def program(artifact):
         return [(op.op_type, str(op.outputs[0].dtype)) for op in artifact.operations()]
 
     assert fast.op_histogram() == slow.op_histogram()
     assert program(fast.artifact) == program(slow)
-    names = [[i.name for i in a.model.get_spec().description.input] for a in (fast.artifact, slow)]
+    names = [[i.name for i in a.model.get_spec().description.input] for a in (fast.artifact.package, slow)]
     assert names == [fast.captured.input_names] * 2
     assert fast.report.timings.keys() >= {"capture", "passes", "convert", "convert.export", "convert.ct_convert"}
 
 
 def test_decomposing_the_lifted_program_keeps_the_input_names():
     """A re-trace names positional inputs ``arg_0`` …; the Core ML inputs are named after them."""
-    from anefx.targets.base import HandOff, legalized_clone
+    from anefx.targets.handoff import HandOff, legalized_clone
     from anefx.targets.lift import keep_input_names, lifted_program
 
     model, args, kwargs = example("distilbert_small")

@@ -16,9 +16,8 @@ import torch
 
 import anefx
 from anefx.ir.errors import AnefxError
-from anefx.targets.chunking import package_weight_bytes
 from anefx.targets.compression import CompressionOptions
-from anefx.targets.coreml import CoreMLOptions
+from anefx.targets.coreml import CoreMLOptions, package_weight_bytes
 from anefx.targets.quality import decode_lut, lm_agreement
 
 SEQ = 16
@@ -52,7 +51,7 @@ def _llama(layers=2, vocab=384):
 
 
 def _compile_module():
-    return sys.modules["anefx.compile"]
+    return sys.modules["anefx.core.stages"]  # where every front end captures
 
 
 @pytest.fixture
@@ -173,8 +172,8 @@ def test_lut4_quality_is_measured_on_the_shipped_weights(lut4):
     assert 0 < q.end_to_end_rel_error < 0.5
     # the measurement runs the converted graph: with the fp16 weights it reproduces the model
     flat = compiled.captured.flat_inputs
-    fp16_out = compiled.compression.run(flat, "fp16")[0]
-    comp_out = compiled.compression.run(flat, "compressed")[0]
+    fp16_out = compiled.artifact.run(flat, variant="fp16")[0]
+    comp_out = compiled.artifact.run(flat, variant="compressed")[0]
     eager = model(*args, **kwargs).logits
     assert torch.allclose(fp16_out, eager, atol=2e-2, rtol=0)
     rel = float((comp_out - fp16_out).norm() / fp16_out.norm())
@@ -183,7 +182,7 @@ def test_lut4_quality_is_measured_on_the_shipped_weights(lut4):
     ids = torch.randint(0, 384, (1, SEQ))
     mask = torch.ones(1, SEQ, dtype=torch.long)
     mask[0, :3] = 0
-    other = compiled.compression.run([ids, mask], "fp16")[0]
+    other = compiled.artifact.run([ids, mask], variant="fp16")[0]
     assert torch.allclose(other, model(ids, attention_mask=mask).logits, atol=2e-2, rtol=0)
 
 
@@ -250,21 +249,21 @@ def test_chunks_under_the_cap_chain_to_the_model(chunked, tmp_path):
     out = compiled.save(tmp_path / "llama")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest["chunks"]) == len(chunks)
-    available = set(manifest["model_inputs"])
+    assert manifest["format"] == "anefx-chunks/2" and len(manifest["chunks"]) == len(chunks)
+    main = manifest["functions"]["main"]
+    available = set(main["inputs"])
     for entry in manifest["chunks"]:
         size = package_weight_bytes(out / entry["file"])
         assert 0 < size <= 4e6 and entry["weight_bytes"] == size
-        for i in entry["inputs"]:  # every input comes from the model or an earlier chunk
+        for i in entry["functions"]["main"]["inputs"]:  # every input comes from the model or an earlier chunk
             assert i["name"] in available, i
-        available |= set(entry["outputs"])
-    assert manifest["model_outputs"][0]["name"] == "logits"
-    assert manifest["model_outputs"][0]["from"] == f"chunk{len(chunks) - 1}"
+        available |= set(entry["functions"]["main"]["outputs"])
+    assert main["outputs"] == [{"name": "logits", "from": f"chunk{len(chunks) - 1}"}]
     # each boundary carries the hidden state alone: masks and rotary tables are recomputed from the
     # model's inputs in every chunk, and the next layer's norm input (RMSNorm's cat(x, -x)) is not
     # passed beside x
     for entry in manifest["chunks"][1:]:
-        passed = [i["shape"] for i in entry["inputs"] if i["from"] != "model"]
+        passed = [i["shape"] for i in entry["functions"]["main"]["inputs"] if i["from"] != "model"]
         assert passed == [[1, 320, 1, SEQ]], entry["inputs"]
     # every layer is in exactly one chunk, in order
     layers = [layer for e in manifest["chunks"] for layer in e["layers"]]
@@ -277,14 +276,14 @@ def test_chunks_under_the_cap_chain_to_the_model(chunked, tmp_path):
     want = model(ids, attention_mask=mask).logits
     assert torch.allclose(got[0, 4:], want[0, 4:], atol=1e-4, rtol=0)
     # each package holds only its layers' weights: the tied embedding in the first and last only
-    convs = [c.artifact.op_histogram()["conv"] for c in chunks]
+    convs = [c.package.op_histogram()["conv"] for c in chunks]
     assert sum(convs) == 3 * 7 + 1
 
 
 def test_ane_report_covers_every_chunk(chunked):
     compiled = chunked[0]
     report = compiled.ane_report
-    per_chunk = [sum(c.artifact.op_histogram().values()) for c in compiled.chunks.chunks]
+    per_chunk = [sum(c.package.op_histogram().values()) for c in compiled.chunks.chunks]
     assert report.op_count == sum(per_chunk)
     # the embedding's gather is in the first package only, and is named after it
     gathers = [f.op for f in report.findings if f.op_type == "gather"]
@@ -294,7 +293,7 @@ def test_ane_report_covers_every_chunk(chunked):
 
 def test_a_failing_chunk_save_leaves_nothing(chunked, tmp_path, monkeypatch):
     compiled = chunked[0]
-    last = compiled.chunks.chunks[-1].artifact
+    last = compiled.chunks.chunks[-1].package
 
     def broken(path):
         raise OSError("disk full")
@@ -336,7 +335,7 @@ def test_lm_head_split_into_channel_chunks(output):
 def test_small_vocabularies_are_left_alone_by_default():
     model, args, kwargs = _llama(layers=1, vocab=300)
     compiled = anefx.compile(model, args, kwargs, convert=False)
-    assert compiled.artifact is None  # nothing converted, nothing split
+    assert not compiled.artifact.converted  # nothing converted, nothing split
     from anefx.ir.graph import clone_graph_module
     from anefx.targets.lm_head import HARD_LIMIT, split_head
 
@@ -421,8 +420,6 @@ def test_compile_lm_lut4_both_functions_share_one_compressed_weight_file(lm_lut4
 
 
 def test_compile_lm_quality_is_measured_on_the_shipped_weights(lm_lut4):
-    from anefx.lm.compress import prefill_logits_fn, prefill_stages
-
     lm, model, _ = lm_lut4
     q = lm.compression.lm
     assert q.prompts == 2 and q.tokens == 2 * 12
@@ -432,11 +429,9 @@ def test_compile_lm_quality_is_measured_on_the_shipped_weights(lm_lut4):
     assert 0.2 < summary["size_ratio"] < 0.3
     # the measurement runs the converted stateful prefill program: with the fp16 weights it computes
     # the model's logits on a sequence spanning several prefill chunks, the compressed weights differ
-    stages, logits = prefill_stages(lm)
     ids = _lm_prompts(1, 40)[0]
     want = model(ids).logits[0]
-    fp16 = prefill_logits_fn(stages, logits, "fp16", lm.layout, lm.prefill_length)(ids)
-    comp = prefill_logits_fn(stages, logits, "compressed", lm.layout, lm.prefill_length)(ids)
+    fp16, comp = lm.prefill_logits(ids, "fp16"), lm.prefill_logits(ids, "compressed")
     assert torch.allclose(fp16, want, atol=2e-2 * float(want.abs().max()), rtol=0)
     rel = float((comp - fp16).norm() / fp16.norm())
     assert 0.01 < rel < 0.5
@@ -449,7 +444,7 @@ def test_compile_lm_with_compression_reuses_the_fp16_functions(lm_lut4, tmp_path
     for fn in int8.functions:
         hist = int8.op_histogram(fn)
         assert hist["constexpr_blockwise_shift_scale"] == 2 * 7 + 1 and hist["constexpr_lut_to_dense"] == 0
-    ops = int8.package.functions["decode"].operations()
+    ops = int8.package.operations("decode")
     for op in (op for op in ops if op.op_type == "constexpr_blockwise_shift_scale"):  # per channel, not per block
         scale = op.inputs["scale"].val
         assert scale.shape[1:] == (1,) * (scale.ndim - 1)
@@ -462,13 +457,14 @@ def test_compile_lm_with_compression_reuses_the_fp16_functions(lm_lut4, tmp_path
 
 @pytest.fixture
 def no_lm_capture(monkeypatch):
+    import anefx.core.stages as stages
     import anefx.lm.compile as lm_compile
 
     def boom(*a, **k):
         raise AssertionError("compile_lm started: the error came too late")
 
     monkeypatch.setattr(lm_compile, "probe_layout", boom)
-    monkeypatch.setattr(lm_compile, "capture", boom)
+    monkeypatch.setattr(stages, "capture", boom)
 
 
 @pytest.mark.parametrize(
@@ -504,7 +500,7 @@ def test_compile_lm_chunks_hold_their_layers_and_states(lm_chunked, tmp_path):
     lm, _, cap = lm_chunked
     chunks = lm.chunks.chunks
     assert [c.layers for c in chunks] == [[0], [1], [2]]
-    assert [c.states for c in chunks] == [[f"key_cache_{i}", f"value_cache_{i}"] for i in range(3)]
+    assert [list(c.states) for c in chunks] == [[f"key_cache_{i}", f"value_cache_{i}"] for i in range(3)]
     out = lm.save(tmp_path / "lm.mlpackage")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -549,6 +545,62 @@ def test_compile_lm_chain_generates_like_the_model(lm_chunked):
         prompt = _lm_prompts(1, 20 + seed)[0]
         chained = lm.generate(prompt, 12, eos_token_id=None).new_tokens
         assert chained == whole.generate(prompt, 12, eos_token_id=None).new_tokens == _hf_greedy(model, prompt, 12)
+
+
+def test_both_front_ends_ship_one_artifact_type(chunked, lm_chunked, tmp_path):
+    """A chunked compile and a chunked compile_lm: the same artifact type, run by the same runner,
+    saved with the same manifest format, read back the same way; ``anefx.load(folder)`` runs the
+    saved chain with the target's executor (the MIL interpreter) as the compile's own artifact runs
+    in memory, within fp16 of the rewritten graphs."""
+    from anefx.targets.artifact import Artifact
+    from anefx.targets.executor import ChainProgram
+
+    compiled, lm = chunked[0], lm_chunked[0]
+    assert type(compiled.chunks) is type(lm.chunks) is Artifact
+    assert compiled.chunks.functions == ["main"] and lm.chunks.functions == ["prefill", "decode"]
+    a = json.loads((compiled.save(tmp_path / "m") / "manifest.json").read_text())
+    b = json.loads((lm.save(tmp_path / "lm") / "manifest.json").read_text())
+    assert a["format"] == b["format"] == "anefx-chunks/2" and a.keys() == b.keys()
+    assert a["chunks"][0].keys() == b["chunks"][0].keys()
+    assert a["functions"]["main"].keys() == b["functions"]["decode"].keys()
+    # read back: the packages and their wiring (no torch graphs: they run with the target's executor)
+    for saved, made in ((tmp_path / "m", compiled.chunks), (tmp_path / "lm", lm.chunks)):
+        loaded = Artifact.load(saved)
+        assert loaded.chunked and loaded.functions == made.functions and loaded.inputs == made.inputs
+        for fn in made.functions:
+            assert loaded.op_histogram(fn) == made.op_histogram(fn)
+        shapes = {s: spec.shape for s, spec in made.states.items()}
+        assert {s: spec.shape for s, spec in loaded.states.items()} == shapes
+        with pytest.raises(AnefxError, match="no PyTorch graphs"):
+            loaded.run([torch.zeros(1)] * len(made.inputs[made.default]))
+
+    # compile's chain: the saved folder and the compile itself, through the one chain runner
+    program, in_memory = anefx.load(tmp_path / "m"), anefx.load(compiled)
+    assert isinstance(program, ChainProgram) and len(program.parts) == len(compiled.chunks.chunks) >= 2
+    assert program.runtime == "mil" and list(program.inputs()) == compiled.chunks.inputs["main"]
+    assert program.source == str(tmp_path / "m")
+    examples = compiled.chunks.programs[0].functions["main"].value_examples()
+    feed = dict(zip(compiled.chunks.inputs["main"], examples, strict=True))
+    (want,) = compiled.chunks.run(feed)
+    got = program(feed)["logits"]
+    np.testing.assert_array_equal(got, in_memory(feed)["logits"])  # the same bytes, run the same way
+    assert float(np.abs(got - want.numpy()).max() / want.abs().max()) < 1e-2
+
+    # compile_lm's chain: prefill then decode, each chunk keeping its layers' caches
+    program = anefx.load(tmp_path / "lm")
+    state = program.make_state("prefill")
+    assert list(state) == [f"{kind}_cache_{i}" for i in range(3) for kind in ("key", "value")]
+    step = lm._step("torch")
+    prompt = _lm_prompts(1, 20)[0]
+    ids = prompt[0, :LM_PREFILL].reshape(1, -1).to(torch.int32)
+    positions = torch.arange(LM_PREFILL, dtype=torch.int32).reshape(1, -1)
+    calls = [("prefill", ids, positions), ("decode", prompt[:, LM_PREFILL : LM_PREFILL + 1], positions[:, -1:] + 1)]
+    for fn, i, p in calls:
+        want = step(fn, i.to(torch.int32), p)
+        got = program({"input_ids": i, "position_ids": p}, function=fn, state=state)["logits"]
+        assert float(np.abs(got - want.numpy()).max() / want.abs().max()) < 1e-2, fn
+    written = np.abs(state["key_cache_2"]).sum(axis=(0, 1, 2))  # the last chunk's cache, by position
+    assert (written[: LM_PREFILL + 1] > 0).all() and not written[LM_PREFILL + 1 :].any()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ The layers, bottom to top (docs/architecture.md draws them):
 2. ``anefx.analysis``  analyses over it: layout vocabulary, heads, masks, legalization
 3. ``anefx.passes``    one rewrite per file
 4. ``anefx.driver``    pipeline, validation, instruments, reports, reproducers, bisection
-5. ``anefx.targets``   hand-offs to coremltools / coreai-torch, compression, chunking
+5. ``anefx.targets``   the Target interface, Core ML and Core AI, the artifact type, chunking, compression
 6. ``anefx.ane``       static ANE analysis of a converted program
-7. the public API      ``anefx.compile``, ``anefx.check``, ``anefx.lm``, backend, CLI, catalog
+7. ``anefx.core``      the one sequence of stages, CompileOptions, the shared result
+8. front ends and API  ``anefx.compile``, ``anefx.lm``, ``anefx.check``, backend, CLI, catalog
 
 Every import counts, also function-local and ``TYPE_CHECKING`` ones: a cycle hidden behind either
 breaks as soon as someone moves the import to the top of the file.
@@ -28,7 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "anefx"
-LAYERS = ["compat", "ir", "analysis", "passes", "driver", "targets", "ane"]  # anything else in anefx/ is the API
+LAYERS = ["compat", "ir", "analysis", "passes", "driver", "targets", "ane", "core"]  # anything else is a front end
 
 
 def _module_name(path: Path) -> str:

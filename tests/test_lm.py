@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -144,7 +145,7 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         assert hist["read_state"] == 4 and hist["coreml_update_state"] == 4, hist
         assert hist["gather_nd"] == 0 and hist["scatter"] == 0 and hist["slice_update"] == 0, hist
         assert hist["linear"] == 0, hist
-        ops = lm.package.functions[fn].operations()
+        ops = lm.package.operations(fn)
         on_weights = [op.name for op in ops if op.op_type in ("matmul", "linear") and _weight_operand(op)]
         assert not on_weights, on_weights
         # fp16-safe masks: no infinite constant anywhere (bool masks become -3e4 in coremltools)
@@ -294,7 +295,7 @@ def test_cli_compile_lm_compressed_and_chunked(tmp_path, capsys):
     from pathlib import Path
 
     from anefx.cli import main
-    from anefx.targets.chunking import package_weight_bytes
+    from anefx.targets.coreml import package_weight_bytes
 
     factory = str(Path(__file__).resolve().parents[1] / "examples" / "models.py") + ":tiny_llama_lm"
     refused = tmp_path / "refused.mlpackage"
@@ -318,3 +319,38 @@ def test_cli_compile_lm_compressed_and_chunked(tmp_path, capsys):
         assert 0 < package_weight_bytes(folder / entry["file"]) <= 0.05e6
         spec = ct.utils.load_spec(str(folder / entry["file"]))
         assert spec.description.metadata.userDefined["anefx.compression"] == "lut4"
+
+
+def test_compile_lm_takes_the_compile_options():
+    """never_worse, lm_head, pipeline and the debug switches as compile takes them; each function's
+    converter input validated by the same code as compile's (its error in the function's report)."""
+    from anefx.targets.lm_head import LMHeadOptions
+
+    model = _llama()
+    pipeline = anefx.Pipeline.default().without("attention_chunks")
+    lm = anefx.compile_lm(
+        model,
+        context_length=64,
+        prefill_length=16,
+        check_tokens=4,
+        pipeline=pipeline,
+        never_worse=False,
+        lm_head=LMHeadOptions(max_channels=128),
+        options=anefx.CompileOptions(validate="lint"),  # the explicit validate below wins
+        validate="numeric",
+    )
+    assert lm.check.tokens_equal
+    for fn in lm.functions:
+        report = lm.reports[fn]
+        assert [r.name for r in report.records] == pipeline.names and report.guard == {}
+        assert report.conversion["lm_head"] == {"lm_head_split": 1, "output": "logits"}
+        assert float(report.conversion["converter_input_max_rel_error"]) < 1e-4
+        assert report.conversion["checks"]["converter_input"]["input_sets"] == 2  # example + random
+        # the 256-token head as two 128-channel convs: one conv more than the 7 per layer and the head
+        assert lm.op_histogram(fn)["conv"] == 2 * 7 + 2
+    assert lm.timings.keys() >= {"probe", "capture.prefill", "passes.decode", "convert.decode.ct_convert", "check"}
+    staged = lm.package.path  # the merged package, staged in a private folder until saved
+    assert staged.is_dir()
+    del lm
+    gc.collect()
+    assert not staged.parent.parent.exists()  # removed with the last reference: nothing left behind

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import anefx
-from anefx.targets.coreml import coremltools_module
+from anefx.compat.coremltools import coremltools_module
 from anefx.targets.mil import MILProgram, UnsupportedOpError
 
 ct = coremltools_module()

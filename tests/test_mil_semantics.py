@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anefx.targets.coreml import coremltools_module
+from anefx.compat.coremltools import coremltools_module
 from anefx.targets.mil.interpreter import Constants, plan_function, run_function
 from anefx.targets.mil.reader import dtype_name
 

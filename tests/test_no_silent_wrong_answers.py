@@ -56,7 +56,7 @@ def _reinit(model):
 
 def _converter_input_error(compiled, model, images):
     """Largest error, relative to the output's scale, of the graph handed to coremltools."""
-    handed = compiled.artifact.converter_input
+    handed = compiled.artifact.package.converter_input
     worst = 0.0
     for x in images:
         got = run_flat(handed, [x])[0]

@@ -243,3 +243,13 @@ def test_pass_order_constraints_are_checked_when_a_pipeline_is_built():
         default.without("attention_bc1s").insert_after("to_bc1s", pass_by_name("attention_bc1s"))
     assert anefx.Pipeline.from_names(["linear_to_conv", "to_bc1s"]).names == ["linear_to_conv", "to_bc1s"]
     assert default.without("linear_to_conv").names  # removing a pass another runs after is fine
+
+
+def test_the_options_object_sits_between_the_arguments_and_the_environment(monkeypatch):
+    """One rule for every front end: an explicit argument > CompileOptions > ANEFX_VALIDATE."""
+    monkeypatch.setenv("ANEFX_VALIDATE", "numeric")
+    model, args, _ = example("mlp")
+    options = anefx.CompileOptions(pipeline=anefx.Pipeline.empty().append(FlipSign()), validate="off", convert=False)
+    assert not anefx.compile(model, args, options=options).report.record("flip_sign").rolled_back
+    explicit = anefx.compile(model, args, options=options, validate="numeric")
+    assert explicit.report.record("flip_sign").rolled_back

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import anefx
-from anefx.targets.coreml import coremltools_module
+from anefx.compat.coremltools import coremltools_module
 from anefx.targets.mil import SUPPORTED_OPS, MILProgram
 from examples import models
 from examples.ane_distilbert import ane_distilbert
@@ -121,7 +121,7 @@ def _other_input(t: torch.Tensor) -> torch.Tensor:
 def test_compiled_distilbert_matches_eager_on_masks_the_compile_never_saw():
     model, args, kwargs = models.distilbert_small(pad=5)
     compiled = anefx.compile(model, args, kwargs)
-    program = anefx.load(compiled.artifact.model)  # the package ct.convert staged: what save() writes
+    program = anefx.load(compiled)  # the target's executor on the package ct.convert staged: what save() writes
     ids = _other_input(args[0])
     for pad in (0, 3, 17):
         mask = torch.ones_like(kwargs["attention_mask"])
@@ -138,10 +138,10 @@ def test_lut6_compressed_model_matches_its_shipped_weights():
     converted graph run in PyTorch with the weights the package ships."""
     model, args, kwargs = models.distilbert_small(pad=4)
     compiled = anefx.compile(model, args, kwargs, compression="lut6")
-    program = anefx.load(compiled.artifact.model)
+    program = anefx.load(compiled)
     assert program.op_counts["main"]["constexpr_lut_to_dense"] >= 10
     (out,) = program(_feed(program, args, kwargs)).values()
-    (want,) = compiled.compression.run([*args, *kwargs.values()], "compressed")
+    (want,) = compiled.artifact.run([*args, *kwargs.values()], variant="compressed")
     assert _scaled_error(out, want) <= FP16_TOLERANCE
 
 
@@ -196,7 +196,7 @@ def test_compile_lm_packages_run_step_by_step_with_their_states(tmp_path):
     )
     chunk_packages = sorted(chunked.save(tmp_path / "chunked").glob("*.mlpackage"))
     assert len(chunk_packages) >= 2
-    packages = {"fp16": program, **{k: anefx.load(v.package.staged) for k, v in compressed.items()}}
+    packages = {"fp16": program, **{k: anefx.load(v) for k, v in compressed.items()}}
     packages |= {p.stem: anefx.load(p) for p in chunk_packages}
     seen = {label: _ops(p) for label, p in packages.items()}
     for label, ops in seen.items():
@@ -247,7 +247,7 @@ def test_every_op_of_the_zoo_programs_has_a_kernel(name):
         want = _first(model(*args, **kwargs))
     for pipeline in (None, anefx.Pipeline.empty()):
         compiled = anefx.compile(model, args, kwargs, pipeline=pipeline, validate="off")
-        program = anefx.load(compiled.artifact.model)
+        program = anefx.load(compiled)
         assert _ops(program) <= SUPPORTED_OPS
         out = next(iter(program(_feed(program, args, kwargs)).values()))
         if pipeline is not None and name in STOCK_IS_WRONG:

@@ -13,7 +13,7 @@ PROJECTION_OPS = ("linear", "matmul")
 
 
 def _softmax_axes(compiled):
-    main = compiled.artifact.mil_program.functions["main"]
+    main = compiled.artifact.package.mil_program.functions["main"]
     return {int(op.inputs["axis"].val) for op in main.operations if op.op_type == "softmax"}
 
 

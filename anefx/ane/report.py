@@ -132,12 +132,12 @@ def _op_info(op) -> tuple[OpInfo, list, list]:
     return info, in_shapes, weights
 
 
-def _locations(artifact, graph_module) -> dict[str, str]:
+def _locations(*graphs) -> dict[str, str]:
     """MIL op names come from torch node names: map both to the user's file:line."""
     from anefx.ir.graph import source_location
 
     out: dict[str, str] = {}
-    for gm in (getattr(artifact, "exported_graph", None), graph_module):
+    for gm in graphs:
         if gm is None:
             continue
         for node in gm.graph.nodes:
@@ -161,7 +161,7 @@ def _lookup(name: str, locations: dict[str, str]) -> str | None:
     return None
 
 
-def _compute_plan(artifact) -> tuple[dict[str, str], str]:
+def _compute_plan(package, function: str) -> tuple[dict[str, str], str]:
     """Real per-op devices from MLComputePlan (macOS only)."""
     ok, why = runtime_available()
     if not ok:
@@ -169,14 +169,17 @@ def _compute_plan(artifact) -> tuple[dict[str, str], str]:
     try:  # pragma: no cover - macOS only
         import tempfile
 
+        from coremltools.models import MLModel
         from coremltools.models.compute_plan import MLComputePlan
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = artifact.save(f"{tmp}/m.mlpackage")
-            compiled = artifact.model.__class__(str(path)).get_compiled_model_path()
-            plan = MLComputePlan.load_from_path(compiled)
+            path = package.save(f"{tmp}/m.mlpackage")
+            several = len(package.functions) > 1
+            model = MLModel(str(path), **({"function_name": function} if several else {}))
+            plan = MLComputePlan.load_from_path(model.get_compiled_model_path())
             devices = {}
-            for op in plan.model_structure.program.functions["main"].block.operations:
+            name = function if several else "main"
+            for op in plan.model_structure.program.functions[name].block.operations:
                 usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
                 if usage is not None and op.outputs:
                     devices[op.outputs[0].name] = type(usage.preferred_compute_device).__name__
@@ -185,33 +188,35 @@ def _compute_plan(artifact) -> tuple[dict[str, str], str]:
         return {}, f"absent: MLComputePlan failed ({type(exc).__name__}: {exc})"
 
 
-def analyse(artifact, graph_module, flat_inputs, parts=None) -> ANEReport:
-    """The report for a converted Core ML artifact and the rewritten graph it came from.
-
-    ``parts`` (a chunked compile, ``artifact`` None): ``(artifact, graph module, name)`` per package
-    of the chain; every package is scanned, its op names prefixed ``<name>/``, and the estimate
-    covers the whole chain."""
-    parts = [(artifact, graph_module, "")] if parts is None else [(a, g, f"{name}/") for a, g, name in parts]
+def analyse(artifact, function: str | None = None, graph_module=None, flat_inputs=None) -> ANEReport:
+    """The report of one function of a converted artifact (one package, or every package of a chain:
+    op names then prefixed ``chunk<i>/``, one estimate for the chain), with the fp16 range check of
+    the rewritten graph it came from (``graph_module`` on ``flat_inputs``) when given."""
+    function = function or artifact.default
     notes = set()
     report = ANEReport()
     estimate = Estimate()
     weight_bytes = 0
-    for art, gm, prefix in parts:
-        devices, plan_note = _compute_plan(art)
+    for program in artifact.programs:
+        package = program.package
+        prefix = f"chunk{program.index}/" if artifact.chunked else ""
+        handoff = program.functions.get(function)
+        graphs = (package.function(function).exported_graph, handoff.graph_module if handoff else None)
+        devices, plan_note = _compute_plan(package, function)
         notes.add(plan_note)
-        weight_bytes += _scan(art, _locations(art, gm), devices, prefix, report, estimate)
+        weight_bytes += _scan(package.operations(function), _locations(*graphs), devices, prefix, report, estimate)
     report.compute_plan = "; ".join(sorted(notes))
     report.costs = estimate.ops
     report.estimate = estimate.to_dict(weight_bytes)
     report.estimate["chips"] = sorted(CHIPS)
-    report.fp16 = check_fp16_range(graph_module, flat_inputs)
+    report.fp16 = check_fp16_range(graph_module, flat_inputs) if graph_module is not None else []
     return report
 
 
-def _scan(artifact, locations, devices, prefix: str, report: ANEReport, estimate: Estimate) -> int:
+def _scan(operations, locations, devices, prefix: str, report: ANEReport, estimate: Estimate) -> int:
     """Apply every rule to the ops of one Core ML program; returns its weight bytes (fp16)."""
     weight_bytes = 0
-    for op in artifact.operations():
+    for op in operations:
         if op.op_type == "const":
             val = getattr(op, "val", None)
             weight_bytes += getattr(getattr(val, "val", None), "size", 0) * 2

@@ -6,6 +6,9 @@
   that two programs holding the same weight get the same tables (``SharedKMeans``).
 * ``frontend.torch.ops._get_inputs``: a torch op converter's inputs (anefx's own ops' converters).
 * ``PassPipeline._pass_options``: the options of each pass of a MIL pass pipeline.
+* ``quiet_coremltools`` / ``coremltools_module``: coremltools' chatter goes to its own logger and to
+  tqdm bars on stderr (no switch); how to silence both (also while importing it) is coremltools
+  behaviour, kept here.
 * ``FP16ComputePrecision.fp16_overflow`` (``defs.quantization``): the overflow check of
   ``common::add_fp16_cast``, which anefx's faster equivalent pass overrides.
 * ``converters.mil.frontend.milproto.load``: a saved ML Program's protobuf and weight blobs back into a
@@ -15,6 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
 from typing import Any
 
 
@@ -60,6 +67,33 @@ def fp16_cast_pass():
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
 
     return FP16ComputePrecision
+
+
+@contextlib.contextmanager
+def quiet_coremltools(progress_bars: bool = False):
+    """Silence coremltools' chatter while it imports or converts.
+
+    Its messages (no native libs on Linux, untested torch, unsupported scikit-learn) go through its own
+    ``coremltools`` logger, and only that logger is lowered. Its progress bars are tqdm bars on
+    ``sys.stderr`` with no switch (tqdm reads ``TQDM_DISABLE`` once, at import), so while converting
+    stderr is redirected too unless ``progress_bars`` is True."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.nullcontext() if progress_bars else contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def coremltools_module():
+    """``import coremltools``, without the warnings and log lines it prints while importing."""
+    with warnings.catch_warnings(), quiet_coremltools(progress_bars=True):
+        warnings.simplefilter("ignore")
+        import coremltools
+
+    return coremltools
 
 
 def program_from_spec(spec, weights_dir: str):

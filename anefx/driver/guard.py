@@ -32,7 +32,6 @@ line) and its layout changes in the captured graph, in anefx's graph before and 
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,7 +198,6 @@ def never_worse(
 
     Each round finds the regions again from every site declared so far: refusing a site can expose
     others (four linears that ``grouped_projection`` had merged become ``linear_to_conv`` sites)."""
-    t0 = time.perf_counter()
     names = {n.name for n in captured.graph.nodes}
     info: dict[str, Any] = {
         "stock": _total(layout_changes(captured)),
@@ -246,7 +244,6 @@ def never_worse(
     #: still more than stock overall: layout changes outside every region, or sites the guard cannot
     #: refuse (anchored on nodes the captured graph does not have)
     info["worse_than_stock"] = sum(info["anefx"].values()) > sum(info["stock"].values())
-    info["seconds"] = round(time.perf_counter() - t0, 3)
     return GuardOutcome(current, info)
 
 

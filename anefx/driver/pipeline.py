@@ -14,13 +14,14 @@ any transformation (the targets' legalization uses it too); it lives in :mod:`an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from anefx.driver.debug import DebugOptions
+from anefx.driver.events import Events
 from anefx.driver.instruments import Instruments
 from anefx.driver.report import PassRecord
 from anefx.driver.validate import ValidationOptions, Validator, apply_validated
@@ -118,14 +119,14 @@ class Pipeline:
         *,
         reference_outputs: Sequence | None = None,
         debug: DebugOptions | None = None,
-        progress: Callable[[str], None] | None = None,
+        events: Events | None = None,
         precision: str = "float16",
         refused: Mapping[str, Collection[str]] | None = None,
     ) -> PipelineResult:
         """Run every pass on (a clone of) ``gm``; the input graph is never modified. ``precision`` is
         the target's compute precision (``PassContext.precision``). ``refused`` maps a pass name to
         sites (anchor node names) it must not rewrite: how the never-worse guard keeps a region in
-        its original form (:mod:`anefx.driver.guard`)."""
+        its original form (:mod:`anefx.driver.guard`). ``events`` gets one step per pass (progress)."""
         refused = refused or {}
         debug = debug or DebugOptions()
         instruments = Instruments(debug, self.passes, flat_inputs)
@@ -137,8 +138,8 @@ class Pipeline:
         for index, p in enumerate(self.passes):
             record = PassRecord(index=index, name=p.name)
             records.append(record)
-            if progress:
-                progress(p.name)
+            if events is not None:
+                events.step(p.name, index=index, of=len(self.passes))
             if debug.bisect_limit is not None and debug.bisect_limit >= 0 and index >= debug.bisect_limit:
                 record.skipped = f"bisect limit {debug.bisect_limit}"
                 instruments.bisect_line(index, p.name, ran=False)

@@ -140,7 +140,7 @@ class Report:
                 if info["kept"] and not info.get("fallback")
                 else ""
             )
-            + f" ({info['regions']} regions, {info['reruns']} re-runs, {info['seconds']:.2f}s)"
+            + f" ({info['regions']} regions, {info['reruns']} re-runs, {info.get('seconds', 0.0):.2f}s)"
         ]
         if info.get("worse_than_stock"):
             lines.append("  WORSE than stock after the guard: the extra layout changes are outside its regions")

@@ -1,11 +1,14 @@
-"""``compile_lm``: a causal LM → validated ``prefill`` + ``decode`` graphs → one stateful ``.mlpackage``.
+"""``compile_lm``: the front end for causal LMs — two step functions and a KV cache as states.
 
 1. The cache layout is probed with one eager call (:func:`~anefx.lm.cache.probe_layout`).
-2. The model wrapped as a pure step function (:class:`~anefx.lm.cache.StepFunction`) is captured twice,
-   at ``prefill_length`` tokens and at one token, and each capture runs through the anefx pipeline with
-   its per-pass validation (random caches and positions: the states are inputs there).
-3. Each function is converted with the cache as Core ML states and both are merged into one package.
-4. End to end: greedy tokens of :meth:`CompiledLM.generate` (the rewritten graphs, stateful, in
+2. The model wrapped as a pure step function (:class:`~anefx.lm.cache.StepFunction`,
+   ``(input_ids, position_ids, *states) -> (logits, *states')``) is asked of the stages twice:
+   ``prefill`` at ``prefill_length`` tokens and ``decode`` at one token, the caches as the program's
+   states (one per layer for K and one for V). Capture, the pipeline with per-pass validation on
+   random caches and positions, the guard, the validated hand-off, conversion (both functions in one
+   package sharing weights, the caches as Core ML states), chunking and compression are the stages'
+   work, the same as for ``compile``.
+3. End to end: greedy tokens of :meth:`CompiledLM.generate` (the rewritten graphs, stateful, in
    PyTorch) must equal the original model's ``generate(do_sample=False)`` on a fixed prompt; the worst
    per-step logit error is recorded.
 """
@@ -13,88 +16,60 @@
 from __future__ import annotations
 
 import collections
-import math
-import time
+import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from anefx.driver.debug import DebugOptions, validate_mode_from_env
-from anefx.driver.pipeline import Pipeline
+from anefx.core.options import CompileOptions, compile_options, prepare
+from anefx.core.result import Compiled
+from anefx.core.stages import FunctionSpec, ProgramRequest, build
+from anefx.driver.events import Event, Events
 from anefx.driver.report import Report
 from anefx.driver.validate import Tolerance, ValidationOptions
-from anefx.ir.capture import capture, eval_mode
-from anefx.ir.errors import AnefxError, TargetUnavailableError
+from anefx.ir.capture import eval_mode
+from anefx.ir.errors import AnefxError, ConversionError
 from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up
-from anefx.lm.package import FUNCTIONS, LMPackage, convert_function, merge, metadata_for
-from anefx.lm.stateful import Stateful
+from anefx.lm.generate import (
+    EndToEndCheck,
+    Generation,
+    GenerationMismatch,
+    default_prompts,
+    end_to_end_check,
+    eos_ids,
+    greedy,
+    prefill,
+    prompt_ids,
+)
+from anefx.targets.handoff import StateSpec
+from anefx.targets.quality import LMQuality, lm_quality
 
+FUNCTIONS = ("prefill", "decode")
 
-class GenerationMismatch(AnefxError):
-    """The compiled generator's greedy tokens differ from the original model's."""
+#: What each input and output of both functions means (also written into the package metadata).
+INPUTS_DOC = {
+    "input_ids": "int32 (1, T): token ids of this chunk (T = prefill_length for prefill, 1 for decode); "
+    "pad a short last chunk with any id",
+    "position_ids": "int32 (1, T): positions of the chunk's tokens, consecutive from the number of tokens "
+    "already in the cache; padding positions >= context_length are not written",
+    "logits": "float (1, T, vocab): next-token logits for every token of the chunk",
+}
 
-
-@dataclass
-class Generation:
-    """The result of :meth:`CompiledLM.generate`."""
-
-    sequences: torch.Tensor  #: (1, prompt + new) token ids
-    new_tokens: list[int]
-    logits: list[torch.Tensor]  #: one (vocab,) tensor per generated token
-    stop_reason: str  #: "eos", "max_new_tokens" or "context_length"
-    message: str = ""
-
-
-@dataclass
-class EndToEndCheck:
-    prompt_tokens: int
-    new_tokens: int
-    tokens_equal: bool
-    max_logit_error: float
-    reference: list[int]
-    compiled: list[int]
-
-    def __str__(self) -> str:
-        verdict = "equal" if self.tokens_equal else "DIFFER"
-        return (
-            f"greedy tokens {verdict} to the original model's generate() for {self.new_tokens} new tokens from a "
-            f"{self.prompt_tokens}-token prompt; worst per-step logit error {self.max_logit_error:.3g}"
-        )
+__all__ = ["CompiledLM", "EndToEndCheck", "Generation", "GenerationMismatch", "compile_lm"]
 
 
 @dataclass
-class CompiledLM:
+class CompiledLM(Compiled):
     """A causal LM compiled for the ANE: ``prefill`` and ``decode`` with the KV cache as state."""
 
     layout: CacheLayout
     prefill_length: int
-    graphs: dict[str, torch.fx.GraphModule] = field(repr=False)
-    reports: dict[str, Report] = field(repr=False)
-    package: LMPackage | None = field(repr=False)
-    metadata: dict[str, str] = field(repr=False)
     eos_token_ids: list[int]
+    vocab_size: int
     check: EndToEndCheck | None = None
-    timings: dict[str, float] = field(default_factory=dict, repr=False)
-    examples: dict[str, list] = field(default_factory=dict, repr=False)  #: each function's flat example inputs
-    #: the weight compression (``compression=``): per function plan and errors, agreement and KL
-    compression: Any = None
-    #: the converted fp16 functions (what ``with_compression`` compresses again)
-    fp16_functions: dict[str, Any] = field(default_factory=dict, repr=False)
-    vocab_size: int = 0
-    #: the chain of packages when split (``max_chunk_mb=``); ``package`` is then None
-    chunks: Any = None
-
-    def __post_init__(self):
-        shared = self.layout.zeros()
-        if self.chunks is not None:  # generate runs the chain of chunk graphs, each with its states
-            states = dict(zip(self.layout.state_names, shared, strict=True))
-            self._runners = {name: self.chunks.runner(name, states) for name in FUNCTIONS}
-        else:
-            self._runners = {name: Stateful(gm, self.layout, shared) for name, gm in self.graphs.items()}
 
     # -- what was built ------------------------------------------------------------------------
     @property
@@ -110,66 +85,89 @@ class CompiledLM:
         """Core ML state names and shapes (fp16 in the package)."""
         return self.layout.states
 
+    @property
+    def graphs(self) -> dict[str, torch.fx.GraphModule]:
+        """Each function's rewritten step graph (pure: the states are inputs and outputs)."""
+        return {fn: b.graph_module for fn, b in self.build.functions.items()}
+
+    @property
+    def reports(self) -> dict[str, Report]:
+        return {fn: b.report for fn, b in self.build.functions.items()}
+
+    @property
+    def examples(self) -> dict[str, list]:
+        """Each function's flat example inputs (ids, positions, states)."""
+        return {fn: b.captured.flat_inputs for fn, b in self.build.functions.items()}
+
+    @property
+    def package(self):
+        """The single package (None when chunked or compiled with convert=False)."""
+        artifact = self.artifact
+        return artifact.package if artifact.converted and not artifact.chunked else None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.artifact.metadata
+
     def op_histogram(self, function: str) -> collections.Counter:
-        """MIL op types of one function of the converted package (``const`` excluded)."""
+        """MIL op types of one function of the converted package(s) (``const`` excluded)."""
         if function not in FUNCTIONS:
             raise KeyError(f"no function {function!r}; this package has {list(FUNCTIONS)}")
-        if self.chunks is not None:
-            return self.chunks.op_histogram(function)
-        if self.package is None:
-            raise AttributeError("compiled with convert=False: there is no converted program to inspect")
-        return self.package.op_histogram(function)
+        return super().op_histogram(function)
 
     def ane_report(self, function: str):
         """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip) of one function."""
-        from anefx.ane.report import analyse
-
         self.op_histogram(function)  # same errors for unknown functions / no package
-        if self.chunks is not None:
-            parts = [(c.package.functions[function], c.graphs[function], f"chunk{c.index}") for c in self.chunks.chunks]
-            return analyse(None, self.graphs[function], self.examples[function], parts)
-        return analyse(self.package.functions[function], self.graphs[function], self.examples[function])
+        return self.analyse(function)
 
     def weight_bytes(self) -> int:
-        """Bytes of the weight blobs of the package (stored once for both functions); of all the
-        packages of a chunked compile."""
-        if self.chunks is not None:
-            return sum(f.stat().st_size for c in self.chunks.chunks for f in c.package.staged.rglob("*.bin"))
-        if self.package is None:
-            raise AttributeError("compiled with convert=False: there is no package")
-        return sum(f.stat().st_size for f in self.package.staged.rglob("*.bin"))
+        """Bytes of the weight files (stored once for both functions), over every package of a chain."""
+        return self._converted().weight_bytes()
 
     def save(self, path) -> Path:
         """Write the ``.mlpackage`` (both functions, shared weights, states, metadata) atomically; a
         chunked compile writes a folder of packages and ``manifest.json``."""
-        if self.chunks is not None:
-            return self.chunks.save(path)
-        if self.package is None:
-            raise AttributeError("compiled with convert=False: there is nothing to save")
-        return self.package.save(path)
+        return super().save(path)
 
-    def with_compression(self, compression, *, prompts=None, new_tokens: int = 64, progress=None) -> CompiledLM:
+    def with_compression(
+        self, compression, *, prompts=None, new_tokens: int = 64, progress: Callable[[Event], None] | None = None
+    ) -> CompiledLM:
         """This compile with ``compression`` applied to its converted fp16 functions (no new capture or
         conversion) and its quality measured: how the benchmark compares schemes side by side."""
-        import dataclasses
-
-        from anefx.targets.compression import resolve
-
-        comp = resolve(compression)
-        if not self.fp16_functions:
-            raise AnefxError("with_compression needs the converted functions: compile with convert=True")
-        if comp is None:
-            raise AnefxError("with_compression needs a scheme ('lut4', 'lut6', 'lut8', 'int8' or CompressionOptions)")
-        meta = {**self.metadata, "anefx.compression": comp.scheme}
-        package, lm_compression = _compress_and_merge(
-            self.fp16_functions, comp, {fn: self.examples[fn][:2] for fn in FUNCTIONS}, meta, progress
-        )
-        out = dataclasses.replace(self, package=package, compression=lm_compression, metadata=meta)
+        out = self._with_artifact(self._compressed(compression, progress))
         if new_tokens:
-            _measure(out, prompts, new_tokens, progress)
+            measure(out, prompts, new_tokens)
         return out
 
     # -- running -------------------------------------------------------------------------------
+    def _step(self, runtime: str = "torch", variant: str | None = None):
+        """One call of ``prefill`` or ``decode`` with the states carried from call to call (fresh
+        zeros at first): in PyTorch (``"torch"``: the rewritten graphs, or with ``variant`` the
+        converted programs with their ``"fp16"`` or ``"compressed"`` weights), or the package with the
+        target's executor (``"target"``: its default one; or a runtime of ``anefx.load`` the target
+        lists)."""
+        if runtime == "torch":
+            states = {name: spec.zeros() for name, spec in self.artifact.states.items()}
+
+            def step(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                values = {"input_ids": ids, "position_ids": positions}
+                return self.artifact.call(function, values, states, variant)["logits"].float()
+
+            return step
+        if runtime not in ("target", *self.artifact.target.capabilities.runtimes):
+            raise AnefxError(
+                f"unknown runtime {runtime!r}; choose 'torch', 'target' or one of "
+                f"{sorted(self.artifact.target.capabilities.runtimes)}"
+            )
+        program = self.artifact.executor(None if runtime == "target" else runtime)
+        state = program.make_state(self.artifact.default)
+
+        def run(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            out = program({"input_ids": ids, "position_ids": positions}, function=function, state=state)
+            return torch.from_numpy(out["logits"]).float()
+
+        return run
+
     def generate(
         self,
         input_ids,
@@ -179,101 +177,26 @@ class CompiledLM:
         runtime: str = "torch",
         on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        """Greedy generation with the rewritten stateful graphs.
+        """Greedy generation with the rewritten stateful graphs, or with the package.
 
-        ``runtime="torch"`` runs them in PyTorch (anywhere); ``runtime="coreml"`` runs the saved package
-        with Core ML (macOS only; raises :class:`TargetUnavailableError` with the reason elsewhere).
-        The prompt is prefilled in chunks of ``prefill_length``; generation stops at an EOS id, after
-        ``max_new_tokens``, or when the cache is full (``context_length``, with a warning).
+        ``runtime="torch"`` runs the graphs in PyTorch (anywhere); ``runtime="target"`` runs the
+        package with the target's executor (Core ML: anefx's MIL interpreter, any OS);
+        ``runtime="mil"`` / ``"coreml"`` name the executor (``"coreml"``: Core ML itself, macOS; it
+        raises :class:`TargetUnavailableError` with the reason elsewhere). The prompt is prefilled
+        in chunks of ``prefill_length``; generation stops at an EOS id, after ``max_new_tokens``, or
+        when the cache is full (``context_length``, with a warning).
         """
-        ids = torch.as_tensor(input_ids)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[0] != 1:
-            raise AnefxError(f"generate takes one prompt of shape (1, T) or (T,), got {tuple(ids.shape)}")
-        prompt = [int(t) for t in ids[0]]
-        if not prompt:
-            raise AnefxError("generate needs at least one prompt token")
-        if len(prompt) > self.context_length:
-            raise AnefxError(
-                f"the prompt has {len(prompt)} tokens but the cache holds {self.context_length} "
-                "(context_length): compile with a larger context_length or shorten the prompt"
-            )
+        prompt = prompt_ids(input_ids, self.context_length)
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-        step = self._step_fn(runtime)
-        logits_out: list[torch.Tensor] = []
-        new: list[int] = []
-        stop, message = "max_new_tokens", ""
-        p = self.prefill_length
-        last = None
-        for start in range(0, len(prompt), p):
-            chunk = prompt[start : start + p]
-            n = len(chunk)
-            chunk_ids = torch.tensor([chunk + [0] * (p - n)], dtype=torch.int32)
-            positions = torch.arange(start, start + p, dtype=torch.int32).unsqueeze(0)
-            last = step("prefill", chunk_ids, positions)[0, n - 1]
-        pos = len(prompt)
-        while len(new) < max_new_tokens:
-            token = int(torch.argmax(last))
-            logits_out.append(last.float())
-            new.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in eos_set:
-                stop = "eos"
-                break
-            if len(new) == max_new_tokens:
-                break
-            if pos >= self.context_length:
-                stop = "context_length"
-                message = (
-                    f"stopped after {len(new)} new tokens: the cache is full ({self.context_length} tokens, "
-                    "context_length); compile with a larger context_length for longer generations"
-                )
-                warnings.warn(message, stacklevel=2)
-                break
-            last = step("decode", torch.tensor([[token]], dtype=torch.int32), torch.tensor([[pos]], dtype=torch.int32))[
-                0, 0
-            ]
-            pos += 1
-        seq = torch.tensor([prompt + new], dtype=torch.long)
-        return Generation(seq, new, logits_out, stop, message)
+        step = self._step(runtime)
+        return greedy(step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token)
 
-    def _step_fn(self, runtime: str):
-        if runtime == "torch":
-            for r in self._runners.values():
-                r.reset()
-
-            def run(function, ids, positions):
-                with torch.no_grad():
-                    return self._runners[function](ids, positions)
-
-            return run
-        if runtime == "coreml":
-            return self._coreml_step()
-        raise AnefxError(f"unknown runtime {runtime!r}; choose 'torch' or 'coreml'")
-
-    def _coreml_step(self):
-        from anefx.targets.coreml import coremltools_module, runtime_available
-
-        ok, why = runtime_available()
-        if not ok:
-            raise TargetUnavailableError(f"runtime='coreml' cannot run here: {why}")
-        if self.package is None:
-            raise AttributeError("compiled with convert=False or chunked: there is no single package to run")
-        ct = coremltools_module()
-        path = str(self.package.staged)
-        models = {f: ct.models.MLModel(path, function_name=f) for f in FUNCTIONS}
-        state = models["decode"].make_state()
-
-        def run(function, ids, positions):
-            out = models[function].predict(
-                {"input_ids": ids.numpy(), "position_ids": positions.numpy()}, state=state
-            )  # pragma: no cover - macOS only
-            return torch.from_numpy(out["logits"]).float()
-
-        return run
+    def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+        """Every position's next-token logits of ``ids`` (1, T), prefilled chunk by chunk from an empty
+        cache through the artifact (``variant``: the converted programs with their ``"fp16"`` or
+        ``"compressed"`` weights; None: the rewritten graphs)."""
+        return torch.cat(prefill(self._step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
 
 
 #: Per-pass validation of an LM step, relative to the largest output value (logits reach tens: an
@@ -300,51 +223,6 @@ def scaled_tolerances(captured, options: ValidationOptions) -> dict:
     return tolerances
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
-    if eos_token_id is not None:
-        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(holder, "eos_token_id", None)
-        if value is not None:
-            return [value] if isinstance(value, int) else list(value)
-    return []
-
-
-def _reference_generate(model, prompt: torch.Tensor, n: int, eos: list[int]) -> tuple[list[int], list[torch.Tensor]]:
-    """The original model's greedy tokens and per-step logits (``generate(do_sample=False)`` when it
-    has one, else a plain loop recomputing the whole sequence)."""
-    with eval_mode(model), torch.no_grad():
-        if hasattr(model, "generate"):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = model.generate(
-                    prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=n,
-                    do_sample=False,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                    eos_token_id=eos or None,
-                    pad_token_id=(eos[0] if eos else 0),
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-            tokens = [int(t) for t in out.sequences[0, prompt.shape[1] :]]
-            return tokens, [lg[0].float() for lg in out.logits]
-        seq = prompt.clone()
-        tokens, logits = [], []
-        for _ in range(n):
-            lg = model(input_ids=seq).logits[0, -1].float()
-            tok = int(lg.argmax())
-            tokens.append(tok)
-            logits.append(lg)
-            seq = torch.cat([seq, torch.tensor([[tok]])], dim=1)
-            if tok in eos:
-                break
-        return tokens, logits
-
-
 def _example_inputs(layout: CacheLayout, tokens: int, position: int, vocab: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, tokens), generator=gen, dtype=torch.int64).to(torch.int32)
@@ -356,27 +234,71 @@ def _example_inputs(layout: CacheLayout, tokens: int, position: int, vocab: int,
     return ids, positions, states
 
 
+def metadata_for(
+    *, name: str, architecture: str, layout: CacheLayout, prefill_length: int, eos_ids: list[int], precision: str
+) -> dict[str, str]:
+    """User-defined metadata: swift-transformers / exporters keys where they exist, ``anefx.*`` otherwise."""
+    return {
+        "co.huggingface.exporters.name": name,
+        "co.huggingface.exporters.task": "text-generation",
+        "co.huggingface.exporters.architecture": architecture,
+        "co.huggingface.exporters.framework": "pytorch",
+        "co.huggingface.exporters.precision": precision,
+        "anefx.functions": ",".join(FUNCTIONS),
+        "anefx.context_length": str(layout.context),
+        "anefx.prefill_length": str(prefill_length),
+        "anefx.eos_token_ids": json.dumps(eos_ids),
+        "anefx.states": json.dumps({k: list(v) for k, v in layout.states.items()}),
+        "anefx.inputs": json.dumps(INPUTS_DOC),
+    }
+
+
+def request_for(step: StepFunction, layout: CacheLayout, prefill_length: int, vocab: int, metadata) -> ProgramRequest:
+    """The program compile_lm asks for: ``prefill`` and ``decode`` over the same states."""
+    names = layout.state_names
+    io = {n: n for n in names}
+    functions = []
+    shapes = (("prefill", prefill_length, 0, 1), ("decode", 1, min(prefill_length, layout.context - 1), 2))
+    for fn, tokens, position, seed in shapes:
+        ids, positions, states = _example_inputs(layout, tokens, position, vocab, seed)
+        functions.append(
+            FunctionSpec(
+                fn,
+                step,
+                (ids, positions, *states),
+                input_names=["input_ids", "position_ids", *names],
+                output_names=["logits", *names],
+                states_in=io,
+                states_out=io,
+                # references from the captured graph, not the eager model: eager and exported kernels
+                # differ in the last bits (SDPA with GQA), which is not a pass's doing
+                reference="graph",
+                tolerances=scaled_tolerances,
+                param_prefix="model.",  # StepFunction.model
+            )
+        )
+    n = len(layout.layers)
+    states = {
+        name: StateSpec(shape, layout.dtype, layer=i % n)
+        for i, (name, shape) in enumerate(zip(names, layout.state_shapes, strict=True))
+    }
+    return ProgramRequest(functions, states, metadata, default="decode")
+
+
 def compile_lm(
     model: torch.nn.Module,
     *,
     context_length: int = 512,
     prefill_length: int = 64,
-    target: str = "coreml",
-    target_options: Any = None,
-    pipeline: Pipeline | None = None,
-    validate: str | None = None,
-    validation: ValidationOptions | None = None,
-    convert: bool = True,
     check_prompt=None,
     check_tokens: int = 16,
     eos_token_id: int | list[int] | None = None,
     name: str | None = None,
-    debug: DebugOptions | None = None,
-    progress: Callable[[str], None] | None = None,
-    compression: Any = None,
-    max_chunk_mb: float | None = None,
     quality_prompts=None,
     quality_tokens: int = 64,
+    options: CompileOptions | None = None,
+    progress: Callable[[Event], None] | None = None,
+    **compile_kwargs,
 ) -> CompiledLM:
     """Compile a causal LM (a ``transformers`` ``*ForCausalLM`` or any module called as
     ``model(input_ids=, position_ids=, past_key_values=, use_cache=True)`` returning ``.logits``) into
@@ -396,229 +318,73 @@ def compile_lm(
         max_chunk_mb: split the decoder at layer boundaries into consecutive stateful packages of at
             most this many MB of weights, each holding its layers' KV states (``CompiledLM.chunks``;
             ``save`` writes them and ``manifest.json``).
-        Other arguments as in :func:`anefx.compile`.
+        lm_head: ``LMHeadOptions``: the projection to the vocabulary of both functions split into
+            convs the ANE holds, as in ``compile``.
+        options, progress and every keyword of :func:`anefx.compile` (``pipeline``, ``target``,
+        ``target_options``, ``convert``, ``validate``, ``validation``, ``never_worse``, ``debug``
+        and its switches ``dump_dir=…``): as there, with the same precedence (an explicit keyword >
+        ``options`` > the ``ANEFX_*`` environment).
     """
-    if target != "coreml":
-        raise AnefxError(
-            f"compile_lm supports target='coreml' (Core ML states, iOS18); got {target!r}: the Core AI "
-            "hand-off has no state support in anefx yet"
-        )
     if not isinstance(model, torch.nn.Module):
         raise AnefxError(f"compile_lm needs an nn.Module causal LM, got {type(model).__name__}")
+    opts = compile_options(options, "compile_lm", **compile_kwargs)
     context = round_up(int(context_length))
     if not 1 <= prefill_length <= context:
         raise AnefxError(f"prefill_length must be in [1, context_length={context}], got {prefill_length}")
-    comp = _check_deploy_options(model, compression, max_chunk_mb, convert)
-    timings: dict[str, float] = {}
-    say = progress or (lambda _s: None)
+    plan = prepare(opts, model.named_parameters(), states=True, functions=len(FUNCTIONS))
+    events = Events(progress)
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-
-    t0 = time.perf_counter()
-    with eval_mode(model):
+    with events.stage("probe"), eval_mode(model):
         layout, vocab = probe_layout(model, context, dtype)
-    step = StepFunction(model, layout)
-    timings["probe"] = time.perf_counter() - t0
-
-    pipeline = pipeline if pipeline is not None else Pipeline.default()
-    scaled = validation is None
-    if validation is not None:
-        pipeline = pipeline.with_validation(validation)
-    pipeline = pipeline.with_validation(mode=validate or validate_mode_from_env(pipeline.validation.mode))
-    debug = debug or DebugOptions.from_env()
-
-    graphs, reports, examples, flat = {}, {}, {}, {}
-    shapes = (("prefill", prefill_length, 0, 1), ("decode", 1, min(prefill_length, context - 1), 2))
-    for fn, tokens, position, seed in shapes:
-        ids, positions, states = _example_inputs(layout, tokens, position, vocab, seed)
-        examples[fn] = (ids, positions)
-        say(f"capture:{fn}")
-        t0 = time.perf_counter()
-        captured = capture(step, (ids, positions, *states))
-        timings[f"capture:{fn}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fn_pipeline = (
-            pipeline.with_validation(tolerances=scaled_tolerances(captured, pipeline.validation))
-            if scaled
-            else pipeline
-        )
-        # references from the captured graph, not the eager model: eager and exported kernels differ
-        # in the last bits (SDPA with GQA), which is not a pass's doing
-        result = fn_pipeline.run(
-            captured.graph_module,
-            captured.flat_inputs,
-            reference_outputs=None,
-            debug=debug,
-            progress=(lambda p, fn=fn: say(f"{fn}:{p}")) if progress else None,
-        )
-        timings[f"passes:{fn}"] = time.perf_counter() - t0
-        graphs[fn] = result.graph_module
-        flat[fn] = captured.flat_inputs
-        reports[fn] = Report(result.records)
-
-    eos = _eos_ids(model, eos_token_id)
+    eos = eos_ids(model, eos_token_id)
     model_name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    arch = type(model).__name__
-    opts = None
-    package = None
-    if convert:
-        from anefx.targets.coreml import CoreMLOptions
-
-        opts = target_options if target_options is not None else CoreMLOptions()
-        meta = metadata_for(
-            name=str(model_name),
-            architecture=arch,
-            layout=layout,
-            prefill_length=prefill_length,
-            eos_ids=eos,
-            precision=opts.precision_name,
-        )
-        if comp is not None:
-            meta["anefx.compression"] = comp.scheme
-    if convert and max_chunk_mb is not None:
-        from anefx.lm.chunks import convert_chunks, split_lm
-        from anefx.targets.compression import bytes_per_weight
-
-        say("split")
-        t0 = time.perf_counter()
-        chunks = split_lm(graphs, layout, flat, float(max_chunk_mb), bytes_per_weight(comp))
-        timings["split"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        convert_chunks(chunks, opts, meta, say, comp)
-        timings["convert"] = time.perf_counter() - t0
-        lm_compression = None
-        if comp is not None:
-            from anefx.lm.compress import LMCompression
-
-            lm_compression = LMCompression(comp, chunks.chunks[-1].compression, chunks=chunks)
-        compiled = CompiledLM(
-            layout,
-            prefill_length,
-            graphs,
-            reports,
-            None,
-            meta,
-            eos,
-            timings=timings,
-            examples=flat,
-            compression=lm_compression,
-            vocab_size=vocab,
-            chunks=chunks,
-        )
-    elif convert:
-        functions = {}
-        for fn in FUNCTIONS:
-            say(f"convert:{fn}")
-            functions[fn] = convert_function(fn, graphs[fn], layout, examples[fn], opts)
-            timings[f"convert:{fn}"] = functions[fn].seconds
-            reports[fn].conversion = {
-                "target": "coreml",
-                "seconds": round(functions[fn].seconds, 3),
-                "ops": dict(sorted(functions[fn].op_histogram().items())),
-            }
-        say("merge")
-        t0 = time.perf_counter()
-        fp16_functions = functions
-        lm_compression = None
-        if comp is not None:
-            package, lm_compression = _compress_and_merge(functions, comp, examples, meta, say)
-            timings["compress"] = lm_compression.seconds
-        else:
-            package = merge(functions, meta)
-        timings["merge"] = time.perf_counter() - t0 - timings.get("compress", 0.0)
-    if not convert:
-        meta, fp16_functions, lm_compression = {}, {}, None
-    if max_chunk_mb is None or not convert:
-        compiled = CompiledLM(
-            layout,
-            prefill_length,
-            graphs,
-            reports,
-            package,
-            meta,
-            eos,
-            timings=timings,
-            examples=flat,
-            compression=lm_compression,
-            fp16_functions=fp16_functions,
-            vocab_size=vocab,
-        )
-
+    metadata = metadata_for(
+        name=str(model_name),
+        architecture=type(model).__name__,
+        layout=layout,
+        prefill_length=prefill_length,
+        eos_ids=eos,
+        precision=plan.target.precision,
+    )
+    request = request_for(StepFunction(model, layout), layout, prefill_length, vocab, metadata)
+    compiled = CompiledLM(build(request, plan, events), layout, prefill_length, eos, vocab)
     if check_tokens:
-        say("check")
-        t0 = time.perf_counter()
-        compiled.check = end_to_end_check(compiled, model, check_prompt, check_tokens, vocab)
-        timings["check"] = time.perf_counter() - t0
+        with events.stage("check"):
+            compiled.check = end_to_end_check(compiled, model, check_prompt, check_tokens, vocab)
         if not compiled.check.tokens_equal:
             raise GenerationMismatch(
                 f"{compiled.check}: reference {compiled.check.reference}, compiled {compiled.check.compiled}. "
                 "A pass changed what the model generates; rerun with ANEFX_DUMP_DIR set and compare the reports "
                 "of both functions"
             )
-    if lm_compression is not None and quality_tokens:
-        t0 = time.perf_counter()
-        _measure(compiled, quality_prompts, quality_tokens, say)
-        timings["quality"] = time.perf_counter() - t0
+    if compiled.compression is not None and quality_tokens:
+        with events.stage("quality"):
+            measure(compiled, quality_prompts, quality_tokens)
+    compiled.build.timings.update(events.timings())
+    compiled.build.timings["total"] = events.total
     return compiled
 
 
-def _check_deploy_options(model, compression, max_chunk_mb, convert: bool):
-    """Resolve ``compression=`` and check ``max_chunk_mb=`` before any long work starts (compile_lm
-    always targets iOS18 or later: every scheme anefx ships fits it)."""
-    from anefx.targets.chunking import check_cap
-    from anefx.targets.compression import bytes_per_weight, check_deployment_target, resolve
-
-    comp = resolve(compression)
-    if comp is not None:
-        if not convert:
-            raise AnefxError("compression= compresses the converted programs: it needs convert=True")
-        check_deployment_target(comp, "coreml", "iOS18")
-    if max_chunk_mb is not None:
-        if not convert:
-            raise AnefxError("max_chunk_mb= splits the converted package: it needs convert=True")
-        check_cap(list(model.named_parameters()), float(max_chunk_mb), bytes_per_weight(comp))
-    return comp
-
-
-def _compress_and_merge(functions, comp, examples, meta, progress):
-    """Compress both functions (shared tables), merge them into one package with ``meta``."""
-    from anefx.lm.compress import LMCompression, compress_functions
-
-    t0 = time.perf_counter()
-    compressed_functions, per_function = compress_functions(functions, comp, examples, progress)
-    seconds = time.perf_counter() - t0
-    package = merge(compressed_functions, meta)
-    return package, LMCompression(comp, per_function, seconds=seconds)
-
-
-def _measure(compiled: CompiledLM, prompts, new_tokens: int, progress) -> None:
-    from anefx.lm.compress import default_prompts, measure_lm
-
-    if progress:
-        progress("quality")
+def measure(compiled: CompiledLM, prompts, new_tokens: int) -> LMQuality:
+    """Greedy-token agreement and mean KL of the compressed weights against the fp16 weights, on the
+    shipped weights: each prompt is continued greedily by the compiled generator (``new_tokens``
+    tokens, EOS ignored, capped so every sequence fits the context), then the prefill function with
+    the fp16 and with the compressed weights scores every continuation token teacher forced
+    (:func:`~anefx.targets.quality.lm_quality`)."""
     if prompts is None:
         prompts = default_prompts(compiled.vocab_size)
-    compiled.compression.lm = measure_lm(compiled, prompts, new_tokens)
-
-
-def end_to_end_check(compiled: CompiledLM, model, prompt, new_tokens: int, vocab: int) -> EndToEndCheck:
-    """Greedy tokens of the compiled generator against the original model's, with per-step logit error."""
-    if prompt is None:
-        length = min(
-            compiled.prefill_length + max(1, compiled.prefill_length // 4), compiled.context_length - new_tokens
+    prompts = [torch.as_tensor(p).long().reshape(1, -1) for p in prompts]
+    longest = max(p.shape[1] for p in prompts)
+    n = min(new_tokens, compiled.context_length - longest)
+    if n < 1:
+        raise ConversionError(
+            f"the quality prompts ({longest} tokens) leave no room in the {compiled.context_length}-token context"
         )
-        gen = torch.Generator().manual_seed(1234)
-        prompt = torch.randint(0, vocab, (1, max(1, length)), generator=gen)
-    prompt = torch.as_tensor(prompt).long().reshape(1, -1)
-    new_tokens = min(new_tokens, compiled.context_length - prompt.shape[1])
-    ref_tokens, ref_logits = _reference_generate(model, prompt, new_tokens, compiled.eos_token_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = compiled.generate(prompt, new_tokens)
-    worst = 0.0
-    for a, b in zip(out.logits, ref_logits, strict=False):
-        worst = max(worst, float((a.double() - b.double()).abs().max()))
-    if math.isnan(worst):
-        worst = math.inf
-    return EndToEndCheck(
-        prompt.shape[1], len(out.new_tokens), out.new_tokens == ref_tokens, worst, ref_tokens, out.new_tokens
-    )
+        sequences = [compiled.generate(p, n, eos_token_id=None).sequences for p in prompts]
+
+    def logits(variant: str):
+        return lambda ids: compiled.prefill_logits(ids, variant)
+
+    return compiled.compression.set_lm(lm_quality(logits, prompts, n, sequences))

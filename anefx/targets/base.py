@@ -1,8 +1,14 @@
-"""The hand-off interface: a rewritten canonical graph in, a deployable artifact out.
+"""The target interface: what a target can do, how it converts a program, and what it makes.
 
-A target is one small module: ``convert(handoff) -> Artifact``. The artifact can ``save(path)`` and
-report an ``op_histogram()`` of the converted program, so tests and benchmarks compare structure
-the same way for every target.
+A target (:class:`Target`) converts a :class:`~anefx.targets.handoff.ProgramSpec` (one hand-off per
+function, and the program's states) into a :class:`Package`: the file the target's runtime loads
+(``.mlpackage``, ``.aimodel``) with one :class:`ConvertedFunction` per function. Callers never test
+a target's name: they ask its :class:`Capabilities` (states, several functions in one package,
+compression schemes, chunking and its default size cap, its executor).
+
+Each target names what runs its packages outside PyTorch (:meth:`Target.executor`): a
+:class:`~anefx.targets.executor.LoadedProgram`, the interface ``anefx.load`` returns (Core ML: anefx's
+MIL interpreter, or Core ML itself on macOS; Core AI: coreai-core's runtime).
 """
 
 from __future__ import annotations
@@ -11,53 +17,134 @@ import abc
 import collections
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.fx
 
-from anefx.driver.validate import Validator, apply_validated
-from anefx.ir.errors import AnefxError, ConversionError
+from anefx.driver.events import Events
+from anefx.ir.errors import AnefxError, TargetUnavailableError
+from anefx.targets.executor import LoadedProgram
+from anefx.targets.handoff import ProgramSpec, StateSpec
+
+
+class Schemes(Protocol):
+    """A compression request (``CompressionOptions``) as a target sees it: the schemes it asks for."""
+
+    def schemes(self) -> set[str]: ...
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can do. ``states``: functions that read and write states in place (KV caches);
+    ``multiple_functions``: several functions sharing weights in one package; ``compression``: the
+    scheme names it ships; ``chunks``: whether it splits a program into a chain of packages under a
+    size cap (:meth:`Target.default_cap_mb`); ``executor``: the runtime that runs its packages by
+    default (:meth:`Target.executor`: ``"mil"``, ``"coreai"``; None: nothing yet), ``runtimes``
+    every runtime that can (the names ``anefx.load`` takes)."""
+
+    states: bool = False
+    multiple_functions: bool = False
+    compression: frozenset[str] = frozenset()
+    chunks: bool = False
+    executor: str | None = None
+    runtimes: frozenset[str] = frozenset()
+    #: the converted program's form: ``"mil"`` (a Core ML MIL program, which the ANE report reads)
+    program: str = ""
 
 
 @dataclass
-class HandOff:
-    """What a target gets: the validated graph, how to call it, and the validator that checked the
-    pipeline (its input sets and reference outputs), so that every transformation the target makes
-    before its converter is checked the same way. ``checks`` collects what the target verified:
-    the legalization steps (with any excluded site) and the error of the graph handed to the
-    converter; ``compile`` puts it in the report."""
+class ConvertedFunction:
+    """One function of a package: the target's object for it and what the converter read."""
 
-    graph_module: torch.fx.GraphModule
-    example_args: tuple
-    example_kwargs: dict
-    input_names: list[str]
-    output_names: list[str]
-    validator: Validator | None = None
-    checks: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Artifact(abc.ABC):
-    """A converted model. ``model`` is the target library's object (``ct.models.MLModel`` …)."""
-
-    model: Any
+    name: str
+    model: Any  #: the target's object for this function alone (a ``ct.models.MLModel`` …)
     seconds: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
-    #: the graph handed to the converter (re-exported, decomposed), as validated; runs in torch
-    converter_input: torch.fx.GraphModule | None = None
+    #: the program the converter read (its node names are the converted program's op names)
+    exported_program: torch.export.ExportedProgram | None = field(default=None, repr=False)
+    #: the graph handed to the converter as a pure function of the hand-off's signature, as validated
+    converter_input: torch.fx.GraphModule | None = field(default=None, repr=False)
+    #: ``exported_program``'s parameter names → the user's parameter names
+    param_name: Callable[[str], str] | None = field(default=None, repr=False)
+
+    @property
+    def exported_graph(self) -> torch.fx.GraphModule | None:
+        return self.exported_program.graph_module if self.exported_program is not None else None
+
+    def user_param_name(self, name: str) -> str:
+        return self.param_name(name) if self.param_name is not None else name
+
+
+@dataclass
+class Package(abc.ABC):
+    """A converted program: its functions (sharing weights) and states, as one file on disk."""
+
+    functions: dict[str, ConvertedFunction]
+    model: Any  #: the target's object for the whole package
+    default: str = ""  #: the function a runtime calls by default
+    metadata: dict[str, str] = field(default_factory=dict)
 
     suffix: ClassVar[str] = ""
 
+    def __post_init__(self):
+        if not self.default:
+            self.default = next(iter(self.functions))
+
+    def function(self, name: str | None = None) -> ConvertedFunction:
+        name = name or self.default
+        if name not in self.functions:
+            raise KeyError(f"no function {name!r}; this package has {list(self.functions)}")
+        return self.functions[name]
+
+    @property
+    def exported_program(self):
+        return self.function().exported_program
+
+    @property
+    def exported_graph(self):
+        return self.function().exported_graph
+
+    @property
+    def converter_input(self) -> torch.fx.GraphModule | None:
+        return self.function().converter_input
+
     @abc.abstractmethod
-    def op_histogram(self) -> collections.Counter:
-        """How often each op occurs in the converted program."""
+    def operations(self, function: str | None = None) -> list:
+        """The converted program's ops of one function (the default one without a name)."""
+
+    @abc.abstractmethod
+    def op_histogram(self, function: str | None = None) -> collections.Counter:
+        """How often each op occurs in one function of the converted program."""
 
     @abc.abstractmethod
     def _write(self, path: Path) -> None:
-        """Write the artifact to ``path`` (which does not exist yet)."""
+        """Write the package to ``path`` (which does not exist yet)."""
+
+    @abc.abstractmethod
+    def input_names(self, function: str | None = None) -> list[str]:
+        """The names one function of the package takes (states excluded)."""
+
+    @abc.abstractmethod
+    def output_names(self, function: str | None = None) -> list[str]:
+        """The names one function of the package returns (states excluded)."""
+
+    def states(self) -> dict[str, StateSpec]:
+        """The package's states (none unless the target has states)."""
+        return {}
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights :meth:`save` writes."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.weight_bytes_at(self.save(Path(tmp) / f"package{self.suffix}"))
+
+    @staticmethod
+    def weight_bytes_at(path: Path) -> int:
+        """Bytes of the weights of a saved package (every file, unless the target knows better)."""
+        path = Path(path)
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
     def save(self, path) -> Path:
         """Write to ``path`` atomically: nothing half-written is left behind on failure."""
@@ -65,6 +152,92 @@ class Artifact(abc.ABC):
         if self.suffix and path.suffix != self.suffix:
             raise AnefxError(f"{type(self).__name__} must be saved with the {self.suffix} suffix, got {path.name!r}")
         return write_atomically(path, self._write)
+
+
+class Target(abc.ABC):
+    """A hand-off: converts a validated program into a package. Subclasses declare ``name``,
+    ``Options`` (a frozen dataclass, checked when the target is made), ``suffix`` and
+    ``capabilities``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    suffix: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+
+    @property
+    def precision(self) -> str:
+        """The compute precision of what this target ships (``float16`` or ``float32``)."""
+        return "float16"
+
+    def default_cap_mb(self) -> float | None:
+        """The package size above which a program is split into a chain (None: this target does not
+        split)."""
+        return None
+
+    def for_program(self, *, states: bool = False, functions: int = 1) -> Target:
+        """This target, able to hold a program with ``functions`` functions and (``states``) states (a
+        target may raise its deployment target for them), or an ``AnefxError`` saying what is missing."""
+        self.require(states=states, functions=functions)
+        return self
+
+    def require(self, *, states: bool = False, functions: int = 1) -> None:
+        """Refuse, with what is missing, a program this target cannot hold."""
+        caps = self.capabilities
+        if states and not caps.states:
+            raise AnefxError(f"the {self.name} target has no states (KV caches …) in anefx yet; use target='coreml'")
+        if functions > 1 and not caps.multiple_functions:
+            raise AnefxError(
+                f"the {self.name} target holds one function per package in anefx; a program with {functions} "
+                "functions needs target='coreml'"
+            )
+
+    def for_compression(self, compression: Schemes, explicit_options: bool) -> Target:
+        """This target, able to hold ``compression`` (a target whose options were not given may raise
+        its deployment target for it), or an ``AnefxError`` saying why it cannot, before any work."""
+        schemes = compression.schemes()
+        missing = sorted(schemes - self.capabilities.compression)
+        if missing:
+            raise AnefxError(
+                f"compression {missing} is not available for target={self.name!r} "
+                f"(it ships {sorted(self.capabilities.compression) or 'no compression'}); use target='coreml' "
+                "or compression=None"
+            )
+        return self
+
+    @abc.abstractmethod
+    def convert(self, program: ProgramSpec, events: Events | None = None) -> Package:
+        """Convert every function of ``program``; raise ``ConversionError`` naming the op and source line."""
+
+    def package(self, functions: dict[str, ConvertedFunction], program: ProgramSpec) -> Package:
+        """A package of already converted functions (after compression replaced their models)."""
+        raise AnefxError(f"the {self.name} target cannot repackage converted functions")
+
+    def runtime(self, runtime: str | None = None) -> str:
+        """``runtime`` checked against the runtimes that run this target's packages (``None`` or
+        ``"auto"``: its default executor)."""
+        caps = self.capabilities
+        if runtime in (None, "auto"):
+            if caps.executor is None:
+                raise TargetUnavailableError(f"nothing runs {self.name} packages yet")
+            return caps.executor
+        if runtime not in caps.runtimes:
+            raise AnefxError(
+                f"{self.name} packages run with runtime {sorted(caps.runtimes)} (default {caps.executor!r}), "
+                f"not {runtime!r}"
+            )
+        return runtime
+
+    def executor(self, package: Package, runtime: str | None = None) -> LoadedProgram:
+        """``package`` ready to run outside PyTorch with ``runtime`` (default: ``capabilities.executor``);
+        ``TargetUnavailableError`` with the reason when that runtime cannot run here."""
+        raise TargetUnavailableError(f"nothing runs {self.name} packages yet")
+
+    def load(self, path: Path) -> Package:
+        """A package saved by this target, read back (its functions' models, no exported programs)."""
+        raise AnefxError(f"the {self.name} target cannot read packages back yet")
 
 
 def write_atomically(path: Path, write) -> Path:
@@ -88,145 +261,3 @@ def write_atomically(path: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def legalized_clone(handoff: HandOff, reexport: bool = True) -> torch.fx.GraphModule:
-    """A clone of the validated graph spelled the way converters accept (ops respelled, constants
-    folded): each target legalizes for itself, and the compiled graph is never touched.
-
-    Each legalization step is validated like a pass (:func:`anefx.driver.validate.apply_validated`): a
-    rewrite that changes a value is dropped at its site, never shipped (``handoff.checks`` names
-    it). Without a validator (``validate="off"``) the steps run unchecked, as the user asked.
-
-    ``reexport``: the caller will trace the result again with ``torch.export`` (whose fake strides
-    refuse some views eager runs), so the steps are also required to keep it exportable. A caller
-    that lifts the graph into a program directly (:func:`anefx.targets.lift.lifted_program`) passes
-    False and skips that trial export (a full trace: a fifth of DistilBERT's hand-off)."""
-    from anefx.analysis.legalize import canonicalize, fold_constants
-    from anefx.ir.graph import clone_graph_module
-
-    steps = {
-        "canonicalize": lambda gm, site: (gm, any(canonicalize(gm, site).values()), {}),
-        "fold_constants": lambda gm, site: (gm, bool(fold_constants(gm, site=site)), {}),
-    }
-    gm = handoff.graph_module
-    validator = handoff.validator
-    if has_mutations(gm):
-        gm = _functionalized(handoff, validator)
-    if validator is None or validator.options.mode == "off":
-        gm = clone_graph_module(gm)
-        for step in steps.values():
-            step(gm, lambda node: True)
-        gm.recompile()
-        return gm
-    legalized = _legalize(handoff, gm, steps, validator)
-    if reexport and not _exports(handoff, legalized):  # e.g. a removed clone leaves a view of a non-contiguous tensor
-        legalized = _legalize(handoff, gm, steps, _ExportingValidator(validator, handoff))
-    return legalized
-
-
-class _ExportingValidator:
-    """A validator that also requires the graph to re-export (for legalization steps whose result
-    runs in eager but not under ``torch.export``'s fake strides)."""
-
-    def __init__(self, validator: Validator, handoff: HandOff):
-        self.validator, self.handoff, self.options = validator, handoff, validator.options
-        self.input_sets = validator.input_sets
-
-    def check(self, gm: torch.fx.GraphModule):
-        verdict = self.validator.check(gm)
-        if verdict.ok and not _exports(self.handoff, gm):
-            verdict.ok, verdict.message = False, "the legalized graph does not re-export"
-        return verdict
-
-
-def _exports(handoff: HandOff, gm: torch.fx.GraphModule) -> bool:
-    try:
-        torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
-    except Exception:
-        return False
-    return True
-
-
-def _legalize(handoff: HandOff, gm: torch.fx.GraphModule, steps: dict, validator) -> torch.fx.GraphModule:
-    from anefx.ir.graph import clone_graph_module
-
-    legalization = handoff.checks["legalization"] = {}
-    for name, step in steps.items():
-        applied = apply_validated(step, gm, validator.input_sets[0], validator)
-        excluded = [f"{site}: {error}" for site, error in applied.excluded]
-        if applied.graph_module is None:
-            legalization[name] = {"status": "dropped", "error": applied.verdict.message, "excluded": excluded}
-            continue
-        legalization[name] = {"status": "changed" if applied.modified else "no change", "excluded": excluded}
-        gm = applied.graph_module
-    if gm is handoff.graph_module:
-        gm = clone_graph_module(gm)  # the compiled graph is never touched
-    gm.recompile()
-    return gm
-
-
-def has_mutations(gm: torch.fx.GraphModule) -> bool:
-    """Whether the graph writes a tensor in place (``add_``, ``copy_`` into a view …)."""
-    from anefx.analysis.legalize import mutated_nodes
-
-    return bool(mutated_nodes(gm.graph))
-
-
-def _functionalized(handoff: HandOff, validator: Validator | None) -> torch.fx.GraphModule:
-    """The graph with its in-place writes made functional (``torch.export`` + decompositions), so
-    that constant folding can evaluate index tables a model builds in place (BEiT's relative
-    position index) instead of leaving int scatters to the converter. Kept only when it validates."""
-    try:
-        ep = torch.export.export(handoff.graph_module, handoff.example_args, handoff.example_kwargs, strict=False)
-        gm = ep.run_decompositions({}).module()
-        for node in gm.graph.nodes:  # decomposed reshapes are views of whatever strides eager had:
-            if node.target == torch.ops.aten.view.default:  # spell them reshape (same values) so
-                node.target = torch.ops.aten.reshape.default  # the converter's export accepts them
-        gm.recompile()
-    except Exception as exc:  # the converter's own export will say what is wrong
-        handoff.checks["functionalize"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        return handoff.graph_module
-    if validator is not None and validator.options.mode != "off":
-        verdict = validator.check(gm, require_meta=False)
-        if not verdict.ok:
-            handoff.checks["functionalize"] = f"dropped: {verdict.message}"
-            return handoff.graph_module
-    if not _exports(handoff, gm):
-        handoff.checks["functionalize"] = "dropped: the functional graph does not re-export"
-        return handoff.graph_module
-    handoff.checks["functionalize"] = "in-place writes made functional"
-    return gm
-
-
-def check_converter_input(handoff: HandOff, converter_input: torch.fx.GraphModule) -> None:
-    """Validate the graph the converter gets (after re-export and decompositions, which are whole
-    graph transformations with no site to drop) against the model; raise ``ConversionError``
-    rather than convert a graph that computes something else. Its error goes to ``handoff.checks``."""
-    validator = handoff.validator
-    if validator is None or validator.options.mode != "numeric":
-        handoff.checks["converter_input"] = "not validated (validation is off)"
-        return
-    verdict = validator.check(converter_input, require_meta=False)
-    handoff.checks["converter_input"] = {
-        "max_abs_error": verdict.max_abs_error,
-        "max_rel_error": verdict.max_rel_error,
-        "input_sets": len(validator.input_sets),
-    }
-    if not verdict.ok:
-        raise ConversionError(
-            f"the graph handed to the converter (re-exported and decomposed) differs from the model: "
-            f"{verdict.message}. Nothing was converted; report this with the dump from ANEFX_DUMP_DIR"
-        )
-
-
-class Target(abc.ABC):
-    name: ClassVar[str]
-    Options: ClassVar[type]
-
-    def __init__(self, options: Any = None):
-        self.options = options if options is not None else self.Options()
-
-    @abc.abstractmethod
-    def convert(self, handoff: HandOff) -> Artifact:
-        """Convert the validated graph; raise ``ConversionError`` naming the op and source line."""

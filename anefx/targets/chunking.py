@@ -1,52 +1,46 @@
-"""Split a compiled model at layer boundaries into consecutive packages under a size cap.
+"""Split a program at layer boundaries into a chain of packages under a size cap.
 
 Exports over about 1 GB (iOS) or 2 GB (macOS) fail or fall off the Neural Engine, so large models
-ship as a chain of ``.mlpackage`` files (Anemll's ``--chunk``, ml-stable-diffusion's
-``--chunk-unet``). anefx does it for any model it compiles:
+ship as a chain of packages (Anemll's ``--chunk``, ml-stable-diffusion's ``--chunk-unet``). anefx
+does it for any program it compiles, whichever front end made it (:func:`split_artifact`):
 
-1. the validated graph is exported once (ATen, weights as inputs of the program);
+1. each function's validated graph is exported once (ATen, weights as inputs of the program);
 2. every node gets a *stage*: the layer index of the parameters it reads (``layers.<i>.``), or
    the largest stage among its inputs — so stages never decrease along the data flow, the
-   embedding belongs to the first layer's side and the final norm and LM head to the last;
+   embedding belongs to the first layer's side and the final norm and LM head to the last; a state
+   (``compile_lm``'s KV cache) has its layer's stage (``StateSpec.layer``), so each chunk reads and
+   writes the states of its own layers only;
 3. consecutive stages are packed greedily into chunks whose weight bytes stay under the cap;
    input-independent values (weights, their views, folded tables) are copied into every chunk that
-   reads them (a tied embedding ships with the first and the last chunk), everything else that
-   crosses a boundary — hidden states, masks — becomes an output of one chunk and an input of the
-   next;
-4. each chunk is converted on its own, and the chain is validated in PyTorch against the model.
+   reads them (a tied embedding ships with the first and the last chunk); values computed from the
+   model's inputs alone (masks, positions, rotary tables) are recomputed in every chunk that reads
+   them; everything else that crosses a boundary (the hidden state) becomes an output of one chunk
+   and an input of the next, each boundary a minimum cut;
+4. every function splits into the same layer groups (refused otherwise), each chain is checked in
+   PyTorch against the whole graph, and each chunk becomes a :class:`~anefx.targets.artifact.Program`
+   with its functions and states, converted and validated like any program.
 
-``manifest.json`` says how to chain them: each chunk's inputs (from the model or from which chunk)
-and outputs, and where each model output comes from. States (``compile_lm``'s KV cache) are
-buffers read and written by one layer's nodes, so they fall into that layer's chunk; the manifest
-has a ``states`` list per chunk for them.
-
-An impossible cap (one layer's weights alone above it) is refused from the model's parameters,
-before capture or conversion starts.
+The artifact's ``manifest.json`` says how to chain the packages
+(:meth:`~anefx.targets.artifact.Artifact.manifest`). An impossible cap (one layer's weights alone
+above it) is refused from the model's parameters, before capture or conversion starts.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
-from anefx.ir.errors import AnefxError
+from anefx.driver.validate import Validator
+from anefx.ir.errors import AnefxError, ConversionError
 from anefx.ir.graph import layer_of
-
-MB = 1_000_000
-
-
-def default_cap_mb(minimum_deployment_target: str) -> float:
-    """1,024 MB for iOS-family targets, 2,048 MB for macOS (the sizes above which exports fail or
-    leave the ANE, as users report them; see the module docstring)."""
-    return 2048.0 if minimum_deployment_target.startswith("macOS") else 1024.0
+from anefx.targets.artifact import MB, Artifact, Program
+from anefx.targets.handoff import HandOff, legalized_clone
 
 
 def check_cap(named_parameters: Iterable[tuple[str, torch.Tensor]], cap_mb: float, bytes_per_weight: float) -> None:
@@ -81,110 +75,35 @@ def check_cap(named_parameters: Iterable[tuple[str, torch.Tensor]], cap_mb: floa
 
 
 @dataclass
-class Chunk:
+class Part:
+    """One chunk of one function's exported program."""
+
     index: int
     stages: list[int]
     graph_module: torch.fx.GraphModule  # runs in torch: inputs in ``inputs`` order → ``outputs``
-    inputs: list[str]  # value names (FX node names; model inputs keep the model's names)
+    inputs: list[str]  # value names (model inputs keep the model's names)
     outputs: list[str]
     weight_bytes: int  # fp16 bytes of the weights this chunk holds (estimate before conversion)
     example_inputs: list[torch.Tensor] = field(default_factory=list)
-    artifact: Any = None
-    compression: Any = None
     #: the chunk module's weight attributes → the parameter names they hold in the program
     param_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
-class Chunked:
-    """The chain: chunks in order, the model's inputs and where each model output comes from."""
+class Partition:
+    """One function's program as a chain of parts: the program's user inputs and the value behind
+    each of its outputs."""
 
-    chunks: list[Chunk]
+    parts: list[Part]
     model_inputs: list[str]
-    model_outputs: list[str]  # value names, in the model's output order
-    output_names: list[str]  # the model's output names (``logits`` …)
-    cap_mb: float
+    model_outputs: list[str]  # value names, in the program's output order
 
-    def run(self, inputs: Sequence[torch.Tensor], variant: str | None = None) -> list[torch.Tensor]:
-        """Run the chain in PyTorch (``variant``: ``"fp16"``/``"compressed"`` weights when compressed)."""
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         env = dict(zip(self.model_inputs, inputs, strict=True))
         with torch.no_grad():
-            for c in self.chunks:
-                args = [env[n] for n in c.inputs]
-                if variant is not None and c.compression is not None:
-                    outs = c.compression.swap.swap(args, c.compression.overrides(variant))[0]
-                else:
-                    outs = c.graph_module(*args)
-                env.update(zip(c.outputs, outs, strict=True))
+            for c in self.parts:
+                env.update(zip(c.outputs, c.graph_module(*[env[n] for n in c.inputs]), strict=True))
         return [env[n] for n in self.model_outputs]
-
-    def manifest(self, stem: str) -> dict:
-        producer = {n: "model" for n in self.model_inputs}
-        chunks = []
-        for c in self.chunks:
-            chunks.append(
-                {
-                    "file": f"{stem}_chunk{c.index}.mlpackage",
-                    "layers": [s for s in c.stages if s >= 0],
-                    "inputs": [_describe(n, producer[n], t) for n, t in zip(c.inputs, c.example_inputs, strict=True)],
-                    "outputs": list(c.outputs),
-                    "states": [],
-                    "weight_bytes_estimate": c.weight_bytes,
-                }
-            )
-            producer.update({n: f"chunk{c.index}" for n in c.outputs})
-        return {
-            "format": "anefx-chunks/1",
-            "max_chunk_mb": self.cap_mb,
-            "model_inputs": list(self.model_inputs),
-            "model_outputs": [
-                {"name": name, "value": v, "from": producer[v]}
-                for name, v in zip(self.output_names, self.model_outputs, strict=True)
-            ],
-            "chunks": chunks,
-        }
-
-    def save(self, path) -> Path:
-        """Write ``<path>/`` with one ``<stem>_chunk<i>.mlpackage`` per chunk and ``manifest.json``;
-        all or nothing (staged in a temporary folder, renamed at the end)."""
-        return save_chunk_folder(path, self.manifest, [(c.index, c.artifact) for c in self.chunks], self.cap_mb)
-
-
-def save_chunk_folder(path, manifest, packages: Sequence[tuple[int, Any]], cap_mb: float) -> Path:
-    """``<path>/`` holding ``packages`` (``(chunk index, artifact)``, saved under the manifest's file
-    names) and ``manifest.json``; all or nothing (staged next to ``path``, renamed at the end). Each
-    package's weight files are checked against ``cap_mb``. ``manifest(stem)`` builds the manifest."""
-    from anefx.targets.base import write_atomically
-
-    path = Path(path)
-    if path.suffix == ".mlpackage":  # ``-o model.mlpackage`` on a chunked compile: the folder ``model``
-        path = path.with_suffix("")
-
-    def write(staged: Path) -> None:
-        staged.mkdir()
-        data = manifest(path.name)
-        for (index, artifact), entry in zip(packages, data["chunks"], strict=True):
-            artifact.save(staged / entry["file"])
-            size = package_weight_bytes(staged / entry["file"])
-            entry["weight_bytes"] = size
-            if size > cap_mb * MB:
-                raise AnefxError(
-                    f"chunk {index} came out at {size / MB:.3g} MB, above max_chunk_mb={cap_mb:g} "
-                    "(the converter stored more than the weights anefx counted); lower the cap"
-                )
-        (staged / "manifest.json").write_text(json.dumps(data, indent=2))
-
-    return write_atomically(path, write)
-
-
-def _describe(name: str, source: str, t: torch.Tensor) -> dict:
-    return {"name": name, "from": source, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-
-
-def package_weight_bytes(package: Path) -> int:
-    """Bytes of the weight files of a saved ``.mlpackage`` (``Data/com.apple.CoreML/weights``)."""
-    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
-    return sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
 
 
 def _is_weight_input(kind) -> bool:
@@ -195,8 +114,6 @@ def _is_weight_input(kind) -> bool:
 
 def export_program(handoff):
     """The validated graph as the converters see it: legalized, exported, decomposed (once)."""
-    from anefx.targets.base import legalized_clone
-
     gm = legalized_clone(handoff)
     ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
     return ep.run_decompositions({})
@@ -205,16 +122,19 @@ def export_program(handoff):
 def split(
     ep,
     inputs: Sequence[torch.Tensor],
-    output_names: Sequence[str],
     cap_mb: float,
     bytes_per_weight=2.0,
     input_stages: dict[str, int] | None = None,
-):
+    public: dict[str, str] | None = None,
+) -> Partition:
     """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights.
 
     ``input_stages`` gives user inputs a stage (``compile_lm``: layer ``i``'s KV states belong to
-    layer ``i``, so they are read and written in that layer's chunk); other inputs have none."""
+    layer ``i``, so they are read and written in that layer's chunk); other inputs have none.
+    ``public`` renames values where they cross a boundary (the program's inputs and outputs keep
+    the names the caller knows them by); every other value keeps its node's name."""
     input_stages = input_stages or {}
+    public = public or {}
     from torch.export.graph_signature import InputKind, OutputKind
 
     sig = ep.graph_signature
@@ -294,7 +214,7 @@ def split(
         chunk_of[name] = -1  # the model's inputs come from outside every chunk
     _place_boundaries(ep, chunk_of, len(groups), const_or_derived, values, set(model_outputs))
 
-    chunks = []
+    chunks: list[Part] = []
     nodes = list(ep.graph.nodes)
     for ci, g in enumerate(groups):
         members = [
@@ -312,17 +232,18 @@ def split(
             ):
                 later_users.add(n.name)
         outputs = [n.name for n in members if n.name in later_users]
-        gm = _build(ep, members, needed, outputs, const, values)
+        gm = _build(ep, members, needed, outputs, const, values, public)
         names = {f"w_{w}": param_name[w] for w in values if hasattr(gm, f"w_{w}")}
-        chunks.append(Chunk(ci, g, gm, needed, outputs, size(set(g)), param_names=names))
-    chunked = Chunked(chunks, user_inputs, model_outputs, list(output_names), cap_mb)
+        ins, outs = [public.get(n, n) for n in needed], [public.get(n, n) for n in outputs]
+        chunks.append(Part(ci, g, gm, ins, outs, size(set(g)), param_names=names))
+    partition = Partition(chunks, [public.get(n, n) for n in user_inputs], [public.get(n, n) for n in model_outputs])
     # example inputs of each chunk: run the chain once
-    env = dict(zip(user_inputs, inputs, strict=True))
+    env = dict(zip(partition.model_inputs, inputs, strict=True))
     with torch.no_grad():
         for c in chunks:
             c.example_inputs = [env[n].contiguous() for n in c.inputs]  # Core ML wants dense inputs
             env.update(zip(c.outputs, c.graph_module(*c.example_inputs), strict=True))
-    return chunked
+    return partition
 
 
 def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str], values: dict, outputs: set[str]):
@@ -379,40 +300,86 @@ def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str
         chunk_of[name] = c
 
 
-def check_chain(chunked: Chunked, ep, inputs: Sequence[torch.Tensor], what: str = "") -> None:
-    """Raise ``ConversionError`` unless the chain of chunks, run in torch on ``inputs``, computes
-    every output of the whole program ``ep`` (to fp32 rounding). ``what`` prefixes the message."""
-    from anefx.ir.errors import ConversionError
+def check_chain(partition: Partition, ep, inputs: Sequence[torch.Tensor], names: Sequence[str], what: str = "") -> None:
+    """Raise ``ConversionError`` unless the chain of parts, run in torch on ``inputs``, computes every
+    output of the whole program ``ep`` (to fp32 rounding). ``what`` prefixes the message."""
     from anefx.targets.quality import WeightSwap
 
-    got = chunked.run(inputs)
+    got = partition.run(inputs)
     want = WeightSwap(ep).swap(list(inputs), {})[0]
-    for name, a, b in zip(chunked.output_names, got, want, strict=True):
+    for name, a, b in zip(names, got, want, strict=True):
         if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
             raise ConversionError(f"{what}the chained chunks differ from the whole graph on output {name!r}")
 
 
-def convert_chunked(handoff, flat_inputs, target, compression, cap_mb: float, progress, timings: dict) -> Chunked:
-    """Split the hand-off's graph at layer boundaries under ``cap_mb``, check the chain in torch
-    against the whole graph, then convert (and compress) each chunk with ``target``."""
-    from anefx.targets.base import HandOff
-    from anefx.targets.compression import bytes_per_weight, compress_artifact
+def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 2.0) -> Artifact:
+    """The artifact's (single, unconverted) program split into a chain of programs of at most
+    ``cap_mb`` MB of weights each, every function into the same layer groups, each function's chain
+    checked in torch against its whole graph."""
+    (program,) = artifact.programs
+    from torch.export.graph_signature import InputKind
 
-    t0 = time.perf_counter()
-    ep = export_program(handoff)
-    flat = list(flat_inputs)
-    chunked = split(ep, flat, handoff.output_names, cap_mb, bytes_per_weight(compression))
-    check_chain(chunked, ep, flat)
-    timings["split"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for c in chunked.chunks:
-        if progress:
-            progress(f"convert:{target.name}:chunk{c.index}")
-        c.artifact = target.convert(HandOff(c.graph_module, tuple(c.example_inputs), {}, c.inputs, c.outputs))
-        if compression is not None:
-            c.artifact, c.compression = compress_artifact(c.artifact, compression, c.example_inputs, progress)
-    timings["convert"] = time.perf_counter() - t0
-    return chunked
+    several = len(program.functions) > 1
+    partitions: dict[str, Partition] = {}
+    for fn, h in program.functions.items():
+        ep = export_program(h)
+        flat = h.flat_inputs
+        user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        outs = [n.name for n in next(n for n in ep.graph.nodes if n.op == "output").args[0]]
+        if len(user) != len(h.input_names) or len(outs) != len(h.output_names):
+            raise ConversionError(f"the exported {fn} program has inputs {user}; expected {h.input_names}")
+        public = dict(zip(user, h.input_names, strict=True)) | dict(zip(outs, h.output_names, strict=True))
+        stages = {}
+        for node, name in zip(user, h.input_names, strict=True):
+            state = h.states_in.get(name)
+            if state is not None and program.states[state].layer is not None:
+                stages[node] = program.states[state].layer
+        partitions[fn] = split(ep, flat, cap_mb, bytes_per_weight, stages, public)
+        check_chain(partitions[fn], ep, flat, h.output_names, f"{fn}: " if several else "")
+    groups = {fn: [c.stages for c in part.parts] for fn, part in partitions.items()}
+    if len({repr(g) for g in groups.values()}) > 1:
+        raise ConversionError(
+            f"the functions split into different layer groups ({groups}); report this model with its cap"
+        )
+    programs = []
+    n = len(next(iter(partitions.values())).parts)
+    for i in range(n):
+        functions = {}
+        for fn, h in program.functions.items():
+            c = partitions[fn].parts[i]
+            states_in = {name: h.states_in[name] for name in c.inputs if name in h.states_in}
+            states_out = {name: h.states_out[name] for name in c.outputs if name in h.states_out}
+            if sorted(states_in.values()) != sorted(states_out.values()):
+                raise ConversionError(
+                    f"{fn} chunk {i} reads the states {sorted(states_in.values())} but writes "
+                    f"{sorted(states_out.values())}: a state must live in one chunk"
+                )
+            validator = None
+            if h.validator is not None:  # each chunk is validated against its own graph, as the whole was
+                validator = Validator(c.graph_module, c.example_inputs, h.validator.options)
+            functions[fn] = HandOff(
+                c.graph_module,
+                tuple(c.example_inputs),
+                {},
+                c.inputs,
+                c.outputs,
+                validator,
+                states_in=states_in,
+                states_out=states_out,
+                param_names={attr: h.user_param_name(target) for attr, target in c.param_names.items()},
+            )
+        held = {s for f in functions.values() for s in f.states_in.values()}
+        if len({tuple(sorted(set(f.states_in.values()))) for f in functions.values()}) > 1:
+            raise ConversionError(f"chunk {i}: the functions hold different states")
+        first = next(iter(partitions.values())).parts[i]
+        layers = [s for s in first.stages if s >= 0]
+        states = {s: spec for s, spec in program.states.items() if s in held}
+        metadata = {**program.metadata, "anefx.chunk": f"{i + 1}/{n}", "anefx.layers": json.dumps(layers)}
+        if states:
+            metadata["anefx.states"] = json.dumps({s: list(spec.shape) for s, spec in states.items()})
+        weight = max(partitions[fn].parts[i].weight_bytes for fn in partitions)
+        programs.append(Program(functions, states, metadata, program.default, i, layers, weight))
+    return Artifact(programs, artifact.target, artifact.inputs, artifact.outputs, chunked=True, cap_mb=cap_mb)
 
 
 def _need(node: torch.fx.Node, derived: set[str], inside: set[str], needed: list[str]) -> None:
@@ -443,14 +410,16 @@ _SMALL = 65536
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
-def _build(ep, members, needed, outputs, const, values) -> torch.fx.GraphModule:
-    """A GraphModule of ``members``: ``needed`` become placeholders, weights get_attr (shared, no copy),
-    input-independent nodes they read are copied in."""
+def _build(ep, members, needed, outputs, const, values, public: dict[str, str]) -> torch.fx.GraphModule:
+    """A GraphModule of ``members``: ``needed`` become placeholders (named by ``public`` where it names
+    them), weights get_attr (shared, no copy), input-independent nodes they read are copied in."""
     graph = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
     root: dict[str, Any] = {}
     for name in needed:
-        env[name] = graph.placeholder(name)
+        env[name] = graph.placeholder(public.get(name, name))
+        if env[name].name != public.get(name, name):
+            raise ConversionError(f"the chunk input {public.get(name, name)!r} clashes with a node's name")
         src = next(n for n in ep.graph.nodes if n.name == name)
         env[name].meta = dict(src.meta)
 

@@ -1,9 +1,12 @@
 """Weight compression of a converted Core ML program, in the forms the Neural Engine runs.
 
-``compress(artifact, options)`` palettizes (``lut4``/``lut6``/``lut8``: k-means look-up tables, one
-per group of output channels) or linearly quantizes (``int8``: one scale per output channel) the
-weights of the converted ML Program with ``coremltools.optimize.coreml``; anefx runs no k-means of
-its own. Which weights are compressed, and how, is decided per weight before coremltools runs:
+:func:`compress_function` palettizes (``lut4``/``lut6``/``lut8``: k-means look-up tables, one per
+group of output channels) or linearly quantizes (``int8``: one scale per output channel) the
+weights of one converted function with ``coremltools.optimize.coreml``; anefx runs no k-means of
+its own. :meth:`anefx.targets.artifact.Artifact.compressed` does it for every function of every
+package of an artifact, whichever front end made it, and gathers the results into one
+:class:`Compression`. Which weights are compressed, and how, is decided per weight before
+coremltools runs:
 
 * a weight is compressed only when anefx can name its counterpart in the re-exported torch graph
   (MIL const ``view_8_to_fp16`` ↔ FX node ``view_8`` ↔ parameter ``model.layers.0.q_proj.weight``)
@@ -25,16 +28,22 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import io
 import re
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anefx.compat.coremltools import kmeans_lut_and_indices, operations
+from anefx.compat.coremltools import kmeans_lut_and_indices, operations, quiet_coremltools
+from anefx.driver.events import Events, events_of
 from anefx.ir.errors import AnefxError
 from anefx.ir.graph import layer_of
+from anefx.targets.base import ConvertedFunction
+from anefx.targets.quality import CompressionQuality, LMQuality, WeightSwap
+
+if TYPE_CHECKING:
+    from coremltools.models import MLModel
 
 #: The schemes anefx ships: name → (coremltools compressor, bits).
 SCHEMES: dict[str, tuple[str, int]] = {
@@ -134,13 +143,8 @@ def needs_ios18(options: CompressionOptions) -> bool:
     return options.granularity == "per_grouped_channel" and any(SCHEMES[s][0] == "palettize" for s in options.schemes())
 
 
-def check_deployment_target(options: CompressionOptions, target: str, minimum_deployment_target: str) -> None:
-    """Refuse what the target cannot hold, before any long work starts."""
-    if target != "coreml":
-        raise AnefxError(
-            f"compression is implemented for the Core ML target (coremltools.optimize); target={target!r} "
-            "has no compression yet: use target='coreml' or compression=None"
-        )
+def check_deployment_target(options: CompressionOptions, minimum_deployment_target: str) -> None:
+    """Refuse a Core ML deployment target that cannot hold ``options``, before any long work starts."""
     if needs_ios18(options) and not _IOS18_PLUS.match(minimum_deployment_target):
         raise AnefxError(
             f"compression {options.scheme!r} with per_grouped_channel look-up tables needs iOS18/macOS15 or later "
@@ -319,7 +323,7 @@ def _op_config(scheme: str, options: CompressionOptions, lut_cache: SharedKMeans
 
 @dataclass
 class CompressionResult:
-    mlmodel: Any
+    mlmodel: MLModel
     weights: list[WeightInfo]
     seconds: float
     seconds_per_scheme: dict[str, float] = field(default_factory=dict)
@@ -332,16 +336,18 @@ class CompressionResult:
 
 
 def compress_mlmodel(
-    mlmodel, table: list[WeightInfo], options: CompressionOptions, lut_cache: SharedKMeans | None = None
+    mlmodel,
+    table: list[WeightInfo],
+    options: CompressionOptions,
+    lut_cache: SharedKMeans | None = None,
+    events: Events | None = None,
 ) -> CompressionResult:
-    """Apply the plan with coremltools: one palettize/quantize call per scheme in use, each
-    restricted by name to its weights (the others get ``None``: left alone). ``lut_cache`` shares
-    the k-means tables between programs holding the same weights (:class:`SharedKMeans`)."""
+    """Apply the plan with coremltools: one palettize/quantize call per scheme in use (a stage each),
+    each restricted by name to its weights (the others get ``None``: left alone). ``lut_cache``
+    shares the k-means tables between programs holding the same weights (:class:`SharedKMeans`)."""
     import coremltools.optimize.coreml as cto
 
-    from anefx.targets.coreml import quiet_coremltools
-
-    t0 = time.perf_counter()
+    events = events_of(events)
     per_scheme: dict[str, float] = {}
     schemes = sorted({w.scheme for w in table if w.scheme != _FP16}, key=lambda s: SCHEMES[s][0] != "linear")
     model = mlmodel
@@ -350,11 +356,10 @@ def compress_mlmodel(
         config = _op_config(scheme, options, lut_cache)
         cfg = cto.OptimizationConfig(op_name_configs={w.const: config for w in table if w.scheme == scheme})
         fn = cto.palettize_weights if SCHEMES[scheme][0] == "palettize" else cto.linear_quantize_weights
-        t1 = time.perf_counter()
-        with quiet_coremltools():  # also swallows coremltools' per-op tqdm bars (stderr)
+        with events.stage(scheme), quiet_coremltools():  # also swallows coremltools' per-op tqdm bars (stderr)
             model = fn(model, cfg)
-        per_scheme[scheme] = time.perf_counter() - t1
-    return CompressionResult(model, table, time.perf_counter() - t0, per_scheme)
+        per_scheme[scheme] = events.events[-1].seconds or 0.0
+    return CompressionResult(model, table, sum(per_scheme.values()), per_scheme)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,19 +369,20 @@ def compress_mlmodel(
 
 @dataclass
 class Compressed:
-    """A compression applied to one converted program: the plan, the measured quality and what is
-    needed to measure more (``lm_quality``) on the shipped weights."""
+    """A compression applied to one converted function: the plan, the measured quality and what is
+    needed to measure more on the shipped weights (its weight swap over the exported program)."""
 
     options: CompressionOptions
     weights: list[WeightInfo]
-    fp16_model: Any  # the uncompressed MLModel (the reference)
-    model: Any  # the compressed MLModel
-    swap: Any  # quality.WeightSwap over the exported program
-    quality: Any  # quality.CompressionQuality
+    fp16_model: MLModel  #: the uncompressed function (the reference)
+    model: MLModel  #: the compressed function
+    swap: WeightSwap  #: runs the exported program with either set of weights
+    quality: CompressionQuality
     seconds: float = 0.0
-    info: dict = field(default_factory=dict)  # weights per scheme, compression seconds
+    #: compressed weights per scheme and coremltools' seconds
+    info: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         return dict(self.info)
 
     @property
@@ -395,54 +401,102 @@ class Compressed:
             raise ValueError(f"variant is 'fp16' or 'compressed', got {variant!r}")
         return quality.overrides_for(self.swap, self.shipped, values)
 
-    def run(self, inputs, variant: str):
-        """The exported graph's outputs on ``inputs`` (flat, the model's order) with ``variant``'s weights."""
-        return self.swap.swap(list(inputs), self.overrides(variant))[0]
+
+@dataclass
+class Compression:
+    """The compression of a whole artifact: per package of the chain and per function, what was
+    compressed and how well (``Compressed``); for language models, greedy-token agreement and KL
+    against the fp16 weights (``lm``, measured by the front end on the shipped weights)."""
+
+    options: CompressionOptions
+    #: per package of the chain (one when unchunked), per function
+    packages: list[dict[str, Compressed]]
+    default: str  #: the function whose figures :attr:`quality` gives
+    seconds: float = 0.0
+    lm: LMQuality | None = None
+
+    @property
+    def functions(self) -> dict[str, Compressed]:
+        """Per function, its compression in the last package of the chain (the only one unchunked)."""
+        return self.packages[-1]
+
+    @property
+    def quality(self) -> CompressionQuality:
+        """Per-weight and end-to-end errors of the default function (of the last package when chunked)."""
+        return self.functions[self.default].quality
+
+    @property
+    def weights(self) -> list[WeightInfo]:
+        """The plan of the default function, over every package of the chain."""
+        return [w for package in self.packages for w in package[self.default].weights]
+
+    @property
+    def shipped(self) -> list[WeightInfo]:
+        return [w for w in self.weights if w.scheme != _FP16]
+
+    @property
+    def size_ratio(self) -> float:
+        """Weight bytes of the compressed programs over the fp16 programs' (consts at their MIL widths)."""
+        parts = [package[self.default].quality for package in self.packages]
+        fp16 = sum(q.bytes_fp16 for q in parts)
+        return sum(q.bytes_compressed for q in parts) / fp16 if fp16 else 1.0
+
+    def set_lm(self, lm: LMQuality) -> LMQuality:
+        self.lm = self.quality.lm = lm
+        return lm
+
+    def summary(self) -> dict[str, Any]:
+        out = dict(self.quality.summary())
+        out["size_ratio"] = round(self.size_ratio, 4)
+        if len(self.packages) > 1:
+            out["chunks"] = len(self.packages)
+        out["weights"] = self.functions[self.default].summary().get("weights", {})
+        if self.lm is not None:
+            out |= {
+                "agreement": round(self.lm.agreement, 4),
+                "mean_kl": float(f"{self.lm.mean_kl:.3g}"),
+                "max_kl": float(f"{self.lm.max_kl:.3g}"),
+                "tokens": self.lm.tokens,
+                "prompts": self.lm.prompts,
+            }
+        out["seconds"] = round(self.seconds, 1)
+        return out
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        buf = io.StringIO()
+        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+        console.print(self.quality.rich_table())
+        console.print("compression: " + ", ".join(f"{k}={v}" for k, v in self.summary().items()))
+        return buf.getvalue()
 
 
-def compress_artifact(artifact, options: CompressionOptions, inputs, progress=None):
-    """Compress a ``CoreMLArtifact`` per ``options`` and measure it on ``inputs`` (flat tensors in the
-    exported program's user-input order). Returns ``(compressed artifact, Compressed)``."""
-    from anefx.targets.coreml import CoreMLArtifact
-
-    ep = artifact.exported_program
-    if ep is None:
-        raise AnefxError("compression needs the exported program the Core ML model was converted from")
-    done = compress_program(artifact.model, ep, options, inputs, progress)
-    new = CoreMLArtifact(
-        model=done.model,
-        seconds=artifact.seconds + done.seconds,
-        info={**artifact.info, "compression": done.summary()},
-    )
-    new.exported_graph, new.exported_program = artifact.exported_graph, ep
-    return new, done
-
-
-def compress_program(
-    mlmodel,
-    ep,
+def compress_function(
+    function: ConvertedFunction,
     options: CompressionOptions,
     inputs,
-    progress=None,
     lut_cache: SharedKMeans | None = None,
-    param_name=None,
+    events: Events | None = None,
 ) -> Compressed:
-    """Compress the converted program ``mlmodel`` (converted from the exported program ``ep``) per
-    ``options`` and measure it on ``inputs`` (flat user inputs of ``ep``). ``param_name`` maps the
-    program's parameter names to the user's (what ``keep_fp16``, ``per_layer`` and the layer
-    options match), when ``ep`` wraps the model."""
+    """Compress one converted function's program per ``options`` and measure it on ``inputs`` (its
+    value inputs, in the exported program's user-input order). Plans speak of the user's parameter
+    names (``function.param_name``: what ``keep_fp16``, ``per_layer`` and the layer options match)."""
     from anefx.targets import quality
 
+    ep = function.exported_program
+    if ep is None:
+        raise AnefxError(f"compression of {function.name!r} needs the exported program it was converted from")
+    mlmodel = function.model
     swap = quality.WeightSwap(ep)
     table = weight_table(mlmodel, ep, options.weight_threshold)
-    if param_name is not None:
-        for w in table:
-            if w.param:
-                w.param = param_name(w.param)
-                w.layer = layer_of(w.param + ".")
+    for w in table:
+        if w.param:
+            w.param = function.user_param_name(w.param)
+            w.layer = layer_of(w.param + ".")
     nodes = {w.node for w in table if w.node}
     values = swap.node_values(nodes, inputs)
-    fp16 = const_values_fp16(mlmodel, {w.const for w in table})
+    fp16 = quality.const_values(mlmodel, {w.const for w in table})
     for w in table:  # the const must hold the node's numbers (else coremltools transformed it)
         ref = values.get(w.node) if w.node else None
         if ref is not None and tuple(ref.shape) == w.shape:
@@ -450,17 +504,9 @@ def compress_program(
             if err > 1e-3 * max(float(ref.detach().abs().max()), 1e-6) + 1e-6:
                 values.pop(w.node)
     plan(table, options, values)
-    if progress:
-        progress(f"compress:{options.scheme}")
-    result = compress_mlmodel(mlmodel, table, options, lut_cache)
+    result = compress_mlmodel(mlmodel, table, options, lut_cache, events)
     measured = quality.measure(swap, table, mlmodel, result.mlmodel, inputs, options.scheme)
     return Compressed(options, table, mlmodel, result.mlmodel, swap, measured, result.seconds, result.summary())
-
-
-def const_values_fp16(mlmodel, names: set[str]) -> dict[str, np.ndarray]:
-    from anefx.targets.quality import const_values
-
-    return const_values(mlmodel, names)
 
 
 def torch_from(val: np.ndarray):

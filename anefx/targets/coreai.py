@@ -22,8 +22,8 @@ import contextlib
 import io
 import os
 import re
+import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,10 +34,12 @@ import numpy as np
 import torch
 
 from anefx.compat.coreai import function_graph, walk
+from anefx.driver.events import Events, events_of
 from anefx.ir.errors import AnefxError, ConversionError, TargetUnavailableError
 from anefx.ir.ops import DECOMPOSITIONS
-from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
+from anefx.targets.base import Capabilities, ConvertedFunction, Package, Target
 from anefx.targets.executor import LoadedProgram, State, TensorSpec
+from anefx.targets.handoff import ProgramSpec, check_converter_input, legalized_clone
 
 INSTALL_HINT = (
     "the Core AI target needs the optional extra: pip install 'anefx[coreai]' "
@@ -95,12 +97,25 @@ class CoreAIOp:
 
 
 @dataclass
-class CoreAIArtifact(Artifact):
+class CoreAIPackage(Package):
+    """An ``.aimodel``: one function (``main``) and its ops as read from the program."""
+
     ops: list[CoreAIOp] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)  #: the function's output names
     suffix = ".aimodel"
 
-    def op_histogram(self) -> collections.Counter:
-        return collections.Counter(op.name for op in self.ops if op.name not in _STRUCTURAL)
+    def operations(self, function: str | None = None) -> list[CoreAIOp]:
+        self.function(function)
+        return list(self.ops)
+
+    def op_histogram(self, function: str | None = None) -> collections.Counter:
+        return collections.Counter(op.name for op in self.operations(function) if op.name not in _STRUCTURAL)
+
+    def input_names(self, function: str | None = None) -> list[str]:
+        return list(self.function(function).exported_program.graph_signature.user_inputs)
+
+    def output_names(self, function: str | None = None) -> list[str]:
+        return list(self.outputs)
 
     def _write(self, path: Path) -> None:
         self.model.save_asset(Path(path))
@@ -141,32 +156,43 @@ def read_ops(program) -> list[CoreAIOp]:
 class CoreAITarget(Target):
     name = "coreai"
     Options = CoreAIOptions
+    suffix = ".aimodel"
+    #: one stateless function, no compression or chunking (yet); packages run with coreai-core
+    capabilities = Capabilities(program="coreai", executor="coreai", runtimes=frozenset({"coreai"}))
 
-    def convert(self, handoff: HandOff) -> CoreAIArtifact:
+    def convert(self, program: ProgramSpec, events: Events | None = None) -> CoreAIPackage:
+        self.require(states=program.stateful, functions=len(program.functions))
+        events = events_of(events)
+        ((name, handoff),) = program.functions.items()
         coreai_torch = _coreai_torch()
-        gm = legalized_clone(handoff)
-        t0 = time.perf_counter()
-        try:
-            ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
-            ep = ep.run_decompositions({**coreai_torch.get_decomp_table(), **DECOMPOSITIONS})
-        except Exception as exc:
-            raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+        with events.stage("export"):
+            gm = legalized_clone(handoff)
+            try:
+                ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
+                ep = ep.run_decompositions({**coreai_torch.get_decomp_table(), **DECOMPOSITIONS})
+            except Exception as exc:
+                raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
         handed = ep.module()
-        check_converter_input(handoff, handed)
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                program = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
-        except Exception as exc:
-            raise ConversionError(f"coreai-torch failed to convert: {type(exc).__name__}: {exc}") from exc
-        seconds = time.perf_counter() - t0
-        return CoreAIArtifact(
-            model=program,
-            seconds=seconds,
-            info={"convert_seconds": seconds},
-            converter_input=handed,
-            ops=read_ops(program),
+        with events.stage("check_converter_input"):
+            check_converter_input(handoff, handed)
+        with events.stage("coreai_convert"):
+            try:
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    program_ = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
+            except Exception as exc:
+                raise ConversionError(f"coreai-torch failed to convert: {type(exc).__name__}: {exc}") from exc
+        function = ConvertedFunction(name, program_, events.events[-1].seconds, ep, handed)
+        return CoreAIPackage(
+            {name: function}, program_, name, dict(program.metadata), read_ops(program_), list(handoff.output_names)
         )
+
+    def executor(self, package: CoreAIPackage, runtime: str | None = None) -> CoreAIProgram:
+        """``package`` run by coreai-core's runtime: saved to a private temporary folder, removed with
+        the program."""
+        self.runtime(runtime)
+        staged = tempfile.TemporaryDirectory(prefix="anefx-")
+        return CoreAIProgram(package.save(Path(staged.name) / "model.aimodel"), keep=staged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +244,14 @@ class CoreAIProgram(LoadedProgram):
 
     runtime = "coreai"
 
-    def __init__(self, path):
+    def __init__(self, path, keep: object = None):
         ok, why = runtime_available()
         if not ok:
             raise TargetUnavailableError(why)
         from coreai.authoring import AIModelAsset
 
         self.source = str(path)
+        self._keep = keep  #: what the program holds alive (the temporary folder of a staged package)
         path = Path(path)
         if not (path / "metadata.json").exists():
             raise AnefxError(f"cannot load {path}: not an .aimodel (no metadata.json inside)")

@@ -7,62 +7,52 @@ subgraphs) → an ``ExportedProgram`` lifted from it directly (:mod:`anefx.targe
 default MIL pipeline and equivalent faster passes (:mod:`anefx.targets.mil_pipeline`). Inputs keep
 the model's argument names, outputs the model's output names.
 
-Running the model (``predict``) and ``MLComputePlan`` need macOS; :func:`runtime_available` says
-whether this machine has them, and callers skip with its reason elsewhere.
+A function with states (``compile_lm``'s KV cache) is converted with its states as buffers written
+in place (:mod:`anefx.targets.stateful`): ``torch.export`` records the writes, coremltools makes
+them Core ML states (iOS18 / macOS15), and the exported program, made pure again, is what
+``check_converter_input`` validates. Several functions are merged into one package
+(``save_multifunction``: the weights they share are stored once) with the program's metadata.
+
+What runs a package (:meth:`CoreMLTarget.executor`): anefx's MIL interpreter
+(:class:`~anefx.targets.mil.MILProgram`, any OS: the default) or Core ML itself
+(:class:`CoreMLProgram`, ``runtime="coreml"``). Core ML and ``MLComputePlan`` need macOS;
+:func:`runtime_available` says whether this machine has them, and callers skip with its reason
+elsewhere.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import io
-import logging
+import dataclasses
 import platform
 import re
-import time
+import shutil
+import tempfile
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
-from anefx.compat.coremltools import mil_program, torch_node_inputs
+from anefx.compat.coremltools import coremltools_module, mil_program, quiet_coremltools, torch_node_inputs
+from anefx.driver.events import Events, events_of
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.graph import describe
-from anefx.targets.base import Artifact, HandOff, Target, check_converter_input, legalized_clone
+from anefx.targets.base import Capabilities, ConvertedFunction, Package, Target
+from anefx.targets.compression import SCHEMES, check_deployment_target, needs_ios18
+from anefx.targets.executor import LoadedProgram, State, TensorSpec
+from anefx.targets.handoff import HandOff, ProgramSpec, StateSpec, check_converter_input, legalized_clone
 from anefx.targets.lift import keep_input_names, lifted_program
+from anefx.targets.mil import MILProgram
+from anefx.targets.mil.reader import read_package
 from anefx.targets.mil_pipeline import pass_pipeline
-
-
-def coremltools_module():
-    with warnings.catch_warnings(), quiet_coremltools(progress_bars=True):
-        warnings.simplefilter("ignore")
-        try:
-            import coremltools as ct
-        except ImportError as exc:  # pragma: no cover - coremltools is a hard dependency
-            raise TargetUnavailableError("the Core ML target needs coremltools: pip install coremltools") from exc
-    return ct
-
-
-@contextlib.contextmanager
-def quiet_coremltools(progress_bars: bool = False):
-    """Silence coremltools' chatter while it imports or converts.
-
-    Its messages (no native libs on Linux, untested torch, unsupported scikit-learn) go through its own
-    ``coremltools`` logger, and only that logger is lowered. Its progress bars are tqdm bars on
-    ``sys.stderr`` with no switch (tqdm reads ``TQDM_DISABLE`` once, at import), so while converting
-    stderr is redirected too unless ``progress_bars`` is True."""
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.nullcontext() if progress_bars else contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
+from anefx.targets.stateful import functional_view, stateful_module
 
 
 def runtime_available() -> tuple[bool, str]:
@@ -138,33 +128,168 @@ def _choice(table: dict, value, field_name: str):
     )
 
 
+class _Staged:
+    """A package written to a private temporary folder (``root``), removed when the last reference goes."""
+
+    def __init__(self, path: Path, root: Path):
+        self.path, self.root = path, root
+
+    def __del__(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @dataclass
-class CoreMLArtifact(Artifact):
-    exported_graph: torch.fx.GraphModule | None = None
-    #: the program ct.convert read (its node names are the MIL names; compression measures with it)
-    exported_program: torch.export.ExportedProgram | None = None
+class CoreMLPackage(Package):
+    """An ML Program package: one or several functions (``prefill`` and ``decode`` share one weight
+    file) and their states. A single function is held in memory until :meth:`save`; several are
+    merged into a package staged in a private temporary folder; a package read back from disk
+    (:meth:`CoreMLTarget.load`) keeps its path and reads its MIL program from there."""
+
+    staged: _Staged | None = field(default=None, repr=False)
+    #: a package read back from disk: where it is
+    loaded_from: Path | None = None
     suffix = ".mlpackage"
 
     @property
     def mil_program(self):
-        return mil_program(self.model)
+        """The MIL program of the default function."""
+        return self._program(self.default)
 
-    def operations(self) -> list:
-        return list(self.mil_program.functions["main"].operations)
+    def _program(self, function: str | None):
+        """The MIL program holding ``function`` (in memory, or read back from the saved package)."""
+        f = self.function(function)
+        if self.loaded_from is None:
+            return mil_program(f.model)
+        if "_read" not in self.__dict__:
+            self.__dict__["_read"] = read_program(self.loaded_from)
+        return self.__dict__["_read"]
 
-    def op_histogram(self) -> collections.Counter:
-        """MIL op types of the main function (``const`` excluded: they are weights and literals)."""
-        return collections.Counter(op.op_type for op in self.operations() if op.op_type != "const")
+    def operations(self, function: str | None = None) -> list:
+        name = "main" if self.loaded_from is None else self.function(function).name
+        return list(self._program(function).functions[name].operations)
+
+    def op_histogram(self, function: str | None = None) -> collections.Counter:
+        """MIL op types of one function (``const`` excluded: they are weights and literals)."""
+        return collections.Counter(op.op_type for op in self.operations(function) if op.op_type != "const")
+
+    @property
+    def path(self) -> Path | None:
+        """Where the package is on disk (None for a single function held in memory)."""
+        return self.staged.path if self.staged is not None else self.loaded_from
+
+    def _description(self, function: str | None):
+        spec = self.function(function).model.get_spec()
+        described = {f.name: f for f in spec.description.functions}
+        return described.get(self.function(function).name, spec.description)
+
+    def input_names(self, function: str | None = None) -> list[str]:
+        return [i.name for i in self._description(function).input]
+
+    def output_names(self, function: str | None = None) -> list[str]:
+        return [o.name for o in self._description(function).output]
+
+    def states(self) -> dict[str, StateSpec]:
+        out = {}
+        for function in self.functions:
+            for s in self._description(function).state:
+                out[s.name] = StateSpec(tuple(int(d) for d in s.type.stateType.arrayType.shape), torch.float16)
+        return out
+
+    @staticmethod
+    def weight_bytes_at(path: Path) -> int:
+        return package_weight_bytes(path)
+
+    def weight_bytes(self) -> int:
+        if self.path is not None:
+            return package_weight_bytes(self.path)
+        return super().weight_bytes()
 
     def _write(self, path: Path) -> None:
-        self.model.save(str(path))
+        if self.path is not None:
+            shutil.copytree(self.path, path)
+        else:
+            self.model.save(str(path))
         deterministic_manifest(Path(path))
 
-    def predict(self, inputs: dict):
+
+def read_program(path: Path):
+    """The MIL program of a saved package, every function included (the interpreter's reader)."""
+    return read_package(path).program
+
+
+def package_weight_bytes(package: Path) -> int:
+    """Bytes of the weight files of a saved ``.mlpackage`` (``Data/com.apple.CoreML/weights``)."""
+    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    return sum(f.stat().st_size for f in weights.rglob("*") if f.is_file()) if weights.is_dir() else 0
+
+
+class CoreMLState(State):
+    """Core ML's own ``MLState`` (macOS), read and written through coremltools."""
+
+    def __init__(self, specs: dict[str, TensorSpec], mlstate):
+        self.specs = dict(specs)
+        self.mlstate = mlstate
+
+    def _read(self, name: str) -> np.ndarray:  # pragma: no cover - macOS only
+        return np.array(self.mlstate.read_state(name), copy=True)
+
+    def _write(self, name: str, value: np.ndarray) -> None:  # pragma: no cover - macOS only
+        self.mlstate.write_state(name, value)
+
+
+class CoreMLProgram(LoadedProgram):
+    """A saved ``.mlpackage`` run by Apple's Core ML (macOS; ``coremltools``' ``MLModel.predict``),
+    one ``MLModel`` per function; the interface comes from the program itself, as the interpreter
+    reads it, so that both executors describe a package the same way."""
+
+    runtime = "coreml"
+
+    def __init__(self, path, compute_units: str = "CPU_AND_NE"):
         ok, why = runtime_available()
         if not ok:
-            raise TargetUnavailableError(why)
-        return self.model.predict(inputs)
+            raise TargetUnavailableError(f"runtime='coreml' cannot run here: {why}; the default runtime runs it")
+        self.source = str(path)
+        read = read_package(path)  # pragma: no cover - macOS only from here on
+        self._info, self._default = read.functions, read.default_function
+        ct = coremltools_module()
+        units = ct.ComputeUnit[compute_units]
+        self._models = {
+            name: ct.models.MLModel(
+                str(path), compute_units=units, function_name=name if len(read.functions) > 1 else None
+            )
+            for name in read.functions
+        }
+
+    @property
+    def functions(self) -> list[str]:  # pragma: no cover - macOS only
+        return list(self._info)
+
+    @property
+    def default_function(self) -> str:  # pragma: no cover - macOS only
+        return self._default
+
+    def inputs(self, function: str | None = None) -> dict[str, TensorSpec]:  # pragma: no cover - macOS only
+        return dict(self._info[self.function_name(function)].inputs)
+
+    def outputs(self, function: str | None = None) -> dict[str, TensorSpec]:  # pragma: no cover - macOS only
+        return dict(self._info[self.function_name(function)].outputs)
+
+    def states(self, function: str | None = None) -> dict[str, TensorSpec]:  # pragma: no cover - macOS only
+        return dict(self._info[self.function_name(function)].states)
+
+    def make_state(self, function: str | None = None) -> CoreMLState:  # pragma: no cover - macOS only
+        name = self.function_name(function)
+        return CoreMLState(self.states(name), self._models[name].make_state())
+
+    def __call__(
+        self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
+    ) -> dict[str, np.ndarray]:  # pragma: no cover - macOS only
+        name = self.function_name(function)
+        arrays = self.checked_inputs(name, inputs)
+        state = self.checked_state(name, state)
+        kwargs = {"state": state.mlstate} if isinstance(state, CoreMLState) else {}
+        out = self._models[name].predict(arrays, **kwargs)
+        return {k: np.asarray(out[k]).astype(spec.dtype) for k, spec in self.outputs(name).items()}
 
 
 #: ATen overloads torch.export emits whose TorchScript spelling coremltools already converts.
@@ -265,17 +390,88 @@ def deterministic_manifest(package: Path) -> None:
 class CoreMLTarget(Target):
     name = "coreml"
     Options = CoreMLOptions
+    suffix = ".mlpackage"
+    capabilities = Capabilities(
+        states=True,
+        multiple_functions=True,
+        compression=frozenset(SCHEMES),
+        chunks=True,
+        executor="mil",
+        runtimes=frozenset({"mil", "coreml"}),
+        program="mil",
+    )
 
     def __init__(self, options: CoreMLOptions | None = None):
         super().__init__(options)
         self.options.resolved()  # a bad option fails now, before any long work
 
-    def convert(self, handoff: HandOff) -> CoreMLArtifact:
+    @property
+    def precision(self) -> str:
+        return self.options.precision_name
+
+    def default_cap_mb(self) -> float:
+        """1,024 MB for iOS-family deployment targets, 2,048 MB for macOS (the sizes above which
+        exports fail or leave the ANE, as users report them)."""
+        return 2048.0 if self.options.target_name.startswith("macOS") else 1024.0
+
+    def for_compression(self, compression, explicit_options: bool) -> CoreMLTarget:
+        """Grouped-channel LUTs need iOS18: without explicit options the deployment target is raised to
+        iOS18, an explicit earlier one is refused with the reason."""
+        super().for_compression(compression, explicit_options)
+        target = self
+        if not explicit_options and needs_ios18(compression):
+            target = CoreMLTarget(dataclasses.replace(self.options, minimum_deployment_target="iOS18"))
+        check_deployment_target(compression, target.options.target_name)
+        return target
+
+    def for_program(self, *, states: bool = False, functions: int = 1) -> CoreMLTarget:
+        super().for_program(states=states, functions=functions)
+        return self.for_states() if states else self
+
+    def for_states(self) -> CoreMLTarget:
+        """This target for a program with states: Core ML states need iOS18 / macOS15."""
         ct = coremltools_module()
+        deployment = self.options.resolved()[0]
+        if deployment >= ct.target.iOS18:
+            return self
+        return CoreMLTarget(dataclasses.replace(self.options, minimum_deployment_target=ct.target.iOS18))
+
+    def convert(self, program: ProgramSpec, events: Events | None = None) -> CoreMLPackage:
+        self.require(states=program.stateful, functions=len(program.functions))
+        target = self.for_states() if program.stateful else self
+        events = events_of(events)
+        functions = {}
+        for name, handoff in program.functions.items():
+            with events.stage(name) if len(program.functions) > 1 else contextlib.nullcontext():
+                functions[name] = target._convert_function(name, handoff, program, events)
+        return target.package(functions, program)
+
+    def package(self, functions: dict[str, ConvertedFunction], program: ProgramSpec) -> CoreMLPackage:
+        if len(functions) == 1:
+            (function,) = functions.values()
+            if program.metadata:
+                function.model.user_defined_metadata.update(program.metadata)
+            return CoreMLPackage(functions, function.model, program.default, dict(program.metadata))
+        model, staged = merge(functions, program.metadata, program.default)
+        return CoreMLPackage(functions, model, program.default, dict(program.metadata), staged=staged)
+
+    def _exported(self, handoff: HandOff, program: ProgramSpec, events: Events):
+        """The program coremltools reads, and the pure graph it computes (what is validated)."""
         opts: CoreMLOptions = self.options
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        register_converters()  # before asking which ops coremltools lacks: anefx's own ops are covered
+        if handoff.stateful:  # states as buffers written in place: torch.export records the writes
+            for reexport in (False, True):  # the trial export of the legalization only when needed
+                wrapper = stateful_module(legalized_clone(handoff, reexport=reexport), handoff, program.states)
+                try:
+                    with torch.no_grad():
+                        ep = torch.export.export(wrapper, tuple(handoff.value_examples()), strict=False)
+                        ep = ep.run_decompositions({})
+                    break
+                except Exception as exc:
+                    if reexport:
+                        raise ConversionError(
+                            f"exporting the stateful function failed: {type(exc).__name__}: {exc}"
+                        ) from exc
+            return ep, functional_view(ep, handoff)
         ep = lifted_program(legalized_clone(handoff, reexport=False)) if opts.fast_conversion else None
         if ep is not None and _unconvertible(ep):  # ops only their decompositions spell for coremltools
             ep = keep_input_names(ep, ep.run_decompositions({}))
@@ -286,40 +482,106 @@ class CoreMLTarget(Target):
                 ep = ep.run_decompositions({})
             except Exception as exc:
                 raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
-        timings["export"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        handed = ep.module()
-        check_converter_input(handoff, handed)
-        timings["check_converter_input"] = time.perf_counter() - t0
+        return ep, ep.module()
+
+    def _convert_function(self, name: str, handoff: HandOff, program: ProgramSpec, events: Events) -> ConvertedFunction:
+        ct = coremltools_module()
+        opts: CoreMLOptions = self.options
+        register_converters()  # before asking which ops coremltools lacks: anefx's own ops are covered
+        with events.stage("export"):
+            ep, handed = self._exported(handoff, program, events)
+        with events.stage("check_converter_input"):
+            check_converter_input(handoff, handed)
         target, precision, units = opts.resolved()
-        outputs = [ct.TensorType(name=n) for n in handoff.output_names]
+        outputs = [ct.TensorType(name=n) for n in handoff.value_outputs]
         kwargs = dict(opts.convert_kwargs)
         if "pass_pipeline" not in kwargs and opts.fast_conversion:
             kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.precision_name == "float16")
-        register_converters()
-        t0 = time.perf_counter()
-        try:
-            with warnings.catch_warnings(), quiet_coremltools():
-                warnings.simplefilter("ignore")
-                mlmodel = ct.convert(
-                    ep,
-                    convert_to="mlprogram",
-                    minimum_deployment_target=target,
-                    compute_precision=precision,
-                    compute_units=units,
-                    outputs=outputs,
-                    skip_model_load=not runtime_available()[0],
-                    **kwargs,
+        with events.stage("ct_convert"):
+            try:
+                with warnings.catch_warnings(), quiet_coremltools():
+                    warnings.simplefilter("ignore")
+                    mlmodel = ct.convert(
+                        ep,
+                        convert_to="mlprogram",
+                        minimum_deployment_target=target,
+                        compute_precision=precision,
+                        compute_units=units,
+                        outputs=outputs,
+                        skip_model_load=handoff.stateful or not runtime_available()[0],
+                        **kwargs,
+                    )
+            except Exception as exc:
+                where = f"{name}: " if len(program.functions) > 1 else ""
+                raise ConversionError(where + explain_failure(exc, ep, handoff.graph_module)) from exc
+        seconds = events.events[-1].seconds  # the ct_convert stage just ended
+        wrapped = "function." if handoff.stateful else ""
+
+        def param_name(target: str) -> str:
+            return handoff.user_param_name(target.removeprefix(wrapped))
+
+        return ConvertedFunction(name, mlmodel, seconds, ep, handed, param_name)
+
+    def executor(self, package: CoreMLPackage, runtime: str | None = None) -> LoadedProgram:
+        """``package`` ready to run: anefx's MIL interpreter (``"mil"``, the default, any OS) or Core ML
+        itself (``"coreml"``, macOS), both reading the bytes :meth:`CoreMLPackage.save` writes."""
+        runtime = self.runtime(runtime)
+        path = package.path if package.path is not None else Path(package.model.package_path)
+        if runtime == "coreml":
+            return CoreMLProgram(path)
+        return MILProgram.open(path) if package.path is not None else MILProgram.from_mlmodel(package.model)
+
+    def load(self, path: Path) -> CoreMLPackage:
+        ct = coremltools_module()
+        path = Path(path)
+        spec = ct.utils.load_spec(str(path))
+        names = [f.name for f in spec.description.functions] or ["main"]
+        with warnings.catch_warnings(), quiet_coremltools():
+            warnings.simplefilter("ignore")
+            models = {
+                n: ct.models.MLModel(
+                    str(path), skip_model_load=True, **({"function_name": n} if len(names) > 1 else {})
                 )
-        except Exception as exc:
-            raise ConversionError(explain_failure(exc, ep, handoff.graph_module)) from exc
-        seconds = time.perf_counter() - t0
-        timings["ct_convert"] = seconds
-        artifact = CoreMLArtifact(model=mlmodel, seconds=seconds, info={"convert_seconds": seconds, "timings": timings})
-        artifact.converter_input = handed
-        artifact.exported_graph = ep.graph_module  # MIL op names come from these nodes' names
-        artifact.exported_program = ep
-        return artifact
+                for n in names
+            }
+        functions = {n: ConvertedFunction(n, m) for n, m in models.items()}
+        default = spec.description.defaultFunctionName or names[0]
+        metadata = dict(spec.description.metadata.userDefined)
+        return CoreMLPackage(functions, models[default], default, metadata, loaded_from=path)
+
+
+def merge(functions: dict[str, ConvertedFunction], metadata: dict[str, str], default: str):
+    """Several converted functions as one package (coremltools' ``save_multifunction`` stores each
+    weight the functions share once) with ``metadata``; returns its model and staged folder."""
+    ct = coremltools_module()
+    from coremltools.models.utils import MultiFunctionDescriptor, save_multifunction
+
+    tmp = Path(tempfile.mkdtemp(prefix="anefx-package-"))
+    try:
+        desc = MultiFunctionDescriptor()
+        for name, fn in functions.items():
+            single = tmp / f"{name}.mlpackage"
+            fn.model.save(str(single))
+            desc.add_function(str(single), src_function_name="main", target_function_name=name)
+        desc.default_function_name = default
+        merged = tmp / "merged.mlpackage"
+        with warnings.catch_warnings(), quiet_coremltools():
+            warnings.simplefilter("ignore")
+            save_multifunction(desc, str(merged))
+            model = ct.models.MLModel(str(merged), skip_model_load=True)
+            model.user_defined_metadata.update(metadata)
+            if "co.huggingface.exporters.name" in metadata:
+                model.short_description = metadata["co.huggingface.exporters.name"]
+            final = tmp / "package" / "model.mlpackage"
+            final.parent.mkdir()
+            model.save(str(final))
+        for name in functions:
+            shutil.rmtree(tmp / f"{name}.mlpackage", ignore_errors=True)
+        shutil.rmtree(merged, ignore_errors=True)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, _Staged(final, tmp)
 
 
 def explain_failure(exc: BaseException, ep, gm: torch.fx.GraphModule) -> str:

@@ -13,14 +13,15 @@ with named inputs and outputs and, for stateful programs, named states (the KV c
     out["logits"]                                 # numpy, in the program's dtype (fp16 here)
 
 A program made of several packages run one after another (a chunk folder) is a program of the same
-interface whose call runs its parts in order (not wired yet: see ``anefx.targets.runtime.load``).
+interface (:class:`ChainProgram`) whose call runs its parts in order (:func:`run_chain`: the one chain
+runner, which the artifact's own PyTorch runs use too).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -179,3 +180,116 @@ def _as_input(name: str, value, spec: TensorSpec) -> np.ndarray:
         if array.min() < info.min or array.max() > info.max:
             raise AnefxError(f"input {name!r} has values outside {spec.dtype}'s range [{info.min}, {info.max}]")
     return array.astype(spec.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# a chain of programs run as one
+# ---------------------------------------------------------------------------------------------
+
+Part = TypeVar("Part")
+
+
+def run_chain(
+    parts: Sequence[Part],
+    values: Mapping[str, Any],
+    inputs_of: Callable[[Part], list[str]],
+    call: Callable[[int, Part, dict[str, Any]], Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Run a chain of parts in order: the one way anefx runs a chain, whatever its parts are (the
+    artifact's PyTorch graphs, or loaded programs). ``values`` are the caller's inputs; part ``i``
+    gets the names ``inputs_of(part)`` (each the caller's input of that name, or the output of that
+    name of the latest earlier part) and ``call(i, part, inputs)`` returns its outputs by name.
+    Returns every value: the caller's inputs and all outputs, a later one replacing an earlier one."""
+    env = dict(values)
+    for i, part in enumerate(parts):
+        wanted = inputs_of(part)
+        missing = [n for n in wanted if n not in env]
+        if missing:
+            raise AnefxError(f"part {i} of the chain needs {missing}: neither given nor made by an earlier part")
+        env.update(call(i, part, {n: env[n] for n in wanted}))
+    return env
+
+
+class ChainState(State):
+    """The states of a chain: each name lives in the state of the part that holds it."""
+
+    def __init__(self, parts: list[State | None]):
+        self.parts = parts
+        self.specs = {n: s for part in parts if part is not None for n, s in part.specs.items()}
+
+    def _part(self, name: str) -> State:
+        return next(p for p in self.parts if p is not None and name in p.specs)
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._part(name)[name]
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        self._part(name)[name] = value
+
+
+class ChainProgram(LoadedProgram):
+    """Programs run one after another as one program (a chunked artifact): every function runs
+    through every part in order; an input the caller does not give is the output of the same name of
+    an earlier part; each part keeps its own states (:class:`ChainState`). ``inputs`` / ``outputs``:
+    per function, the names the caller gives and gets (the manifest's)."""
+
+    def __init__(
+        self,
+        parts: list[LoadedProgram],
+        inputs: dict[str, list[str]],
+        outputs: dict[str, list[str]],
+        default: str,
+        source: str = "",
+    ):
+        self.parts = parts
+        self._inputs, self._outputs, self._default = inputs, outputs, default
+        self.source = source or f"a chain of {len(parts)} programs"
+
+    @property
+    def runtime(self) -> str:  # type: ignore[override]
+        return self.parts[0].runtime
+
+    @property
+    def functions(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def default_function(self) -> str:
+        return self._default
+
+    def inputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        name = self.function_name(function)
+        specs = {}
+        for part in self.parts:
+            specs |= {n: s for n, s in part.inputs(name).items() if n in self._inputs[name] and n not in specs}
+        return {n: specs[n] for n in self._inputs[name]}
+
+    def outputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        name = self.function_name(function)
+        specs = {}
+        for part in self.parts:
+            specs |= {n: s for n, s in part.outputs(name).items() if n in self._outputs[name]}
+        return {n: specs[n] for n in self._outputs[name]}
+
+    def states(self, function: str | None = None) -> dict[str, TensorSpec]:
+        name = self.function_name(function)
+        return {n: s for part in self.parts for n, s in part.states(name).items()}
+
+    def make_state(self, function: str | None = None) -> ChainState:
+        name = self.function_name(function)
+        return ChainState([part.make_state(name) if part.states(name) else None for part in self.parts])
+
+    def __call__(
+        self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
+    ) -> dict[str, np.ndarray]:
+        name = self.function_name(function)
+        values = self.checked_inputs(name, inputs)
+        state = self.checked_state(name, state)
+        if state is not None and not isinstance(state, ChainState):
+            raise TypeError(f"a chain runs with the state of its make_state(), got a {type(state).__name__}")
+
+        def call(i: int, part: LoadedProgram, given: dict[str, Any]) -> Mapping[str, Any]:
+            return part(given, function=name, state=state.parts[i] if state is not None else None)
+
+        env = run_chain(self.parts, values, lambda part: list(part.inputs(name)), call)
+        return {n: env[n] for n in self._outputs[name]}

@@ -159,9 +159,10 @@ def split_handoff(handoff, flat_inputs, lm_head: LMHeadOptions | None):
     """The hand-off with a copy of its graph whose vocabulary projection is split (and argmax/top-k
     added), checked in torch against the graph it came from; ``(handoff, stats)``, or the hand-off
     unchanged and None when there is nothing to do (``lm_head`` None: only heads above the hard limit)."""
+    import dataclasses
+
     from anefx.driver.validate import run_flat
     from anefx.ir.graph import clone_graph_module
-    from anefx.targets.base import HandOff
 
     options = check(lm_head) if lm_head is not None else HARD_LIMIT
     gm, stats = split_head(clone_graph_module(handoff.graph_module), options)
@@ -169,4 +170,18 @@ def split_handoff(handoff, flat_inputs, lm_head: LMHeadOptions | None):
         return handoff, None
     flat = list(flat_inputs)
     verify(run_flat(handoff.graph_module, flat), run_flat(gm, flat), options)
-    return HandOff(gm, tuple(flat), {}, handoff.input_names, output_names(handoff.output_names, options)), stats
+    if options.output == "logits":  # same outputs: validated against the model as the passes were
+        return dataclasses.replace(handoff, graph_module=gm, checks={}), stats
+    # token ids instead of logits: the graph takes and returns flat values now, and what the target
+    # does to it is validated against this graph (checked above against the logits' argmax / top-k)
+    validator = None
+    if handoff.validator is not None:
+        from anefx.driver.validate import Validator
+
+        validator = Validator(gm, flat, handoff.validator.options)
+    names = output_names(handoff.output_names, options)
+    split = dataclasses.replace(
+        handoff, graph_module=gm, example_args=tuple(flat), example_kwargs={}, output_names=names, validator=validator
+    )
+    split.checks = {}
+    return split, stats

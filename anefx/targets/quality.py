@@ -381,6 +381,23 @@ def lm_agreement(
     )
 
 
+def lm_quality(
+    logits: Callable[[str], LogitsFn],
+    prompts: Sequence[torch.Tensor],
+    new_tokens: int,
+    sequences: Sequence[torch.Tensor] | None = None,
+) -> LMQuality:
+    """The one quality measurement of a compressed language model, whichever front end made it:
+    ``logits(variant)`` runs the shipped program with the ``"fp16"`` or the ``"compressed"`` weights
+    (``ids → logits``); each prompt is continued greedily by the fp16 weights (or ``sequences`` —
+    prompt + continuation — are given), then both score every continuation token teacher forced:
+    greedy-token agreement and mean KL (:func:`lm_agreement`)."""
+    reference, candidate = logits("fp16"), logits("compressed")
+    if sequences is None:
+        sequences = greedy_continuations(reference, prompts, new_tokens)
+    return lm_agreement(reference, candidate, sequences, [p.shape[-1] for p in prompts])
+
+
 def padded_logits_fn(run: Callable[[torch.Tensor], torch.Tensor], length: int, pad_id: int = 0) -> LogitsFn:
     """A full-sequence forward compiled for ``length`` tokens as an ``ids → logits`` callable: the ids
     are right-padded to ``length`` (exact for causal models: no position attends to a later one)."""

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from anefx.compat.coremltools import program_from_spec
+from anefx.compat.coremltools import coremltools_module, program_from_spec, quiet_coremltools
 from anefx.ir.errors import AnefxError
-from anefx.targets.coreml import coremltools_module, quiet_coremltools
 from anefx.targets.executor import TensorSpec
 
 WEIGHTS = Path("Data") / "com.apple.CoreML" / "weights"

@@ -1,0 +1,113 @@
+"""What every front end's result shares: the build, and everything done to its artifact.
+
+``CompiledModel`` (``compile``) and ``CompiledLM`` (``compile_lm``) both extend :class:`Compiled`:
+saving, op histograms, the ANE report, compression and its quality work the same way whichever
+front end made the artifact; a front end adds only what is its own (calling the rewritten graph,
+generating text).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anefx.ane.report import ANEReport, add_unmatched_attention, analyse
+from anefx.core.stages import Build, BuiltFunction
+from anefx.driver.events import Events
+from anefx.ir.errors import AnefxError
+from anefx.targets.artifact import Artifact
+from anefx.targets.compression import Compression, resolve
+
+
+@dataclass
+class Compiled:
+    """A compile's build (per function its capture, graphs and report; the artifact; the events)."""
+
+    build: Build = field(repr=False)
+
+    # -- what was built ----------------------------------------------------------------------
+    @property
+    def artifact(self) -> Artifact:
+        """The artifact: one package, or a chain of chunks (see :attr:`chunks`)."""
+        return self.build.artifact
+
+    @property
+    def target(self) -> str:
+        return self.build.plan.target.name
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per stage (``capture``, ``passes``, ``passes.guard``, ``convert``,
+        ``convert.ct_convert`` …, ``total``), from the compile's events."""
+        return self.build.timings
+
+    @property
+    def events(self) -> Events:
+        return self.build.events
+
+    @property
+    def compression(self) -> Compression | None:
+        """The weight compression (``compression=``): plan and measured quality per package and function."""
+        return self.build.artifact.compression
+
+    @property
+    def chunks(self) -> Artifact | None:
+        """The chain of packages when the model was split (``max_chunk_mb=``), else None."""
+        return self.build.artifact if self.build.artifact.chunked else None
+
+    def _built(self, function: str | None) -> BuiltFunction:
+        name = function or self.build.artifact.default
+        if name not in self.build.functions:
+            raise KeyError(f"no function {name!r}; this compile has {list(self.build.functions)}")
+        return self.build.functions[name]
+
+    # -- the artifact ------------------------------------------------------------------------
+    def _converted(self) -> Artifact:
+        if not self.build.artifact.converted:
+            raise AttributeError("compiled with convert=False: there is no converted program")
+        return self.build.artifact
+
+    def op_histogram(self, function: str | None = None) -> collections.Counter:
+        """Op types of one function of the converted program (summed over the chain)."""
+        self._built(function)
+        return self._converted().op_histogram(function)
+
+    def save(self, path) -> Path:
+        """Write the package atomically (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI); a
+        chain is written as a folder of packages with ``manifest.json``."""
+        if not self.build.artifact.converted:
+            raise AttributeError("compiled with convert=False: there is nothing to save")
+        return self.build.artifact.save(path)
+
+    def analyse(self, function: str | None = None) -> ANEReport:
+        """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip) of one function,
+        over every package of the chain; computed on first use."""
+        built = self._built(function)
+        cache = self.__dict__.setdefault("_ane_reports", {})
+        if built.name not in cache:
+            artifact = self.build.artifact
+            if not artifact.converted or artifact.target.capabilities.program != "mil":
+                raise ValueError(
+                    "the ANE report reads a converted Core ML program: compile with target='coreml', convert=True"
+                )
+            report = analyse(artifact, built.name, built.graph_module, built.captured.flat_inputs)
+            add_unmatched_attention(report, built.report.records)
+            cache[built.name] = report
+        return cache[built.name]
+
+    def _with_artifact(self, artifact: Artifact):
+        new = dataclasses.replace(self, build=dataclasses.replace(self.build, artifact=artifact))
+        new.__dict__.pop("_ane_reports", None)
+        return new
+
+    def _compressed(self, compression, progress=None) -> Artifact:
+        """The artifact with ``compression`` applied to its converted fp16 programs (no new capture
+        or conversion)."""
+        comp = resolve(compression)
+        if comp is None:
+            raise AnefxError("with_compression needs a scheme ('lut4', 'lut6', 'lut8', 'int8' or CompressionOptions)")
+        artifact = self._converted()
+        target = artifact.target.for_compression(comp, explicit_options=True)
+        return dataclasses.replace(artifact, target=target).compressed(comp, Events(progress))

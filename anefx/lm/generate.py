@@ -1,0 +1,213 @@
+"""The generation loop of a compiled causal LM, and the end-to-end token check.
+
+Generation calls the artifact's ``prefill`` and ``decode`` functions through a step (its states
+carried from call to call): in PyTorch, or with the target's executor. A prompt is prefilled in
+chunks of ``prefill_length`` tokens (a short last chunk padded: a padded slot is overwritten before
+any query can see it), then one ``decode`` call per new token. The same chunked prefill scores whole
+sequences for the compression quality (:func:`prefill_logits`: every position's logits, teacher
+forced).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from anefx.ir.capture import eval_mode
+from anefx.ir.errors import AnefxError
+
+#: The default fixed prompt set of the compression quality when the caller gives none: 4 seeded
+#: random prompts of 16 tokens.
+DEFAULT_PROMPTS = 4
+DEFAULT_PROMPT_TOKENS = 16
+#: The fixed text prompts the CLI measures with when the model comes with a tokenizer.
+DEFAULT_TEXT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a compiler does in two sentences.",
+    "List three uses of a paperclip.",
+)
+
+
+class GenerationMismatch(AnefxError):
+    """The compiled generator's greedy tokens differ from the original model's."""
+
+
+@dataclass
+class Generation:
+    """The result of :meth:`CompiledLM.generate`."""
+
+    sequences: torch.Tensor  #: (1, prompt + new) token ids
+    new_tokens: list[int]
+    logits: list[torch.Tensor]  #: one (vocab,) tensor per generated token
+    stop_reason: str  #: "eos", "max_new_tokens" or "context_length"
+    message: str = ""
+
+
+@dataclass
+class EndToEndCheck:
+    prompt_tokens: int
+    new_tokens: int
+    tokens_equal: bool
+    max_logit_error: float
+    reference: list[int]
+    compiled: list[int]
+
+    def __str__(self) -> str:
+        verdict = "equal" if self.tokens_equal else "DIFFER"
+        return (
+            f"greedy tokens {verdict} to the original model's generate() for {self.new_tokens} new tokens from a "
+            f"{self.prompt_tokens}-token prompt; worst per-step logit error {self.max_logit_error:.3g}"
+        )
+
+
+#: ``(function, input_ids, position_ids) -> logits`` of one call, states carried by the caller
+Step = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def prompt_ids(input_ids, context_length: int) -> list[int]:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise AnefxError(f"generate takes one prompt of shape (1, T) or (T,), got {tuple(ids.shape)}")
+    prompt = [int(t) for t in ids[0]]
+    if not prompt:
+        raise AnefxError("generate needs at least one prompt token")
+    if len(prompt) > context_length:
+        raise AnefxError(
+            f"the prompt has {len(prompt)} tokens but the cache holds {context_length} "
+            "(context_length): compile with a larger context_length or shorten the prompt"
+        )
+    return prompt
+
+
+def prefill(step: Step, prompt: list[int], prefill_length: int) -> list[torch.Tensor]:
+    """Prefill ``prompt`` chunk by chunk; every chunk's logits of its real (unpadded) tokens."""
+    out = []
+    for start in range(0, len(prompt), prefill_length):
+        chunk = prompt[start : start + prefill_length]
+        n = len(chunk)
+        ids = torch.tensor([chunk + [0] * (prefill_length - n)], dtype=torch.int32)
+        positions = torch.arange(start, start + prefill_length, dtype=torch.int32).unsqueeze(0)
+        out.append(step("prefill", ids, positions)[0, :n])
+    return out
+
+
+def greedy(
+    step: Step,
+    prompt: list[int],
+    max_new_tokens: int,
+    prefill_length: int,
+    context_length: int,
+    eos: set[int],
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
+    """Greedy generation: prefill, then one decode call per new token until an EOS id,
+    ``max_new_tokens`` or a full cache (with a warning)."""
+    last = prefill(step, prompt, prefill_length)[-1][-1]
+    logits_out: list[torch.Tensor] = []
+    new: list[int] = []
+    stop, message = "max_new_tokens", ""
+    pos = len(prompt)
+    while len(new) < max_new_tokens:
+        token = int(torch.argmax(last))
+        logits_out.append(last.float())
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos:
+            stop = "eos"
+            break
+        if len(new) == max_new_tokens:
+            break
+        if pos >= context_length:
+            stop = "context_length"
+            message = (
+                f"stopped after {len(new)} new tokens: the cache is full ({context_length} tokens, "
+                "context_length); compile with a larger context_length for longer generations"
+            )
+            warnings.warn(message, stacklevel=3)
+            break
+        ids = torch.tensor([[token]], dtype=torch.int32)
+        last = step("decode", ids, torch.tensor([[pos]], dtype=torch.int32))[0, 0]
+        pos += 1
+    return Generation(torch.tensor([prompt + new], dtype=torch.long), new, logits_out, stop, message)
+
+
+def eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is not None:
+        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for holder in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(holder, "eos_token_id", None)
+        if value is not None:
+            return [value] if isinstance(value, int) else list(value)
+    return []
+
+
+def reference_generate(model, prompt: torch.Tensor, n: int, eos: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+    """The original model's greedy tokens and per-step logits (``generate(do_sample=False)`` when it
+    has one, else a plain loop recomputing the whole sequence)."""
+    with eval_mode(model), torch.no_grad():
+        if hasattr(model, "generate"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=n,
+                    do_sample=False,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    eos_token_id=eos or None,
+                    pad_token_id=(eos[0] if eos else 0),
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+            tokens = [int(t) for t in out.sequences[0, prompt.shape[1] :]]
+            return tokens, [lg[0].float() for lg in out.logits]
+        seq = prompt.clone()
+        tokens, logits = [], []
+        for _ in range(n):
+            lg = model(input_ids=seq).logits[0, -1].float()
+            tok = int(lg.argmax())
+            tokens.append(tok)
+            logits.append(lg)
+            seq = torch.cat([seq, torch.tensor([[tok]])], dim=1)
+            if tok in eos:
+                break
+        return tokens, logits
+
+
+def end_to_end_check(compiled, model, prompt, new_tokens: int, vocab: int) -> EndToEndCheck:
+    """Greedy tokens of the compiled generator against the original model's, with per-step logit error."""
+    if prompt is None:
+        length = min(
+            compiled.prefill_length + max(1, compiled.prefill_length // 4), compiled.context_length - new_tokens
+        )
+        gen = torch.Generator().manual_seed(1234)
+        prompt = torch.randint(0, vocab, (1, max(1, length)), generator=gen)
+    prompt = torch.as_tensor(prompt).long().reshape(1, -1)
+    new_tokens = min(new_tokens, compiled.context_length - prompt.shape[1])
+    ref_tokens, ref_logits = reference_generate(model, prompt, new_tokens, compiled.eos_token_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compiled.generate(prompt, new_tokens)
+    worst = 0.0
+    for a, b in zip(out.logits, ref_logits, strict=False):
+        worst = max(worst, float((a.double() - b.double()).abs().max()))
+    if math.isnan(worst):
+        worst = math.inf
+    return EndToEndCheck(
+        prompt.shape[1], len(out.new_tokens), out.new_tokens == ref_tokens, worst, ref_tokens, out.new_tokens
+    )
+
+
+def default_prompts(vocab: int, n: int = DEFAULT_PROMPTS, length: int = DEFAULT_PROMPT_TOKENS) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(4321)
+    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(n)]
