@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from anefx.ir.errors import AnefxError
-from anefx.lm.encoder_decoder import ENCODER_MASK, PositionBias, probe_encoder_decoder, step_functions
+from anefx.lm.encoder_decoder import ENCODER_MASK, MASKED, PositionBias, probe_encoder_decoder, step_functions
 from examples.models import tiny_bart, tiny_t5, tiny_whisper
 
 CONTEXT = 64
@@ -149,7 +149,7 @@ def test_padded_slots_are_never_attended(whisper, text_model):
             cross = list(encode(torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(5))))
             padded = slice(layout.encoder_length, None)
         mask = cross[-1]
-        assert mask[..., padded].abs().sum() == 0 and mask[..., : padded.start].eq(1).all()
+        assert mask[..., padded].eq(MASKED).all() and mask[..., : padded.start].eq(0).all()
         keys = len(layout.cross.layers)
         assert layout.cross.keys_transposed  # keys (1, S, 1, C): positions on axis 1; values on axis 3
         slots = [s.transpose(1, 3) if i < keys else s for i, s in enumerate(cross[:-1])]  # views
@@ -165,7 +165,7 @@ def test_padded_slots_are_never_attended(whisper, text_model):
             clean = step(ids, positions, *layout.decoder.zeros(), *cross)[0]
             dirty = step(ids, positions, *layout.decoder.zeros(), *noisy)[0]
             torch.testing.assert_close(dirty, clean)
-            unmasked = step(ids, positions, *layout.decoder.zeros(), *noisy[:-1], torch.ones_like(mask))[0]
+            unmasked = step(ids, positions, *layout.decoder.zeros(), *noisy[:-1], torch.zeros_like(mask))[0]
         assert (unmasked - clean).abs().max() > 1e-2  # the mask is what hides them
 
 

@@ -29,10 +29,9 @@ from anefx.core.result import Compiled
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
 from anefx.driver.report import Report
-from anefx.driver.validate import Tolerance, ValidationOptions
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up
+from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up, scaled_tolerances
 from anefx.lm.generate import (
     EndToEndCheck,
     Generation,
@@ -44,6 +43,7 @@ from anefx.lm.generate import (
     prefill,
     prompt_ids,
 )
+from anefx.lm.seq2seq import CompiledEncoderDecoder, compile_encoder_decoder
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_quality
 
@@ -199,30 +199,6 @@ class CompiledLM(Compiled):
         return torch.cat(prefill(self._step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
 
 
-#: Per-pass validation of an LM step, relative to the largest output value (logits reach tens: an
-#: absolute 1e-4 would roll back any re-association of a 30-layer sum). The program runs in fp16,
-#: whose own error is ~1e-2; the end-to-end greedy-token check is the final word.
-LM_RELATIVE_TOLERANCE = 1e-3
-
-
-def scaled_tolerances(captured, options: ValidationOptions) -> dict:
-    """fp32 tolerance ``atol = 1e-3 * max|y|`` over the step's outputs (logits and caches)."""
-    scale = max(
-        (
-            float(t.detach().abs().max())
-            for t in captured.reference_outputs
-            if isinstance(t, torch.Tensor) and t.numel()
-        ),
-        default=1.0,
-    )
-    tolerances = dict(options.tolerances)
-    base = options.tolerance(torch.float32)
-    tolerances[torch.float32] = Tolerance(
-        max(base.atol, LM_RELATIVE_TOLERANCE * scale), max(base.rtol, LM_RELATIVE_TOLERANCE)
-    )
-    return tolerances
-
-
 def _example_inputs(layout: CacheLayout, tokens: int, position: int, vocab: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, tokens), generator=gen, dtype=torch.int64).to(torch.int32)
@@ -288,21 +264,30 @@ def request_for(step: StepFunction, layout: CacheLayout, prefill_length: int, vo
 def compile_lm(
     model: torch.nn.Module,
     *,
-    context_length: int = 512,
-    prefill_length: int = 64,
+    context_length: int | None = None,
+    prefill_length: int | None = None,
     check_prompt=None,
     check_tokens: int = 16,
     eos_token_id: int | list[int] | None = None,
     name: str | None = None,
     quality_prompts=None,
-    quality_tokens: int = 64,
+    quality_tokens: int | None = None,
+    source_length: int | None = None,
+    source_shape: tuple[int, ...] | None = None,
     options: CompileOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **compile_kwargs,
-) -> CompiledLM:
+) -> CompiledLM | CompiledEncoderDecoder:
     """Compile a causal LM (a ``transformers`` ``*ForCausalLM`` or any module called as
     ``model(input_ids=, position_ids=, past_key_values=, use_cache=True)`` returning ``.logits``) into
     ``prefill`` + ``decode`` functions with the KV cache as Core ML state.
+
+    A model whose config says ``is_encoder_decoder`` (Whisper, T5, BART …) becomes ``encode`` +
+    ``prefill`` + ``decode`` (:func:`anefx.lm.seq2seq.compile_encoder_decoder`, a
+    :class:`~anefx.lm.seq2seq.CompiledEncoderDecoder`): ``check_prompt`` / ``quality_prompts`` are
+    then encoder inputs, ``source_length`` (text) or ``source_shape`` (features) the encoder's
+    compiled input, and the defaults are ``context_length`` 512 (at most the decoder's positions),
+    ``prefill_length`` 4, ``quality_tokens`` 16.
 
     Args:
         context_length: tokens the cache holds (rounded up to a multiple of 32).
@@ -327,6 +312,28 @@ def compile_lm(
     """
     if not isinstance(model, torch.nn.Module):
         raise AnefxError(f"compile_lm needs an nn.Module causal LM, got {type(model).__name__}")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return compile_encoder_decoder(
+            model,
+            context_length=context_length,
+            prefill_length=prefill_length,
+            source_length=source_length,
+            source_shape=source_shape,
+            check_inputs=check_prompt,
+            check_tokens=check_tokens,
+            eos_token_id=eos_token_id,
+            name=name,
+            quality_inputs=quality_prompts,
+            quality_tokens=16 if quality_tokens is None else quality_tokens,
+            options=options,
+            progress=progress,
+            **compile_kwargs,
+        )
+    if source_length is not None or source_shape is not None:
+        raise AnefxError("source_length / source_shape are for encoder-decoder models; this is a causal LM")
+    context_length = 512 if context_length is None else context_length
+    prefill_length = 64 if prefill_length is None else prefill_length
+    quality_tokens = 64 if quality_tokens is None else quality_tokens
     opts = compile_options(options, "compile_lm", **compile_kwargs)
     context = round_up(int(context_length))
     if not 1 <= prefill_length <= context:

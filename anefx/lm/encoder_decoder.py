@@ -4,8 +4,10 @@
   decoder layer's cross-attention K and V projections of its output, each written into a
   cross-attention state laid out like a self-attention cache (:class:`~anefx.lm.cache.CacheLayout`,
   ``(1, C, 1, S)`` with ``C`` and ``S`` padded to multiples of 32; ``S`` is the encoder's length).
-  ``encoder_mask`` ``(1, 1, 1, S)`` is the encoder's padding mask (1 keep, 0 masked) padded with
-  zeros: it travels with the states, so the decoder never recomputes it.
+  ``encoder_mask`` ``(1, 1, 1, S)`` is the encoder's padding mask as the additive bias attention
+  adds to its scores (0 kept, :data:`MASKED` for the source's padding and the states' padding
+  slots): it travels with the states, so the decoder never recomputes it; the model gets it as a
+  4-D mask, which ``transformers``' mask code passes through as it is.
 * ``prefill`` / ``decode``: ``(input_ids, position_ids, *self states, *cross states, encoder_mask)
   -> (logits, *self states')``: the decoder with its self-attention KV states exactly as a causal
   LM's (:func:`~anefx.lm.cache.make_cache`), cross-attention reading the cross states.
@@ -28,9 +30,8 @@ by its class:
   of its positions: no bucket arithmetic, no gather at run time), and whole for the encoder, whose
   length is fixed;
 * a decoder layer that takes an ``encoder_attention_mask`` but is called without one (Whisper's
-  decoder has no encoder mask) gets the encoder mask, built by ``transformers``' own
-  ``create_bidirectional_mask``: the cross states are padded to a multiple of 32 and the padding
-  slots must not be attended.
+  decoder has no encoder mask) gets the encoder mask: the cross states are padded to a multiple of
+  32 and the padding slots must not be attended.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ from anefx.lm.cache import (
 
 CROSS_NAMES = ("cross_key", "cross_value")
 ENCODER_MASK = "encoder_mask"
+#: the encoder mask's value at a masked position: finite in fp16, and zero weight after a softmax
+MASKED = -1e4
+
+
+def encoder_bias(keep: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """A (1, S) keep-mask (1 keep, 0 masked) as the (1, 1, 1, ``length``) additive bias, masked beyond S."""
+    keep = keep.reshape(1, -1)
+    if length is not None:
+        keep = torch.nn.functional.pad(keep, (0, length - keep.shape[1]))
+    return ((1.0 - keep) * MASKED).reshape(1, 1, 1, -1)
 
 
 @dataclass(frozen=True)
@@ -349,7 +360,7 @@ class Adapted(torch.nn.Module):
         path, layers = _decoder_layers(model, len(layout.decoder.layers))
         for i, layer in enumerate(layers):
             if "encoder_attention_mask" in inspect.signature(type(layer).forward).parameters:
-                view.adapt(f"{path}.{i}", self._mask_wrapper(model.config))
+                view.adapt(f"{path}.{i}", self._mask_wrapper())
         self.model = view.root
 
     def _bias_wrapper(self, key: str, module):
@@ -366,19 +377,11 @@ class Adapted(torch.nn.Module):
 
         return wrap
 
-    def _mask_wrapper(self, config):
-        from transformers.masking_utils import create_bidirectional_mask
-
+    def _mask_wrapper(self):
         def wrap(arguments):
-            encoder_states = arguments.get("encoder_hidden_states")
             mask = self.holder.encoder_mask
-            if arguments.get("encoder_attention_mask") is None and encoder_states is not None and mask is not None:
-                arguments["encoder_attention_mask"] = create_bidirectional_mask(
-                    config=config,
-                    inputs_embeds=arguments["hidden_states"],
-                    attention_mask=mask,
-                    encoder_hidden_states=encoder_states,
-                )
+            if arguments.get("encoder_attention_mask") is None and arguments.get("encoder_hidden_states") is not None:
+                arguments["encoder_attention_mask"] = mask
 
         return wrap
 
@@ -401,8 +404,8 @@ class EncodeFunction(torch.nn.Module):
         length = hidden.shape[1]
         if length != layout.encoder_length:
             raise AnefxError(f"the encoder returned {length} positions; compiled for {layout.encoder_length}")
-        own = torch.ones(1, length, dtype=hidden.dtype) if attention_mask is None else attention_mask.to(hidden.dtype)
-        keep = torch.nn.functional.pad(own, (0, layout.cross_length - length))
+        keep = torch.ones(1, length, dtype=hidden.dtype) if attention_mask is None else attention_mask.to(hidden.dtype)
+        own = encoder_bias(keep)
         cross = make_cross_cache(layout.cross, None)
         start = torch.zeros(1, 1, dtype=torch.int64)
         cache = _encoder_decoder_cache(make_cache(layout.decoder, layout.decoder.zeros(), start), cross)
@@ -414,7 +417,7 @@ class EncodeFunction(torch.nn.Module):
         missing = [layout.cross.state_names[i] for i, s in enumerate(cross.new_states) if s is None]
         if missing:
             raise AnefxError(f"the decoder never computed the cross-attention keys and values {missing}")
-        return (*cross.new_states, keep.reshape(layout.mask_shape))
+        return (*cross.new_states, encoder_bias(keep, layout.cross_length))
 
 
 class DecoderStep(torch.nn.Module):
@@ -435,11 +438,11 @@ class DecoderStep(torch.nn.Module):
         self_cache = make_cache(layout.decoder, list(states[:n_self]), position_ids)
         cross = make_cross_cache(layout.cross, list(states[n_self : n_self + n_cross]))
         cache = _encoder_decoder_cache(self_cache, cross)
-        keep = states[-1].reshape(1, layout.cross_length)
+        bias = states[-1]
         placeholder = torch.zeros(1, layout.cross_length, layout.hidden_size, dtype=layout.decoder.dtype)
-        self.adapted.holder.encoder_mask = keep
+        self.adapted.holder.encoder_mask = bias
         try:
-            logits = call_decoder(self.adapted.model, input_ids, placeholder, keep, cache)
+            logits = call_decoder(self.adapted.model, input_ids, placeholder, bias, cache)
         finally:
             self.adapted.holder.encoder_mask = None
         missing = [layout.decoder.state_names[i] for i, s in enumerate(self_cache.new_states) if s is None]

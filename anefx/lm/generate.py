@@ -106,16 +106,19 @@ def greedy(
     context_length: int,
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
+    process: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
     """Greedy generation: prefill, then one decode call per new token until an EOS id,
-    ``max_new_tokens`` or a full cache (with a warning)."""
+    ``max_new_tokens`` or a full cache (with a warning). ``process(tokens so far, logits)``: the
+    logits processors ``generate()`` applies before its argmax (:mod:`anefx.lm.processors`); the
+    logits recorded are the model's own."""
     last = prefill(step, prompt, prefill_length)[-1][-1]
     logits_out: list[torch.Tensor] = []
     new: list[int] = []
     stop, message = "max_new_tokens", ""
     pos = len(prompt)
     while len(new) < max_new_tokens:
-        token = int(torch.argmax(last))
+        token = int(torch.argmax(last if process is None else process(prompt + new, last)))
         logits_out.append(last.float())
         new.append(token)
         if on_token is not None:

@@ -495,8 +495,9 @@ class CoreMLTarget(Target):
         target, precision, units = opts.resolved()
         outputs = [ct.TensorType(name=n) for n in handoff.value_outputs]
         kwargs = dict(opts.convert_kwargs)
-        if "pass_pipeline" not in kwargs and opts.fast_conversion:
-            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=opts.precision_name == "float16")
+        if "pass_pipeline" not in kwargs and (opts.fast_conversion or handoff.stateful):
+            fp16 = opts.precision_name == "float16"
+            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16, fast=opts.fast_conversion, states=handoff.stateful)
         with events.stage("ct_convert"):
             try:
                 with warnings.catch_warnings(), quiet_coremltools():
