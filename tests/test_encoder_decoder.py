@@ -43,7 +43,7 @@ def _generate(layout, encode, step, inputs, mask, start, n):
     PREFILL), one decode call per token; stops after an EOS as generate() does."""
     eos = 2 if layout.source.name == "input_features" else 1
     with torch.no_grad():
-        cross = list(encode(inputs) if mask is None else encode(inputs, mask))
+        cross = list(encode(inputs) if mask is None else encode(inputs, mask))[1:]  # after encoder_length
         own = layout.decoder.zeros()
 
         def call(ids, positions):
@@ -143,10 +143,12 @@ def test_padded_slots_are_never_attended(whisper, text_model):
     for _model, layout, encode, step in (whisper, text_model):
         if layout.source.is_tokens:
             src, keep = _source(torch.arange(3, 13).unsqueeze(0), layout.source.shape[1])
-            cross = list(encode(src, keep))
+            length, *cross = encode(src, keep)
+            assert length.tolist() == [10]
             padded = slice(10, None)
         else:
-            cross = list(encode(torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(5))))
+            length, *cross = encode(torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(5)))
+            assert length.tolist() == [layout.encoder_length]
             padded = slice(layout.encoder_length, None)
         mask = cross[-1]
         assert mask[..., padded].eq(MASKED).all() and mask[..., : padded.start].eq(0).all()
@@ -204,7 +206,7 @@ def test_encode_keeps_only_the_cross_projections(whisper):
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     assert not any("embed_tokens" in t or "proj_out" in t or "decoder.layers.0.self_attn" in t for t in read)
     assert sum("encoder_attn.k_proj" in t for t in read) == 2 and sum("encoder_attn.q_proj" in t for t in read) == 0
-    assert len(next(iter(gm.graph.find_nodes(op="output"))).args[0]) == len(layout.cross.state_names) + 1
+    assert len(next(iter(gm.graph.find_nodes(op="output"))).args[0]) == len(layout.cross.state_names) + 2
 
 
 def test_the_users_model_is_not_modified():

@@ -1,6 +1,6 @@
 """Encoder-decoder models (Whisper, T5, BART …) as three pure step functions that share weights.
 
-* ``encode(inputs[, attention_mask]) -> (*cross states, encoder_mask)``: the encoder, then every
+* ``encode(inputs[, attention_mask]) -> (encoder_length, *cross states, encoder_mask)``: the encoder, then every
   decoder layer's cross-attention K and V projections of its output, each written into a
   cross-attention state laid out like a self-attention cache (:class:`~anefx.lm.cache.CacheLayout`,
   ``(1, C, 1, S)`` with ``C`` and ``S`` padded to multiples of 32; ``S`` is the encoder's length).
@@ -390,7 +390,8 @@ class Adapted(torch.nn.Module):
 
 
 class EncodeFunction(torch.nn.Module):
-    """``encode``: ``(inputs[, attention_mask]) -> (*cross states, encoder_mask)``."""
+    """``encode``: ``(inputs[, attention_mask]) -> (encoder_length, *cross states, encoder_mask)``;
+    ``encoder_length`` (1,) int32 counts the encoder positions kept."""
 
     def __init__(self, adapted: Adapted, layout: EncoderDecoderLayout):
         super().__init__()
@@ -417,7 +418,8 @@ class EncodeFunction(torch.nn.Module):
         missing = [layout.cross.state_names[i] for i, s in enumerate(cross.new_states) if s is None]
         if missing:
             raise AnefxError(f"the decoder never computed the cross-attention keys and values {missing}")
-        return (*cross.new_states, encoder_bias(keep, layout.cross_length))
+        kept = keep.sum(-1).to(torch.int32)  # (1,): the encoder positions kept (a function needs an output)
+        return (kept, *cross.new_states, encoder_bias(keep, layout.cross_length))
 
 
 class DecoderStep(torch.nn.Module):

@@ -75,6 +75,7 @@ def inputs_doc(layout: EncoderDecoderLayout) -> dict[str, dict[str, str]]:
     return {
         "encode": {
             **encode_in,
+            "encoder_length": "int32 (1,): the encoder positions kept (not masked)",
             "states": "writes the cross-attention states (cross_key_<i>, cross_value_<i>) and encoder_mask "
             f"(0 kept, {MASKED:g} masked); call it once per input, before prefill",
         },
@@ -321,7 +322,7 @@ def request_for(model, layout: EncoderDecoderLayout, prefill_length: int, metada
             encode,
             source,
             input_names=source_names,
-            output_names=list(written),
+            output_names=["encoder_length", *written],
             states_out=written,
             reference="graph",
             tolerances=scaled_tolerances,

@@ -55,19 +55,18 @@ def stateful_module(
         args.append(graph.placeholder(name) if state is None else graph.get_attr(state))
     call = graph.call_module("function", tuple(args))
     values = []
-    written = set()
+    written = {}
     for k, name in enumerate(handoff.output_names):
         item = graph.call_function(_getitem, (call, k))
         state = handoff.states_out.get(name)
         if state is None:
             values.append(item)
-            continue
-        written.add(state)
-        graph.call_method("copy_", (graph.get_attr(state), item))
-    for state in states:
-        if state not in written:  # declared as a state: an identity write, dropped in MIL
-            buffer = graph.get_attr(state)
-            graph.call_method("copy_", (buffer, buffer))
+        else:
+            written[state] = item
+    for state in states:  # in the program's order, so that every function lists its states alike
+        buffer = graph.get_attr(state)
+        # a state the function does not write is declared by an identity write (dropped in MIL)
+        graph.call_method("copy_", (buffer, written.get(state, buffer)))
     graph.output(tuple(values))
     gm = torch.fx.GraphModule(root, graph)
     gm.graph.lint()

@@ -1,0 +1,147 @@
+"""``compile_lm`` on encoder-decoder models (issue 23): Whisper (80 mel bins), T5, BART, small configs
+with random weights, compiled once each (convert=True) through the one core.
+
+Done-when figures: greedy tokens equal to ``generate(do_sample=False)`` for 32 new tokens on two
+inputs the compile never saw (a padded source for the text models); the package holds ``encode``,
+``prefill`` and ``decode`` with the self- and cross-attention states; no ``linear`` or ``matmul`` on
+a weight; the decode step's transposes and reshapes do not grow beyond one per decoder layer."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import anefx
+from anefx.ir.errors import AnefxError
+from anefx.lm.seq2seq import CompiledEncoderDecoder
+from examples.models import tiny_bart, tiny_t5, tiny_whisper
+
+CONTEXT = 64
+NEW_TOKENS = 32
+FACTORIES = {"whisper": tiny_whisper, "t5": tiny_t5, "bart": tiny_bart}
+
+
+def _compile(name: str, **kwargs) -> tuple[torch.nn.Module, CompiledEncoderDecoder]:
+    model = FACTORIES[name]()
+    extra = {} if name == "whisper" else {"source_length": 20}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, anefx.compile_lm(model, context_length=CONTEXT, **extra, **kwargs)
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _built(name: str):
+    """One compile per model for the whole module."""
+    if name not in _BUILT:
+        _BUILT[name] = _compile(name)
+    return _BUILT[name]
+
+
+@pytest.fixture(scope="module", params=list(FACTORIES))
+def compiled(request):
+    return request.param, *_built(request.param)
+
+
+def _reference(model, inputs, mask, n):
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = model.generate(
+            inputs, **kwargs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    steps = len(out.logits)
+    return [int(t) for t in out.sequences[0, -steps:]], [lg[0] for lg in out.logits]
+
+
+def _unseen_inputs(name: str):
+    """Two inputs per model that the compile never saw: (compiled's input, its mask, HF's input, HF's mask)."""
+    if name == "whisper":
+        gen = torch.Generator().manual_seed(99)
+        feats = [torch.randn(1, 80, 60, generator=gen), 3 * torch.randn(1, 80, 60, generator=gen)]
+        return [(f, None, f, None) for f in feats]
+    ids = torch.randint(3, 256, (2, 15), generator=torch.Generator().manual_seed(98))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # the second source is padded in the batch HF generates
+    return [(ids[r : r + 1, : int(mask[r].sum())], None, ids[r : r + 1], mask[r : r + 1]) for r in range(2)]
+
+
+def test_greedy_tokens_equal_generate_on_unseen_inputs(compiled):
+    name, model, lm = compiled
+    assert lm.check is not None and lm.check.tokens_equal
+    runs = []
+    for x, mask, hf_x, hf_mask in _unseen_inputs(name):
+        ref_tokens, ref_logits = _reference(model, hf_x, hf_mask, NEW_TOKENS)
+        out = lm.generate(x, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+        assert out.new_tokens == ref_tokens
+        assert out.sequences[0, : -len(out.new_tokens)].tolist() == [model.generation_config.decoder_start_token_id]
+        for mine, ref in zip(out.logits, ref_logits, strict=True):
+            torch.testing.assert_close(mine, ref, atol=1e-3 * float(ref.abs().max()), rtol=1e-3)
+        runs.append(out.new_tokens)
+    assert runs[0] != runs[1] and max(len(set(r)) for r in runs) >= 8  # the input steers varied tokens
+
+
+def _weight_products(lm, function: str) -> list[str]:
+    """``linear`` ops, and ``matmul`` ops with a constant operand, of one converted function."""
+    found = []
+    for op in lm.artifact.operations(function):
+        if op.op_type == "linear" or (
+            op.op_type == "matmul" and any(v.op is not None and v.op.op_type == "const" for v in (op.x, op.y))
+        ):
+            found.append(op.name)
+    return found
+
+
+def test_package_functions_states_and_ane_form(compiled, tmp_path):
+    name, _, lm = compiled
+    layers = len(lm.layout.decoder.layers)
+    assert lm.functions == ["encode", "prefill", "decode"]
+    path = lm.save(tmp_path / f"{name}.mlpackage")
+    program = anefx.load(path)
+    assert program.functions == ["encode", "prefill", "decode"]
+    states = [*(f"{k}_{i}" for k in ("key_cache", "value_cache", "cross_key", "cross_value") for i in range(layers))]
+    for fn in program.functions:  # one state object serves the three functions
+        assert sorted(program.states(fn)) == sorted([*states, "encoder_mask"])
+    assert list(program.inputs("decode")) == ["input_ids", "position_ids"]
+    meta = lm.metadata
+    assert meta["anefx.functions"] == "encode,prefill,decode"
+    assert json.loads(meta["anefx.decoder_start_token_ids"]) == [lm.generation_config.decoder_start_token_id]
+    assert set(json.loads(meta["anefx.inputs"])) == {"encode", "prefill", "decode"}
+    for fn in lm.functions:
+        assert _weight_products(lm, fn) == [], fn
+        histogram = lm.op_histogram(fn)
+        assert histogram["conv"] > 0
+    decode = lm.op_histogram("decode")
+    assert decode["coreml_update_state"] == 2 * layers  # the self-attention caches only; cross states read
+    assert decode["read_state"] == 4 * layers + 1
+    assert decode["transpose"] + decode["reshape"] <= layers + 4, decode
+    for fn in lm.functions:
+        assert lm.reports[fn].guard is not None
+
+
+def test_whisper_package_runs_on_the_mil_interpreter():
+    """The saved program itself (fp16, anefx's MIL interpreter): the same tokens as the rewritten
+    graphs for an input the compile never saw."""
+    _, lm = _built("whisper")
+    feats = torch.randn(1, 80, 60, generator=torch.Generator().manual_seed(5))
+    torch_run = lm.generate(feats, max_new_tokens=12)
+    target = lm.generate(feats, max_new_tokens=12, runtime="target")
+    assert target.new_tokens == torch_run.new_tokens
+    worst = max(float((a - b).abs().max()) for a, b in zip(target.logits, torch_run.logits, strict=True))
+    assert worst < 0.1
+
+
+def test_errors():
+    model = tiny_bart()
+    with pytest.raises(AnefxError, match="source_length"):
+        anefx.compile_lm(model, context_length=CONTEXT, convert=False)
+    with pytest.raises(AnefxError, match="above the decoder's 128 positions"):
+        anefx.compile_lm(model, context_length=256, source_length=20, convert=False)
+    with pytest.raises(AnefxError, match="for encoder-decoder models"):
+        from examples.models import tiny_llama_lm
+
+        anefx.compile_lm(tiny_llama_lm(), source_length=20, convert=False)
