@@ -256,6 +256,26 @@ class TinyRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class ConvStem(nn.Module):
+    """Whisper's convolutional stem, small: Conv1d (k=3) → GELU → Conv1d (k=3, stride 2) → GELU over
+    (B, C, T) mel frames, then the frames as a (B, T, C) sequence."""
+
+    def __init__(self, mels: int = 8, c: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv1d(mels, c, 3, padding=1)
+        self.conv2 = nn.Conv1d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.conv1(x))
+        x = nn.functional.gelu(self.conv2(x))
+        return x.permute(0, 2, 1)
+
+
+def conv_stem(frames: int = 8):
+    _seed()
+    return ConvStem().eval(), (torch.randn(1, 8, frames),), {}
+
+
 def tiny_rms_norm(seq: int = 4):
     _seed()
     return TinyRMSNorm().eval(), (torch.randn(1, seq, 8),), {}

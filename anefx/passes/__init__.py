@@ -10,6 +10,7 @@ from anefx.passes.attention_bc1s import AttentionBC1S
 from anefx.passes.attention_chunks import AttentionChunks
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
 from anefx.passes.canonicalize import Canonicalize
+from anefx.passes.conv1d_bc1s import Conv1dBC1S
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
 from anefx.passes.fp16_mask_values import Fp16MaskValues
@@ -24,6 +25,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     FoldConstants,
     GroupedProjection,
     LinearToConv,
+    Conv1dBC1S,
     LayerNormBC1S,
     RMSNormBC1S,
     AttentionBC1S,
@@ -54,6 +56,7 @@ __all__ = [
     "AttentionBC1S",
     "AttentionChunks",
     "Canonicalize",
+    "Conv1dBC1S",
     "FoldConstants",
     "FoldTransposes",
     "Fp16MaskValues",
