@@ -756,3 +756,40 @@ def tiny_bart(seed: int = 2, layers: int = 2, vocab: int = 256):
     )
     torch.manual_seed(seed)
     return random_weights(BartForConditionalGeneration(cfg), seed)
+
+
+#: Whisper checkpoint shapes (openai/whisper-*): d_model, encoder/decoder layers, heads, mel bins, vocabulary
+WHISPER_SIZES = {
+    "tiny": (384, 4, 6, 80, 51865),
+    "base": (512, 6, 8, 80, 51865),
+    "large-v3": (1280, 32, 20, 128, 51866),
+}
+
+
+def whisper_sized(size: str = "base", seed: int = 0):
+    """A WhisperForConditionalGeneration shaped like openai/whisper-<size> (30 s of audio: 3,000
+    frames, 1,500 encoder positions; 448 decoder positions), random weights."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    d, layers, heads, mels, vocab = WHISPER_SIZES[size]
+    cfg = WhisperConfig(
+        vocab_size=vocab,
+        num_mel_bins=mels,
+        d_model=d,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d,
+        decoder_ffn_dim=4 * d,
+        max_source_positions=1500,
+        max_target_positions=448,
+        decoder_start_token_id=50258,
+        pad_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50257,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    torch.manual_seed(seed)
+    return random_weights(WhisperForConditionalGeneration(cfg), seed, gain=1.5, query_scale=2.0)

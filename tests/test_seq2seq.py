@@ -161,7 +161,21 @@ def test_errors():
         anefx.compile_lm(model, context_length=CONTEXT, convert=False)
     with pytest.raises(AnefxError, match="above the decoder's 128 positions"):
         anefx.compile_lm(model, context_length=256, source_length=20, convert=False)
+    with pytest.raises(AnefxError, match="chunking an encoder-decoder program is not supported"):
+        anefx.compile_lm(model, context_length=CONTEXT, source_length=20, max_chunk_mb=1.0)
     with pytest.raises(AnefxError, match="for encoder-decoder models"):
         from examples.models import tiny_llama_lm
 
         anefx.compile_lm(tiny_llama_lm(), source_length=20, convert=False)
+
+
+def test_compression_measured_on_the_shipped_weights(workdir):
+    """The three functions compressed together (one k-means/quantization, each weight stored once),
+    the quality measured as for causal LMs: greedy agreement and mean KL against the fp16 weights."""
+    _, lm = _built("bart", workdir)
+    small = lm.with_compression("int8", new_tokens=8)
+    quality = small.compression.lm
+    assert quality is not None and quality.prompts == 2 and quality.tokens == 16
+    assert quality.agreement >= 0.75 and quality.mean_kl < 0.05
+    assert small.weight_bytes() < 0.6 * lm.weight_bytes()
+    assert set(small.compression.functions) == {"encode", "prefill", "decode"}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -454,6 +455,18 @@ def compile_encoder_decoder(
     if not 1 <= prefill_length <= context:
         raise AnefxError(f"prefill_length must be in [1, context_length={context}], got {prefill_length}")
     plan = prepare(opts, model.named_parameters(), states=True, functions=len(FUNCTIONS))
+    if plan.cap_mb is not None:
+        if opts.max_chunk_mb is not None:
+            raise AnefxError(
+                "max_chunk_mb: chunking an encoder-decoder program is not supported yet (its encoder and decoder "
+                "stacks would need one layer numbering); compile it as one package, or compress it under the cap"
+            )
+        warnings.warn(
+            f"the weights are above the target's default package size of {plan.cap_mb:g} MB; anefx does not chunk "
+            "encoder-decoder programs yet, so this is one package (fine on macOS; compress it for iOS)",
+            stacklevel=3,
+        )
+        plan = dataclasses.replace(plan, cap_mb=None)
     events = Events(progress)
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     with events.stage("probe"), eval_mode(model):

@@ -570,6 +570,11 @@ class AttentionBC1S(Pass):
     def _bc(graph, heads: Heads, memo: dict) -> torch.fx.Node:
         if heads.lift is not None:  # the projection computed on the (B, C, 1, S) tensor it reads rows of
             return _lifted_conv(graph, heads.lift.conv, heads.lift.x, memo, heads.lift.swap)
+        if heads.by_position:  # (B, S, 1, C): one transpose, cancelled by the K transpose that follows
+            key = ("by_position", heads.source)
+            if key not in memo:
+                memo[key] = call(graph, aten.permute.default, (heads.source, [0, 3, 2, 1]))
+            return memo[key]
         return heads.source if heads.source_is_bc1s else to_bc1s(graph, heads.source, 3, memo)
 
     def _materialise(
