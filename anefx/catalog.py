@@ -40,6 +40,7 @@ EXAMPLES: dict[str, CatalogExample] = {
     "conv1d_bc1s": CatalogExample("conv_stem"),
     "layer_norm_bc1s": CatalogExample("tiny_block"),
     "rms_norm_bc1s": CatalogExample("tiny_rms_norm", ("canonicalize",)),
+    "cache_write_bc1s": CatalogExample("tiny_cache_write", ("linear_to_conv",)),
     "attention_bc1s": CatalogExample("tiny_attention", ("linear_to_conv",)),
     "attention_chunks": CatalogExample("long_attention", ("linear_to_conv", "attention_bc1s")),
     "fp16_mask_values": CatalogExample("masked_scores_fp32min"),
@@ -183,9 +184,10 @@ When such a pass fails validation, the pipeline re-runs it on halves of its site
 found the failing ones (about 2·log2(n) re-runs for one bad site of n), keeps the pass without
 them, and the report names each excluded site: its node, op, the user's source line and the error.
 `canonicalize`, `fold_constants`, `grouped_projection`, `linear_to_conv`, `conv1d_bc1s`,
-`layer_norm_bc1s`, `attention_bc1s` and `fp16_mask_values` declare sites. `to_bc1s` and `fold_transposes` stay whole:
-they choose one layout for the whole graph (a cut over the dataflow graph) and cancel transposes
-in chains, so a part of their rewrite is not a rewrite of its own and may not even be consistent.
+`layer_norm_bc1s`, `cache_write_bc1s`, `attention_bc1s` and `fp16_mask_values` declare sites.
+`to_bc1s` and `fold_transposes` stay whole: they choose one layout for the whole graph (a cut over
+the dataflow graph) and cancel transposes in chains, so a part of their rewrite is not a rewrite of
+its own and may not even be consistent.
 The Core ML and Core AI hand-offs legalize the same way, site by site, and validate the graph they
 hand to the converter.
 """

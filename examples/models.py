@@ -337,6 +337,31 @@ def tiny_attention(seq: int = 4):
     return TinyAttention().eval(), (torch.randn(1, seq, 8), mask), {}
 
 
+class TinyCacheWrite(nn.Module):
+    """A two-head key projection with rotary embeddings, merged back channels-first into
+    (B, H·D, 1, S): what a KV cache in the ANE layout is written from (see anefx.lm.cache)."""
+
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.k = nn.Linear(c, c)
+
+    def forward(self, x, cos, sin):
+        b, s, c = x.shape
+        d = c // self.heads
+        k = self.k(x).view(b, s, self.heads, d).transpose(1, 2)
+        rotated = torch.cat([-k[..., d // 2 :], k[..., : d // 2]], -1)
+        k = k * cos[:, None] + rotated * sin[:, None]
+        return k.transpose(2, 3).reshape(b, c, 1, s)
+
+
+def tiny_cache_write(seq: int = 4):
+    _seed()
+    angles = torch.arange(seq).float()[:, None] * torch.tensor([1.0, 0.1])
+    angles = torch.cat([angles, angles], -1)[None]  # (1, S, D) as transformers' rotary tables
+    return TinyCacheWrite().eval(), (torch.randn(1, seq, 8), angles.cos(), angles.sin()), {}
+
+
 def long_attention(seq: int = 1000):
     """One head of self-attention over ``seq`` tokens with a key padding mask: its (1, S, 1, S) score
     tensor is larger than ``attention_chunks``' default limit, so it is computed in query chunks."""

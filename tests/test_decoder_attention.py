@@ -6,6 +6,7 @@ Small decoders from ``transformers`` configs with re-initialised random weights:
 compile never saw.
 """
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -52,6 +53,13 @@ def build(name: str, layers: int) -> nn.Module:
             n_embd=HIDDEN, n_layer=layers, n_head=4, rotary_dim=8, vocab_size=VOCAB, n_positions=128, n_inner=128
         )
         model = tf.GPTJModel(cfg)
+    elif name == "phi3":  # one fused qkv_proj sliced into Q, K and V, then rotary (GQA: 2 K/V heads)
+        model = tf.Phi3Model(tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common))
+    elif name == "falcon":  # multi-query: one K/V head behind the fused query_key_value, then rotary
+        cfg = tf.FalconConfig(multi_query=True, new_decoder_architecture=False, alibi=False, **common)
+        model = tf.FalconModel(cfg)
+    elif name == "bloom":  # ALiBi biases through baddbmm on (B·H, S, D), fused query_key_value
+        model = tf.BloomModel(tf.BloomConfig(hidden_size=HIDDEN, n_layer=layers, n_head=4, vocab_size=VOCAB))
     elif name == "opt":
         cfg = tf.OPTConfig(
             hidden_size=HIDDEN,
@@ -68,8 +76,8 @@ def build(name: str, layers: int) -> nn.Module:
     return _reinit(model)
 
 
-def inputs(pad: int = 0):
-    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(2))
+def inputs(pad: int = 0, seed: int = 2):
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones(1, SEQ, dtype=torch.long)
     if pad:
         mask[:, -pad:] = 0
@@ -83,15 +91,31 @@ def _main_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _check_numerics(model, compiled):
-    """Within 1e-4 relative on the example and, on the valid tokens, with right padding."""
+def _check_numerics(model, compiled, seed: int = 2):
+    """Within 1e-4 relative on the example and, on the valid tokens, with right padding (``seed``:
+    other token ids)."""
     for pad in (0, 5, 13):
-        args, kwargs = inputs(pad)
+        args, kwargs = inputs(pad, seed)
         with torch.no_grad():
             ref = _main_output(model(*args, **kwargs))[:, : SEQ - pad]
         out = _main_output(compiled(*args, **kwargs))[:, : SEQ - pad]
         err = float((out - ref).abs().max() / ref.abs().max())
         assert err < 1e-4, (pad, err)
+
+
+def _check_shipped_program(model, compiled, seed: int = 7):
+    """The Core ML program itself (fp16, run by anefx's MIL interpreter) within 1e-2 of the output's
+    scale on the valid tokens, with right paddings and token ids the compile never saw."""
+    program = anefx.load(compiled.mlmodel)
+    for pad in (0, 5, 13):
+        args, kwargs = inputs(pad, seed)
+        (out, *_) = program(dict(zip(program.inputs(), [*args, *kwargs.values()]))).values()
+        with torch.no_grad():
+            ref = _main_output(model(*args, **kwargs))[:, : SEQ - pad]
+        out = torch.from_numpy(np.asarray(out, np.float32))[:, : SEQ - pad]
+        assert torch.isfinite(out).all(), pad
+        err = float((out - ref).abs().max() / ref.abs().max())
+        assert err < 1e-2, (pad, err)
 
 
 def _attention_record(compiled):
@@ -100,11 +124,28 @@ def _attention_record(compiled):
     return rec
 
 
-DECODERS = ["llama", "qwen3", "mistral", "neox", "llama_lm"]
+#: per decoder: the attention pattern that matches it, and the reshapes its MIL program keeps
+DECODERS = {
+    "llama": ("sdpa", 0),
+    "qwen3": ("sdpa", 0),
+    "mistral": ("sdpa", 0),
+    "neox": ("sdpa", 0),
+    "llama_lm": ("sdpa", 0),
+    # issue 21: Phi-3's one qkv_proj sliced into Q, K and V then rotary (its empty pass-through of a
+    # full rotary dropped), Falcon's multi-query attention behind one query_key_value (K and V
+    # picked by a constant index: a slice), Bloom's ALiBi through baddbmm on (B·H, S, D) (its
+    # (B·H, 1, S) bias reshaped once for all layers)
+    "phi3": ("sdpa", 0),
+    "falcon": ("sdpa", 0),
+    "bloom": ("baddbmm", 2),
+}
 
 
 @pytest.mark.parametrize("name", DECODERS)
 def test_decoder_attention_is_per_head_at_depth_2_and_4(name):
+    """Every layer per head, no matmul, one transpose per added layer, exact on right padding and on
+    token ids the compile never saw, in the rewritten graph and in the Core ML program it ships."""
+    pattern, reshapes = DECODERS[name]
     counts = {}
     for layers in (2, 4):
         model = build(name, layers)
@@ -112,16 +153,18 @@ def test_decoder_attention_is_per_head_at_depth_2_and_4(name):
         compiled = anefx.compile(model, args, kwargs)
         rec = _attention_record(compiled)
         assert rec.stats["rewritten"] == layers and rec.stats["unmatched"] == 0, rec.stats
-        assert rec.stats["heads"] == 4 * layers
+        assert rec.stats["heads"] == 4 * layers and rec.stats["patterns"] == {pattern: layers}, rec.stats
         ops = compiled.op_histogram()
         assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, ops
         assert ops["einsum"] == 2 * 4 * layers and ops["softmax"] == 4 * layers, ops
         assert ops.get("gather_nd", 0) == 0, ops  # cos/sin reach the heads as (1, D, 1, S) tensors
         counts[layers] = (ops.get("transpose", 0), ops.get("reshape", 0))
         _check_numerics(model, compiled)
+        _check_numerics(model, compiled, seed=7)
+        _check_shipped_program(model, compiled)
     (t2, r2), (t4, r4) = counts[2], counts[4]
     assert t4 - t2 <= 2, counts  # at most one transpose per added layer: the K transpose
-    assert r4 == r2 == 0, counts
+    assert r4 == r2 == reshapes, counts
 
 
 def test_rotary_runs_on_channel_chunks_without_leaving_bc1s():
@@ -224,7 +267,7 @@ def test_bmm_attention_is_per_head(kind):
     x, keep = torch.randn(2, 8, 16), torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     compiled = anefx.compile(model, (x, keep))
     rec = _attention_record(compiled)
-    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0, "patterns": {kind: 1}}, rec.stats
     ops = compiled.op_histogram()
     assert ops.get("matmul", 0) == 0 and ops.get("linear", 0) == 0 and ops["einsum"] == 8, ops
     _check_padded_batches(model, compiled, 16)
@@ -261,7 +304,7 @@ def test_logit_soft_capping_is_carried_per_head():
     x, keep = torch.randn(2, 8, 32), torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
     compiled = anefx.compile(model, (x, keep))
     rec = _attention_record(compiled)
-    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0, "patterns": {"matmul": 1}}, rec.stats
     ops = compiled.op_histogram()
     assert ops["tanh"] == 4 and ops["einsum"] == 8 and ops.get("matmul", 0) == 0, ops
     _check_padded_batches(model, compiled, 32)

@@ -4,7 +4,7 @@ The layers, bottom to top (docs/architecture.md draws them):
 
 0. ``anefx.compat``    the seams to torch's, coremltools' and coreai's private APIs (nothing of anefx)
 1. ``anefx.ir``        the canonical graph: fx helpers, capture, errors
-2. ``anefx.analysis``  analyses over it: layout vocabulary, heads, masks, legalization
+2. ``anefx.analysis``  analyses over it: layout vocabulary, heads, masks, in-place writes
 3. ``anefx.passes``    one rewrite per file
 4. ``anefx.driver``    pipeline, validation, instruments, reports, reproducers, bisection
 5. ``anefx.targets``   the Target interface, Core ML and Core AI, the artifact type, chunking, compression
@@ -110,6 +110,29 @@ def test_the_layer_checker_sees_a_planted_upward_import(tmp_path, monkeypatch):
     assert "anefx.compile" in imports("anefx.ir.graph")
     with pytest.raises(AssertionError, match=r"anefx.ir.graph \(layer 1\) imports anefx.compile"):
         test_every_import_goes_down_or_sideways()
+
+
+PASS_INTERFACE = "anefx.passes.base"  # the Pass interface every pass imports; not a pass
+
+
+def pass_modules() -> set[str]:
+    return {m for m in MODULES if m.startswith("anefx.passes.") and m != PASS_INTERFACE}
+
+
+def test_no_pass_imports_another_pass():
+    """Passes stay passes: what two passes share lives in ``anefx.analysis`` (or the IR), and a pass
+    that needs another one's effect declares ``runs_after``; ``anefx.passes`` (the list) imports them all."""
+    passes = pass_modules()
+    found = [f"{m} imports {dep}" for m in sorted(passes) for dep in sorted(imports(m)) if dep in passes]
+    assert not found, "\n".join(found)
+
+
+def test_the_pass_checker_sees_a_planted_pass_import(tmp_path, monkeypatch):
+    planted = tmp_path / "to_bc1s.py"
+    planted.write_text("def run(gm):\n    from anefx.passes.fold_transposes import FoldTransposes\n")
+    monkeypatch.setitem(MODULES, "anefx.passes.to_bc1s", planted)
+    with pytest.raises(AssertionError, match=r"anefx\.passes\.to_bc1s imports anefx\.passes\.fold_transposes"):
+        test_no_pass_imports_another_pass()
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -74,7 +74,53 @@ def _mistral():
     return _reinit(MistralForCausalLM(cfg), 2)
 
 
-MODELS = {"llama": _llama, "qwen3": _qwen3, "mistral": _mistral}
+def _phi3():
+    """One fused qkv_proj sliced into Q, K and V, then rotary."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _reinit(Phi3ForCausalLM(cfg), 3)
+
+
+def _falcon():
+    """Multi-query attention (one K/V head) behind one fused query_key_value, then rotary."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        multi_query=True,
+        new_decoder_architecture=False,
+        alibi=False,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return _reinit(FalconForCausalLM(cfg), 4)
+
+
+def _bloom():
+    """ALiBi biases through baddbmm on (B·H, S, D), one fused query_key_value."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
+    return _reinit(BloomForCausalLM(cfg), 5)
+
+
+MODELS = {"llama": _llama, "qwen3": _qwen3, "mistral": _mistral, "phi3": _phi3, "falcon": _falcon, "bloom": _bloom}
 
 
 def _prompt(seed: int, n: int = PROMPT, vocab: int = 256) -> torch.Tensor:
@@ -106,13 +152,17 @@ def compiled_llama():
     return model, anefx.compile_lm(model, context_length=CONTEXT, prefill_length=PREFILL, check_tokens=NEW)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "phi3", "falcon", "bloom"])
 def test_greedy_tokens_equal_hf(arch):
     model = MODELS[arch]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lm = anefx.compile_lm(model, context_length=CONTEXT, prefill_length=PREFILL, convert=False, check_tokens=NEW)
     assert lm.check.tokens_equal and lm.check.new_tokens == NEW and lm.check.prompt_tokens == PROMPT
     assert lm.check.max_logit_error < 1e-3
+    for fn in lm.functions:  # every layer per head over the cache, every K and V write from the projection
+        stats = lm.reports[fn].record("attention_bc1s").stats
+        assert stats["rewritten"] == 2 and stats["unmatched"] == 0 and stats["heads"] == 8, (fn, stats)
+        assert lm.reports[fn].record("cache_write_bc1s").stats["merges"] == 4, fn
     for seed in (10, 11):  # prompts the compile never saw, two prefill chunks each
         prompt = _prompt(seed)
         out = lm.generate(prompt, NEW, eos_token_id=None)
@@ -188,7 +238,8 @@ def test_attention_reads_and_writes_the_cache_per_head_without_layout_changes(co
         for lm, layers in ((shallow, 2), (deep, 4)):
             stats = lm.reports[fn].record("attention_bc1s").stats
             assert stats["rewritten"] == layers and stats["unmatched"] == 0 and stats["heads"] == 4 * layers
-            assert stats["merges"] == layers  # the K writes: rotary per head; V is the projection itself
+            merges = lm.reports[fn].record("cache_write_bc1s").stats["merges"]
+            assert merges == 2 * layers  # the K writes (rotary per head) and the V writes (the projection itself)
         a, b = shallow.op_histogram(fn), deep.op_histogram(fn)
         assert b["transpose"] - a["transpose"] == 2, (fn, a["transpose"], b["transpose"])
         assert b["reshape"] == a["reshape"] and a["reshape"] <= 4, (fn, a["reshape"], b["reshape"])

@@ -162,7 +162,7 @@ def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
     block of ``src`` (B, S, C), (B, C, 1, S) or (B, S, 1, C) (``by_position``), else None."""
     src_shape = shape(src)
     bc = _index_in_bc1s(src_shape) if src_shape is not None else None
-    if r.dim() != 4:
+    if r.dim() != 4 or r.numel() == 0:
         return None
     b, _, s, d = r.shape
     if bc is None or bc.shape[0] != b or bc.shape[3] != s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from anefx.passes.attention_bc1s import AttentionBC1S
 from anefx.passes.attention_chunks import AttentionChunks
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
+from anefx.passes.cache_write_bc1s import CacheWriteBC1S
 from anefx.passes.canonicalize import Canonicalize
 from anefx.passes.conv1d_bc1s import Conv1dBC1S
 from anefx.passes.fold_constants import FoldConstants
@@ -28,6 +29,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Conv1dBC1S,
     LayerNormBC1S,
     RMSNormBC1S,
+    CacheWriteBC1S,
     AttentionBC1S,
     AttentionChunks,
     Fp16MaskValues,
@@ -55,6 +57,7 @@ __all__ = [
     "DEFAULT_PASSES",
     "AttentionBC1S",
     "AttentionChunks",
+    "CacheWriteBC1S",
     "Canonicalize",
     "Conv1dBC1S",
     "FoldConstants",

@@ -28,9 +28,9 @@ import torch
 import torch.fx
 
 from anefx.analysis.layout import GLOBAL_RANKS as RANKS
+from anefx.analysis.projections import Projection, emit_conv, match_projection
 from anefx.ir.graph import call, dce, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
-from anefx.passes.linear_to_conv import Projection, emit_conv, match_projection
 
 aten = torch.ops.aten
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}

@@ -46,6 +46,7 @@ import torch.fx
 
 from anefx.analysis.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
 from anefx.analysis.layout_rules import Rule, rule_for
+from anefx.analysis.transposes import fold_transposes
 from anefx.ir.graph import dce, provenance, rank
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -147,6 +148,7 @@ class ToBC1S(Pass):
             "linear_to_conv",
             "layer_norm_bc1s",
             "rms_norm_bc1s",
+            "cache_write_bc1s",
             "attention_bc1s",
             "attention_chunks",
         }
@@ -154,15 +156,13 @@ class ToBC1S(Pass):
     Options = ToBC1SOptions
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        from anefx.passes.fold_transposes import FoldTransposes
-
         graph = gm.graph
         before = count_layout_changes(graph)
         moved, folded = 0, 0
         for _ in range(self.options.max_rounds):
             n = self._assign(gm)
             # cancelling the permute pairs left over can expose ops that may then move too
-            f = sum(FoldTransposes().fold(gm).values())
+            f = sum(fold_transposes(gm).values())
             moved, folded = moved + n, folded + f
             if not n and not f:
                 break

@@ -121,8 +121,9 @@ def legalized_clone(handoff: HandOff, reexport: bool = True) -> torch.fx.GraphMo
     refuse some views eager runs), so the steps are also required to keep it exportable. A caller
     that lifts the graph into a program directly (:func:`anefx.targets.lift.lifted_program`) passes
     False and skips that trial export (a full trace: a fifth of DistilBERT's hand-off)."""
-    from anefx.analysis.legalize import canonicalize, fold_constants
     from anefx.ir.graph import clone_graph_module
+    from anefx.passes.canonicalize import canonicalize
+    from anefx.passes.fold_constants import fold_constants
 
     steps = {
         "canonicalize": lambda gm, site: (gm, any(canonicalize(gm, site).values()), {}),

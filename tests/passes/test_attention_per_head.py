@@ -157,7 +157,7 @@ def test_alibi_bias_is_carried_per_head():
     model = _reinit(Alibi())
     x, mask = torch.randn(1, 8, 32), torch.tensor([[1] * 8])
     cap, gm, rec = _run(model, (x, mask))
-    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0, "patterns": {"matmul": 1}}, rec.stats
     assert ops(gm)["aten.einsum"] == 8
     for pad in (0, 3):
         m = torch.tensor([[1] * (8 - pad) + [0] * pad])
@@ -197,7 +197,9 @@ def test_torch_attention_modules_are_per_head_and_exact(kind, batch_first):
     compiled = anefx.compile(model, (x, mask), convert=False)
     rec = compiled.report.record("attention_bc1s")
     layers = 1 if kind == "mha" else 2
-    assert rec.stats == {"rewritten": layers, "heads": 4 * layers, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": layers, "heads": 4 * layers, "unmatched": 0, "patterns": {"sdpa": layers}}, (
+        rec.stats
+    )
     counts = ops(compiled.graph_module)
     assert counts["aten.conv2d"] == (2 if kind == "mha" else 4 * layers), counts
     assert "aten.linear" not in counts and "aten.scaled_dot_product_attention" not in counts, counts
@@ -229,7 +231,7 @@ def test_soft_capping_behind_a_cast_is_per_head():
     model = _reinit(CastSoftcap())
     compiled = anefx.compile(model, (torch.randn(1, 5, 16),), convert=False)
     rec = compiled.report.record("attention_bc1s")
-    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": 4, "unmatched": 0, "patterns": {"matmul": 1}}, rec.stats
     counts = ops(compiled.graph_module)
     assert counts["aten.tanh"] == 4 and counts["aten._softmax"] == 4 and "aten.matmul" not in counts, counts
     x2 = torch.randn(2, 5, 16)

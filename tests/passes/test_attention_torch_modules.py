@@ -142,7 +142,7 @@ def test_multihead_attention_is_per_head(batch_first, cross, attn_mask):
     x, keep = torch.randn(2, SEQ, C), _padding(2, (0, 2))
     compiled = anefx.compile(model, (x, keep), convert=False)
     rec = compiled.report.record("attention_bc1s")
-    assert rec.stats == {"rewritten": 1, "heads": HEADS, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 1, "heads": HEADS, "unmatched": 0, "patterns": {"sdpa": 1}}, rec.stats
     ops = op_histogram(compiled.graph_module)
     assert ops["aten.einsum"] == 2 * HEADS and ops["aten.conv2d"] == (4 if cross else 2), ops
     for op in ("aten.linear", "aten.matmul", "aten.scaled_dot_product_attention", "aten.bmm"):
@@ -181,7 +181,7 @@ def test_transformer_decoder_self_and_cross_attention_are_per_head():
     x, mem, keep = torch.randn(2, SEQ, C), torch.randn(2, SEQ, C), _padding(2, (0, 2))
     compiled = anefx.compile(model, (x, mem, keep))
     rec = compiled.report.record("attention_bc1s")
-    assert rec.stats == {"rewritten": 4, "heads": 4 * HEADS, "unmatched": 0}, rec.stats
+    assert rec.stats == {"rewritten": 4, "heads": 4 * HEADS, "unmatched": 0, "patterns": {"sdpa": 4}}, rec.stats
     ops = compiled.op_histogram()
     assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0 and ops["einsum"] == 4 * 2 * HEADS, ops
     stock = anefx.compile(model, (x, mem, keep), pipeline=anefx.Pipeline.empty(), validate="off").op_histogram()
