@@ -398,12 +398,17 @@ def _describe(t) -> dict:
 
 
 def _same_plan(done: dict[str, Compressed]) -> None:
-    plans = {fn: sorted((w.param, w.scheme) for w in c.weights if w.param) for fn, c in done.items()}
-    first = next(iter(plans))
-    for fn, plan in plans.items():
-        if plan != plans[first]:
-            differ = sorted(set(plan) ^ set(plans[first]))[:4]
-            raise ConversionError(
-                f"{first} and {fn} would ship different compressions of the same weights ({differ} …): "
-                "the package would store both; report this model"
-            )
+    """A weight that several functions of a package hold must get the same compression in each (else
+    the package would store it twice); functions may hold different weights (an encoder-decoder's
+    ``encode`` holds the encoder, its ``decode`` the decoder)."""
+    schemes: dict[str, dict[str, str]] = {}
+    for fn, c in done.items():
+        for w in c.weights:
+            if w.param:
+                schemes.setdefault(w.param, {})[fn] = w.scheme
+    differ = sorted((param, by_fn) for param, by_fn in schemes.items() if len(set(by_fn.values())) > 1)
+    if differ:
+        raise ConversionError(
+            f"functions would ship different compressions of the same weights ({differ[:4]} …): the package "
+            "would store both; report this model"
+        )
