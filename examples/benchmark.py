@@ -457,6 +457,15 @@ def bench_seq2seq(name: str, context: int | None = None) -> dict:
     )
     stages = {k: v for k, v in lm.timings.items() if "." not in k and k != "total"}
     console.print("stages (s): " + ", ".join(f"{k}={v:.1f}" for k, v in stages.items()))
+    if lm.artifact.chunked:  # above the target's package size: the encoder in chunks of its own
+        console.print(
+            f"chain of {len(lm.artifact.chunks)} packages (max_chunk_mb={lm.artifact.cap_mb:g}): "
+            + "; ".join(
+                f"chunk{c.index} stages {c.layers[0]}-{c.layers[-1]} {'+'.join(c.functions)} "
+                f"{c.package.weight_bytes() / 2**20:,.0f} MiB"
+                for c in lm.artifact.chunks
+            )
+        )
     table = Table(title="MIL ops per function")
     table.add_column("op")
     hists = {fn: lm.op_histogram(fn) for fn in lm.functions}

@@ -4,7 +4,10 @@ with random weights, compiled once each (convert=True) through the one core.
 Done-when figures: greedy tokens equal to ``generate(do_sample=False)`` for 32 new tokens on two
 inputs the compile never saw (a padded source for the text models); the package holds ``encode``,
 ``prefill`` and ``decode`` with the self- and cross-attention states; no ``linear`` or ``matmul`` on
-a weight; the decode step's transposes and reshapes do not grow beyond one per decoder layer."""
+a weight; the decode step's transposes and reshapes do not grow beyond one per decoder layer.
+
+BART is compiled as a chain under a size cap (``max_chunk_mb``): its encoder is a chunk of its own,
+as WhisperKit ships Whisper's, and every test above runs on the chain (its compression included)."""
 
 from __future__ import annotations
 
@@ -17,17 +20,23 @@ import torch
 
 import anefx
 from anefx.ir.errors import AnefxError
+from anefx.lm.generate import greedy
+from anefx.lm.processors import logits_processor
 from anefx.lm.seq2seq import CompiledEncoderDecoder
 from examples.models import tiny_bart, tiny_t5, tiny_whisper
 
 CONTEXT = 64
 NEW_TOKENS = 32
 FACTORIES = {"whisper": tiny_whisper, "t5": tiny_t5, "bart": tiny_bart}
+#: BART's cap: its encoder (0.18 MB of fp16 weights) and its decoder (0.3 MB) each fit, not both
+BART_CHUNK_MB = 0.4
 
 
 def _compile(name: str, **kwargs) -> tuple[torch.nn.Module, CompiledEncoderDecoder]:
     model = FACTORIES[name]()
     extra = {} if name == "whisper" else {"source_length": 20}
+    if name == "bart":
+        extra["max_chunk_mb"] = BART_CHUNK_MB
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model, anefx.compile_lm(model, context_length=CONTEXT, **extra, **kwargs)
@@ -116,7 +125,8 @@ def test_package_functions_states_and_ane_form(compiled, tmp_path):
     name, _, lm = compiled
     layers = len(lm.layout.decoder.layers)
     assert lm.functions == ["encode", "prefill", "decode"]
-    path = lm.save(tmp_path / f"{name}.mlpackage")
+    path = lm.save(tmp_path / f"{name}.mlpackage")  # BART's chain: the folder ``bart/``
+    assert path.is_dir() and (path / "manifest.json").is_file() == (name == "bart")
     program = anefx.load(path)
     assert program.functions == ["encode", "prefill", "decode"]
     states = [*(f"{k}_{i}" for k in ("key_cache", "value_cache", "cross_key", "cross_value") for i in range(layers))]
@@ -187,8 +197,9 @@ def test_errors():
         anefx.compile_lm(model, context_length=CONTEXT, convert=False)
     with pytest.raises(AnefxError, match="above the decoder's 128 positions"):
         anefx.compile_lm(model, context_length=256, source_length=20, convert=False)
-    with pytest.raises(AnefxError, match="chunking an encoder-decoder program is not supported"):
-        anefx.compile_lm(model, context_length=CONTEXT, source_length=20, max_chunk_mb=1.0)
+    # an impossible cap names the layer of its stack (the decoder's layer 0, not the encoder's)
+    with pytest.raises(AnefxError, match=r"impossible: layer 0 \(model\.decoder\.layers\.0\) alone holds 0\.1 MB"):
+        anefx.compile_lm(model, context_length=CONTEXT, source_length=20, max_chunk_mb=0.05)
     with pytest.raises(AnefxError, match="for encoder-decoder models"):
         from examples.models import tiny_llama_lm
 
@@ -205,3 +216,42 @@ def test_compression_measured_on_the_shipped_weights(workdir):
     assert quality.agreement >= 0.75 and quality.mean_kl < 0.05
     assert small.weight_bytes() < 0.6 * lm.weight_bytes()
     assert set(small.compression.functions) == {"encode", "prefill", "decode"}
+
+
+def test_bart_chain_encoder_is_its_own_chunk(workdir, tmp_path):
+    """The chain WhisperKit-style: chunk 0 holds the encoder and only ``encode``; the decoder chunk
+    holds the three functions (``encode`` there writes each layer's cross-attention K/V) and every
+    state. Saved as a folder, ``anefx.load`` runs it as one program: encode, prefill, decode on the
+    MIL interpreter (fp16) give the tokens of the chain run in memory (``runtime="target"``), and
+    logits within fp16 error of the rewritten graphs', on an input the compile never saw."""
+    model, lm = _built("bart", workdir)
+    chunks = lm.artifact.chunks
+    assert [c.layers for c in chunks] == [[0, 1], [2, 3]]  # encoder layers 0-1, decoder layers 0-1
+    assert [list(c.functions) for c in chunks] == [["encode"], ["encode", "prefill", "decode"]]
+    assert chunks[0].states == {} and len(chunks[1].states) == 4 * 2 + 1
+    encoder = {n for n, _ in model.named_parameters() if ".encoder.layers." in n}
+    held = [set(h.param_names.values()) for h in (c.functions["encode"] for c in chunks)]
+    assert encoder <= held[0] and not encoder & held[1]
+    folder = lm.save(tmp_path / "bart")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [sorted(c["functions"]) for c in manifest["chunks"]] == [["encode"], ["decode", "encode", "prefill"]]
+    assert manifest["default_function"] == "decode"
+
+    program = anefx.load(folder)
+    assert program.functions == ["encode", "prefill", "decode"] and program.default_function == "decode"
+    state = program.make_state("encode")
+    ids = torch.randint(3, 256, (1, 13), generator=torch.Generator().manual_seed(7))
+    program(lm.encoder_inputs(ids), function="encode", state=state)
+
+    def step(function, token_ids, positions):
+        given = {"input_ids": token_ids, "position_ids": positions}
+        return torch.from_numpy(program(given, function=function, state=state)["logits"]).float()
+
+    start = [model.generation_config.decoder_start_token_id]
+    process = logits_processor(lm.generation_config, len(start), 12, [])  # generate's processors
+    loaded = greedy(step, start, 12, lm.prefill_length, lm.context_length, set(), process=process)
+    in_memory = lm.generate(ids, max_new_tokens=12, eos_token_id=None, runtime="target")
+    assert loaded.new_tokens == in_memory.new_tokens and len(set(loaded.new_tokens)) >= 4
+    rewritten = lm.decoder_logits(ids, None, torch.tensor([start + loaded.new_tokens[:-1]]))
+    scale = float(rewritten.abs().max())
+    assert float((torch.stack(loaded.logits) - rewritten).abs().max()) < 0.02 * scale

@@ -337,6 +337,19 @@ def _decoder_layers(model, n: int) -> tuple[str, torch.nn.ModuleList]:
     raise AnefxError(f"the decoder {type(decoder).__name__} has no list of its {n} layers")
 
 
+def layer_stacks(model, decoder_layers: int) -> tuple[str, int, str]:
+    """The encoder's and the decoder's lists of layers: ``(encoder path, encoder layers, decoder
+    path)``, paths in the model (what chunking numbers stages by: the encoder's layers first)."""
+    encoder = model.get_encoder()
+    base = _path_of(model, encoder)
+    lists = [(name, child) for name, child in encoder.named_children() if isinstance(child, torch.nn.ModuleList)]
+    if not lists:
+        raise AnefxError(f"the encoder {type(encoder).__name__} has no list of layers")
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    decoder_path, _ = _decoder_layers(model, decoder_layers)
+    return (f"{base}.{name}" if base else name), len(layers), decoder_path
+
+
 class Adapted(torch.nn.Module):
     """The model's view with its adaptations, and the tables they read (buffers of this module)."""
 

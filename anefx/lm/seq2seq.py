@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ from anefx.lm.encoder_decoder import (
     ENCODER_MASK,
     MASKED,
     EncoderDecoderLayout,
+    layer_stacks,
     probe_encoder_decoder,
     step_functions,
 )
@@ -352,13 +353,37 @@ def request_for(model, layout: EncoderDecoderLayout, prefill_length: int, metada
                 param_prefix="adapted.model.",
             )
         )
+    # chunking numbers the encoder's layers first, then the decoder's: a chunk never holds both, so
+    # the encoder is a chunk of its own (as WhisperKit ships it); each decoder layer's states live
+    # in its chunk, the encoder mask with the first decoder layer
+    encoder_path, encoder_layers, decoder_path = layer_stacks(model, len(layout.decoder.layers))
+    stage_of = _stage_function(encoder_path, encoder_layers, decoder_path)
     states = {}
     for cache in (layout.decoder, layout.cross):
         n = len(cache.layers)
         for i, (name, shape) in enumerate(zip(cache.state_names, cache.state_shapes, strict=True)):
-            states[name] = StateSpec(shape, cache.dtype, layer=i % n)
-    states[ENCODER_MASK] = StateSpec(layout.mask_shape, layout.decoder.dtype)
-    return ProgramRequest(functions, states, metadata, default="decode")
+            states[name] = StateSpec(shape, cache.dtype, layer=encoder_layers + i % n)
+    states[ENCODER_MASK] = StateSpec(layout.mask_shape, layout.decoder.dtype, layer=encoder_layers)
+    return ProgramRequest(
+        functions, states, metadata, default="decode", stage_of=stage_of, stage_breaks=(encoder_layers,)
+    )
+
+
+def _stage_function(encoder_path: str, encoder_layers: int, decoder_path: str):
+    """A parameter's stage: encoder layer ``i`` → ``i``, decoder layer ``i`` → encoder layers + ``i``."""
+    patterns = [
+        (re.compile(rf"(?:^|\.){re.escape(path)}\.(\d+)\."), offset)
+        for path, offset in ((encoder_path, 0), (decoder_path, encoder_layers))
+    ]
+
+    def stage_of(param: str) -> int | None:
+        for pattern, offset in patterns:
+            m = pattern.search(param + ".")
+            if m:
+                return offset + int(m.group(1))
+        return None
+
+    return stage_of
 
 
 def metadata_for(
@@ -455,18 +480,6 @@ def compile_encoder_decoder(
     if not 1 <= prefill_length <= context:
         raise AnefxError(f"prefill_length must be in [1, context_length={context}], got {prefill_length}")
     plan = prepare(opts, model.named_parameters(), states=True, functions=len(FUNCTIONS))
-    if plan.cap_mb is not None:
-        if opts.max_chunk_mb is not None:
-            raise AnefxError(
-                "max_chunk_mb: chunking an encoder-decoder program is not supported yet (its encoder and decoder "
-                "stacks would need one layer numbering); compile it as one package, or compress it under the cap"
-            )
-        warnings.warn(
-            f"the weights are above the target's default package size of {plan.cap_mb:g} MB; anefx does not chunk "
-            "encoder-decoder programs yet, so this is one package (fine on macOS; compress it for iOS)",
-            stacklevel=3,
-        )
-        plan = dataclasses.replace(plan, cap_mb=None)
     events = Events(progress)
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     with events.stage("probe"), eval_mode(model):

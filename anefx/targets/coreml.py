@@ -447,7 +447,9 @@ class CoreMLTarget(Target):
         return target.package(functions, program)
 
     def package(self, functions: dict[str, ConvertedFunction], program: ProgramSpec) -> CoreMLPackage:
-        if len(functions) == 1:
+        # one function named otherwise (an encoder-decoder's encoder chunk holds only ``encode``) is a
+        # multifunction package of one, so that it keeps its name on disk
+        if list(functions) == ["main"]:
             (function,) = functions.values()
             if program.metadata:
                 function.model.user_defined_metadata.update(program.metadata)
