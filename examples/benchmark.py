@@ -4,9 +4,11 @@
     python examples/benchmark.py --models all            # the whole zoo, full size
     python examples/benchmark.py --models llama_small,opt_small,torch_encoder_small   # decoders, nn.Transformer*
     python examples/benchmark.py --memory --scaling      # the memory and depth-scaling checks
+    python examples/benchmark.py --models none --diffusion --sd15   # diffusers components; SD-1.5's UNet chunked
     python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
     python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
     python examples/benchmark.py --models none --seq2seq whisper_base,whisper_large_v3   # encode + prefill + decode
+    python examples/benchmark.py --models none --decode-traffic 512,2048,4096   # decode traffic vs context
 
 For each model it prints, side by side, the op histogram of the stock conversion (the captured graph
 handed to the converter with no anefx pass) and of anefx's, for Core ML (MIL ops) and, when the
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import resource
 import sys
@@ -62,7 +65,17 @@ FULL_SIZE = {
     "opt_small": lambda attn: models.small_decoder("opt"),
     "llama_lm_small": lambda attn: models.small_decoder("llama_lm"),
     "torch_encoder_small": lambda attn: models.torch_encoder(),
+    # image generation (diffusers, small configs, random weights): `--diffusion` adds per-block rows
+    "clip_text_small": lambda attn: models.text_encoder(),
+    "unet_small": lambda attn: models.unet(layers=2, latent=(32, 32)),
+    "vae_decoder_small": lambda attn: models.vae_decoder(latent=(32, 32)),
+    "vae_encoder_small": lambda attn: models.vae_encoder(image=(64, 64)),
+    "dit_small": lambda attn: models.dit(layers=4),
+    "pixart_small": lambda attn: models.pixart(layers=4),
+    "sd3_small": lambda attn: models.sd3(layers=4),
 }
+DIFFUSION = ("clip_text_small", "unet_small", "vae_decoder_small", "vae_encoder_small", "dit_small", "pixart_small")
+DIFFUSION += ("sd3_small",)
 KEY_OPS = (
     "linear",
     "matmul",
@@ -213,7 +226,8 @@ def interpreter_row(compiled, model, args, kwargs) -> dict:
         want = model(*args, **kwargs)
     eager, interp = min(t[0] for t in times.values()), min(t[1] for t in times.values())
     out = next(iter(program(feed).values())).astype(np.float64)
-    want = getattr(want, "last_hidden_state", want)
+    if hasattr(want, "to_tuple"):  # a transformers ModelOutput: its first field (hidden states, logits)
+        want = want.to_tuple()
     want = (want[0] if isinstance(want, (tuple, list)) else want).double().numpy()
     error = float(np.abs(out - want).max() / np.abs(want).max())
     finite = bool(np.isfinite(out).all())
@@ -234,6 +248,8 @@ def bench(name: str, attn: str, coreai: bool) -> dict:
             extra[label] = c.op_histogram()
             extra[f"{label}_convert"] = c.timings["convert"]
     return extra | {
+        "compiled": compiled,
+        "stock_compiled": stock,
         "reference": reference,
         "timings": dict(compiled.timings),
         "largest": largest_activation(compiled.artifact),
@@ -343,6 +359,83 @@ def print_result(r: dict) -> None:
     )
 
 
+def _block_of(node, depth: int) -> str:
+    """The first ``depth`` levels of the module that made ``node`` (``down_blocks.0.attentions.0``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "(top level)"
+    path = list(stack.values())[-1][0]
+    path = path.removeprefix("L['self'].").replace("L['self']", "")
+    return ".".join(p for p in path.split(".")[:depth] if p) or "(top level)"
+
+
+def layout_per_block(compiled, depth: int = 3) -> list[tuple[str, int, int]]:
+    """Estimated transposes + reshapes (the guard's count of FX nodes that become MIL layout ops) per
+    module block, in the captured (stock) graph and in anefx's."""
+    from collections import Counter
+
+    from anefx.driver.guard import layout_change
+
+    counts = {}
+    for label, gm in (("stock", compiled.captured.graph_module), ("anefx", compiled.graph_module)):
+        counts[label] = Counter()
+        for n in gm.graph.nodes:
+            if kinds := layout_change(n):
+                counts[label][_block_of(n, depth)] += len(kinds)
+    blocks = sorted(set(counts["stock"]) | set(counts["anefx"]))
+    return [(b, counts["stock"][b], counts["anefx"][b]) for b in blocks]
+
+
+def diffusion_section(names=DIFFUSION) -> None:
+    """Image generation components: the rows of ``bench`` plus layout changes per block, the moving
+    ones (that copy memory in the ANE's padded layout) and the ANE estimate (stock vs anefx)."""
+    from rich.console import Console
+
+    from anefx.ane.report import analyse, compare_estimates
+
+    console = Console(width=160)
+    for name in names:
+        r = bench(name, "sdpa", False)
+        print_result(r)
+        compiled, stock = r["compiled"], r["stock_compiled"]
+        print(f"layout changes per block ({name}, estimate from the FX graphs: block, stock, anefx):")
+        for block, s_n, a_n in layout_per_block(compiled):
+            print(f"  {block:<40}{s_n:>6}{a_n:>6}")
+        reports = {
+            "stock": analyse(stock.artifact, None, stock.graph_module, stock.captured.flat_inputs),
+            "anefx": compiled.ane_report,
+        }
+        console.print(compare_estimates(reports))
+
+
+def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0, queries: int = 512) -> None:
+    """Stable Diffusion 1.5's UNet (860M parameters, random weights) at ``latent``x``latent`` latents,
+    batch 2: compiled and chunked under ``chunk_mb``; compile time and peak memory. Attention score
+    tensors are chunked by ``queries`` queries (Apple's ml-stable-diffusion uses 512)."""
+    model, args, kwargs = models.unet_sd15(latent=(latent, latent))
+    params = sum(p.numel() for p in model.parameters())
+    tokens = latent * latent
+    score_bytes = 2 * tokens * queries * 2  # batch 2, fp16: one query chunk's per-head scores
+    pipeline = anefx.Pipeline.default().with_options("attention_chunks", max_bytes=score_bytes)
+    gc.collect()
+    with RssSampler() as rss:
+        t0 = time.perf_counter()
+        compiled = anefx.compile(model, args, kwargs, pipeline=pipeline, max_chunk_mb=chunk_mb, progress=print)
+        seconds = time.perf_counter() - t0
+    print(f"\n=== SD-1.5 UNet: {params / 1e6:.0f}M parameters, latents {latent}x{latent}, batch 2 ===")
+    print(f"attention_chunks max_bytes {score_bytes / 2**20:.0f} MiB ({queries} queries x {tokens} keys x batch 2)")
+    sizes = [c.weight_bytes_estimate / 1e6 for c in compiled.chunks.chunks] if compiled.chunks else []
+    print(f"compile {seconds:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in compiled.timings.items())})")
+    print(f"peak RSS {rss.peak / 2**30:.2f} GiB (before {rss.start / 2**30:.2f} GiB)")
+    print(f"chunks: {len(sizes)}, weights per chunk (MB): {[round(x) for x in sizes]} [cap {chunk_mb:.0f} MB]")
+    for line in compiled.report.guard_lines():
+        print(line)
+    rec = compiled.report.record("attention_chunks")
+    print(f"attention_chunks: {rec.stats}")
+    ops = compiled.op_histogram()
+    print(f"MIL (all chunks): {sum(ops.values())} ops; " + ", ".join(f"{k} {ops.get(k, 0)}" for k in KEY_OPS))
+
+
 def memory_check() -> None:
     """A >= 300M-parameter model (BERT-large shape, from a config): extra memory of the rewrite."""
     model, args, kwargs = models.bert(layers=24, dim=1024, heads=16, seq=128)
@@ -378,6 +471,7 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     """Generation: both functions' MIL histograms, state and weight bytes, a roofline ESTIMATE of the
     prefill latency and the decode tokens/s per chip."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from anefx.ane.estimate import CHIPS
@@ -411,6 +505,8 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
         est.add_row(chip, f"{p_ms:.3f}", f"{d_ms:.3f}", f"{1000 / d_ms:.0f}")
     console.print(est)
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
+    for fn in lm.functions:
+        console.print(escape(str(lm.traffic(fn))))
     interpreter_decode(lm, console)
 
 
@@ -514,6 +610,48 @@ def bench_seq2seq(name: str, context: int | None = None) -> dict:
     return result
 
 
+def decode_traffic_section(contexts=(512, 2048, 4096), prefill: int = 64) -> None:
+    """The small Llama of issue 22 (hidden 256, 4 heads, 2 KV heads, 4 layers) compiled at each
+    context: compile time, peak memory, each function's memory-traffic ESTIMATE against its floor
+    (weights + KV cache read once), and the bytes that grow with the context between consecutive
+    contexts against the size of the KV cache."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=170)
+    table = Table(title="decode at the bandwidth floor: small Llama, ESTIMATE (static, see anefx/ane/traffic.py)")
+    for col in ("context", "compile (s)", "peak RSS (MiB)", "check", "decode MB", "x floor", "prefill MB", "floor MB"):
+        table.add_column(col, justify="right")
+    compiled = []
+    for context in contexts:
+        with RssSampler() as rss:
+            t0 = time.perf_counter()
+            lm = anefx.compile_lm(
+                models.small_llama_lm(), context_length=context, prefill_length=prefill, check_tokens=8
+            )
+            seconds = time.perf_counter() - t0
+        decode, pre = lm.traffic("decode"), lm.traffic("prefill")
+        table.add_row(
+            str(context),
+            f"{seconds:.0f}",
+            f"{rss.peak / 2**20:.0f}",
+            "equal" if lm.check.tokens_equal else "DIFFER",
+            f"{decode.total / 1e6:.1f}",
+            f"{decode.total / decode.floor:.2f}",
+            f"{pre.total / 1e6:.1f}",
+            f"{decode.floor / 1e6:.1f}",
+        )
+        compiled.append(lm)
+    console.print(table)
+    for short, long in itertools.pairwise(compiled):
+        for fn in ("decode", "prefill"):
+            growth = long.context_growth(short, fn)
+            console.print(escape(str(growth)))
+            top = ", ".join(f"{k} {v}" for k, v in list(growth.to_dict()["growing_by_op_type_mb"].items())[:4])
+            console.print(escape(f"    growing by MIL op type (MB): {top}"))
+
+
 def interpreter_decode(lm, console) -> None:
     """The saved package on anefx's MIL interpreter: one prefill, then the time of one decode step
     (fastest of 5), with torch's threads and with one thread (on a busy machine, torch's OpenMP
@@ -529,12 +667,13 @@ def interpreter_decode(lm, console) -> None:
     prompt = list(range(3, 3 + min(8, lm.prefill_length)))
     reference = lm.generate(prompt, 2, eos_token_id=None)
     state = program.make_state("prefill")
-    ids = [prompt + [0] * (lm.prefill_length - len(prompt))]
-    positions = [list(range(lm.prefill_length))]
+    pad = lm.prefill_length - len(prompt)  # padded in front, negative positions: the last position is the prompt's
+    ids = [[0] * pad + prompt]
+    positions = [list(range(-pad, len(prompt)))]
     t0 = time.perf_counter()
     logits = program({"input_ids": ids, "position_ids": positions}, function="prefill", state=state)["logits"]
     prefill = time.perf_counter() - t0
-    last = logits[0, len(prompt) - 1].astype(np.float64)
+    last = logits[0, -1].astype(np.float64)
     want = reference.logits[0].double().numpy()
     error = float(np.abs(last - want).max() / np.abs(want).max())
     token, position = reference.new_tokens[0], len(prompt)
@@ -778,6 +917,14 @@ def main(argv=None) -> int:
         help="SmolLM2 compile_lm: comma-separated schemes (lut6, lut4, int8, lut6:per_tensor, lut6:g128)",
     )
     ap.add_argument("--lm-chunk-mb", type=float, default=None, help="SmolLM2 compile_lm: a chunked compile too")
+    ap.add_argument(
+        "--decode-traffic",
+        default="",
+        help="the small Llama at these contexts (e.g. 512,2048,4096): compile time, peak memory, traffic ESTIMATE",
+    )
+    ap.add_argument("--diffusion", action="store_true", help="image generation components, with per-block rows")
+    ap.add_argument("--sd15", action="store_true", help="Stable Diffusion 1.5's UNet (random weights), chunked")
+    ap.add_argument("--sd15-latent", type=int, default=64, help="its latent size (64: 4,096 tokens)")
     args = ap.parse_args(argv)
     from anefx.targets import coreai
 
@@ -792,6 +939,12 @@ def main(argv=None) -> int:
         bench_lm(name, args.lm_context, args.lm_prefill)
     for name in [n.strip() for n in args.seq2seq.split(",") if n.strip()]:
         bench_seq2seq(name, args.seq2seq_context)
+    if args.decode_traffic:
+        decode_traffic_section(tuple(int(c) for c in args.decode_traffic.split(",")))
+    if args.diffusion:
+        diffusion_section()
+    if args.sd15:
+        sd15_unet(args.sd15_latent)
     if args.memory:
         memory_check()
     if args.scaling:

@@ -276,6 +276,64 @@ def conv_stem(frames: int = 8):
     return ConvStem().eval(), (torch.randn(1, 8, frames),), {}
 
 
+class TinyGroupNorm(nn.Module):
+    """A conv and a GroupNorm on an image (B, C, H, W), as in a UNet's or a VAE's residual blocks."""
+
+    def __init__(self, c: int = 8, groups: int = 2):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, c)
+
+    def forward(self, x):
+        return nn.functional.silu(self.norm(self.conv(x)))
+
+
+def tiny_group_norm(size: int = 4):
+    _seed()
+    return _randomise(TinyGroupNorm(), scale=0.5), (torch.randn(1, 8, size, size),), {}
+
+
+class TinyModulation(nn.Module):
+    """adaLN-single (PixArt): a timestep embedding projected to 3 modulation vectors through a
+    (B, 3, C) view, a learned table added, then shift, scale and gate of a normalised token stream."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.proj = nn.Linear(c, 3 * c)
+        self.table = nn.Parameter(torch.randn(1, 3, c) / c**0.5)
+        self.norm = nn.LayerNorm(c, elementwise_affine=False)
+
+    def forward(self, x, emb):
+        shift, scale, gate = (self.table + self.proj(emb).reshape(emb.shape[0], 3, -1)).chunk(3, dim=1)
+        return x + gate * (self.norm(x) * (1 + scale) + shift)
+
+
+def tiny_modulation(seq: int = 4):
+    _seed()
+    return TinyModulation().eval(), (torch.randn(2, seq, 8), torch.randn(2, 8)), {}
+
+
+class TinyTokenBatchNorm(nn.Module):
+    """LeViT's projection: a linear, then BatchNorm1d over the tokens flattened to (B·S, C)."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.linear = nn.Linear(c, c, bias=False)
+        self.bn = nn.BatchNorm1d(c)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def tiny_token_batch_norm(seq: int = 4):
+    _seed()
+    model = _randomise(TinyTokenBatchNorm(), scale=0.5)
+    model.bn.running_mean.normal_(0, 0.5)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    return model, (torch.randn(2, seq, 8),), {}
+
+
 def tiny_rms_norm(seq: int = 4):
     _seed()
     return TinyRMSNorm().eval(), (torch.randn(1, seq, 8),), {}
@@ -570,6 +628,29 @@ def smollm2_chat_ids(tok, prompt: str = SMOLLM2_PROMPT) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def small_llama_lm(seed: int = 0):
+    """The small random-weight LlamaForCausalLM of the decode-traffic figures (issue 22): hidden 256,
+    4 heads, 2 KV heads, 4 layers, vocabulary 1,000, every weight random (nothing zero or identity)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
 def tiny_llama_lm(seed: int = 0):
     """A small random-weight LlamaForCausalLM (GQA: 4 heads, 2 KV heads), nothing zero or identity."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -818,3 +899,291 @@ def whisper_sized(size: str = "base", seed: int = 0):
     )
     torch.manual_seed(seed)
     return random_weights(WhisperForConditionalGeneration(cfg), seed, gain=1.5, query_scale=2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Image generation (diffusers): small random-weight components, nothing zero or identity
+# --------------------------------------------------------------------------------------------
+
+
+def _randomise(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
+    """Every parameter random (diffusers zero-initialises output convs and modulation tables): norm
+    weights around 1 +- 0.2, everything else N(0, scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            norm_weight = p.dim() == 1 and "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.2 * noise if norm_weight else scale * noise)
+    return model.eval()
+
+
+def _timesteps(batch: int) -> torch.Tensor:
+    """Distinct example timesteps (validation draws its random ones between the smallest and largest)."""
+    return torch.tensor([10, 981, 500, 250] * batch)[:batch]
+
+
+UNET_SMALL = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=2,  # diffusers' UNet reads this as the number of heads (Stable Diffusion: 8)
+    norm_num_groups=8,
+)
+#: Stable Diffusion 1.5's UNet config (860M parameters): the benchmark compiles it with random weights
+UNET_SD15 = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+)
+
+
+def unet(layers: int = 1, latent=(16, 16), batch: int = 2, text: int = 77, config: dict | None = None):
+    """diffusers' ``UNet2DConditionModel`` (SD 1.x-style blocks, two resolutions with a transformer
+    block each, cross-attention to ``text`` tokens), called with ``return_dict=False``; ``batch`` 2 is
+    classifier-free guidance's (unconditional and conditional rows)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(config) if config is not None else {**UNET_SMALL, "layers_per_block": layers}
+    torch.manual_seed(0)
+    model = _randomise(UNet2DConditionModel(sample_size=latent[0], **cfg))
+    gen = torch.Generator().manual_seed(1)
+    h, w = latent
+    sample = torch.randn(batch, cfg["in_channels"], h, w, generator=gen)
+    states = torch.randn(batch, text, cfg["cross_attention_dim"], generator=gen)
+    return model, (sample, _timesteps(batch), states), {"return_dict": False}
+
+
+#: SDXL-style blocks: linear projections in and out of the transformers, two transformer layers at
+#: the lower resolution, no attention at the top one, added conditions (pooled text, time ids)
+UNET_SDXL_SMALL = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+    layers_per_block=1,
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32,
+)
+
+
+def unet_sdxl_style(latent=(16, 32), batch: int = 2, text: int = 77):
+    """A small SDXL-style ``UNet2DConditionModel`` called with ``added_cond_kwargs`` (pooled text
+    embeddings and six time ids per row) and ``return_dict=False``."""
+    model, args, kwargs = unet(latent=latent, batch=batch, text=text, config=UNET_SDXL_SMALL)
+    gen = torch.Generator().manual_seed(2)
+    added = {"text_embeds": torch.randn(batch, 32, generator=gen), "time_ids": torch.randn(batch, 6, generator=gen)}
+    return model, args, {"added_cond_kwargs": added, **kwargs}
+
+
+def unet_sd15(latent=(64, 64), batch: int = 2):
+    """Stable Diffusion 1.5's UNet from its config, random weights (the benchmark's full-size row)."""
+    return unet(latent=latent, batch=batch, config=UNET_SD15)
+
+
+class VAEDecoder(nn.Module):
+    """``AutoencoderKL.decode`` as a module: latents in, image out."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+class VAEEncoder(nn.Module):
+    """``AutoencoderKL.encode``: image in, the latent distribution's mean and log-variance out."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image, return_dict=False)[0].parameters
+
+
+def _vae(layers: int = 1, channels=(32, 64)):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    n = len(channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    return _randomise(vae)
+
+
+def vae_decoder(layers: int = 1, latent=(16, 16), batch: int = 1):
+    """diffusers' ``AutoencoderKL`` decoder (GroupNorm, one mid-block attention), small."""
+    gen = torch.Generator().manual_seed(1)
+    return VAEDecoder(_vae(layers)), (torch.randn(batch, 4, *latent, generator=gen),), {}
+
+
+def vae_encoder(layers: int = 1, image=(32, 32), batch: int = 1):
+    """diffusers' ``AutoencoderKL`` encoder, small."""
+    gen = torch.Generator().manual_seed(1)
+    return VAEEncoder(_vae(layers)), (torch.randn(batch, 3, *image, generator=gen),), {}
+
+
+def _patch_transformer(layers: int, latent: int) -> dict:
+    """The config DiT and PixArt share here: 4 heads of 16, patches of 2, 4 channels in, 8 out."""
+    return dict(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=layers,
+        sample_size=latent,
+        patch_size=2,
+        norm_num_groups=8,
+    )
+
+
+def _latents_and_text(batch: int, latent: int, text: int, gen: torch.Generator):
+    """Random latents (B, 4, latent, latent) and text states (B, text, 32)."""
+    return torch.randn(batch, 4, latent, latent, generator=gen), torch.randn(batch, text, 32, generator=gen)
+
+
+def dit(layers: int = 2, latent: int = 16, batch: int = 2):
+    """diffusers' ``DiTTransformer2DModel`` (adaLN-Zero modulation, patchify/unpatchify), small."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(**_patch_transformer(layers, latent), num_embeds_ada_norm=10)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, latent, latent, generator=gen)
+    return _randomise(model), (x, _timesteps(batch), torch.arange(batch) % 10), {"return_dict": False}
+
+
+def pixart(layers: int = 2, latent: int = 16, batch: int = 2, text: int = 77):
+    """diffusers' ``PixArtTransformer2DModel`` (adaLN-single modulation, cross-attention), small."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        **_patch_transformer(layers, latent),
+        cross_attention_dim=64,
+        caption_channels=32,
+        use_additional_conditions=False,
+    )
+    gen = torch.Generator().manual_seed(1)
+    x, states = _latents_and_text(batch, latent, text, gen)
+    return (
+        _randomise(model),
+        (x,),
+        {"encoder_hidden_states": states, "timestep": _timesteps(batch), "return_dict": False},
+    )
+
+
+def sd3(layers: int = 2, latent: int = 16, batch: int = 2, text: int = 77):
+    """diffusers' ``SD3Transformer2DModel`` (joint text-image attention, adaLN modulation), small."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=latent,
+        patch_size=2,
+        in_channels=4,
+        num_layers=layers,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=64,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=latent,
+    )
+    gen = torch.Generator().manual_seed(1)
+    x, states = _latents_and_text(batch, latent, text, gen)
+    kwargs = {
+        "encoder_hidden_states": states,
+        "pooled_projections": torch.randn(batch, 32, generator=gen),
+        "timestep": _timesteps(batch),
+        "return_dict": False,
+    }
+    return _randomise(model), (x,), kwargs
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text transformer returning its last hidden state (what a UNet cross-attends to)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids):
+        return self.clip(input_ids=input_ids, return_dict=False)[0]
+
+
+def text_encoder(layers: int = 2, dim: int = 32, heads: int = 4, text: int = 77, batch: int = 2):
+    """``transformers`` ``CLIPTextModel`` (causal self-attention, as Stable Diffusion's), small."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=dim,
+        intermediate_size=4 * dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=text,
+        projection_dim=dim,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    model = TextEncoder(_randomise(CLIPTextModel(cfg)))
+    gen = torch.Generator().manual_seed(1)
+    return model, (torch.randint(0, 1000, (batch, text), generator=gen),), {}
+
+
+def rotary_or_fused(kind: str = "roformer", layers: int = 2, dim: int = 256, heads: int = 8, seq: int = 64):
+    """Small random-weight models whose attention is spelled unusually, called with ids and a padded
+    mask: ``roformer`` (an encoder with interleaved rotary, ``stack(...).reshape_as(x)``),
+    ``modernbert`` (a fused QKV viewed (B, S, 3, H, D) and unbound) and ``falcon_mqa`` (multi-query,
+    a fused QKV sliced with ``[..., [-2], :]``)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1024, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads)
+    if kind == "roformer":
+        model = tf.RoFormerModel(
+            tf.RoFormerConfig(intermediate_size=2 * dim, max_position_embeddings=2 * seq, embedding_size=dim, **common)
+        )
+    elif kind == "modernbert":
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        model = tf.ModernBertModel(
+            tf.ModernBertConfig(intermediate_size=2 * dim, max_position_embeddings=2 * seq, **ids, **common)
+        )
+    elif kind == "falcon_mqa":
+        model = tf.FalconModel(tf.FalconConfig(multi_query=True, new_decoder_architecture=False, alibi=False, **common))
+    else:
+        raise KeyError(f"unknown kind {kind!r}: roformer, modernbert or falcon_mqa")
+    model = _randomise(model, scale=0.05)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, seq, dtype=torch.long)
+    mask[:, -seq // 8 :] = 0
+    return model, (torch.randint(3, 1024, (1, seq), generator=gen),), {"attention_mask": mask}

@@ -120,3 +120,15 @@ def test_estimate_stock_vs_anefx_distilbert():
     assert set(anefx_est["ms_per_chip"]) == set(CHIPS) and "ESTIMATE" in anefx_est["label"]
     for chip in CHIPS.values():
         assert chip.source and chip.tops > 0
+
+
+def test_which_layout_changes_copy_memory_in_the_padded_layout():
+    from anefx.analysis.layout import moves_data
+
+    assert not moves_data((2, 320, 64, 64), (2, 320, 1, 4096))  # hand-over, rows of 128 B: nothing padded
+    assert not moves_data((2, 640, 32, 32), (2, 640, 1, 1024))  # rows of 64 B
+    assert moves_data((2, 1280, 16, 16), (2, 1280, 1, 256))  # rows of 32 B are padded to 64
+    assert not moves_data((2, 320, 64, 64), (2, 32, 640, 64))  # GroupNorm's view keeps the last axis
+    assert moves_data((2, 64, 1, 77), (2, 77, 1, 64), perm=[0, 3, 2, 1])  # a K transpose
+    assert not moves_data((2, 64, 1, 1), (2, 1, 64, 1), perm=[0, 2, 1, 3])  # only unit axes move
+    assert moves_data((2, 1, 64), (2, 64, 1, 1))  # a (B, 1, C) vector as (B, C, 1, 1): 64 B per value

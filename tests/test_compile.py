@@ -46,12 +46,7 @@ def test_small_distilbert_with_padding(attn, tmp_path):
     assert type(compiled(*args, **kwargs)).__name__ == "BaseModelOutput"
 
 
-def test_full_size_distilbert(tmp_path):
-    """Stock DistilBertModel(DistilBertConfig()), seq len 128: the issue's reference model."""
-    model, args, kwargs = example("distilbert")
-    assert sum(p.numel() for p in model.parameters()) > 60_000_000
-    compiled = anefx.compile(model, args, kwargs)
-    _check(compiled, model, args, kwargs, tmp_path, "distilbert_full")
+# the full-size DistilBERT (the core path's reference model): tests/test_transformers_structure.py
 
 
 def test_report_prints_a_table():

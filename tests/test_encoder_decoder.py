@@ -105,7 +105,7 @@ def test_whisper_layout(whisper):
     assert layout.encoder_length == 30 and layout.cross_length == 32  # padded to a multiple of 32
     assert layout.states["cross_key_0"] == (1, 32, 1, 64)  # keys by position: (1, S, 1, C)
     assert layout.states["cross_value_0"] == (1, 64, 1, 32)
-    assert layout.states["key_cache_1"] == (1, 64, 1, CONTEXT)
+    assert layout.states["key_cache_1"] == (1, 4, 16, CONTEXT)  # self-attention: keys-last, as a causal LM's
     assert layout.states[ENCODER_MASK] == (1, 1, 1, 32)
     assert list(layout.states)[-1] == ENCODER_MASK
     assert layout.vocab_size == 256

@@ -11,7 +11,8 @@ import torch
 
 import anefx
 from anefx.ir.errors import AnefxError, TargetUnavailableError
-from anefx.lm.cache import one_hot_positions, write_one_hot
+from anefx.ir.ops import cache_write
+from anefx.lm.cache import chunk_one_hot, write_chunk
 from anefx.targets.coreml import runtime_available
 
 CONTEXT, PREFILL, PROMPT, NEW = 128, 32, 40, 32
@@ -162,7 +163,7 @@ def test_greedy_tokens_equal_hf(arch):
     for fn in lm.functions:  # every layer per head over the cache, every K and V write from the projection
         stats = lm.reports[fn].record("attention_bc1s").stats
         assert stats["rewritten"] == 2 and stats["unmatched"] == 0 and stats["heads"] == 8, (fn, stats)
-        assert lm.reports[fn].record("cache_write_bc1s").stats["merges"] == 4, fn
+        assert stats["keys_last"] == 2, (fn, stats)  # over the cache as it lies
     for seed in (10, 11):  # prompts the compile never saw, two prefill chunks each
         prompt = _prompt(seed)
         out = lm.generate(prompt, NEW, eos_token_id=None)
@@ -187,15 +188,19 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
 
     assert lm.functions == ["prefill", "decode"]
     assert lm.states == {
-        **{f"key_cache_{i}": (1, 32, 1, CONTEXT) for i in range(2)},
-        **{f"value_cache_{i}": (1, 32, 1, CONTEXT) for i in range(2)},
+        **{f"key_cache_{i}": (1, 2, 16, CONTEXT) for i in range(2)},
+        **{f"value_cache_{i}": (1, 2, 16, CONTEXT) for i in range(2)},
     }
     for fn in lm.functions:
         hist = lm.op_histogram(fn)
         assert hist["read_state"] == 4 and hist["coreml_update_state"] == 4, hist
-        assert hist["gather_nd"] == 0 and hist["scatter"] == 0 and hist["slice_update"] == 0, hist
+        assert hist["gather_nd"] == 0 and hist["scatter"] == 0, hist
+        assert hist["slice_update"] == (4 if fn == "decode" else 0), hist  # decode: one column per state
         assert hist["linear"] == 0, hist
         ops = lm.package.operations(fn)
+        if fn == "prefill":  # the LM head runs on the last position only
+            shapes = [tuple(o.shape) for op in ops if op.op_type != "const" for o in op.outputs if o.shape is not None]
+            assert not [shp for shp in shapes if 256 in shp and PREFILL in shp], shapes
         on_weights = [op.name for op in ops if op.op_type in ("matmul", "linear") and _weight_operand(op)]
         assert not on_weights, on_weights
         # fp16-safe masks: no infinite constant anywhere (bool masks become -3e4 in coremltools)
@@ -216,6 +221,8 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
         assert [i.name for i in f.input] == ["input_ids", "position_ids"]
     for fn, tokens in (("prefill", PREFILL), ("decode", 1)):
         assert [list(i.type.multiArrayType.shape) for i in functions[fn].input] == [[1, tokens]] * 2
+        # the last position's logits only: no (1, prefill_length, vocab) tensor leaves the prefill
+        assert [list(o.type.multiArrayType.shape) for o in functions[fn].output] == [[1, 1, 256]]
     meta = dict(spec.description.metadata.userDefined)
     assert meta["co.huggingface.exporters.task"] == "text-generation"
     assert int(meta["anefx.context_length"]) == CONTEXT and int(meta["anefx.prefill_length"]) == PREFILL
@@ -227,23 +234,55 @@ def test_llama_generation_and_package(compiled_llama, tmp_path):
     assert weights < 1.5 * 2 * params
 
 
-def test_attention_reads_and_writes_the_cache_per_head_without_layout_changes(compiled_llama):
-    """Both functions: every attention per head over the cache, every K/V write straight from the
-    projection's channels (rotary replayed per head), and per layer one transpose (K for the score
-    einsum, as in Apple's form) and no reshape: proven by the counts at depth 2 and 4."""
+def _cache_readers(program) -> list[tuple[str, str, tuple]]:
+    """Every op of a MIL function that takes a whole cache state (its value as read, or as written
+    back): (op type, input name, shape of what it writes)."""
+    state_values, found = set(), []
+    for op in program.operations:
+        if op.op_type == "read_state":
+            state_values.add(op.outputs[0].name)
+            continue
+        for key, var in op.inputs.items():
+            for v in var if isinstance(var, (list, tuple)) else (var,):
+                if v.name in state_values:
+                    found.append(
+                        (
+                            op.op_type,
+                            key,
+                            tuple(op.inputs["update"].shape) if key == "x" and "update" in op.inputs else (),
+                        )
+                    )
+        if op.op_type in ("slice_update", "coreml_update_state") and any(
+            v.name in state_values
+            for k, v in op.inputs.items()
+            if k in ("x", "value") and not isinstance(v, (list, tuple))
+        ):
+            state_values.update(o.name for o in op.outputs)
+    return found
+
+
+def test_decode_reads_each_cache_once_and_writes_one_column(compiled_llama):
+    """The decode program (saved, read back): every cache state is only read by the two attention
+    products (scores and weighted sum: no transpose, reshape or elementwise op takes a whole cache)
+    and written by one ``slice_update`` of one column; the same at depth 2 and 4."""
+    from anefx.targets.mil.reader import read_package
+
     shallow = compiled_llama[1]
     deep = anefx.compile_lm(_llama(layers=4), context_length=CONTEXT, prefill_length=PREFILL, check_tokens=4)
     assert deep.check.tokens_equal
-    for fn in ("prefill", "decode"):
-        for lm, layers in ((shallow, 2), (deep, 4)):
+    for lm, layers in ((shallow, 2), (deep, 4)):
+        for fn in lm.functions:
             stats = lm.reports[fn].record("attention_bc1s").stats
-            assert stats["rewritten"] == layers and stats["unmatched"] == 0 and stats["heads"] == 4 * layers
-            merges = lm.reports[fn].record("cache_write_bc1s").stats["merges"]
-            assert merges == 2 * layers  # the K writes (rotary per head) and the V writes (the projection itself)
-        a, b = shallow.op_histogram(fn), deep.op_histogram(fn)
-        assert b["transpose"] - a["transpose"] == 2, (fn, a["transpose"], b["transpose"])
-        assert b["reshape"] == a["reshape"] and a["reshape"] <= 4, (fn, a["reshape"], b["reshape"])
-        assert b["einsum"] == 2 * a["einsum"] == 4 * 2 * 4  # scores and weighted sum per head
+            assert stats["rewritten"] == stats["keys_last"] == layers and stats["unmatched"] == 0, stats
+        program = read_package(lm.package.path).program.functions["decode"]
+        readers = _cache_readers(program)
+        kinds = sorted({(t, k) for t, k, _ in readers})
+        assert kinds == [("coreml_update_state", "value"), ("matmul", "y"), ("slice_update", "x")], kinds
+        assert sum(t == "matmul" for t, _, _ in readers) == 2 * layers  # K by the scores, V by the weighted sum
+        columns = [shape for t, k, shape in readers if t == "slice_update"]
+        assert len(columns) == 2 * layers and all(shape[-1] == 1 for shape in columns), columns
+        hist = lm.op_histogram("decode")
+        assert hist["matmul"] == 2 * layers and hist["einsum"] == 0
 
 
 def test_stops_at_context_length_and_eos(compiled_llama):
@@ -273,21 +312,37 @@ def test_coreml_runtime_is_guarded(compiled_llama):
         pytest.skip(f"Core ML runtime: {why}")
 
 
-@pytest.mark.parametrize("positions", [[3], [0, 1, 2, 3], [5, 6, 200, 201]])
-def test_one_hot_write_equals_index_copy(positions):
-    """The one-hot write is an index_copy at the positions, dropping those outside the cache."""
+@pytest.mark.parametrize(
+    "positions, length",
+    [
+        ([3], 64),
+        ([0, 1, 2, 3], 64),
+        ([-2, -1, 0, 1], 64),
+        ([5, 6, 62, 63], 64),
+        ([30, 31, 32, 33, 34], 32),
+        ([60, 61], 32),
+    ],
+)
+def test_chunk_write_equals_index_copy(positions, length):
+    """A prefill chunk's one-hot write is an index_copy at ``p mod length`` (a ring when the cache is
+    shorter than the context), the last token of the chunk to reach a slot winning, positions
+    outside [0, context) dropped; the decode write (cache_write) is index_copy at the slot."""
     gen = torch.Generator().manual_seed(0)
-    ctx, channels = 64, 24
-    cache = torch.randn(1, 32, 1, ctx, generator=gen)
-    cache[:, channels:] = 0
-    new = torch.randn(1, channels, len(positions), generator=gen)
+    context, heads, dim = 64, 2, 8
+    cache = torch.randn(1, heads, dim, length, generator=gen)
+    new = torch.randn(1, heads, dim, len(positions), generator=gen)
     pos = torch.tensor([positions], dtype=torch.int32)
-    got = write_one_hot(cache, new, one_hot_positions(pos, ctx, torch.float32))
+    got = write_chunk(cache, new, chunk_one_hot(pos, length, context, torch.float32))
     expected = cache.clone()
     for t, p in enumerate(positions):
-        if p < ctx:
-            expected[0, :channels, 0, p] = new[0, :, t]
+        if 0 <= p < context:
+            expected[..., p % length] = new[..., t]
     assert torch.equal(got, expected)
+    slot = torch.tensor([[positions[0] % length]], dtype=torch.int32)
+    one = cache_write(cache, new[..., :1], slot, 3)
+    expected = cache.clone()
+    expected[..., positions[0] % length] = new[..., 0]
+    assert torch.equal(one, expected)
 
 
 def test_bad_arguments_are_explained():
@@ -320,7 +375,7 @@ def test_smollm2_answers_like_hf():
     text = tok.decode(out.new_tokens, skip_special_tokens=True)
     assert text.strip() == "The capital of France is Paris."
     assert out.stop_reason == "eos" and out.new_tokens[-1] == 2
-    assert lm.states["key_cache_0"] == (1, 192, 1, 64) and len(lm.states) == 60
+    assert lm.states["key_cache_0"] == (1, 3, 64, 64) and len(lm.states) == 60
 
 
 def test_cli_generate_streams_hf_tokens(capsys):

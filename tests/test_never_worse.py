@@ -110,11 +110,11 @@ class Hybrid(nn.Module):
         return tokens
 
 
-def _three(model, args):
+def _three(model, args, pipeline=None):
     """Stock conversion, anefx with the guard (the default) and the passes' own output."""
     stock = anefx.compile(model, args, pipeline=anefx.Pipeline.empty(), validate="off")
-    guarded = anefx.compile(model, args)
-    raw = anefx.compile(model, args, never_worse=False)
+    guarded = anefx.compile(model, args, pipeline=pipeline)
+    raw = anefx.compile(model, args, pipeline=pipeline, never_worse=False)
     return stock, guarded, raw
 
 
@@ -138,8 +138,10 @@ def test_einsum_projections_are_never_worse_than_stock():
 
 
 def test_hybrid_keeps_the_worse_region_and_rewrites_the_attention():
+    """Without ``token_batch_norm`` the LeViT MLPs' batch norms over flattened tokens force their
+    tokens out of (B, C, 1, S): those regions come out worse and are kept."""
     model, image = _reinit(Hybrid()), torch.randn(1, 3, 16, 16)
-    stock, guarded, raw = _three(model, (image,))
+    stock, guarded, raw = _three(model, (image,), anefx.Pipeline.default().without("token_batch_norm"))
     s, g, r = stock.op_histogram(), guarded.op_histogram(), raw.op_histogram()
     assert _layout(g) <= _layout(s) and _layout(g) < _layout(r), (s, g, r)
     # the attention region stays rewritten: per-head einsums, 12 projections + 2 convs of the model
@@ -156,6 +158,21 @@ def test_hybrid_keeps_the_worse_region_and_rewrites_the_attention():
     assert text.count("kept region") == len(kept) >= 1
     for inputs in (image, torch.randn(1, 3, 16, 16) * 2):
         torch.testing.assert_close(guarded(inputs), model(inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_hybrid_comes_out_whole_with_batch_norm_on_tokens():
+    """With ``token_batch_norm`` (the default) the whole hybrid runs in (B, C, 1, S): attention per
+    head, the LeViT projections as convs with their batch norms folded into them by coremltools."""
+    model, image = _reinit(Hybrid()), torch.randn(1, 3, 16, 16)
+    stock = anefx.compile(model, (image,), pipeline=anefx.Pipeline.empty(), validate="off")
+    compiled = anefx.compile(model, (image,))
+    s, g = stock.op_histogram(), compiled.op_histogram()
+    assert compiled.report.guard["kept"] == [] and compiled.report.record("token_batch_norm").stats["rewritten"] == 4
+    assert _layout(g) * 4 < _layout(s), (g, s)
+    assert "linear" not in g and "matmul" not in g and "batch_norm" not in g and s["batch_norm"] == 4, g
+    assert g["einsum"] == 16 and g["conv"] == 18, g
+    for inputs in (image, torch.randn(1, 3, 16, 16) * 2):
+        torch.testing.assert_close(compiled(inputs), model(inputs), atol=1e-4, rtol=1e-4)
 
 
 def _levit_linears(compiled):
@@ -198,10 +215,10 @@ def test_refused_sites_keep_their_original_form():
 def test_regions_are_split_by_the_models_convolutions(attention_blocks, mlp_blocks):
     """The attention blocks and their residual stream make one region; so do the LeViT blocks' up
     projections (on the residual stream), while each down projection sits between two batch norms:
-    a region of its own."""
+    a region of its own (without ``token_batch_norm``, whose sites, the batch norms, join them)."""
     model = _reinit(Hybrid(attention_blocks=attention_blocks, mlp_blocks=mlp_blocks))
     cap = anefx.capture(model, (torch.randn(1, 3, 16, 16),))
-    res = anefx.Pipeline.default().run(cap.graph_module, cap.flat_inputs)
+    res = anefx.Pipeline.default().without("token_batch_norm").run(cap.graph_module, cap.flat_inputs)
     regions = find_regions(cap.graph_module, res.sites)
     assert len(regions) == (1 if attention_blocks else 1 + mlp_blocks)
     assert {p for r in regions for p, _ in r.sites} >= {"linear_to_conv"}
@@ -230,3 +247,67 @@ def test_a_kept_form_that_does_not_convert_falls_back_to_the_passes_output():
     assert compiled.op_histogram()["conv"] == 1
     assert "would keep region 0" in str(compiled.report)
     torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _RoundTrip(anefx.Pass):
+    """A user pass without sites that leaves a transpose pair on every input (equivalent, so it
+    validates; worse, and the guard cannot refuse what has no site)."""
+
+    name = "round_trip"
+
+    def run(self, gm, ctx):
+        from anefx.ir.graph import call
+
+        graph = gm.graph
+        for x in [n for n in graph.nodes if n.op == "placeholder"]:
+            users = list(x.users)
+            with graph.inserting_after(x):
+                there = call(graph, torch.ops.aten.permute.default, (x, [0, 2, 1]))
+            with graph.inserting_after(there):
+                back = call(graph, torch.ops.aten.permute.default, (there, [0, 2, 1]))
+            for u in users:
+                u.replace_input_with(x, back)
+        return anefx.passes.base.finish(gm, True)
+
+
+def test_still_worse_after_the_refusals_ships_the_stock_form():
+    model, args, _ = example("mlp_block")
+    stock = anefx.compile(model, args, pipeline=anefx.Pipeline.empty(), validate="off")
+    compiled = anefx.compile(model, args, pipeline=anefx.Pipeline.default().append(_RoundTrip()))
+    info = compiled.report.guard
+    assert info["shipped"] == "stock" and not info["worse_than_stock"]
+    assert sum(info["worse_counts"].values()) > sum(info["stock"].values())
+    assert [r.name for r in compiled.report.records] == ["canonicalize", "fold_constants", "fp16_mask_values"]
+    assert compiled.op_histogram() == stock.op_histogram()
+    assert "shipped the stock form of the validated captured graph" in str(compiled.report)
+    assert "WORSE" not in str(compiled.report)
+    x = torch.randn(*args[0].shape) * 2
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind, layout_changes",
+    [("roformer", 4), ("falcon_mqa", 4), ("modernbert", None)],  # None: not rewritten
+)
+def test_unusual_attention_is_rewritten_or_ships_stock(kind, layout_changes):
+    """RoFormer's interleaved rotary (``stack(...).reshape_as(x)``) and Falcon's multi-query
+    ``[..., [-2], :]`` slices are per head (one K transpose per attention left); ModernBERT's
+    ``view(B, S, 3, H, D).unbind(2)`` is not matched yet: its conv projections alone would be worse
+    than stock outside any region the guard can refuse, so the stock form ships (it used to ship the
+    worse graph)."""
+    model, args, kwargs = example("rotary_or_fused", kind=kind)
+    compiled = anefx.compile(model, args, kwargs, convert=False)
+    info = compiled.report.guard
+    assert not info["worse_than_stock"] and "WORSE" not in str(compiled.report)
+    if layout_changes is not None:
+        assert compiled.report.record("attention_bc1s").stats["heads"] == 16 and info["kept"] == []
+        assert sum(info["anefx"].values()) == layout_changes < sum(info["stock"].values()), info
+    else:
+        assert info["shipped"] == "stock" and "shipped the stock form" in str(compiled.report)
+    ids = torch.randint(3, 1024, args[0].shape, generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(kwargs["attention_mask"])
+    mask[:, -3:] = 0
+    out = compiled(ids, attention_mask=mask).last_hidden_state
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

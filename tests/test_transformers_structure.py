@@ -3,6 +3,7 @@
 Measured on the Core ML program's MIL ops (``compiled.artifact.operations()``).
 """
 
+import coremltools as ct
 import pytest
 import torch
 
@@ -22,12 +23,18 @@ def _last_hidden(out):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_full_size_distilbert_matches_apples_structure(attn):
+def test_full_size_distilbert_matches_apples_structure(attn, tmp_path):
+    """Stock DistilBertModel(DistilBertConfig()), sequence 128: the reference model of the core path,
+    fresh from its config (identity LayerNorm weights used to leave 24 reduce_mean unfused). The one
+    place the full-size model is compiled for Core ML in the tests (each compile takes a minute)."""
     model, args, kwargs = example("distilbert", attn=attn)
+    assert sum(p.numel() for p in model.parameters()) > 60_000_000
     compiled = anefx.compile(model, args, kwargs)
+    assert [r.name for r in compiled.report.records] == anefx.Pipeline.default().names
     ops = compiled.op_histogram()
     assert ops.get("linear", 0) == 0 and ops.get("matmul", 0) == 0, ops
     assert ops["conv"] == 36 and ops.get("reshape", 0) == 0, ops
+    assert ops["layer_norm"] == 13 and ops.get("reduce_mean", 0) == 0 and ops.get("rsqrt", 0) == 0, ops
     assert ops["transpose"] <= 8, ops
     assert ops["einsum"] == 2 * 12 * 6 and ops["softmax"] == 12 * 6
     assert _softmax_axes(compiled) == {1}  # per head, over the key axis of (B, S_k, 1, S_q)
@@ -39,6 +46,10 @@ def test_full_size_distilbert_matches_apples_structure(attn):
         ref = _last_hidden(model(*args, attention_mask=mask))
         out = _last_hidden(compiled(*args, attention_mask=mask))
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if attn == "sdpa":  # and it saves as an ML Program
+        spec = ct.utils.load_spec(str(compiled.save(tmp_path / "distilbert.mlpackage")))
+        assert spec.WhichOneof("Type") == "mlProgram"
+        assert [i.name for i in spec.description.input] == ["input_ids", "attention_mask"]
 
 
 @pytest.mark.parametrize("name", ["bert", "vit"])

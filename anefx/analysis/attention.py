@@ -380,6 +380,59 @@ def trace_inputs(att: Attention) -> Traced | NoMatch:
     return traced
 
 
+@dataclass(frozen=True)
+class KeysLast:
+    """A (B, H, S, D) key or value tensor that is a (B, H_kv, D, S) tensor read as it lies: head ``h``
+    is the transposed plane of head ``h // (H / H_kv)`` of ``source`` (grouped-query heads repeated).
+    A KV cache is kept this way (:mod:`anefx.lm.cache`): positions on the last axis, so the score
+    product ``q @ source`` reads it without a transpose."""
+
+    source: Node  # (B, H_kv, D, S)
+    heads: int  # H_kv
+
+    @property
+    def head_dim(self) -> int:
+        return shape(self.source)[2]
+
+
+def keys_last(node: Node, heads: int | None = None) -> KeysLast | None:
+    """``node`` (B, H, S, D) — or (B·H, S, D) with ``heads`` = H, as ``bmm`` attention holds it — as a
+    :class:`KeysLast` tensor (through data movement only), or None."""
+    out = shape(node)
+    if out is None or len(out) != (3 if heads else 4):
+        return None
+    if heads:
+        out = (out[0] // heads, heads, out[1], out[2])
+    mapped = index_map(node)
+    if mapped is None:
+        return None
+    src, r = mapped
+    s = shape(src)
+    if s is None or len(s) != 4 or s[0] != out[0] or s[2] != out[3] or s[3] != out[2] or s[1] == 0 or out[1] % s[1]:
+        return None
+    idx = torch.arange(math.prod(s)).reshape(s).transpose(2, 3).repeat_interleave(out[1] // s[1], dim=1)
+    return KeysLast(src, s[1]) if torch.equal(r.reshape(idx.shape), idx) else None
+
+
+def trace_cached(att: Attention) -> tuple[Heads | HeadProgram, KeysLast, KeysLast] | NoMatch:
+    """Q as channel blocks or a per-head program, K and V as :class:`KeysLast` tensors (attention
+    over a KV cache kept keys-last), or why not."""
+    k, v = keys_last(att.k, att.heads), keys_last(att.v, att.heads)
+    if k is None or v is None:
+        return NoMatch(att.out, f"{describe(att.out)}: K and V are not both keys-last (B, H_kv, D, S) tensors")
+    q = trace_heads(att.q, att.heads)
+    if q is None and att.heads is None:
+        q = trace_program(att.q)
+        if isinstance(q, str):
+            return NoMatch(att.q, q)
+    if q is None:
+        return NoMatch(att.q, f"{describe(att.q)}: (B·H, S, D) queries that are not channel blocks of a projection")
+    b, h = att.shape4(att.q)[:2]
+    if k.heads != v.heads or h % k.heads or shape(k.source)[0] != b or shape(k.source)[3] != shape(v.source)[3]:
+        return NoMatch(att.out, "batch, sequence or GQA ratio mismatch")
+    return q, k, v
+
+
 def heads_of(t: Heads | HeadProgram) -> list[int]:
     return t.offsets if isinstance(t, Heads) else t.head_map
 

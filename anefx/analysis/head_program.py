@@ -11,7 +11,8 @@ is either
 * a *move*: a ``permute``/``transpose`` of heads (the program just relabels axes);
 * a *norm*: an RMSNorm over ``head_dim`` (QK-norm, spelled out as
   :func:`anefx.analysis.norms.rms_norm_ending_at` finds it, or ``aten.rms_norm``), replayed as one
-  ``channel_layer_norm`` of ``[x, -x]`` per head chunk;
+  ``channel_layer_norm`` of ``[x, -x]`` per head chunk, or a LayerNorm over ``head_dim``
+  (``aten.layer_norm``), replayed as one ``channel_layer_norm`` per head chunk;
 * an *interleave*: ``stack([a, b, …], -1)`` flattened into ``head_dim`` (``rotate_every_two``,
   GPT-J's interleaved rotary), replayed as a ``cat`` on channels whose channel order
   :func:`channel_order` tracks;
@@ -45,7 +46,7 @@ import torch.fx
 
 from anefx.analysis.heads import Heads, heads_from_index, index_map
 from anefx.analysis.layout_rules import BINARY, UNARY
-from anefx.analysis.norms import RMSNorm, match_aten_rms_norm, rms_norm_ending_at
+from anefx.analysis.norms import LayerNorm, RMSNorm, match_aten_rms_norm, match_layer_norm, rms_norm_ending_at
 from anefx.ir.graph import describe, shape
 
 aten = torch.ops.aten
@@ -68,7 +69,7 @@ class Step:
     heads: Heads | None = None  # leaf: where each head's channels are
     head_args: frozenset = frozenset()  # op: the operands that are heads (the rest are sides)
     parts: tuple = ()  # interleave: the stacked operands, in order
-    norm: RMSNorm | None = None  # norm: the RMSNorm over head_dim, of ``norm.x``
+    norm: RMSNorm | LayerNorm | None = None  # norm: the RMSNorm or LayerNorm over head_dim, of ``norm.x``
 
 
 @dataclass
@@ -175,8 +176,12 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
         return f"{describe(node)}: attention inputs that are not channel blocks of a projection"
     norm = None
     if roles[3] == D:  # a norm over the last axis is over head_dim
-        is_aten = node.target == aten.rms_norm.default
-        norm = match_aten_rms_norm(node, (4,)) if is_aten else rms_norm_ending_at(node, (4,))
+        if node.target == aten.layer_norm.default:
+            norm = match_layer_norm(node, (4,))
+        elif node.target == aten.rms_norm.default:
+            norm = match_aten_rms_norm(node, (4,))
+        else:
+            norm = rms_norm_ending_at(node, (4,))
     if norm is not None:
         reason = _trace(norm.x, roles, prog, budget)
         if reason is None:
@@ -249,6 +254,7 @@ def _trace(node: torch.fx.Node, roles: tuple[int, ...], prog: HeadProgram, budge
 
 
 _FLATTENS = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+_FLATTENS |= {aten.reshape_as.default, aten.view_as.default}  # RoFormer: stack(...).reshape_as(x)
 
 
 def _interleaved(node: torch.fx.Node) -> list[torch.fx.Node] | None:

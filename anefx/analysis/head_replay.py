@@ -28,7 +28,7 @@ from anefx.analysis.head_program import REDUCE_OPS, ChannelOrder, HeadProgram, S
 from anefx.analysis.head_program import D as H_D
 from anefx.analysis.heads import Heads
 from anefx.analysis.layout import to_bc1s
-from anefx.analysis.norms import emit_channel_rms_norm
+from anefx.analysis.norms import LayerNorm, emit_channel_rms_norm
 from anefx.compat.torch import detect_fake_mode
 from anefx.ir.graph import add_constant, call, eval_constant, is_constant, shape, val, walk_args
 
@@ -266,7 +266,14 @@ class HeadReplay:
                     norm = step.norm
                     if perm is not None and norm.weight is not None:
                         norm = dataclasses.replace(norm, weight=self._permuted_constant(norm.weight, perm))
-                    out = emit_channel_rms_norm(graph, x, norm, memo=self.norm_weights), perm
+                    if isinstance(norm, LayerNorm):  # per-head QK LayerNorm: over the head chunk's channels
+                        bias = norm.bias
+                        if perm is not None and bias is not None:
+                            bias = self._permuted_constant(bias, perm)
+                        ln = torch.ops.anefx.channel_layer_norm.default
+                        out = call(graph, ln, (x, norm.weight, bias, norm.eps)), perm
+                    else:
+                        out = emit_channel_rms_norm(graph, x, norm, memo=self.norm_weights), perm
                 elif step.kind == "interleave":
                     parts = [chunk(a, j) for a in step.parts]
                     n = len(parts)

@@ -75,11 +75,14 @@ def movement_chain(node: torch.fx.Node, max_len: int = 16) -> tuple[torch.fx.Nod
 
 
 def simulate(chain: list[torch.fx.Node], x: torch.Tensor) -> torch.Tensor:
-    """Apply the movement ``chain`` to the real tensor ``x``."""
+    """Apply the movement ``chain`` to the real tensor ``x`` (values only: a ``view`` is replayed as a
+    ``reshape``, since ``x``'s strides are not the graph's)."""
     for n in chain:
         if n.target is operator.getitem:
             split = n.args[0]
             x = split.target(x, *split.args[1:], **split.kwargs)[n.args[1]]
+        elif n.target == aten.view.default:
+            x = x.reshape(n.args[1])
         else:
             x = n.target(x, *n.args[1:], **n.kwargs)
     return x

@@ -47,6 +47,25 @@ def padded_bytes(shape: tuple[int, ...] | None, itemsize: int = 2) -> int:
     return int(n * padding_factor(shape, itemsize))
 
 
+def moves_data(before: tuple[int, ...], after: tuple[int, ...], perm: list[int] | None = None) -> bool:
+    """Whether a reshape (``perm`` None) or transpose (``perm``) from ``before`` to ``after`` copies
+    memory on the ANE, predicted from its layout: row-major, the last axis padded to 64 bytes.
+
+    A transpose that keeps the order of the non-unit axes is a reshape. A reshape copies nothing when
+    it keeps the last axis (rows stay rows: GroupNorm's (B, C, H, W) -> (B, G, C/G·H, W)), or when
+    neither side pads its last axis (both dense: (B, C, H, W) -> (B, C, 1, H·W) with W·2 bytes a
+    multiple of 64, the hand-over between a UNet's convolutions and its transformer blocks)."""
+    if not before or not after:
+        return False
+    if perm is not None:
+        kept = [p for p in perm if before[p] != 1]
+        if kept != sorted(kept):
+            return True
+    if before[-1] == after[-1]:
+        return False
+    return padding_factor(before) != 1.0 or padding_factor(after) != 1.0
+
+
 TAG = "anefx_layout"
 RANKS = (2, 3, 4)
 #: ranks whose layout ``to_bc1s`` chooses globally; rank-4 (image) changes are local permutes that
@@ -165,12 +184,13 @@ def _change(graph, node, rank, memo, undo, emit) -> torch.fx.Node:
     m = undo(node)
     if m is not None and m[1] == rank:
         return m[0]
-    if memo is not None and node in memo:
-        return memo[node]
+    # one (B, C, 1, 1) node can stand for a rank-2 (B, C) and a rank-3 (B, 1, C) value: memoise by rank
+    if memo is not None and (node, rank) in memo:
+        return memo[(node, rank)]
     with insert_after(graph, _anchor(graph, node)):
         out = emit(graph, node, rank)
     if memo is not None:
-        memo[node] = out
+        memo[(node, rank)] = out
     return out
 
 

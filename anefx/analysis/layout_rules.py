@@ -168,6 +168,10 @@ def rule_for(node: torch.fx.Node, split_candidates: set[torch.fx.Node]) -> Rule 
             return _copy(g, node, (parts, bc1s_axis(out_rank, dim)), {})
 
         return Rule(edges, emit_cat, out_rank)
+    if t == aten.unsqueeze.default and out_rank == 3 and rank(node.args[0]) == 2 and node.args[1] % 3 == 1:
+        # (B, C) -> (B, 1, C): both live in (B, C, 1, 1) (an adaLN modulation vector): no op at all
+        x = node.args[0]
+        return Rule([x], lambda g, bc: bc(x), out_rank)
     if t == aten.slice.Tensor:
         x = node.args[0]
         if rank(x) != out_rank:

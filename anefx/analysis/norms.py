@@ -10,6 +10,8 @@ LayerNorm's ``eps`` on the variance is RMSNorm's ``eps`` inside the mean square,
   ``x * x`` → ``mean(·, [-1], keepdim)`` → ``+ eps`` → ``rsqrt`` → ``x * ·``, then optionally a cast
   and a constant per-channel weight, either operand order); :func:`rms_norm_ending_at` finds the
   same norm from its result (for analyses that walk up from a use, like per-head QK-norm);
+* :func:`match_layer_norm` recognises ``aten.layer_norm`` over the last axis (a per-head QK
+  LayerNorm, which ``attention_bc1s`` runs as one ``channel_layer_norm`` per head chunk);
 * :func:`emit_channel_rms_norm` writes the one-op form on a (B, C, 1, S) tensor. Both
   ``rms_norm_bc1s`` (norms over the hidden size) and ``attention_bc1s`` (QK-norm over ``head_dim``,
   one per head chunk) use it.
@@ -128,6 +130,33 @@ def match_aten_rms_norm(node: torch.fx.Node, ranks: tuple[int, ...]) -> RMSNorm 
     if weight is not None and not channel_weight(weight, xs[-1]):
         return None
     return RMSNorm(x, float(eps), weight, None, node)
+
+
+@dataclass
+class LayerNorm:
+    """``aten.layer_norm`` over the last axis (per-head QK LayerNorm, when that axis is head_dim)."""
+
+    x: torch.fx.Node
+    eps: float
+    weight: torch.fx.Node | None
+    bias: torch.fx.Node | None
+    last: torch.fx.Node
+
+
+def match_layer_norm(node: torch.fx.Node, ranks: tuple[int, ...]) -> LayerNorm | None:
+    """``aten.layer_norm`` over the last axis of a tensor of one of ``ranks``, with constant
+    per-channel weight and bias (or none)."""
+    if node.op != "call_function" or node.target != aten.layer_norm.default:
+        return None
+    x, normalized = node.args[0], node.args[1]
+    xs = shape(x)
+    if xs is None or len(xs) not in ranks or list(normalized) != [xs[-1]]:
+        return None
+    args = list(node.args) + [None] * (5 - len(node.args))
+    weight, bias, eps = args[2], args[3], args[4] if args[4] is not None else 1e-5
+    if any(w is not None and not channel_weight(w, xs[-1]) for w in (weight, bias)):
+        return None
+    return LayerNorm(x, float(eps), weight, bias, node)
 
 
 def emit_channel_rms_norm(

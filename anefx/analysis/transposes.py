@@ -14,7 +14,7 @@ import torch.fx
 
 from anefx.analysis.heads import movement_chain, simulate
 from anefx.analysis.layout_rules import BINARY, UNARY
-from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape
+from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape, views_to_reshapes
 
 aten = torch.ops.aten
 
@@ -50,6 +50,38 @@ def perm_of(node: torch.fx.Node) -> list[int] | None:
         p[a], p[b] = p[b], p[a]
         return p
     return None
+
+
+def _split_groups(before: tuple[int, ...], after: tuple[int, ...]) -> list[list[int]] | None:
+    """For a reshape from ``before`` to ``after`` that only splits axes, the sizes each axis of
+    ``before`` splits into (in order); None for any other reshape."""
+    groups, j = [], 0
+    for d in before:
+        group, size = [], 1
+        if d == 1 and j < len(after) and after[j] == 1:
+            group, j = [1], j + 1
+        while size < d and j < len(after):
+            group.append(after[j])
+            size *= after[j]
+            j += 1
+        if size != d or not group:
+            return None
+        groups.append(group)
+    return groups if j == len(after) else None
+
+
+def einsum_permutation(node: torch.fx.Node) -> list[int] | None:
+    """The permutation a one-operand ``einsum`` applies (``'nhwpqc->nchpwq'``: DiT's unpatchify), or
+    None when ``node`` is not such an einsum. coremltools converts it to one MIL ``transpose``."""
+    if node.op != "call_function" or node.target != aten.einsum.default or len(node.args) < 2:
+        return None
+    eq, operands = node.args[0], node.args[1]
+    if not isinstance(eq, str) or len(operands) != 1 or "->" not in eq or "." in eq:
+        return None
+    src, dst = (part.replace(" ", "") for part in eq.split("->"))
+    if len(set(src)) != len(src) or sorted(src) != sorted(dst):
+        return None
+    return [src.index(c) for c in dst]
 
 
 def fold_transposes(gm: torch.fx.GraphModule, max_iterations: int = 32) -> dict[str, int]:
@@ -99,9 +131,47 @@ class _Rules:
             return self._sink(graph, node, perm, stats)
         if node.target in (aten.squeeze.dim, aten.squeeze.dims) and self._sink_squeeze(graph, node, stats):
             return True
+        if node.target in _RESHAPES and self._sink_below_reshape(graph, node, stats):
+            return True
         if node.target in SHAPE_ONLY:
             return self._fold_shapes(graph, node, stats)
         return False
+
+    @staticmethod
+    def _sink_below_reshape(graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
+        """``reshape(permute(x, p))`` whose reshape only splits axes → ``permute(reshape(x), p')``, when
+        that lets the permute merge with a permute below or the reshape with a reshape above (DiT's
+        unpatchify: the change out of (B, C, 1, S), a split into patches and a permute become one
+        reshape and one permute)."""
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or len(src.users) != 1:
+            return False
+        perm = perm_of(src)
+        in_shape, out_shape = shape(src), shape(node)
+        if perm is None or in_shape is None or out_shape is None:
+            return False
+        groups = _split_groups(in_shape, out_shape)
+        if groups is None:
+            return False
+        x = src.args[0]
+        merges_below = bool(node.users) and all(perm_of(u) is not None for u in node.users)
+        merges_above = isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in SHAPE_ONLY
+        if not (merges_below or merges_above):
+            return False
+        inverse = [perm.index(a) for a in range(len(perm))]
+        new_shape = [d for a in range(len(perm)) for d in groups[inverse[a]]]
+        offsets, at = [], 0
+        for a in range(len(perm)):
+            offsets.append(at)
+            at += len(groups[inverse[a]])
+        new_perm = [offsets[perm[k]] + i for k in range(len(perm)) for i in range(len(groups[k]))]
+        with graph.inserting_before(node), provenance(node):
+            r = call(graph, aten.reshape.default, (x, new_shape))
+            p = call(graph, aten.permute.default, (r, new_perm))
+        replace_node(graph, node, p)
+        graph.erase_node(src)
+        stats["sunk"] += 1
+        return True
 
     def _sink_squeeze(self, graph: torch.fx.Graph, node: torch.fx.Node, stats: dict) -> bool:
         """``unary(squeeze(x, d))`` → ``squeeze(unary(x), d)``, so an ``unsqueeze`` below can cancel it."""
@@ -131,6 +201,7 @@ class _Rules:
                 moved = call(graph, user.target, (src, *user.args[1:]), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
             replace_node(graph, user, new_perm)
+            views_to_reshapes(new_perm)
             graph.erase_node(node)
             stats["sunk"] += 1
             return True
@@ -154,6 +225,7 @@ class _Rules:
                 moved = call(graph, user.target, tuple(args), dict(user.kwargs))
                 new_perm = call(graph, aten.permute.default, (moved, perm))
             replace_node(graph, user, new_perm)
+            views_to_reshapes(new_perm)
             graph.erase_node(node)
             if drop is not None:
                 graph.erase_node(drop)

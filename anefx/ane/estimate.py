@@ -1,8 +1,11 @@
 """A roofline estimate of ANE memory and latency, per chip. An *estimate*, not a measurement.
 
 For each MIL op: FLOPs (multiply-adds x 2 for conv/matmul/einsum, one per output element otherwise)
-and bytes moved (fp16 activations with the last axis padded to 64 bytes, plus constant weights).
-Time = max(FLOPs / peak, bytes / bandwidth), summed over ops. Peak figures are Apple's published
+and the bytes it moves, from the traffic estimate (:mod:`anefx.ane.traffic`: activations padded on
+the last axis to 64 bytes, each weight read once, states updated in place).
+Time = max(FLOPs / peak, bytes / bandwidth), summed over ops. Transposes and reshapes are counted, and
+so are those of them that copy memory in that padded layout (:func:`anefx.analysis.layout.moves_data`;
+a reshape that keeps the last axis, GroupNorm's, does not). Peak figures are Apple's published
 "trillion operations per second"; Apple does not say at which precision, so fp16 throughput may be
 lower. Each figure carries its source.
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from anefx.ane.rules import OpInfo, padded_bytes
+from anefx.analysis.layout import moves_data
+from anefx.ane.rules import OpInfo
+from anefx.ane.traffic import OpTraffic
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,10 @@ class OpCost:
     name: str
     op_type: str
     flops: float
-    bytes: int
+    bytes: int  #: read + written + the weights this op reads first
+    weights: int = 0
+    #: a transpose or reshape that copies memory (:func:`anefx.analysis.layout.moves_data`)
+    moves: bool = False
 
 
 @dataclass
@@ -51,7 +59,11 @@ class Estimate:
 
     @property
     def activation_bytes(self) -> int:
-        return sum(o.bytes for o in self.ops)
+        return sum(o.bytes - o.weights for o in self.ops)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(o.weights for o in self.ops)
 
     @property
     def layout_ops(self) -> int:
@@ -61,24 +73,31 @@ class Estimate:
     def layout_bytes(self) -> int:
         return sum(o.bytes for o in self.ops if o.op_type in LAYOUT_OPS)
 
+    @property
+    def moving_layout_ops(self) -> int:
+        return sum(1 for o in self.ops if o.op_type in LAYOUT_OPS and o.moves)
+
     def seconds(self, chip: Chip) -> float:
         peak, bw = chip.tops * 1e12, chip.bandwidth_gbs * 1e9
         return sum(max(o.flops / peak, o.bytes / bw) for o in self.ops)
 
-    def to_dict(self, weight_bytes: int = 0) -> dict:
+    def to_dict(self) -> dict:
         return {
             "label": "ESTIMATE (roofline from published peak figures, not a measurement)",
             "gflops": round(self.flops / 1e9, 3),
             "padded_activation_mib": round(self.activation_bytes / 2**20, 3),
-            "weight_mib": round(weight_bytes / 2**20, 3),
+            "weight_mib": round(self.weight_bytes / 2**20, 3),
             "layout_change_ops": self.layout_ops,
+            "layout_change_ops_moving_data": self.moving_layout_ops,
             "layout_change_mib": round(self.layout_bytes / 2**20, 3),
             "ms_per_chip": {c.name: round(self.seconds(c) * 1e3, 3) for c in CHIPS.values()},
             "chip_sources": {c.name: c.source for c in CHIPS.values()},
         }
 
 
-def op_cost(op: OpInfo, in_shapes: list[tuple[int, ...] | None], weight_shapes: list[tuple[int, ...]]) -> OpCost:
+def op_cost(
+    op: OpInfo, in_shapes: list[tuple[int, ...] | None], weight_shapes: list[tuple[int, ...]], traffic: OpTraffic
+) -> OpCost:
     out = op.out_shapes[0] if op.out_shapes else None
     out_n = math.prod(out) if out else 0
     flops = float(out_n)
@@ -89,8 +108,10 @@ def op_cost(op: OpInfo, in_shapes: list[tuple[int, ...] | None], weight_shapes: 
         flops = 2.0 * out_n * _contracted(op.attrs["equation"], in_shapes)
     elif op.op_type in ("matmul", "linear") and in_shapes and in_shapes[0] and out:
         flops = 2.0 * out_n * in_shapes[0][-1]
-    moved = sum(padded_bytes(s) for s in in_shapes if s is not None) + sum(padded_bytes(s) for s in op.out_shapes)
-    return OpCost(op.name, op.op_type, flops, moved)
+    moves = False
+    if op.op_type in LAYOUT_OPS and in_shapes and in_shapes[0] is not None and out is not None:
+        moves = moves_data(in_shapes[0], out, list(op.attrs["perm"]) if "perm" in op.attrs else None)
+    return OpCost(op.name, op.op_type, flops, traffic.total, traffic.weights, moves)
 
 
 def _contracted(equation: str, shapes: list[tuple[int, ...]]) -> int:

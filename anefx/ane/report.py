@@ -17,6 +17,7 @@ from typing import Any
 from anefx.ane.estimate import CHIPS, Estimate, OpCost, op_cost
 from anefx.ane.fp16 import RangeFinding, check_fp16_range
 from anefx.ane.rules import KNOWN_ANE_OPS, RULES, UNKNOWN_SOURCE, OpInfo
+from anefx.ane.traffic import Traffic, estimate_traffic
 from anefx.targets.coreml import runtime_available
 
 _SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
@@ -42,6 +43,7 @@ class ANEReport:
     compute_plan: str = ""  # why the real-device column is absent, or "MLComputePlan"
     op_count: int = 0
     costs: list[OpCost] = field(default_factory=list)  # the estimate's per-op FLOPs and bytes
+    traffic: list[Traffic] = field(default_factory=list)  # bytes per call, one per package of the chain
 
     def by_rule(self) -> dict[str, list[Finding]]:
         out: dict[str, list[Finding]] = {}
@@ -55,6 +57,7 @@ class ANEReport:
             "findings": [asdict(f) for f in self.findings],
             "fp16_range": [asdict(f) for f in self.fp16],
             "estimate": self.estimate,
+            "traffic": [t.to_dict() for t in self.traffic],
             "compute_plan": self.compute_plan,
         }
 
@@ -84,11 +87,14 @@ class ANEReport:
         e = Table(title=self.estimate.get("label", "estimate"))
         e.add_column("measure")
         e.add_column("value", justify="right")
-        for key in ("gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_mib"):
+        keys = ("gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_ops_moving_data")
+        for key in (*keys, "layout_change_mib"):
             e.add_row(key, str(self.estimate.get(key)))
         for chip, ms in self.estimate.get("ms_per_chip", {}).items():
             e.add_row(f"latency on {chip} (ms)", str(ms))
         tables.append(e)
+        if self.traffic:
+            tables.append(traffic_table(self.traffic))
         return tables
 
     def __str__(self) -> str:
@@ -123,9 +129,9 @@ def _op_info(op) -> tuple[OpInfo, list, list]:
                 const_inputs.add(key)
                 if key == "weight" and shape:
                     weights.append(shape)
-                if key in ("dilations", "equation") and v.val is not None:
+                if key in ("dilations", "equation", "perm") and v.val is not None:
                     val = v.val
-                    attrs[key] = tuple(int(x) for x in val) if key == "dilations" else str(val)
+                    attrs[key] = str(val) if key == "equation" else tuple(int(x) for x in val)
             else:
                 in_shapes.append(shape)
     info = OpInfo(op.name, op.op_type, tuple(dtypes), tuple(shapes), frozenset(const_inputs), attrs)
@@ -196,7 +202,6 @@ def analyse(artifact, function: str | None = None, graph_module=None, flat_input
     notes = set()
     report = ANEReport()
     estimate = Estimate()
-    weight_bytes = 0
     for program in artifact.programs:
         package = program.package
         if function not in package.functions:  # a chunk without this function (an encoder chunk)
@@ -206,26 +211,28 @@ def analyse(artifact, function: str | None = None, graph_module=None, flat_input
         graphs = (package.function(function).exported_graph, handoff.graph_module if handoff else None)
         devices, plan_note = _compute_plan(package, function)
         notes.add(plan_note)
-        weight_bytes += _scan(package.operations(function), _locations(*graphs), devices, prefix, report, estimate)
+        name = f"{prefix}{function}" if prefix else function
+        _scan(package.operations(function), _locations(*graphs), devices, prefix, name, report, estimate)
     report.compute_plan = "; ".join(sorted(notes))
     report.costs = estimate.ops
-    report.estimate = estimate.to_dict(weight_bytes)
+    report.estimate = estimate.to_dict()
     report.estimate["chips"] = sorted(CHIPS)
     report.fp16 = check_fp16_range(graph_module, flat_inputs) if graph_module is not None else []
     return report
 
 
-def _scan(operations, locations, devices, prefix: str, report: ANEReport, estimate: Estimate) -> int:
-    """Apply every rule to the ops of one Core ML program; returns its weight bytes (fp16)."""
-    weight_bytes = 0
+def _scan(operations, locations, devices, prefix: str, name: str, report: ANEReport, estimate: Estimate) -> None:
+    """Apply every rule to the ops of one Core ML program, and estimate what they cost."""
+    traffic = estimate_traffic(operations, name)
+    report.traffic.append(traffic)
+    moved = {t.name: t for t in traffic.ops}
     for op in operations:
         if op.op_type == "const":
-            val = getattr(op, "val", None)
-            weight_bytes += getattr(getattr(val, "val", None), "size", 0) * 2
             continue
         report.op_count += 1
         info, in_shapes, weights = _op_info(op)
-        estimate.ops.append(op_cost(info, in_shapes, weights))
+        if op.name in moved:
+            estimate.ops.append(op_cost(info, in_shapes, weights, moved[op.name]))
         location = _lookup(op.name, locations)
         out_name = op.outputs[0].name if op.outputs else op.name
         flagged = False
@@ -257,7 +264,6 @@ def _scan(operations, locations, devices, prefix: str, report: ANEReport, estima
                     location,
                 )
             )
-    return weight_bytes
 
 
 def add_unmatched_attention(report: ANEReport, records) -> None:
@@ -271,6 +277,23 @@ def add_unmatched_attention(report: ANEReport, records) -> None:
                 report.findings.append(finding)
 
 
+def traffic_table(traffic: list[Traffic]):
+    """Bytes per call of each package, against the floor (weights + states read once)."""
+    from rich.table import Table
+
+    from anefx.ane.traffic import LABEL
+
+    t = Table(title=f"memory traffic per call: {LABEL}")
+    for col in ("program", "total MB", "weights MB", "states MB", "state reads MB", "floor MB", "x floor", "largest"):
+        t.add_column(col, justify="right" if col != "largest" else "left")
+    for tr in traffic:
+        d = tr.to_dict()
+        top = ", ".join(f"{k} {v}" for k, v in list(d["by_op_type_mb"].items())[:3])
+        row = (d["total_mb"], d["weights_mb"], d["state_mb"], d["state_read_mb"], d["floor_mb"], d["times_floor"], top)
+        t.add_row(tr.function, *(str(x) for x in row))
+    return t
+
+
 def compare_estimates(reports: dict[str, ANEReport]):
     """A table of the estimates of several reports side by side (e.g. stock vs anefx)."""
     from rich.table import Table
@@ -279,7 +302,8 @@ def compare_estimates(reports: dict[str, ANEReport]):
     t.add_column("measure")
     for label in reports:
         t.add_column(label, justify="right")
-    rows = ["gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_mib"]
+    rows = ["gflops", "padded_activation_mib", "weight_mib", "layout_change_ops", "layout_change_ops_moving_data"]
+    rows.append("layout_change_mib")
     for key in rows:
         t.add_row(key, *(str(r.estimate.get(key)) for r in reports.values()))
     chips = next(iter(reports.values())).estimate.get("ms_per_chip", {})

@@ -188,5 +188,10 @@ KNOWN_ANE_OPS = {
     "upsample_nearest_neighbor", "upsample_bilinear", "pad", "select", "logical_and", "logical_or",
     "logical_not", "equal", "not_equal", "less", "less_equal", "greater", "greater_equal", "tile",
     "fill", "scaled_dot_product_attention",
+    # Core ML states (iOS 18): a KV cache read, written back, and its new column written in place by a
+    # run-time-indexed slice_update, as Anemll (Anemll/Anemll llama_model.py) and CoreML-LLM
+    # (docs/MLSTATE_PATTERN.md: on iPhone 17 Pro's ANE) run them; under Core AI the same write crashes
+    # the ANE compiler (apple/coreai-torch#6), which anefx's LM front end does not target
+    "read_state", "coreml_update_state", "slice_update",
 }  # fmt: skip
 UNKNOWN_SOURCE = "no published evidence either way: anefx does not guess"

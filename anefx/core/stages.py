@@ -30,6 +30,7 @@ import torch
 from anefx.core.options import Plan
 from anefx.driver.events import Events
 from anefx.driver.guard import never_worse as guard
+from anefx.driver.guard import stock_pipeline
 from anefx.driver.pipeline import PipelineResult
 from anefx.driver.report import Report
 from anefx.driver.validate import Tolerance, ValidationOptions
@@ -126,7 +127,7 @@ def run_passes(
         pipeline = pipeline.with_validation(tolerances=spec.tolerances(captured, pipeline.validation))
     references = captured.reference_outputs if spec.reference == "model" else None
 
-    def run(refused=None):
+    def run(refused=None, pipeline=pipeline):
         if refused:
             events.step("rerun", sites=sum(map(len, refused.values())))
         return pipeline.run(
@@ -143,7 +144,9 @@ def run_passes(
     info: dict = {}
     if plan.options.never_worse and pipeline.passes and plan.debug.bisect_limit is None:  # bisecting: as they ran
         with events.stage("guard"):
-            outcome = guard(captured.graph_module, result, run)
+            outcome = guard(
+                captured.graph_module, result, run, stock_form=lambda: run(pipeline=stock_pipeline(pipeline))
+            )
         result, info = outcome.result, outcome.info
         info["seconds"] = round(events.events[-1].seconds or 0.0, 3)
     return result, unguarded, info

@@ -9,9 +9,11 @@ came out worse in their original form:
 
 * **Estimate, no second conversion.** :func:`layout_change` counts the FX nodes that coremltools
   turns into a MIL ``transpose`` (``permute``/``transpose``/``t`` of an activation, identity
-  permutations excluded) or ``reshape`` (``view``/``reshape``/``reshape_as``/``flatten``/``unflatten``
-  that change the shape); ``squeeze``/``unsqueeze`` become ``squeeze``/``expand_dims``, and ops on
-  constants are folded, so neither counts. On the test zoo this is within 2 of the real
+  permutations and swaps of the last two axes that only matrix products read, which coremltools
+  folds into them, excluded, a one-operand permuting ``einsum``) or ``reshape`` (``view``/``reshape``/
+  ``reshape_as``/``flatten``/``unflatten`` that change the shape), and the two reshapes of
+  coremltools' own ``group_norm`` lowering; ``squeeze``/``unsqueeze`` become ``squeeze``/
+  ``expand_dims``, and ops on constants are folded, so neither counts. On the test zoo this is within 2 of the real
   ``op_histogram()`` counts (coremltools cancels a few transposes by itself).
 * **Regions.** A region is a connected group of rewrite sites (``networkx.connected_components``)
   of the captured graph, joined through the ops that move with them: layout-agnostic ops (those
@@ -24,6 +26,9 @@ came out worse in their original form:
   the region keeps its original form and every other region keeps its rewrite; validation runs on
   the result as on any pipeline run. Rounds repeat (at most ``max_rounds``) while a region is still
   worse. Nothing is re-run when no region is worse: the common case costs one count over the graph.
+  A region with more layout changes than stock is still kept rewritten when they move fewer bytes
+  (:func:`moved_bytes`: fp16, last axis padded to 64 bytes): attention over a KV cache read as it
+  lies reshapes one token's queries where the stock form transposes the whole cache.
 
 The report (``compiled.report.guard``) names every kept region: its sites (pass, node, op, source
 line) and its layout changes in the captured graph, in anefx's graph before and after the fallback.
@@ -40,8 +45,10 @@ import networkx as nx
 import torch
 import torch.fx
 
+from anefx.analysis.layout import padded_bytes
 from anefx.analysis.layout_rules import rule_for
-from anefx.driver.pipeline import PipelineResult
+from anefx.analysis.transposes import einsum_permutation
+from anefx.driver.pipeline import Pipeline, PipelineResult
 from anefx.ir.graph import is_constant, origin, shape
 from anefx.ir.sites import Site
 
@@ -82,24 +89,51 @@ def _permutation(node: torch.fx.Node) -> list[int] | None:
     return None  # movedim: always a transpose
 
 
-def layout_change(node: torch.fx.Node) -> str | None:
-    """``"transpose"`` or ``"reshape"`` when coremltools converts ``node`` into that MIL op on an
-    activation (ops on constants are folded), else None."""
-    if node.op != "call_function" or node.target not in TRANSPOSES | RESHAPES:
-        return None
+#: ops coremltools lowers with layout changes of their own: ``group_norm`` views its input as
+#: (B, G, C/G, *spatial) and back
+LOWERED = {aten.group_norm.default: ("reshape", "reshape"), aten.native_group_norm.default: ("reshape", "reshape")}
+
+
+def layout_change(node: torch.fx.Node) -> tuple[str, ...]:
+    """The MIL ``transpose``/``reshape`` ops coremltools converts ``node`` into on an activation
+    (ops on constants are folded): ``("transpose",)``, ``("reshape",)``, two for a ``group_norm``,
+    or ``()``."""
+    if node.op != "call_function":
+        return ()
+    if node.target in LOWERED and not is_constant(node):
+        return LOWERED[node.target]
+    if node.target not in TRANSPOSES | RESHAPES:
+        perm = einsum_permutation(node)  # a one-operand einsum that permutes: one MIL transpose
+        return ("transpose",) if perm is not None and perm != sorted(perm) else ()
     src = node.args[0] if node.args else None
     if not isinstance(src, torch.fx.Node) or is_constant(node):
-        return None
+        return ()
     if node.target in RESHAPES:
         before, after = shape(src), shape(node)
-        return "reshape" if before is None or before != after else None
+        return ("reshape",) if before is None or before != after else ()
     perm = _permutation(node)
-    return None if perm is not None and perm == list(range(len(perm))) else "transpose"
+    if perm is not None and perm == list(range(len(perm))):
+        return ()
+    return () if _into_matmul(node, perm) else ("transpose",)
+
+
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+
+
+def _into_matmul(node: torch.fx.Node, perm: list[int] | None) -> bool:
+    """A swap of the last two axes read only by matrix products: coremltools folds it into their
+    ``transpose_x`` / ``transpose_y`` (``common::fuse_transpose_matmul``), no MIL ``transpose`` is left."""
+    rank = len(perm) if perm is not None else 0
+    if rank < 2 or perm != [*range(rank - 2), rank - 1, rank - 2]:
+        return False
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target in _MATMULS and node in u.args[:2] for u in node.users
+    )
 
 
 def layout_changes(gm: torch.fx.GraphModule) -> collections.Counter:
     """The estimated MIL ``transpose`` and ``reshape`` counts of ``gm``'s conversion."""
-    return collections.Counter(k for n in gm.graph.nodes if (k := layout_change(n)) is not None)
+    return collections.Counter(k for n in gm.graph.nodes for k in layout_change(n))
 
 
 @dataclass
@@ -174,9 +208,25 @@ def charged(gm: torch.fx.GraphModule, owners: Mapping[str, int], captured_names:
     """Layout changes of ``gm`` per region index (None: outside every region)."""
     counts: collections.Counter = collections.Counter()
     for n in gm.graph.nodes:
-        if layout_change(n) is not None:
-            counts[_owner(n, owners, captured_names)] += 1
+        if kinds := layout_change(n):
+            counts[_owner(n, owners, captured_names)] += len(kinds)
     return counts
+
+
+def moved_bytes(node: torch.fx.Node) -> int:
+    """Bytes a layout change reads and writes on the ANE (fp16, last axis padded to 64 bytes), once
+    per MIL op it becomes (``group_norm``'s lowering: two reshapes of the same size)."""
+    src = node.all_input_nodes[0] if node.all_input_nodes else None
+    return len(layout_change(node)) * (padded_bytes(shape(src)) + padded_bytes(shape(node)))
+
+
+def charged_bytes(gm: torch.fx.GraphModule, owners: Mapping[str, int], captured_names: Collection[str]):
+    """Bytes moved by the layout changes of ``gm`` per region index (None: outside every region)."""
+    total: collections.Counter = collections.Counter()
+    for n in gm.graph.nodes:
+        if layout_change(n):
+            total[_owner(n, owners, captured_names)] += moved_bytes(n)
+    return total
 
 
 @dataclass
@@ -186,18 +236,29 @@ class GuardOutcome:
     info: dict[str, Any]
 
 
+def stock_pipeline(pipeline: Pipeline) -> Pipeline:
+    """``pipeline`` with only the passes that never change a layout (:data:`NEUTRAL_PASSES`: the
+    spellings converters need, constants, fp16-safe mask values): the stock form of the captured
+    graph, validated like any pipeline run."""
+    return pipeline.without(*(n for n in pipeline.names if n not in NEUTRAL_PASSES))
+
+
 def never_worse(
     captured: torch.fx.GraphModule,
     result: PipelineResult,
     rerun: Callable[[dict[str, set[str]]], PipelineResult],
     *,
+    stock_form: Callable[[], PipelineResult] | None = None,
     max_rounds: int = 4,
 ) -> GuardOutcome:
     """Compare ``result`` with ``captured`` region by region; re-run the pipeline (``rerun(refused)``,
     refused: pass name -> site names) with the worse regions refused until none is worse.
 
     Each round finds the regions again from every site declared so far: refusing a site can expose
-    others (four linears that ``grouped_projection`` had merged become ``linear_to_conv`` sites)."""
+    others (four linears that ``grouped_projection`` had merged become ``linear_to_conv`` sites).
+    When the graph is still worse than the captured one after the rounds (layout changes outside
+    every region, or sites the guard cannot refuse), ``stock_form()`` (the pipeline of
+    :func:`stock_pipeline`) is what ships, and ``info["shipped"]`` says so."""
     names = {n.name for n in captured.graph.nodes}
     info: dict[str, Any] = {
         "stock": _total(layout_changes(captured)),
@@ -216,8 +277,13 @@ def never_worse(
             info["regions"] = len(regions)
         owners = {name: r.index for r in regions for name in r.nodes}
         stock, ours = charged(captured, owners, names), charged(current.graph_module, owners, names)
+        stock_bytes = charged_bytes(captured, owners, names)
+        ours_bytes = charged_bytes(current.graph_module, owners, names)
         worse = [
-            r for r in regions if ours[r.index] > stock[r.index] and any(s.name not in refused[p] for p, s in r.sites)
+            r
+            for r in regions
+            if _worse(ours[r.index], ours_bytes[r.index], stock[r.index], stock_bytes[r.index])
+            and any(s.name not in refused[p] for p, s in r.sites)
         ]
         if not worse or round_ == max_rounds:
             break
@@ -244,7 +310,22 @@ def never_worse(
     #: still more than stock overall: layout changes outside every region, or sites the guard cannot
     #: refuse (anchored on nodes the captured graph does not have)
     info["worse_than_stock"] = sum(info["anefx"].values()) > sum(info["stock"].values())
+    if info["worse_than_stock"] and stock_form is not None:
+        # the refusals did not reach stock: ship the stock form, never the worse one
+        current = stock_form()
+        info["shipped"] = "stock"
+        info["worse_counts"] = info["anefx"]
+        info["anefx"] = _total(layout_changes(current.graph_module))
+        # the stock form is the stock conversion as anefx ships it (its legalization may respell a
+        # gather of a mask as a reshape, one more in the estimate): never "worse than stock"
+        info["worse_than_stock"] = False
     return GuardOutcome(current, info)
+
+
+def _worse(count: int, moved: int, stock_count: int, stock_moved: int) -> bool:
+    """More layout changes than stock, unless they move fewer bytes (a whole KV cache transposed
+    once moves more than a few one-token reshapes)."""
+    return count > stock_count and moved >= stock_moved
 
 
 def _total(counts: Mapping[str, int]) -> dict[str, int]:

@@ -136,12 +136,20 @@ class Report:
             f"never worse than stock (estimated transposes + reshapes): stock {n(info['stock'])}, "
             f"anefx {n(info['anefx_before'])}"
             + (
-                f" -> {n(info['anefx'])} after keeping {len(info['kept'])} region(s)"
+                f" -> {n(info['anefx'])} (the stock form)"
+                if info.get("shipped") == "stock" and not info.get("fallback")
+                else f" -> {n(info['anefx'])} after keeping {len(info['kept'])} region(s)"
                 if info["kept"] and not info.get("fallback")
                 else ""
             )
             + f" ({info['regions']} regions, {info['reruns']} re-runs, {info.get('seconds', 0.0):.2f}s)"
         ]
+        if info.get("shipped") == "stock":
+            lines.append(
+                f"  the guard's refusals left {n(info['worse_counts'])} layout changes (outside its regions): "
+                "shipped the stock form of the validated captured graph (canonicalize, fold_constants, "
+                "fp16_mask_values only)"
+            )
         if info.get("worse_than_stock"):
             lines.append("  WORSE than stock after the guard: the extra layout changes are outside its regions")
         if info.get("fallback"):

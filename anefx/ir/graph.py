@@ -114,6 +114,14 @@ def replace_node(graph: torch.fx.Graph, old: torch.fx.Node, new, *, keep_meta: b
     graph.erase_node(old)
 
 
+def views_to_reshapes(node: torch.fx.Node) -> None:
+    """The model's own ``view`` of ``node`` becomes a ``reshape`` (the same values): once a rewrite
+    computes ``node`` through a permute, a view of it raises ("Cannot view a tensor with shape …")."""
+    for user in node.users:
+        if user.op == "call_function" and user.target == aten.view.default and user.args[0] is node:
+            user.target = aten.reshape.default
+
+
 def dtype(node: torch.fx.Node) -> torch.dtype | None:
     v = val(node)
     return v.dtype if isinstance(v, torch.Tensor) else None

@@ -31,17 +31,27 @@ from anefx.driver.events import Event, Events
 from anefx.driver.report import Report
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up, scaled_tolerances
+from anefx.lm.cache import (
+    CacheLayout,
+    StepFunction,
+    probe_layout,
+    round_up,
+    scaled_tolerances,
+    takes_negative_positions,
+)
 from anefx.lm.generate import (
     EndToEndCheck,
     Generation,
     GenerationMismatch,
+    Sampling,
+    argmax,
     default_prompts,
     end_to_end_check,
     eos_ids,
     greedy,
-    prefill,
+    next_token_scores,
     prompt_ids,
+    teacher_forced,
 )
 from anefx.lm.seq2seq import CompiledEncoderDecoder, compile_encoder_decoder
 from anefx.targets.handoff import StateSpec
@@ -54,8 +64,8 @@ INPUTS_DOC = {
     "input_ids": "int32 (1, T): token ids of this chunk (T = prefill_length for prefill, 1 for decode); "
     "pad a short last chunk with any id",
     "position_ids": "int32 (1, T): positions of the chunk's tokens, consecutive from the number of tokens "
-    "already in the cache; padding positions >= context_length are not written",
-    "logits": "float (1, T, vocab): next-token logits for every token of the chunk",
+    "already in the cache; padding before a prompt takes negative positions (never written nor attended to)",
+    "logits": "float (1, 1, vocab): next-token logits of the chunk's last token",
 }
 
 __all__ = ["CompiledLM", "EndToEndCheck", "Generation", "GenerationMismatch", "compile_lm"]
@@ -70,6 +80,9 @@ class CompiledLM(Compiled):
     eos_token_ids: list[int]
     vocab_size: int
     check: EndToEndCheck | None = None
+    #: the first prefill chunk of a prompt is padded in front with negative positions (False: the
+    #: model cannot take them; the tokens after the last full chunk go through ``decode``)
+    front_pad: bool = True
 
     # -- what was built ------------------------------------------------------------------------
     @property
@@ -116,9 +129,32 @@ class CompiledLM(Compiled):
         return super().op_histogram(function)
 
     def ane_report(self, function: str):
-        """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip) of one function."""
+        """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip, memory traffic
+        against its floor) of one function; :meth:`context_growth` adds the share that grows with the
+        context."""
         self.op_histogram(function)  # same errors for unknown functions / no package
         return self.analyse(function)
+
+    def traffic(self, function: str = "decode"):
+        """The memory traffic ESTIMATE of one call of ``function`` (:mod:`anefx.ane.traffic`: bytes each
+        MIL op reads and writes, weights once, states updated in place; every package of a chain)."""
+        from anefx.ane.traffic import Traffic, estimate_traffic
+
+        self.op_histogram(function)  # same errors for unknown functions / no package
+        total = Traffic(function)
+        for program in self._converted().programs:
+            part = estimate_traffic(program.package.operations(function), function)
+            total.ops += part.ops
+            total.states.update(part.states)
+        return total
+
+    def context_growth(self, other: CompiledLM, function: str = "decode"):
+        """How ``function``'s traffic grows with the context: this compile against ``other``, the same
+        model compiled at another ``context_length`` (ESTIMATE, :func:`anefx.ane.traffic.context_growth`)."""
+        from anefx.ane.traffic import context_growth
+
+        (a, ca), (b, cb) = sorted(((self, self.context_length), (other, other.context_length)), key=lambda x: x[1])
+        return context_growth(a.traffic(function), ca, b.traffic(function), cb)
 
     def weight_bytes(self) -> int:
         """Bytes of the weight files (stored once for both functions), over every package of a chain."""
@@ -151,7 +187,7 @@ class CompiledLM(Compiled):
 
             def step(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
                 values = {"input_ids": ids, "position_ids": positions}
-                return self.artifact.call(function, values, states, variant)["logits"].float()
+                return next_token_scores(self.artifact.call(function, values, states, variant), self.vocab_size)
 
             return step
         if runtime not in ("target", *self.artifact.target.capabilities.runtimes):
@@ -164,7 +200,7 @@ class CompiledLM(Compiled):
 
         def run(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             out = program({"input_ids": ids, "position_ids": positions}, function=function, state=state)
-            return torch.from_numpy(out["logits"]).float()
+            return next_token_scores({k: torch.from_numpy(v) for k, v in out.items()}, self.vocab_size)
 
         return run
 
@@ -176,8 +212,17 @@ class CompiledLM(Compiled):
         eos_token_id: int | list[int] | None = ...,
         runtime: str = "torch",
         on_token: Callable[[int], None] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
     ) -> Generation:
-        """Greedy generation with the rewritten stateful graphs, or with the package.
+        """Generation with the rewritten stateful graphs, or with the package: greedy (the default,
+        and what the end-to-end check compares), or with ``do_sample`` seeded sampling with
+        ``temperature``, ``top_k`` and ``top_p`` as ``transformers`` applies them (``seed``: the same
+        seed, the same tokens). ``on_token`` is called with each new token as it is chosen. The stop
+        tokens are the model's generation config's EOS ids unless ``eos_token_id`` is given.
 
         ``runtime="torch"`` runs the graphs in PyTorch (anywhere); ``runtime="target"`` runs the
         package with the target's executor (Core ML: anefx's MIL interpreter, any OS);
@@ -190,13 +235,25 @@ class CompiledLM(Compiled):
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
         step = self._step(runtime)
-        return greedy(step, prompt, max_new_tokens, self.prefill_length, self.context_length, eos_set, on_token)
+        pick = Sampling(temperature, top_k, top_p, seed).picker() if do_sample else argmax
+        return greedy(
+            step,
+            prompt,
+            max_new_tokens,
+            self.prefill_length,
+            self.context_length,
+            eos_set,
+            on_token,
+            self.front_pad,
+            pick,
+        )
 
     def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:
-        """Every position's next-token logits of ``ids`` (1, T), prefilled chunk by chunk from an empty
-        cache through the artifact (``variant``: the converted programs with their ``"fp16"`` or
+        """Every position's next-token logits of ``ids`` (1, T), teacher forced from an empty cache
+        through the artifact (``variant``: the converted programs with their ``"fp16"`` or
         ``"compressed"`` weights; None: the rewritten graphs)."""
-        return torch.cat(prefill(self._step("torch", variant), [int(t) for t in ids.reshape(-1)], self.prefill_length))
+        ids = [int(t) for t in ids.reshape(-1)]
+        return teacher_forced(self._step("torch", variant), ids, self.prefill_length, self.front_pad)
 
 
 def _example_inputs(layout: CacheLayout, tokens: int, position: int, vocab: int, seed: int):
@@ -229,8 +286,9 @@ def metadata_for(
     }
 
 
-def request_for(step: StepFunction, layout: CacheLayout, prefill_length: int, vocab: int, metadata) -> ProgramRequest:
-    """The program compile_lm asks for: ``prefill`` and ``decode`` over the same states."""
+def request_for(model, layout: CacheLayout, prefill_length: int, vocab: int, metadata) -> ProgramRequest:
+    """The program compile_lm asks for: ``prefill`` (the logits of its last position) and ``decode``
+    over the same states."""
     names = layout.state_names
     io = {n: n for n in names}
     functions = []
@@ -240,7 +298,7 @@ def request_for(step: StepFunction, layout: CacheLayout, prefill_length: int, vo
         functions.append(
             FunctionSpec(
                 fn,
-                step,
+                StepFunction(model, layout, last_only=fn == "prefill"),
                 (ids, positions, *states),
                 input_names=["input_ids", "position_ids", *names],
                 output_names=["logits", *names],
@@ -343,6 +401,7 @@ def compile_lm(
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     with events.stage("probe"), eval_mode(model):
         layout, vocab = probe_layout(model, context, dtype)
+        front_pad = takes_negative_positions(model)
     eos = eos_ids(model, eos_token_id)
     model_name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     metadata = metadata_for(
@@ -353,8 +412,9 @@ def compile_lm(
         eos_ids=eos,
         precision=plan.target.precision,
     )
-    request = request_for(StepFunction(model, layout), layout, prefill_length, vocab, metadata)
+    request = request_for(model, layout, prefill_length, vocab, metadata)
     compiled = CompiledLM(build(request, plan, events), layout, prefill_length, eos, vocab)
+    compiled.front_pad = front_pad
     if check_tokens:
         with events.stage("check"):
             compiled.check = end_to_end_check(compiled, model, check_prompt, check_tokens, vocab)

@@ -2,15 +2,17 @@
 
 * ``encode(inputs[, attention_mask]) -> (encoder_length, *cross states, encoder_mask)``: the encoder, then every
   decoder layer's cross-attention K and V projections of its output, each written into a
-  cross-attention state laid out like a self-attention cache (:class:`~anefx.lm.cache.CacheLayout`,
-  ``(1, C, 1, S)`` with ``C`` and ``S`` padded to multiples of 32; ``S`` is the encoder's length).
+  cross-attention state (:class:`CrossLayout`: values ``(1, C, 1, S)``, keys by position
+  ``(1, S, 1, C)``, ``C`` and ``S`` padded to multiples of 32; ``S`` is the encoder's length).
   ``encoder_mask`` ``(1, 1, 1, S)`` is the encoder's padding mask as the additive bias attention
   adds to its scores (0 kept, :data:`MASKED` for the source's padding and the states' padding
   slots): it travels with the states, so the decoder never recomputes it; the model gets it as a
   4-D mask, which ``transformers``' mask code passes through as it is.
 * ``prefill`` / ``decode``: ``(input_ids, position_ids, *self states, *cross states, encoder_mask)
   -> (logits, *self states')``: the decoder with its self-attention KV states exactly as a causal
-  LM's (:func:`~anefx.lm.cache.make_cache`), cross-attention reading the cross states.
+  LM's (:func:`~anefx.lm.cache.make_cache`: keys-last ``(1, kv_heads, head_dim, context)``, a
+  decode step writes one column), cross-attention reading the cross states; as a causal LM's,
+  ``prefill`` returns the logits of its chunk's last position only.
 
 How the model is called (the rule, the same for every architecture): the model's own forward, as
 ``transformers`` calls it during generation, ``model(decoder_input_ids=…, encoder_outputs=…,
@@ -48,8 +50,6 @@ from anefx.lm.cache import (
     CacheLayout,
     LayerCache,
     _ProbeCache,
-    channels_first,
-    heads_of,
     make_cache,
     round_up,
 )
@@ -84,12 +84,36 @@ class SourceSpec:
 
 
 @dataclass(frozen=True)
+class CrossLayout(CacheLayout):
+    """The cross-attention states, as the cross-attention reads them (they are written once, by
+    ``encode``, so no single-column write applies): values ``(1, C, 1, S)``, keys stored by position
+    ``(1, S, 1, C)`` (``keys_transposed``: the layout the per-head score product reads, ``bkhc``, so
+    reading them needs no transpose), ``C`` and ``S`` padded to multiples of 32; ``context`` is the
+    encoder's padded length. (The decoder's self-attention caches are a causal LM's,
+    :class:`~anefx.lm.cache.CacheLayout`: keys-last ``(1, kv_heads, head_dim, context)``.)"""
+
+    names: tuple[str, str] = CROSS_NAMES
+    keys_transposed: bool = True
+
+    @property
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        keys = [
+            (1, self.context, 1, round_up(lc.key_channels))
+            if self.keys_transposed
+            else (1, round_up(lc.key_channels), 1, self.context)
+            for lc in self.layers
+        ]
+        values = [(1, round_up(lc.value_channels), 1, self.context) for lc in self.layers]
+        return keys + values
+
+
+@dataclass(frozen=True)
 class EncoderDecoderLayout:
     """The states of an encoder-decoder program: the decoder's self-attention caches, the
     cross-attention states and the encoder mask."""
 
-    decoder: CacheLayout  #: self-attention K/V (1, C, 1, context)
-    cross: CacheLayout  #: cross-attention K/V (1, C, 1, S), S = the encoder length padded to 32
+    decoder: CacheLayout  #: self-attention K/V (1, kv_heads, head_dim, context), as a causal LM's
+    cross: CrossLayout  #: cross-attention K (1, S, 1, C), V (1, C, 1, S); S = the encoder length padded to 32
     encoder_length: int  #: the encoder's own output length (S without its padding)
     hidden_size: int  #: channels of the encoder output
     source: SourceSpec
@@ -134,13 +158,27 @@ class EncoderDecoderLayout:
 # -- the caches the model is called with -------------------------------------------------------------
 
 
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values as a model hands them to its cache, (1, H, T, D), as cache channels (1, H·D, T)."""
+    _, h, t, d = x.shape
+    return x.transpose(2, 3).reshape(1, h * d, t)
+
+
+def heads_of(state: torch.Tensor, heads: int, dim: int, transposed: bool = False) -> torch.Tensor:
+    """A (1, Cpad, 1, L) state (``transposed``: (1, L, 1, Cpad)) read back as the model's
+    (1, heads, L, dim) keys or values."""
+    if transposed:
+        return state[..., : heads * dim].reshape(1, state.shape[1], heads, dim).transpose(1, 2)
+    return state[:, : heads * dim].reshape(1, heads, dim, state.shape[3]).transpose(2, 3)
+
+
 def _pad_state(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """(1, A, B) keys or values as a (1, Apad, 1, Bpad) state, zero padded."""
     x = x.unsqueeze(2)
     return torch.nn.functional.pad(x, (0, shape[3] - x.shape[3], 0, 0, 0, shape[1] - x.shape[1]))
 
 
-def make_cross_cache(layout: CacheLayout, states: list[torch.Tensor] | None):
+def make_cross_cache(layout: CrossLayout, states: list[torch.Tensor] | None):
     """A ``transformers`` cache of cross-attention K/V.
 
     With ``states`` (``prefill`` / ``decode``) its layers hold the states read as the model's
@@ -440,10 +478,11 @@ class DecoderStep(torch.nn.Module):
     -> (logits, *self states')``. As for causal LMs, the states are ordinary inputs here, so every pass
     is validated on random states."""
 
-    def __init__(self, adapted: Adapted, layout: EncoderDecoderLayout):
+    def __init__(self, adapted: Adapted, layout: EncoderDecoderLayout, last_only: bool = False):
         super().__init__()
         self.adapted = adapted
         self.layout = layout
+        self.last_only = last_only  #: a prefill: the logits of the chunk's last position only
 
     def forward(self, input_ids, position_ids, *states):
         layout = self.layout
@@ -463,7 +502,11 @@ class DecoderStep(torch.nn.Module):
         missing = [layout.decoder.state_names[i] for i, s in enumerate(self_cache.new_states) if s is None]
         if missing:
             raise AnefxError(f"the model never updated the caches {missing}")
-        return (logits, *self_cache.new_states)
+        return (logits[:, -1:] if self.last_only else logits, *self_cache.new_states)
+
+    def prefill(self) -> DecoderStep:
+        """This step returning the logits of its chunk's last position only (the same parameters)."""
+        return DecoderStep(self.adapted, self.layout, last_only=True)
 
 
 # -- probing the model ---------------------------------------------------------------------------------
@@ -532,9 +575,7 @@ def probe_encoder_decoder(
     encoder_length = int(hidden.shape[1])
     return EncoderDecoderLayout(
         decoder=CacheLayout(_layers(self_probe.shapes, "self-attention"), round_up(context), dtype),
-        cross=CacheLayout(
-            _layers(cross_probe.shapes, "cross-attention"), round_up(encoder_length), dtype, CROSS_NAMES, True
-        ),
+        cross=CrossLayout(_layers(cross_probe.shapes, "cross-attention"), round_up(encoder_length), dtype, CROSS_NAMES),
         encoder_length=encoder_length,
         hidden_size=int(hidden.shape[2]),
         source=source,
@@ -543,7 +584,7 @@ def probe_encoder_decoder(
 
 
 def step_functions(model: torch.nn.Module, layout: EncoderDecoderLayout) -> tuple[EncodeFunction, DecoderStep]:
-    """``encode`` and the decoder step (``prefill`` and ``decode`` at their token counts) over one
-    adapted view of ``model``: both hold the same parameters."""
+    """``encode`` and the decoder step (every position's logits) over one adapted view of ``model``:
+    both hold the same parameters (``prefill`` is the step with ``last_only``, :meth:`DecoderStep.prefill`)."""
     adapted = Adapted(model, layout)
     return EncodeFunction(adapted, layout), DecoderStep(adapted, layout)

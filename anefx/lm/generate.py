@@ -2,10 +2,10 @@
 
 Generation calls the artifact's ``prefill`` and ``decode`` functions through a step (its states
 carried from call to call): in PyTorch, or with the target's executor. A prompt is prefilled in
-chunks of ``prefill_length`` tokens (a short last chunk padded: a padded slot is overwritten before
-any query can see it), then one ``decode`` call per new token. The same chunked prefill scores whole
-sequences for the compression quality (:func:`prefill_logits`: every position's logits, teacher
-forced).
+chunks of ``prefill_length`` tokens aligned on its end (``prefill`` returns its last position's
+logits only; the first chunk is padded in front with negative positions, which are never written
+nor seen), then one ``decode`` call per new token. The compression quality scores whole sequences
+teacher forced (:func:`teacher_forced`: the first token prefilled, the others decoded).
 """
 
 from __future__ import annotations
@@ -86,16 +86,104 @@ def prompt_ids(input_ids, context_length: int) -> list[int]:
     return prompt
 
 
-def prefill(step: Step, prompt: list[int], prefill_length: int) -> list[torch.Tensor]:
-    """Prefill ``prompt`` chunk by chunk; every chunk's logits of its real (unpadded) tokens."""
-    out = []
-    for start in range(0, len(prompt), prefill_length):
-        chunk = prompt[start : start + prefill_length]
-        n = len(chunk)
-        ids = torch.tensor([chunk + [0] * (prefill_length - n)], dtype=torch.int32)
-        positions = torch.arange(start, start + prefill_length, dtype=torch.int32).unsqueeze(0)
-        out.append(step("prefill", ids, positions)[0, :n])
-    return out
+def prefill(step: Step, prompt: list[int], prefill_length: int, front_pad: bool = True) -> torch.Tensor:
+    """Prefill ``prompt``; the next-token logits after its last token.
+
+    ``prefill`` returns the logits of its chunk's last position only, so the chunks are aligned on
+    the prompt's end: full chunks of ``prefill_length`` tokens, the first padded in front with
+    negative positions (never written to the cache, never attended to). A model that cannot take a
+    negative position (a learned absolute position embedding: ``front_pad`` False) prefills the
+    full chunks from the start and feeds the remainder through ``decode``."""
+    n, p = len(prompt), prefill_length
+    last = None
+    if front_pad:
+        for start in range(n - -(-n // p) * p, n, p):
+            pad = max(0, -start)
+            ids = torch.tensor([[0] * pad + prompt[max(start, 0) : start + p]], dtype=torch.int32)
+            positions = torch.arange(start, start + p, dtype=torch.int32).unsqueeze(0)
+            last = step("prefill", ids, positions)[0, -1]
+        return last
+    full = n // p * p
+    for start in range(0, full, p):
+        ids = torch.tensor([prompt[start : start + p]], dtype=torch.int32)
+        last = step("prefill", ids, torch.arange(start, start + p, dtype=torch.int32).unsqueeze(0))[0, -1]
+    for pos in range(full, n):
+        last = _decode(step, prompt[pos], pos)
+    return last
+
+
+def next_token_scores(outputs: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+    """The next-token scores of a call's outputs, (1, T, vocab): its ``logits``, or what a head that
+    returns tokens left of them (``LMHeadOptions(output=…)``): ``argmax`` ids as a one-hot, ``topk``
+    values at their ids and -inf elsewhere (greedy decoding and sampling within the top k read them
+    alike)."""
+    if "logits" in outputs:
+        return outputs["logits"].float()
+    if "token" in outputs:
+        ids = outputs["token"].long()
+        return torch.nn.functional.one_hot(ids, vocab).float()
+    ids, values = outputs["topk_ids"].long(), outputs["topk_values"].float()
+    scores = torch.full((*ids.shape[:-1], vocab), -math.inf)
+    return scores.scatter(-1, ids, values)
+
+
+def _decode(step: Step, token: int, pos: int) -> torch.Tensor:
+    return step("decode", torch.tensor([[token]], dtype=torch.int32), torch.tensor([[pos]], dtype=torch.int32))[0, 0]
+
+
+def teacher_forced(step: Step, ids: list[int], prefill_length: int, front_pad: bool = True) -> torch.Tensor:
+    """Every position's next-token logits of ``ids`` (T, vocab), from an empty cache: the first token
+    prefilled, each next one fed through ``decode``."""
+    out = [prefill(step, ids[:1], prefill_length, front_pad)]
+    for pos in range(1, len(ids)):
+        out.append(
+            step("decode", torch.tensor([[ids[pos]]], dtype=torch.int32), torch.tensor([[pos]], dtype=torch.int32))[
+                0, 0
+            ]
+        )
+    return torch.stack(out)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Seeded sampling of the next token, in ``transformers``' order: logits divided by
+    ``temperature``, then kept to the ``top_k`` largest, then to the smallest set whose probability
+    reaches ``top_p`` (nucleus); one draw from a ``torch.Generator`` seeded with ``seed``, so a
+    generation is reproducible."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise AnefxError(f"temperature must be > 0 (greedy decoding is the default), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise AnefxError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise AnefxError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def picker(self) -> Callable[[torch.Tensor], int]:
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def pick(logits: torch.Tensor) -> int:
+            scores = logits.double() / self.temperature
+            if self.top_k is not None and self.top_k < scores.numel():
+                kth = torch.topk(scores, self.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, -math.inf)
+            if self.top_p is not None and self.top_p < 1:
+                ordered, order = torch.sort(scores, descending=True)
+                cumulative = ordered.softmax(-1).cumsum(-1)
+                drop = cumulative - ordered.softmax(-1) >= self.top_p  # keep the first token reaching top_p
+                scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+            return int(torch.multinomial(scores.softmax(-1), 1, generator=gen))
+
+        return pick
+
+
+def argmax(logits: torch.Tensor) -> int:
+    return int(torch.argmax(logits))
 
 
 def greedy(
@@ -106,19 +194,21 @@ def greedy(
     context_length: int,
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
+    front_pad: bool = True,
+    pick: Callable[[torch.Tensor], int] = argmax,
     process: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
-    """Greedy generation: prefill, then one decode call per new token until an EOS id,
-    ``max_new_tokens`` or a full cache (with a warning). ``process(tokens so far, logits)``: the
-    logits processors ``generate()`` applies before its argmax (:mod:`anefx.lm.processors`); the
-    logits recorded are the model's own."""
-    last = prefill(step, prompt, prefill_length)[-1][-1]
+    """Generation: prefill, then one decode call per new token until an EOS id, ``max_new_tokens`` or
+    a full cache (with a warning); each token chosen by ``pick`` from its logits (greedy: argmax).
+    ``process(tokens so far, logits)``: the logits processors ``generate()`` applies before its
+    choice (:mod:`anefx.lm.processors`); the logits recorded are the model's own."""
+    last = prefill(step, prompt, prefill_length, front_pad)
     logits_out: list[torch.Tensor] = []
     new: list[int] = []
     stop, message = "max_new_tokens", ""
     pos = len(prompt)
     while len(new) < max_new_tokens:
-        token = int(torch.argmax(last if process is None else process(prompt + new, last)))
+        token = pick(last if process is None else process(prompt + new, last))
         logits_out.append(last.float())
         new.append(token)
         if on_token is not None:
@@ -136,8 +226,7 @@ def greedy(
             )
             warnings.warn(message, stacklevel=3)
             break
-        ids = torch.tensor([[token]], dtype=torch.int32)
-        last = step("decode", ids, torch.tensor([[pos]], dtype=torch.int32))[0, 0]
+        last = _decode(step, token, pos)
         pos += 1
     return Generation(torch.tensor([prompt + new], dtype=torch.long), new, logits_out, stop, message)
 

@@ -46,7 +46,7 @@ from anefx.lm.encoder_decoder import (
     probe_encoder_decoder,
     step_functions,
 )
-from anefx.lm.generate import EndToEndCheck, Generation, GenerationMismatch, eos_ids, greedy, prefill
+from anefx.lm.generate import EndToEndCheck, Generation, GenerationMismatch, eos_ids, greedy, prefill, teacher_forced
 from anefx.lm.processors import generation_config, logits_processor, not_followed, start_tokens
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_agreement
@@ -69,10 +69,11 @@ def inputs_doc(layout: EncoderDecoderLayout) -> dict[str, dict[str, str]]:
         encode_in = {source.name: f"float {source.shape}: the encoder's input (log-mel features for speech)"}
     step = {
         "input_ids": "int32 (1, T): decoder token ids of this chunk (T = prefill_length for prefill, 1 for "
-        "decode); pad a short last chunk with any id",
+        "decode); prefill full chunks from the first token, the rest of the start tokens through decode",
         "position_ids": "int32 (1, T): positions of the chunk's tokens, consecutive from the number of decoder "
         "tokens already in the cache",
-        "logits": "float (1, T, vocab): next-token logits for every token of the chunk",
+        "logits": "float (1, 1, vocab) for prefill: next-token logits of the chunk's last token; "
+        "(1, 1, vocab) for decode",
     }
     return {
         "encode": {
@@ -253,7 +254,7 @@ class CompiledEncoderDecoder(Compiled):
         step = self._steps(call)
 
         def first_logits(tokens: list[int]) -> torch.Tensor:
-            return prefill(step, tokens, self.prefill_length)[-1][-1]
+            return prefill(step, tokens, self.prefill_length, front_pad=False)
 
         start = start_tokens(self, decoder_input_ids, first_logits)
         if len(start) >= self.context_length:
@@ -262,7 +263,15 @@ class CompiledEncoderDecoder(Compiled):
         eos_list = [eos] if isinstance(eos, int) else list(eos or [])
         process = logits_processor(self.generation_config, len(start), max_new_tokens, eos_list)
         return greedy(
-            step, start, max_new_tokens, self.prefill_length, self.context_length, set(eos_list), on_token, process
+            step,
+            start,
+            max_new_tokens,
+            self.prefill_length,
+            self.context_length,
+            set(eos_list),
+            on_token,
+            front_pad=False,
+            process=process,
         )
 
     def decoder_logits(self, inputs, attention_mask, tokens: torch.Tensor, variant: str | None = None) -> torch.Tensor:
@@ -272,7 +281,7 @@ class CompiledEncoderDecoder(Compiled):
         call = self._session("torch", variant)
         call("encode", self.encoder_inputs(inputs, attention_mask))
         ids = [int(t) for t in tokens.reshape(-1)]
-        return torch.cat(prefill(self._steps(call), ids, self.prefill_length))
+        return teacher_forced(self._steps(call), ids, self.prefill_length, front_pad=False)
 
 
 # -- the program ---------------------------------------------------------------------------------------
@@ -286,9 +295,9 @@ def _random_states(layout: EncoderDecoderLayout, gen: torch.Generator, kept: int
         channels = [lc.key_channels for lc in cache.layers] + [lc.value_channels for lc in cache.layers]
         for i, (shape, c) in enumerate(zip(cache.state_shapes, channels, strict=True)):
             t = torch.randn(shape, generator=gen, dtype=torch.float64).to(cache.dtype)
-            if cache.keys_transposed and i < len(cache.layers):
+            if cache is layout.cross and cache.keys_transposed and i < len(cache.layers):
                 t[..., c:] = 0
-            else:
+            elif cache is layout.cross:
                 t[:, c:] = 0
             out.append(t)
     mask = torch.zeros(layout.mask_shape, dtype=layout.decoder.dtype)
@@ -332,9 +341,9 @@ def request_for(model, layout: EncoderDecoderLayout, prefill_length: int, metada
         )
     ]
     kept = max(1, min(layout.encoder_length, layout.cross_length) * 3 // 4)
-    for fn, tokens, position, seed in (
-        ("prefill", prefill_length, 0, 1),
-        ("decode", 1, min(prefill_length, layout.context - 1), 2),
+    for fn, module, tokens, position, seed in (
+        ("prefill", step.prefill(), prefill_length, 0, 1),
+        ("decode", step, 1, min(prefill_length, layout.context - 1), 2),
     ):
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, layout.vocab_size, (1, tokens), generator=gen, dtype=torch.int64).to(torch.int32)
@@ -342,7 +351,7 @@ def request_for(model, layout: EncoderDecoderLayout, prefill_length: int, metada
         functions.append(
             FunctionSpec(
                 fn,
-                step,
+                module,
                 (ids, positions, *_random_states(layout, gen, kept)),
                 input_names=["input_ids", "position_ids", *names],
                 output_names=["logits", *self_names],

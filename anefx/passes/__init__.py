@@ -15,20 +15,26 @@ from anefx.passes.conv1d_bc1s import Conv1dBC1S
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
 from anefx.passes.fp16_mask_values import Fp16MaskValues
+from anefx.passes.group_norm_4d import GroupNorm4D
 from anefx.passes.grouped_projection import GroupedProjection
 from anefx.passes.layer_norm_bc1s import LayerNormBC1S
 from anefx.passes.linear_to_conv import LinearToConv
 from anefx.passes.rms_norm_bc1s import RMSNormBC1S
+from anefx.passes.split_modulation import SplitModulation
 from anefx.passes.to_bc1s import ToBC1S
+from anefx.passes.token_batch_norm import TokenBatchNorm
 
 DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Canonicalize,
+    TokenBatchNorm,
     FoldConstants,
+    SplitModulation,
     GroupedProjection,
     LinearToConv,
     Conv1dBC1S,
     LayerNormBC1S,
     RMSNormBC1S,
+    GroupNorm4D,
     CacheWriteBC1S,
     AttentionBC1S,
     AttentionChunks,
@@ -63,6 +69,7 @@ __all__ = [
     "FoldConstants",
     "FoldTransposes",
     "Fp16MaskValues",
+    "GroupNorm4D",
     "GroupedProjection",
     "LayerNormBC1S",
     "LinearToConv",
@@ -71,7 +78,9 @@ __all__ = [
     "PassContext",
     "PassResult",
     "RMSNormBC1S",
+    "SplitModulation",
     "ToBC1S",
+    "TokenBatchNorm",
     "default_passes",
     "pass_by_name",
 ]

@@ -92,6 +92,22 @@ Result::
     %O = cat(per-head attention over split(%P, D, 1), 1)                       # (B, C, 1, S)
     %y = aten.reshape(aten.permute(aten.conv2d(%O, %w_out, %b_out), [3, 0, 1, 2]), [S*B, C, 1, 1])
 
+Attention over a KV cache kept keys-last (each K and V a (B, H_kv, D, S) tensor, positions on the
+last axis, as :mod:`anefx.lm.cache` keeps it) takes another form: grouped ``matmul``s that read the
+cache as it lies (no K transpose, no per-head split of the cache, the keys on the scores' last axis
+so a one-token query pads nothing), counted in ``keys_last``. The choices and their sources are in
+``passes_catalog/decode.md``.
+
+Original (decode: one query, K and V read from the cache states)::
+
+    %K = anefx.cache_write(%key_cache, %k_new, %pos, 3)                 # (1, H_kv, D, S)
+    %o = aten.scaled_dot_product_attention(%q, aten.transpose(%K, 2, 3), aten.transpose(%V, 2, 3), %mask)
+Result::
+
+    %qg = aten.view(to_bc1s(%q_proj) * s, [1, H_kv, G, D])              # G = H / H_kv query heads per K/V head
+    %w = aten._softmax(aten.matmul(%qg, %K).masked_fill(~%mask, -1e4), -1)   # (1, H_kv, G, S)
+    %o = aten.view(aten.matmul(%w, aten.transpose(%V, 2, 3)), [1, H·D, 1, 1])  # V^T: the product's transpose_y
+
 Options:
   mask_value: the finite negative used for masked positions (default -1e4, safe in fp16)
 """
@@ -100,6 +116,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import sys
 from collections import Counter
@@ -110,16 +127,18 @@ import torch.fx
 
 from anefx.analysis.attention import (
     Attention,
+    KeysLast,
     NoMatch,
     Traced,
     attention_softmaxes,
     explain,
     match_attention,
     per_query_head,
+    trace_cached,
     trace_inputs,
 )
 from anefx.analysis.head_program import HeadProgram, channel_order
-from anefx.analysis.head_replay import FREE, HeadReplay, Splits
+from anefx.analysis.head_replay import FREE, HeadReplay, Splits, constant
 from anefx.analysis.heads import MOVEMENT, Heads, lifted_projection, merge_users
 from anefx.analysis.layout import from_bc1s
 from anefx.analysis.masks import NEG_INF, MaskLowering, MaskTerm
@@ -147,6 +166,7 @@ class AttentionStats:
     unmatched_reasons: Counter[str] = field(default_factory=Counter)
     reordered_heads: int = 0
     qk_norms: int = 0
+    keys_last: int = 0  # rewritten over a keys-last KV cache (the cached form)
 
     def refuse(self, why: str) -> None:
         self.unmatched += 1
@@ -156,7 +176,8 @@ class AttentionStats:
         out = {"rewritten": self.rewritten, "heads": self.heads, "unmatched": self.unmatched}
         if self.patterns:
             out["patterns"] = dict(self.patterns)
-        out.update({k: v for k, v in (("reordered_heads", self.reordered_heads), ("qk_norms", self.qk_norms)) if v})
+        extra = (("reordered_heads", self.reordered_heads), ("qk_norms", self.qk_norms), ("keys_last", self.keys_last))
+        out.update({k: v for k, v in extra if v})
         if self.unmatched_reasons:
             out["unmatched_reasons"] = dict(self.unmatched_reasons)
         return out
@@ -190,12 +211,16 @@ class AttentionBC1S(Pass):
                 continue
             claimed.add(att.softmax)
             traced = trace_inputs(att)
-            if isinstance(traced, NoMatch):
+            cached = trace_cached(att) if isinstance(traced, NoMatch) else None
+            if isinstance(traced, NoMatch) and isinstance(cached, NoMatch):
                 stats.refuse(traced.reason)
                 continue
             if not ctx.site(att.out):
                 continue
-            self._rewrite_site(gm, att, traced, replay, lowering, stats)
+            if cached is not None:
+                self._rewrite_cached(gm, att, *cached, replay, stats)
+            else:
+                self._rewrite_site(gm, att, traced, replay, lowering, stats)
         for softmax, reader in softmaxes.items():  # attention no pattern matched: counted, never silent
             if softmax not in claimed:
                 why = failed.get(reader.product)  # a NoMatch is false: compare with None
@@ -291,17 +316,116 @@ class AttentionBC1S(Pass):
             out4 = call(graph, aten.cat.default, (outs, 1)) if len(outs) > 1 else outs[0]
             if visible is not None and not visible.per_head:
                 out4 = call(graph, aten.mul.Tensor, (out4, visible.node))
-        merged = from_bc1s(graph, out4, 3)
-        for m in merge_users(att.out, hs=(b, h, sq, dv)):
-            m.replace_all_uses_with(merged)
-        if att.out.users:  # consumers that want (B, H, S_q, D_v): give it back to them
-            with graph.inserting_before(att.out):
-                heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
-                back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
-                if att.heads is not None:  # bmm attention: (B·H, S_q, D_v)
-                    back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
-            att.out.replace_all_uses_with(back)
+        back = _hand_back(graph, att, out4, (b, h, sq, dv))
+        if back is not None:
             _lift_output_projections(graph, back, out4, replay)
+
+    def _rewrite_cached(
+        self,
+        gm: torch.fx.GraphModule,
+        att: Attention,
+        q_found: Heads | HeadProgram,
+        k: KeysLast,
+        v: KeysLast,
+        replay: HeadReplay,
+        stats: AttentionStats,
+    ) -> None:
+        """Attention over a keys-last KV cache: grouped ``matmul``s that read K and V as they lie.
+
+        With ``G = H / H_kv`` query heads per K/V head: one query per head (decode) makes the group's
+        queries the rows of one product, ``scores = q (B, H_kv, G, D) @ K (B, H_kv, D, S)`` and
+        ``out = w @ V^T`` (``V`` read by the product's ``transpose_y``); T queries per head (prefill)
+        add a group axis, ``scores = q^T (B, H_kv, G, T, D) @ K (B, H_kv, 1, D, S)`` and
+        ``out^T = V @ w^T`` (B, H_kv, G, D_v, T), channels-first as the next projection reads it. The
+        keys are the scores' last axis, so a one-token query pads nothing; masks apply in the
+        model's own (…, T, S) orientation."""
+        graph = gm.graph
+        b, h, sq, d = att.shape4(att.q)
+        hkv, g, dv, sk = k.heads, h // k.heads, v.head_dim, shape(k.source)[3]
+        neg = self.options.mask_value
+        with provenance(att.out), graph.inserting_before(att.out):
+            qh, _ = replay.materialise(q_found, None, None, att.out)  # the model's channel order, as K was cached
+            q4 = replay.merged(qh, h)  # (B, H·D, 1, T)
+            if att.scale != 1.0:  # every factor before the soft-cap's tanh goes into Q
+                q4 = call(graph, aten.mul.Tensor, (q4, att.scale))
+            if sq == 1:  # one query per head: the group's queries are the rows of one product
+                qg = call(graph, aten.view.default, (q4, [b, hkv, g, d]))
+                s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G, S)
+            else:  # (B, H_kv, G, D, T) queries against the keys of their K/V head: (B, H_kv, G, T, S)
+                q5 = call(graph, aten.view.default, (q4, [b, hkv, g, d, sq]))
+                qt = call(graph, aten.transpose.int, (q5, 3, 4))  # the product's transpose_x
+                s = call(graph, aten.matmul.default, (qt, call(graph, aten.unsqueeze.default, (k.source, 2))))
+            if att.softcap is not None:
+                s = call(graph, aten.mul.Tensor, (call(graph, aten.tanh.default, (s,)), att.softcap))
+            for use in att.masks:
+                ms = shape(use.node)
+                if att.heads is not None and len(ms) == 3 and ms[0] == b * h > 1:  # (B·H, ·, ·) as (B, H, ·, ·)
+                    use = dataclasses.replace(use, node=call(graph, aten.view.default, (use.node, [b, h, *ms[1:]])))
+                s = _apply_keys_last_mask(graph, s, use, (b, h, hkv, g, sq), neg)
+            if att.causal:
+                hidden = (torch.arange(sk).view(1, sk) > torch.arange(sq).view(sq, 1)).view(1, 1, 1, sq, sk)
+                hidden = constant(gm, hidden, "_anefx_mask", s)  # torch's top-left tril
+                s = call(graph, aten.masked_fill.Scalar, (s, hidden, neg))
+            w = call(graph, aten._softmax.default, (s, -1, False))
+            if sq == 1:
+                vt = call(graph, aten.transpose.int, (v.source, 2, 3))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G, D_v)
+                out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))
+            else:  # out^T = V @ w^T: (B, H_kv, G, D_v, T), channels-first as it comes out
+                wt = call(graph, aten.transpose.int, (w, 3, 4))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (call(graph, aten.unsqueeze.default, (v.source, 2)), wt))
+                out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, sq]))
+        _hand_back(graph, att, out4, (b, h, sq, dv))
+        stats.rewritten += 1
+        stats.heads += h
+        stats.keys_last += 1
+        stats.patterns[att.pattern] += 1
+
+
+def _hand_back(graph, att: Attention, out4: Node, dims: tuple[int, int, int, int]) -> Node | None:
+    """The attention output ``out4`` (B, H·D_v, 1, S_q) in place of ``att.out``: merges of its heads
+    read it channels-last; other consumers get (B, H, S_q, D_v) (or (B·H, S_q, D_v)) back, returned."""
+    b, h, sq, dv = dims
+    merged = from_bc1s(graph, out4, 3)
+    for m in merge_users(att.out, hs=dims):
+        m.replace_all_uses_with(merged)
+    if not att.out.users:
+        return None
+    with graph.inserting_before(att.out):
+        heads = call(graph, aten.view.default, (merged, [b, sq, h, dv]))
+        back = call(graph, aten.permute.default, (heads, [0, 2, 1, 3]))
+        if att.heads is not None:  # bmm attention: (B·H, S_q, D_v)
+            back = call(graph, aten.reshape.default, (back, [b * h, sq, dv]))
+    att.out.replace_all_uses_with(back)
+    return back
+
+
+def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float) -> Node:
+    """``use`` (a mask broadcasting against the model's (B, H, T, S) scores) applied to the grouped
+    scores: (B, H_kv, G, S) for one query, else (B, H_kv, G, T, S) — a per-head mask viewed by group,
+    a shared one given a unit group axis."""
+    _, h, hkv, g, sq = dims
+    m = use.node
+    ms = list(shape(m))
+    while len(ms) < 4:
+        m = call(graph, aten.unsqueeze.default, (m, 0))
+        ms = [1, *ms]
+    if sq == 1:  # scores (B, H_kv, G, S): the mask's (T = 1) row axis is the group axis
+        if ms[1] == h and h != 1:
+            m = call(graph, aten.view.default, (m, [ms[0], hkv, g, ms[3]]))
+    elif ms[1] == h and h != 1:
+        m = call(graph, aten.view.default, (m, [ms[0], hkv, g, ms[2], ms[3]]))
+    else:
+        m = call(graph, aten.unsqueeze.default, (m, 2))
+    if use.kind == "add":
+        if use.scale != 1.0:
+            m = call(graph, aten.mul.Tensor, (m, use.scale))
+        return call(graph, aten.add.Tensor, (s, m))
+    fill = use.fill * use.scale if math.isfinite(use.fill) else neg
+    fill = max(fill, neg) if fill <= neg else fill  # a finite fill at or below the mask value is raised to it
+    if use.kind == "keep":
+        m = call(graph, aten.logical_not.default, (m,))
+    return call(graph, aten.masked_fill.Scalar, (s, m, fill))
 
 
 def _causal_term(gm: torch.fx.GraphModule, sq: int, sk: int, before: Node) -> MaskTerm:

@@ -16,6 +16,8 @@ Original::
     %k = aten.index(%qkv, [None, None, %last_but_one])    # a constant index [-2] (one head): a gather
     %e = aten.broadcast_to(%k, [B, S, G, D])
     %r = aten.cat([%rotated, %nothing], -1)               # %nothing: (B, H, S, 0), a partial rotary's rest
+    %p = aten.einsum("nhwpqc->nchpwq", [%u])              # one operand, only permuted (DiT's unpatchify)
+    %n = aten.rms_norm(%h, [C], %g, None)                 # eps None: coremltools needs a number
 Result::
 
     %o = aten.ones([1, 128], dtype=bool)
@@ -24,6 +26,8 @@ Result::
     %i = aten.add(%tmp, %j)
     %k = aten.slice(%qkv, 2, H, H + 1, 1)                 # uses %rotated where %r was used
     %e = aten.expand(%k, [B, S, G, D])
+    %p = aten.permute(%u, [0, 5, 1, 3, 2, 4])             # one MIL transpose, as coremltools makes it
+    %n = aten.rms_norm(%h, [C], %g, 1.1920928955078125e-07)  # torch.finfo(dtype).eps, what None means
 
 Options: none.
 """
@@ -34,6 +38,7 @@ import torch
 import torch.fx
 
 from anefx.analysis.legalize import aliases
+from anefx.analysis.transposes import einsum_permutation
 from anefx.compat.torch import is_op_overload, op_schema, overload_name
 from anefx.ir.graph import call, dtype, eval_constant, is_constant, replace_node, shape
 from anefx.ir.sites import SiteFilter, every_site
@@ -208,6 +213,15 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
                 new = call(graph, aten.slice.Tensor, (node.args[0], axis, start, stop, step))
             replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
+        elif t == aten.einsum.default and einsum_permutation(node) is not None:
+            with graph.inserting_before(node):
+                new = call(graph, aten.permute.default, (node.args[1][0], einsum_permutation(node)))
+            replace_node(graph, node, new, keep_meta=True)
+            stats["ops_respelled"] += 1
+        elif t == aten.rms_norm.default and _arg(node, 3, "eps") is None:  # coremltools needs the eps
+            eps = torch.finfo(dtype(node.args[0])).eps  # what aten.rms_norm uses for None
+            node.args, node.kwargs = (*node.args[:2], _arg(node, 2, "weight"), eps), {}
+            stats["ops_respelled"] += 1
         elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
             stats["identities_removed"] += 1
         elif t == aten.broadcast_to.default:  # the same as expand (Falcon's K/V heads of a group)
@@ -223,6 +237,11 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
     return stats
 
 
+def _arg(node: torch.fx.Node, index: int, name: str):
+    """Argument ``name`` of ``node``, given by position ``index`` or by keyword (None when absent)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
+
+
 def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether :func:`canonicalize` would rewrite ``node`` (asked before declaring it a site)."""
     t = node.target
@@ -232,6 +251,10 @@ def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return True
     if t == aten.cat.default:
         return _has_empty_operand(node)
+    if t == aten.einsum.default:
+        return einsum_permutation(node) is not None
+    if t == aten.rms_norm.default:
+        return _arg(node, 3, "eps") is None
     return t == aten.index.Tensor and (_index_is_reshape(gm, node) or _index_as_slice(gm, node) is not None)
 
 

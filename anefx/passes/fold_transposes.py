@@ -8,6 +8,8 @@ Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line e
 * ``unary(permute(x, p))``                 → ``permute(unary(x), p)``      (sink through activations)
 * ``unary(squeeze(x, d))``                  → ``squeeze(unary(x), d)``      (likewise)
 * ``binop(permute(a, p), permute(b, p))``  → ``permute(binop(a, b), p)``   (sink through elementwise)
+* ``reshape(permute(x, p))``, the reshape only splitting axes, when the permute then merges with
+  one below or the reshape with one above  → ``permute(reshape(x), p')``  (DiT's unpatchify)
 * shape-only chain (view/reshape/squeeze/unsqueeze/flatten) whose result has the shape of its
   start                                     → the start
 * two or more shape-only ops in a row, one a reshape → one ``reshape``

@@ -27,7 +27,7 @@ import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines anefx::channel_layer_norm
 from anefx.analysis.layout import RANKS, from_bc1s, to_bc1s
-from anefx.ir.graph import call, provenance, shape
+from anefx.ir.graph import call, provenance, shape, views_to_reshapes
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -37,6 +37,27 @@ def emit_channel_layer_norm(graph: torch.fx.Graph, x4, weight, bias, eps: float,
     """LayerNorm over axis 1 of the (B, C, 1, S) node ``x4``; returns the (B, C, 1, S) result node."""
     del channels  # the op reads C from x4
     return call(graph, torch.ops.anefx.channel_layer_norm.default, (x4, weight, bias, eps))
+
+
+_SPLITS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int}
+_MOVES = {aten.permute.default, aten.transpose.int}
+
+
+def _over_head_dim(x: torch.fx.Node, depth: int = 4) -> bool:
+    """Whether the last axis of the rank-4 ``x`` is ``head_dim`` of a head split ((B, S, C) viewed
+    as (B, S, H, D), possibly transposed): a per-head QK LayerNorm, which ``attention_bc1s`` runs per
+    head chunk. (A rank-4 image (B, H, W, C) is ConvNeXt's channels-last LayerNorm: this pass's.)"""
+    d = shape(x)[-1]
+    for _ in range(depth):
+        if not isinstance(x, torch.fx.Node) or x.op != "call_function":
+            return False
+        if x.target in _SPLITS:
+            src, out = shape(x.args[0]), shape(x)
+            return src is not None and len(src) == 3 and len(out) == 4 and out[-1] == d and src[-1] == out[-2] * d
+        if x.target not in _MOVES:
+            return False
+        x = x.args[0]
+    return False
 
 
 class LayerNormBC1S(Pass):
@@ -52,7 +73,9 @@ class LayerNormBC1S(Pass):
                 continue
             x, normalized = node.args[0], node.args[1]
             xs = shape(x)
-            if xs is None or len(xs) not in RANKS or list(normalized) != [xs[-1]] or not ctx.site(node):
+            if xs is None or len(xs) not in RANKS or list(normalized) != [xs[-1]]:
+                continue
+            if (len(xs) == 4 and _over_head_dim(x)) or not ctx.site(node):
                 continue
             args = list(node.args) + [None] * (5 - len(node.args))
             weight, bias = args[2], args[3]
@@ -62,6 +85,7 @@ class LayerNormBC1S(Pass):
                 y4 = emit_channel_layer_norm(graph, x4, weight, bias, float(eps), xs[-1])
                 y = from_bc1s(graph, y4, len(xs))
             node.replace_all_uses_with(y)
+            views_to_reshapes(y)
             graph.erase_node(node)
             rewritten += 1
         return finish(gm, bool(rewritten), rewritten=rewritten)

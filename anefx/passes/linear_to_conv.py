@@ -43,7 +43,7 @@ import torch.fx
 from anefx.analysis.layout import RANKS
 from anefx.analysis.layout_rules import BINARY, UNARY
 from anefx.analysis.projections import Projection, emit_conv, match_projection
-from anefx.ir.graph import call, dce, get_attr_value, is_constant, provenance, shape
+from anefx.ir.graph import call, dce, get_attr_value, is_constant, provenance, shape, views_to_reshapes
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -236,6 +236,7 @@ class LinearToConv(Pass):
                     view.replace_all_uses_with(y)
                     graph.erase_node(view)
             node.replace_all_uses_with(y)
+            views_to_reshapes(y)
             graph.erase_node(node)
             converted += 1
         tied = _share_tied_embeddings(gm) if converted else 0

@@ -39,7 +39,7 @@ import torch.fx
 
 from anefx.analysis.layout import GLOBAL_RANKS, from_bc1s, to_bc1s
 from anefx.analysis.norms import RMSNorm, emit_channel_rms_norm, match_aten_rms_norm, match_rms_norm
-from anefx.ir.graph import dce, provenance, shape
+from anefx.ir.graph import dce, provenance, shape, views_to_reshapes
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
@@ -68,11 +68,12 @@ class RMSNormBC1S(Pass):
                 norm = match_aten_rms_norm(node, GLOBAL_RANKS)
             else:
                 continue
-            if norm is None:
+            if norm is None or not ctx.site(node):
                 continue
             with graph.inserting_before(norm.last), provenance(norm.last):
                 y = self._emit(graph, norm)
             norm.last.replace_all_uses_with(y)
+            views_to_reshapes(y)
             rewritten += 1
         if rewritten:
             dce(graph)

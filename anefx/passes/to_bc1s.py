@@ -47,7 +47,7 @@ import torch.fx
 from anefx.analysis.layout import from_bc1s, match_from_bc1s, match_to_bc1s, to_bc1s
 from anefx.analysis.layout_rules import Rule, rule_for
 from anefx.analysis.transposes import fold_transposes
-from anefx.ir.graph import dce, provenance, rank
+from anefx.ir.graph import dce, provenance, rank, views_to_reshapes
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 SOURCE, SINK = "__bc1s__", "__orig__"
@@ -65,15 +65,16 @@ class _Problem:
         self.to_finals: dict[torch.fx.Node, torch.fx.Node] = {}  # t -> its channels-last input
         self.to_inner: set[torch.fx.Node] = set()
         self.from_finals: dict[torch.fx.Node, torch.fx.Node] = {}  # u -> its (B, C, 1, S) input
+        self.ranks: dict[torch.fx.Node, int] = {}  # layout change -> the rank of its channels-last side
         for n in graph.nodes:
             m = match_to_bc1s(n)
             if m is not None:
-                self.to_finals[n] = m[0]
+                self.to_finals[n], self.ranks[n] = m
                 self.to_inner.update(p for p in n.all_input_nodes if p is not m[0])
                 continue
             m = match_from_bc1s(n)
             if m is not None:
-                self.from_finals[n] = m[0]
+                self.from_finals[n], self.ranks[n] = m
         # candidates: nodes with a rule (split rules first, so their getitems can refer to them)
         self.rules: dict[torch.fx.Node, Rule] = {}
         splits: set[torch.fx.Node] = set()
@@ -148,6 +149,8 @@ class ToBC1S(Pass):
             "linear_to_conv",
             "layer_norm_bc1s",
             "rms_norm_bc1s",
+            "split_modulation",
+            "token_batch_norm",
             "cache_write_bc1s",
             "attention_bc1s",
             "attention_chunks",
@@ -182,8 +185,8 @@ class ToBC1S(Pass):
         if not chosen:
             return 0
         bc: dict[torch.fx.Node, torch.fx.Node] = {u: y for u, y in problem.from_finals.items()}
-        to_memo = {x: t for t, x in problem.to_finals.items()}
-        from_memo = {y: u for u, y in problem.from_finals.items()}
+        to_memo = {(x, problem.ranks[t]): t for t, x in problem.to_finals.items()}
+        from_memo = {(y, problem.ranks[u]): u for u, y in problem.from_finals.items()}
 
         def bc_of(v: torch.fx.Node) -> torch.fx.Node:
             if v in bc:
@@ -208,6 +211,7 @@ class ToBC1S(Pass):
             back = from_bc1s(graph, bc[n], problem.rules[n].rank, from_memo)
             for u in outside:
                 u.replace_input_with(n, back)
+            views_to_reshapes(back)
         for n in reversed(order):
             if not n.users:
                 graph.erase_node(n)

@@ -10,7 +10,10 @@ does it for any program it compiles, whichever front end made it (:func:`split_a
    decoder layers after its encoder's), or the largest stage among its inputs — so stages never
    decrease along the data flow, the embedding belongs to the first layer's side and the final norm
    and LM head to the last; a state (``compile_lm``'s KV cache) has its layer's stage
-   (``StateSpec.layer``), so each chunk reads and writes the states of its own layers only;
+   (``StateSpec.layer``), so each chunk reads and writes the states of its own layers only. A model
+   without ``layers.<i>`` parameters (a diffusers UNet: ``down_blocks.<i>``, ``mid_block``,
+   ``up_blocks.<i>``) is staged by blocks (:func:`block_of`) in the order the graph first reads
+   them; skip connections then cross boundaries like any other value;
 3. consecutive stages are packed greedily into chunks whose weight bytes stay under the cap, once
    for all the functions (a weight counted once whichever function reads it), never across a stage
    in ``Program.stage_breaks`` (an encoder-decoder's encoder is a chunk of its own, as WhisperKit
@@ -48,24 +51,43 @@ from anefx.targets.artifact import MB, Artifact, Program
 from anefx.targets.handoff import HandOff, legalized_clone
 
 
+def block_of(name: str) -> str:
+    """A parameter's block when the model has no ``layers.<i>``: its name up to the first numbered
+    part (``down_blocks.1.resnets.0.conv1.weight`` → ``down_blocks.1``), else its first part
+    (``mid_block``, ``conv_out``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
 def check_cap(named_parameters: Iterable[tuple[str, torch.Tensor]], cap_mb: float, bytes_per_weight: float) -> None:
-    """Refuse a cap that one layer (or one tensor outside the layers) cannot fit under."""
+    """Refuse a cap that one layer (or one tensor outside the layers, or one block of a model without
+    layers) cannot fit under."""
     if cap_mb <= 0:
         raise AnefxError(f"max_chunk_mb must be positive, got {cap_mb}")
+    named_parameters = list(named_parameters)
+    by_block = not any(layer_path(name + ".") is not None for name, _ in named_parameters)
     per_layer: dict[Any, float] = {}
     seen: set[int] = set()
     for name, p in named_parameters:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        path = layer_path(name + ".")  # a layer of its stack (an encoder's layer 0 is not its decoder's)
-        key = ("layer", path) if path is not None else ("tensor", name)
+        # a layer of its stack (an encoder's layer 0 is not its decoder's), or a block without layers
+        layer = block_of(name) if by_block else layer_path(name + ".")
+        key = ("layer", layer) if layer is not None else ("tensor", name)
         per_layer[key] = per_layer.get(key, 0.0) + p.numel() * bytes_per_weight
     if not per_layer:
         return
     (kind, which), size = max(per_layer.items(), key=lambda kv: kv[1])
     if size > cap_mb * MB:
-        what = f"layer {layer_of(which + '.')} ({which})" if kind == "layer" else f"the tensor {which}"
+        index = layer_of(which + ".") if kind == "layer" else None
+        if kind != "layer":
+            what = f"the tensor {which}"
+        else:  # a layer of a stack (its index and path), or a block of a model without layers
+            what = f"layer {which}" if index is None else f"layer {index} ({which})"
         raise AnefxError(
             f"max_chunk_mb={cap_mb:g} is impossible: {what} alone holds {size / MB:.1f} MB of weights "
             f"({bytes_per_weight:g} bytes per weight), and anefx splits only between layers; raise "
@@ -183,12 +205,12 @@ def staging(
         raise AnefxError("chunking a program that mutates buffers is not supported yet (compile_lm states)")
     const: set[str] = set()
     stage: dict[str, int] = {}
+    weight_stage = _weight_stages(ep, param_name, stage_of)
     for n in ep.graph.nodes:
         if n.op == "placeholder":
             if n.name in values:
                 const.add(n.name)
-                layer = stage_of(param_name[n.name])
-                stage[n.name] = -1 if layer is None else layer
+                stage[n.name] = weight_stage[n.name]
             else:
                 stage[n.name] = input_stages.get(n.name, -1)
         elif n.op == "call_function":
@@ -343,6 +365,23 @@ def split(
             c.example_inputs = [env[n].contiguous() for n in c.inputs]  # Core ML wants dense inputs
             env.update(zip(c.outputs, c.graph_module(*c.example_inputs), strict=True))
     return partition
+
+
+def _weight_stages(
+    ep, param_name: dict[str, str], stage_of: Callable[[str], int | None] = default_stage
+) -> dict[str, int]:
+    """Each weight placeholder's stage: ``stage_of`` its parameter name (by default its layer index;
+    -1 outside the layers), or, when no weight has one, the rank of its block (:func:`block_of`) in
+    the order the graph first reads the blocks."""
+    layers = {w: stage_of(p) for w, p in param_name.items()}
+    if any(v is not None for v in layers.values()):
+        return {w: -1 if v is None else v for w, v in layers.items()}
+    order: dict[str, int] = {}
+    for n in ep.graph.nodes:
+        for i in n.all_input_nodes if n.op == "call_function" else ():
+            if i.name in param_name:
+                order.setdefault(block_of(param_name[i.name]), len(order))
+    return {w: order.get(block_of(p), -1) for w, p in param_name.items()}
 
 
 def _place_boundaries(ep, chunk_of: dict[str, int], n_chunks: int, free: set[str], values: dict, outputs: set[str]):

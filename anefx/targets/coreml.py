@@ -317,17 +317,49 @@ def _convert_channel_layer_norm(context, node):
     context.add(mb.layer_norm(x=x, axes=[1], gamma=weight, beta=bias, epsilon=eps, name=node.name))
 
 
+def _convert_instance_norm(context, node):
+    """``anefx::instance_norm`` → one MIL ``instance_norm`` (no gamma/beta)."""
+    from coremltools.converters.mil import Builder as mb
+
+    x, eps = torch_node_inputs(context, node, expected=2)
+    context.add(mb.instance_norm(x=x, epsilon=float(eps.val), name=node.name))
+
+
+def _convert_cache_write(context, node):
+    """``anefx::cache_write`` → one MIL ``slice_update`` at run-time begin/end: the column at the
+    position along ``axis`` (on a state: written in place)."""
+    import numpy as np
+    from coremltools.converters.mil import Builder as mb
+
+    cache, update, position, axis = torch_node_inputs(context, node, expected=4)
+    axis, rank = int(axis.val), cache.rank
+    start = mb.cast(x=mb.slice_by_index(x=mb.reshape(x=position, shape=[-1]), begin=[0], end=[1]), dtype="int32")
+    parts = [np.zeros(axis, np.int32), start, np.zeros(rank - axis - 1, np.int32)]
+    begin = mb.concat(values=[p for p in parts if not isinstance(p, np.ndarray) or p.size], axis=0)
+    end = mb.add(x=begin, y=np.array(update.shape, np.int32))
+    context.add(mb.slice_update(x=cache, update=update, begin=begin, end=end, name=node.name))
+
+
+#: anefx's own torch ops and their Core ML converters
+_ANEFX_CONVERTERS = {
+    "channel_layer_norm": _convert_channel_layer_norm,
+    "instance_norm": _convert_instance_norm,
+    "cache_write": _convert_cache_write,
+}
+
+
 def _ensure_anefx_ops() -> None:
     """Register the converters of anefx's own torch ops (:mod:`anefx.ir.ops`) through coremltools'
     public ``register_torch_op``, at conversion time (never on import); registering again is a no-op."""
     from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
     from coremltools.converters.mil.frontend.torch.utils import sanitize_op_kind
 
-    op = torch.ops.anefx.channel_layer_norm.default
-    # the converter looks ops up by their qualified name (``anefx::channel_layer_norm``), the
-    # support query ``is_torch_fx_node_supported`` by ``__name__`` (``channel_layer_norm.default``)
-    kinds = sorted({sanitize_op_kind(op.name()), sanitize_op_kind(op.__name__)})
-    register_torch_op(_convert_channel_layer_norm, torch_alias=kinds, override=True)
+    for name, converter in _ANEFX_CONVERTERS.items():
+        op = getattr(torch.ops.anefx, name).default
+        # the converter looks ops up by their qualified name (``anefx::channel_layer_norm``), the
+        # support query ``is_torch_fx_node_supported`` by ``__name__`` (``channel_layer_norm.default``)
+        kinds = sorted({sanitize_op_kind(op.name()), sanitize_op_kind(op.__name__)})
+        register_torch_op(converter, torch_alias=kinds, override=True)
 
 
 def _unconvertible(ep) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 import torch.fx
 
 from anefx.compat.coremltools import operations
+from anefx.targets.mil.interpreter import constant_value
 
 _COMPRESSED_SUFFIX = re.compile(r"^(?P<const>.+)_(?:palettized|quantized)$")
 #: constexpr ops that stand for a whole (dense) weight at the top of a decompression chain.
@@ -61,7 +62,7 @@ def decompressed_weights(mlmodel) -> dict[str, np.ndarray]:
             raise NotImplementedError(f"anefx cannot read back {op.op_type} ({op.name}) to measure it")
         m = _COMPRESSED_SUFFIX.match(op.name)
         name = m.group("const") if m else op.name
-        out[name] = np.asarray(op.materialized_val_inference())
+        out[name] = constant_value(op.outputs[0]).numpy()
     return out
 
 

@@ -21,7 +21,8 @@ def _tables(seq: int, start: int, base: float = 0.1):
 def test_rotary_keys_are_merged_without_a_layout_change():
     cap, gm = prepare("tiny_cache_write", "linear_to_conv")
     before = ops(gm)
-    assert (before["aten.transpose"], before["aten.reshape"], before["aten.view"]) == (2, 1, 2), before
+    # the model's head split of the projection reads it through linear_to_conv's permute: a reshape
+    assert (before["aten.transpose"], before["aten.reshape"], before["aten.view"]) == (2, 2, 1), before
     out, rec = apply("cache_write_bc1s", gm, cap)
     assert rec.stats == {"merges": 1} and rec.modified and not rec.rolled_back, rec
     after = ops(out)

@@ -54,7 +54,7 @@ def test_torch_rms_norm_and_weightless():
         if model.weight is not None:
             nn.init.normal_(model.weight, 1.0, 0.2)
         x = torch.randn(1, 6, 16)
-        compiled = anefx.compile(model.eval(), (x,), convert=False)
+        compiled = anefx.compile(model.eval(), (x,), convert=False, never_worse=False)  # the pass alone
         rec = compiled.report.record("rms_norm_bc1s")
         assert rec.modified and not rec.rolled_back, rec
         x2 = torch.randn(1, 6, 16) * 3
@@ -78,8 +78,23 @@ def test_per_head_and_non_channel_norms_are_left_alone():
 
 def test_fp16_and_idempotence():
     model, args = half_copy(TinyRMSNorm().eval(), (torch.randn(1, 4, 8),))
-    compiled = anefx.compile(model, args, pipeline=anefx.Pipeline.from_names(["rms_norm_bc1s"]), convert=False)
+    pipeline = anefx.Pipeline.from_names(["rms_norm_bc1s"])
+    compiled = anefx.compile(model, args, pipeline=pipeline, convert=False, never_worse=False)  # the pass alone
     rec = compiled.report.record("rms_norm_bc1s")
     assert rec.modified and not rec.rolled_back and rec.max_abs_error < 1e-2
     _, rec2 = apply("rms_norm_bc1s", compiled.graph_module, compiled.captured)
     assert not rec2.modified
+
+
+def test_a_lone_norm_is_kept_stock_by_the_guard_and_converts():
+    """A lone RMSNorm on (B, S, C): in and out of (B, C, 1, S) would cost two transposes where stock
+    has none, so the guard refuses its site (it declares one); the stock form converts because
+    ``canonicalize`` writes ``aten.rms_norm``'s default eps as a number."""
+    model = nn.RMSNorm(16).eval()
+    x = torch.randn(1, 6, 16)
+    compiled = anefx.compile(model, (x,))
+    info = compiled.report.guard
+    assert len(info["kept"]) == 1 and not info.get("shipped") and not info.get("fallback"), info
+    ops = compiled.op_histogram()
+    assert "transpose" not in ops and "reshape" not in ops, ops
+    torch.testing.assert_close(compiled(x * 3), model(x * 3), rtol=1e-5, atol=1e-6)

@@ -163,6 +163,39 @@ class Constants:
         return coerce(torch.as_tensor(np.asarray(val)), name)
 
 
+def constant_value(var, constants: Constants | None = None) -> torch.Tensor:
+    """The value of ``var`` computed from constants only (a ``const``, or a chain of ``constexpr_*``
+    ops over them: a compressed weight), by the interpreter's kernels, in its declared dtype (fp16
+    as ``torch.float16``). coremltools' own ``materialized_val_inference`` expands a per-tensor LUT
+    through a table repeated to the weight's size: minutes for an LM's embedding table."""
+    constants = constants if constants is not None else Constants()
+    op = var.op
+    if op is None or op.op_type == "const":
+        return declared(constants.value(var), dtype_name(var))
+    if op.op_type not in KERNELS:
+        raise UnsupportedOpError(f"anefx's MIL interpreter has no kernel for '{op.op_type}' ('{op.name}')")
+    step = Step(
+        "kernel",
+        op.op_type,
+        f"{op.op_type} '{op.name}'",
+        KERNELS[op.op_type],
+        tuple(
+            (p, v.name if not isinstance(v, (list, tuple)) else tuple(x.name for x in v))
+            for p, v in op.inputs.items()
+            if not p.startswith("_")
+        ),
+        tuple(v.name for v in op.outputs),
+        tuple(dtype_name(v) for v in op.outputs),
+        tuple(_shape(v) for v in op.outputs),
+    )
+    env = {}
+    for v in op.inputs.values():
+        for x in v if isinstance(v, (list, tuple)) else (v,):
+            env[x.name] = coerce(constant_value(x, constants), dtype_name(x))
+    _run_kernel(step, env)
+    return declared(env[var.name], dtype_name(var))
+
+
 def _shape(var) -> tuple | None:
     shape = var.shape
     if any(not isinstance(d, (int, np.integer)) for d in shape):
