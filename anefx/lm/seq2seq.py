@@ -37,7 +37,7 @@ from anefx.driver.events import Event, Events
 from anefx.driver.report import Report
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.lm.cache import round_up, scaled_tolerances
+from anefx.lm.cache import depth_scaled_check, round_up, scaled_tolerances
 from anefx.lm.encoder_decoder import (
     ENCODER_MASK,
     MASKED,
@@ -46,7 +46,17 @@ from anefx.lm.encoder_decoder import (
     probe_encoder_decoder,
     step_functions,
 )
-from anefx.lm.generate import EndToEndCheck, Generation, GenerationMismatch, eos_ids, greedy, prefill, teacher_forced
+from anefx.lm.generate import (
+    MIN_AGREEMENT,
+    EndToEndCheck,
+    Generation,
+    GenerationMismatch,
+    eos_ids,
+    forced,
+    greedy,
+    prefill,
+    teacher_forced,
+)
 from anefx.lm.processors import generation_config, logits_processor, not_followed, start_tokens
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_agreement
@@ -214,7 +224,10 @@ class CompiledEncoderDecoder(Compiled):
                 f"unknown runtime {runtime!r}; choose 'torch', 'target' or one of "
                 f"{sorted(self.artifact.target.capabilities.runtimes)}"
             )
-        program = self.artifact.executor(None if runtime == "target" else runtime)
+        executors = self.__dict__.setdefault("_executors", {})  # one load per runtime (weights decompressed once)
+        if runtime not in executors:
+            executors[runtime] = self.artifact.executor(None if runtime == "target" else runtime)
+        program = executors[runtime]
         state = program.make_state(self.artifact.default)
 
         def run(function: str, values: dict) -> dict:
@@ -462,6 +475,7 @@ def compile_encoder_decoder(
     name: str | None = None,
     quality_inputs=None,
     quality_tokens: int = 16,
+    check_runtime: str | None = None,
     options: CompileOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **compile_kwargs,
@@ -479,6 +493,11 @@ def compile_encoder_decoder(
         check_inputs: the encoder input of the end-to-end check (default: seeded random, padded for
             text), ``check_tokens`` new tokens compared (0 skips the check); for text models a tuple
             ``(ids, attention_mask)`` or the ids.
+        check_runtime: what the end-to-end check runs, as for causal LMs: by default the fp16
+            package that ships, executed with the target's executor, whose teacher-forced greedy
+            tokens must agree with the model's on at least ``MIN_AGREEMENT`` of the steps;
+            ``"torch"`` (the default with ``convert=False``) the rewritten graphs, whose greedy
+            tokens must equal the model's.
         quality_inputs / quality_tokens: the inputs and new tokens of the compression quality
             measurement (default 2 seeded random inputs; 0 skips it).
         the rest: as :func:`anefx.compile_lm`.
@@ -495,6 +514,8 @@ def compile_encoder_decoder(
         layout = probe_encoder_decoder(
             model, context, source_length=source_length, source_shape=source_shape, dtype=dtype
         )
+    _, encoder_layers, _ = layer_stacks(model, len(layout.decoder.layers))
+    plan = depth_scaled_check(plan, opts.artifact_check, max(encoder_layers, len(layout.decoder.layers)))
     ignored = not_followed(generation_config(model))
     if ignored:
         warnings.warn(
@@ -527,13 +548,24 @@ def compile_encoder_decoder(
         int(pad) if pad is not None else 0,
     )
     if check_tokens:
-        with events.stage("check"):
-            compiled.check = end_to_end_check(compiled, model, check_inputs, check_tokens, ignored)
-        if not compiled.check.tokens_equal:
+        runtime = check_runtime or (
+            "target" if compiled.artifact.converted and compiled.artifact.target.capabilities.executor else "torch"
+        )
+        checked = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
+        with events.stage("check", runtime=runtime):
+            compiled.check = end_to_end_check(checked, model, check_inputs, check_tokens, ignored, runtime)
+        check = compiled.check
+        if runtime == "torch" and not check.tokens_equal:
             raise GenerationMismatch(
-                f"{compiled.check}: reference {compiled.check.reference}, compiled {compiled.check.compiled}. "
+                f"{check}: reference {check.reference}, compiled {check.compiled}. "
                 "A pass changed what the model generates; rerun with ANEFX_DUMP_DIR set and compare the reports "
                 "of the three functions"
+            )
+        if runtime != "torch" and check.agreement < MIN_AGREEMENT:
+            raise GenerationMismatch(
+                f"{check}: reference {check.reference}, compiled {check.compiled}; below {MIN_AGREEMENT:.0%} "
+                "agreement. The package that would ship generates something else than the model: compare "
+                "report.artifact of the three functions, and check_runtime='torch' (the rewritten graphs)"
             )
     if compiled.compression is not None and quality_tokens:
         with events.stage("quality"):
@@ -589,22 +621,39 @@ def reference_generate(model, inputs, mask, start: list[int], n: int, eos: list[
     return [int(t) for t in out.sequences[0, -steps:]], [lg[0].float() for lg in out.logits]
 
 
-def end_to_end_check(compiled: CompiledEncoderDecoder, model, inputs, new_tokens: int, ignored: dict) -> EndToEndCheck:
-    """Greedy tokens of the compiled generator against the original model's, with per-step logit error."""
+def end_to_end_check(
+    compiled: CompiledEncoderDecoder, model, inputs, new_tokens: int, ignored: dict, runtime: str = "torch"
+) -> EndToEndCheck:
+    """The compiled generator (``runtime``: the rewritten graphs, or the package with the target's
+    executor) against the original model's greedy tokens: its own tokens, and teacher forced (the
+    reference tokens fed back after the same start tokens) the agreement of its choices, after the
+    generation config's processors, and the per-step logit error (see :class:`EndToEndCheck`)."""
     layout = compiled.layout
     x, mask = _check_source(layout, 1234) if inputs is None else _split_inputs(layout, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = compiled.generate(x, attention_mask=mask, max_new_tokens=new_tokens)
-    start = out.sequences[0, : out.sequences.shape[1] - len(out.new_tokens)].tolist()
-    ref_tokens, ref_logits = reference_generate(model, x, mask, start, new_tokens, compiled.eos_token_ids, ignored)
-    worst = 0.0
-    for a, b in zip(out.logits, ref_logits, strict=False):
-        worst = max(worst, float((a.double() - b.double()).abs().max()))
-    if math.isnan(worst):
-        worst = math.inf
+        out = compiled.generate(x, attention_mask=mask, max_new_tokens=new_tokens, runtime=runtime)
+        start = out.sequences[0, : out.sequences.shape[1] - len(out.new_tokens)].tolist()
+        ref_tokens, ref_logits = reference_generate(model, x, mask, start, new_tokens, compiled.eos_token_ids, ignored)
+        call = compiled._session(runtime)
+        call("encode", compiled.encoder_inputs(x, mask))
+        fed = forced(compiled._steps(call), start, ref_tokens, compiled.prefill_length, front_pad=False)
+    process = logits_processor(compiled.generation_config, len(start), new_tokens, compiled.eos_token_ids)
+    errors, agree = [], 0
+    for i, (a, b) in enumerate(zip(fed, ref_logits, strict=False)):
+        error = float((a.double() - b.double()).abs().max())
+        errors.append(math.inf if math.isnan(error) else error)
+        agree += int(torch.argmax(process(start + ref_tokens[:i], a))) == ref_tokens[i]
     return EndToEndCheck(
-        len(start), len(out.new_tokens), out.new_tokens == ref_tokens, worst, ref_tokens, out.new_tokens
+        len(start),
+        len(out.new_tokens),
+        out.new_tokens == ref_tokens,
+        max(errors, default=0.0),
+        ref_tokens,
+        out.new_tokens,
+        runtime,
+        agree / max(len(ref_tokens), 1),
+        errors,
     )
 
 
