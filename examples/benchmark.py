@@ -522,8 +522,8 @@ SEQ2SEQ = {
 
 def bench_seq2seq(name: str, context: int | None = None) -> dict:
     """Encoder-decoder generation: compile time and peak memory, the three functions' MIL
-    histograms, state bytes, and a roofline ESTIMATE of the bytes one decode step moves against its
-    floor (the decoder's weights and the states read once)."""
+    histograms, state bytes, and each function's memory-traffic ESTIMATE against its floor (weights
+    and states read once; :meth:`~anefx.core.result.Compiled.traffic`, as for causal LMs)."""
     import torch
     from rich.console import Console
     from rich.markup import escape
@@ -582,28 +582,22 @@ def bench_seq2seq(name: str, context: int | None = None) -> dict:
         f"decoder layers; cross states written {hists['encode']['coreml_update_state']}x by encode, read "
         f"{decode['read_state']}x and written {decode['coreml_update_state']}x by decode"
     )
-    report = lm.ane_report("decode")
-    est = report.estimate
-    state_mib = sum(states.values()) / 2**20
-    moved = est["padded_activation_mib"] + est["weight_mib"]
-    floor = est["weight_mib"] + state_mib
-    traffic = Table(title="decode step traffic: ESTIMATE (op by op, activations padded to 64 B, weights once)")
-    for col in ("activations MiB", "weights MiB", "states MiB", "moved MiB", "floor MiB", "moved / floor"):
-        traffic.add_column(col, justify="right")
-    traffic.add_column("ms per chip")
-    traffic.add_row(
-        f"{est['padded_activation_mib']:.2f}",
-        f"{est['weight_mib']:.2f}",
-        f"{state_mib:.2f}",
-        f"{moved:.2f}",
-        f"{floor:.2f}",
-        f"{moved / floor:.2f}",
-        ", ".join(f"{c} {ms:.2f}" for c, ms in est["ms_per_chip"].items()),
-    )
-    console.print(traffic)
+    traffic = {fn: lm.traffic(fn) for fn in lm.functions}  # the causal-LM rows' estimate (anefx/ane/traffic.py)
+    for fn in lm.functions:
+        console.print(escape(str(traffic[fn])))
+    decode_traffic = traffic["decode"]
+    top = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in list(decode_traffic.by_op_type().items())[:6])
+    console.print(escape(f"    decode by MIL op type (MB): {top}"))
     flagged = {fn: len(lm.ane_report(fn).findings) for fn in lm.functions}
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {n}" for fn, n in flagged.items()))
-    result = {"name": name, "seconds": seconds, "peak_mib": rss.peak / 2**20, "ops": hists}
+    result = {
+        "name": name,
+        "seconds": seconds,
+        "peak_mib": rss.peak / 2**20,
+        "ops": hists,
+        "state_bytes": states,
+        "traffic": {fn: t.to_dict() for fn, t in traffic.items()},
+    }
     del lm, model
     gc.collect()
     torch.set_num_threads(torch.get_num_threads())

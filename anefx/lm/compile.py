@@ -137,19 +137,6 @@ class CompiledLM(Compiled):
         self.op_histogram(function)  # same errors for unknown functions / no package
         return self.analyse(function)
 
-    def traffic(self, function: str = "decode"):
-        """The memory traffic ESTIMATE of one call of ``function`` (:mod:`anefx.ane.traffic`: bytes each
-        MIL op reads and writes, weights once, states updated in place; every package of a chain)."""
-        from anefx.ane.traffic import Traffic, estimate_traffic
-
-        self.op_histogram(function)  # same errors for unknown functions / no package
-        total = Traffic(function)
-        for program in self._converted().programs:
-            part = estimate_traffic(program.package.operations(function), function)
-            total.ops += part.ops
-            total.states.update(part.states)
-        return total
-
     def context_growth(self, other: CompiledLM, function: str = "decode"):
         """How ``function``'s traffic grows with the context: this compile against ``other``, the same
         model compiled at another ``context_length`` (ESTIMATE, :func:`anefx.ane.traffic.context_growth`)."""

@@ -643,7 +643,8 @@ def end_to_end_check(
     for i, (a, b) in enumerate(zip(fed, ref_logits, strict=False)):
         error = float((a.double() - b.double()).abs().max())
         errors.append(math.inf if math.isnan(error) else error)
-        agree += int(torch.argmax(process(start + ref_tokens[:i], a))) == ref_tokens[i]
+        scores = a if process is None else process(start + ref_tokens[:i], a)
+        agree += int(torch.argmax(scores)) == ref_tokens[i]
     return EndToEndCheck(
         len(start),
         len(out.new_tokens),
