@@ -247,12 +247,18 @@ def test_bart_chain_encoder_is_its_own_chunk(workdir, tmp_path):
     holds the three functions (``encode`` there writes each layer's cross-attention K/V) and every
     state. Saved as a folder, ``anefx.load`` runs it as one program: encode, prefill, decode on the
     MIL interpreter (fp16) give the tokens of the chain run in memory (``runtime="target"``), and
-    logits within fp16 error of the rewritten graphs', on an input the compile never saw."""
+    logits within fp16 error of the rewritten graphs', on an input the compile never saw. The
+    compile's artifact check and end-to-end check executed the packages (each chunk, each function)."""
     model, lm = _built("bart", workdir)
     chunks = lm.artifact.chunks
     assert [c.layers for c in chunks] == [[0, 1], [2, 3]]  # encoder layers 0-1, decoder layers 0-1
     assert [list(c.functions) for c in chunks] == [["encode"], ["encode", "prefill", "decode"]]
     assert chunks[0].states == {} and len(chunks[1].states) == 4 * 2 + 1
+    # the artifact check executed every function of every chunk that holds it, as for causal LMs
+    checked = {fn: sorted(lm.reports[fn].artifact) for fn in lm.functions}
+    assert checked == {"encode": ["chunk0", "chunk1"], "prefill": ["chunk1"], "decode": ["chunk1"]}
+    assert all(r["ok"] for fn in lm.functions for r in lm.reports[fn].artifact.values())
+    assert lm.check.runtime == "target" and lm.check.agreement >= 0.75
     encoder = {n for n, _ in model.named_parameters() if ".encoder.layers." in n}
     held = [set(h.param_names.values()) for h in (c.functions["encode"] for c in chunks)]
     assert encoder <= held[0] and not encoder & held[1]
