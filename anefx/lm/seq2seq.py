@@ -301,18 +301,12 @@ class CompiledEncoderDecoder(Compiled):
 
 
 def _random_states(layout: EncoderDecoderLayout, gen: torch.Generator, kept: int) -> list[torch.Tensor]:
-    """Random caches and cross states (their padding channels zero, as the graphs keep them) and an
-    encoder mask keeping the first ``kept`` positions."""
-    out = []
-    for cache in (layout.decoder, layout.cross):
-        channels = [lc.key_channels for lc in cache.layers] + [lc.value_channels for lc in cache.layers]
-        for i, (shape, c) in enumerate(zip(cache.state_shapes, channels, strict=True)):
-            t = torch.randn(shape, generator=gen, dtype=torch.float64).to(cache.dtype)
-            if cache is layout.cross and cache.keys_transposed and i < len(cache.layers):
-                t[..., c:] = 0
-            elif cache is layout.cross:
-                t[:, c:] = 0
-            out.append(t)
+    """Random caches and cross states and an encoder mask keeping the first ``kept`` positions."""
+    out = [
+        torch.randn(shape, generator=gen, dtype=torch.float64).to(cache.dtype)
+        for cache in (layout.decoder, layout.cross)
+        for shape in cache.state_shapes
+    ]
     mask = torch.zeros(layout.mask_shape, dtype=layout.decoder.dtype)
     mask[..., kept:] = MASKED
     out.append(mask)
