@@ -38,6 +38,7 @@ EXAMPLES: dict[str, CatalogExample] = {
     "fold_constants": CatalogExample("masked_scores", ("canonicalize",)),
     "grouped_projection": CatalogExample("tiny_grouped"),
     "linear_to_conv": CatalogExample("tiny_block"),
+    "conv1d_bc1s": CatalogExample("conv_stem"),
     "layer_norm_bc1s": CatalogExample("tiny_block"),
     "rms_norm_bc1s": CatalogExample("tiny_rms_norm", ("canonicalize",)),
     "split_modulation": CatalogExample("tiny_modulation", ("canonicalize",)),
@@ -188,10 +189,11 @@ When such a pass fails validation, the pipeline re-runs it on halves of its site
 found the failing ones (about 2·log2(n) re-runs for one bad site of n), keeps the pass without
 them, and the report names each excluded site: its node, op, the user's source line and the error.
 `canonicalize`, `token_batch_norm`, `fold_constants`, `split_modulation`, `grouped_projection`,
-`linear_to_conv`, `layer_norm_bc1s`, `rms_norm_bc1s`, `group_norm_4d`, `cache_write_bc1s`,
-`attention_bc1s` and `fp16_mask_values` declare sites. `to_bc1s` and `fold_transposes` stay whole:
-they choose one layout for the whole graph (a cut over the dataflow graph) and cancel transposes
-in chains, so a part of their rewrite is not a rewrite of its own and may not even be consistent.
+`linear_to_conv`, `conv1d_bc1s`, `layer_norm_bc1s`, `rms_norm_bc1s`, `group_norm_4d`,
+`cache_write_bc1s`, `attention_bc1s` and `fp16_mask_values` declare sites. `to_bc1s` and
+`fold_transposes` stay whole: they choose one layout for the whole graph (a cut over the dataflow
+graph) and cancel transposes in chains, so a part of their rewrite is not a rewrite of its own and
+may not even be consistent.
 The Core ML and Core AI hand-offs legalize the same way, site by site, and validate the graph they
 hand to the converter.
 """

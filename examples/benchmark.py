@@ -7,6 +7,7 @@
     python examples/benchmark.py --models none --diffusion --sd15   # diffusers components; SD-1.5's UNet chunked
     python examples/benchmark.py --models none --lm tiny_llama   # generation: compile_lm, prefill + decode
     python examples/benchmark.py --models none --lm smollm2      # the same with SmolLM2-135M-Instruct
+    python examples/benchmark.py --models none --seq2seq whisper_base,whisper_large_v3   # encode + prefill + decode
     python examples/benchmark.py --models none --decode-traffic 512,2048,4096   # decode traffic vs context
 
 For each model it prints, side by side, the op histogram of the stock conversion (the captured graph
@@ -509,6 +510,100 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
     interpreter_decode(lm, console)
 
 
+#: encoder-decoder generation (compile_lm on config.is_encoder_decoder): factory, compile_lm keywords
+SEQ2SEQ = {
+    "whisper_tiny_random": lambda: (models.tiny_whisper(frames=100), {}),
+    "whisper_base": lambda: (models.whisper_sized("base"), {}),
+    "whisper_large_v3": lambda: (models.whisper_sized("large-v3"), {"validate": "lint"}),
+    "t5_small_random": lambda: (models.tiny_t5(), {"source_length": 20}),
+    "bart_small_random": lambda: (models.tiny_bart(), {"source_length": 20}),
+}
+
+
+def bench_seq2seq(name: str, context: int | None = None) -> dict:
+    """Encoder-decoder generation: compile time and peak memory, the three functions' MIL
+    histograms, state bytes, and each function's memory-traffic ESTIMATE against its floor (weights
+    and states read once; :meth:`~anefx.core.result.Compiled.traffic`, as for causal LMs)."""
+    import torch
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=160)
+    gc.collect()
+    t0 = time.perf_counter()
+    model, kwargs = SEQ2SEQ[name]()
+    params = sum(p.numel() for p in model.parameters())
+    build = time.perf_counter() - t0
+    with RssSampler() as rss:
+        lm = anefx.compile_lm(model, context_length=context, check_tokens=4, **kwargs)
+    seconds = lm.timings["total"]
+    layers = len(lm.layout.decoder.layers)
+    console.print(
+        escape(
+            f"\n{name}: compile_lm, {params / 1e6:.0f}M parameters, {lm.layout.source.name} "
+            f"{list(lm.layout.source.shape)}, encoder {lm.layout.encoder_length} positions (cross states "
+            f"{lm.layout.cross_length}), decoder context {lm.context_length}, {layers} decoder layers"
+            + (f", {kwargs}" if kwargs else "")
+        )
+    )
+    console.print(
+        f"compile {seconds:.1f} s (model built in {build:.1f} s); peak RSS {rss.peak / 2**20:,.0f} MiB "
+        f"(+{(rss.peak - rss.start) / 2**20:,.0f} MiB during the compile); {lm.check}"
+    )
+    stages = {k: v for k, v in lm.timings.items() if "." not in k and k != "total"}
+    console.print("stages (s): " + ", ".join(f"{k}={v:.1f}" for k, v in stages.items()))
+    if lm.artifact.chunked:  # above the target's package size: the encoder in chunks of its own
+        console.print(
+            f"chain of {len(lm.artifact.chunks)} packages (max_chunk_mb={lm.artifact.cap_mb:g}): "
+            + "; ".join(
+                f"chunk{c.index} stages {c.layers[0]}-{c.layers[-1]} {'+'.join(c.functions)} "
+                f"{c.package.weight_bytes() / 2**20:,.0f} MiB"
+                for c in lm.artifact.chunks
+            )
+        )
+    table = Table(title="MIL ops per function")
+    table.add_column("op")
+    hists = {fn: lm.op_histogram(fn) for fn in lm.functions}
+    for fn in lm.functions:
+        table.add_column(fn, justify="right")
+    for op in sorted(set().union(*hists.values()), key=lambda o: (-hists["decode"][o], o)):
+        table.add_row(op, *(str(hists[fn][op]) for fn in lm.functions))
+    console.print(table)
+    states = lm.layout.state_bytes()
+    console.print(
+        "states (fp16): "
+        + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in states.items())
+        + f"; weights (package) {lm.weight_bytes() / 2**20:.1f} MiB"
+    )
+    decode = hists["decode"]
+    console.print(
+        f"decode layout changes: {decode['transpose']} transposes + {decode['reshape']} reshapes for {layers} "
+        f"decoder layers; cross states written {hists['encode']['coreml_update_state']}x by encode, read "
+        f"{decode['read_state']}x and written {decode['coreml_update_state']}x by decode"
+    )
+    traffic = {fn: lm.traffic(fn) for fn in lm.functions}  # the causal-LM rows' estimate (anefx/ane/traffic.py)
+    for fn in lm.functions:
+        console.print(escape(str(traffic[fn])))
+    decode_traffic = traffic["decode"]
+    top = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in list(decode_traffic.by_op_type().items())[:6])
+    console.print(escape(f"    decode by MIL op type (MB): {top}"))
+    flagged = {fn: len(lm.ane_report(fn).findings) for fn in lm.functions}
+    console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {n}" for fn, n in flagged.items()))
+    result = {
+        "name": name,
+        "seconds": seconds,
+        "peak_mib": rss.peak / 2**20,
+        "ops": hists,
+        "state_bytes": states,
+        "traffic": {fn: t.to_dict() for fn, t in traffic.items()},
+    }
+    del lm, model
+    gc.collect()
+    torch.set_num_threads(torch.get_num_threads())
+    return result
+
+
 def decode_traffic_section(contexts=(512, 2048, 4096), prefill: int = 64) -> None:
     """The small Llama of issue 22 (hidden 256, 4 heads, 2 KV heads, 4 layers) compiled at each
     context: compile time, peak memory, each function's memory-traffic ESTIMATE against its floor
@@ -805,6 +900,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lm", default="", help=f"generation section for these causal LMs: {sorted(LMS)}")
     ap.add_argument("--lm-context", type=int, default=256)
     ap.add_argument("--lm-prefill", type=int, default=64)
+    ap.add_argument("--seq2seq", default="", help=f"encoder-decoder generation: {sorted(SEQ2SEQ)}")
+    ap.add_argument(
+        "--seq2seq-context", type=int, default=None, help="decoder context (default: 512, at most the model's)"
+    )
     ap.add_argument("--compression", action="store_true", help="SmolLM2: size vs quality per scheme, chunking")
     ap.add_argument(
         "--lm-compression",
@@ -832,6 +931,8 @@ def main(argv=None) -> int:
         print_result(bench(name, args.attn, use_coreai))
     for name in [n.strip() for n in args.lm.split(",") if n.strip()]:
         bench_lm(name, args.lm_context, args.lm_prefill)
+    for name in [n.strip() for n in args.seq2seq.split(",") if n.strip()]:
+        bench_seq2seq(name, args.seq2seq_context)
     if args.decode_traffic:
         decode_traffic_section(tuple(int(c) for c in args.decode_traffic.split(",")))
     if args.diffusion:

@@ -256,6 +256,26 @@ class TinyRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class ConvStem(nn.Module):
+    """Whisper's convolutional stem, small: Conv1d (k=3) → GELU → Conv1d (k=3, stride 2) → GELU over
+    (B, C, T) mel frames, then the frames as a (B, T, C) sequence."""
+
+    def __init__(self, mels: int = 8, c: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv1d(mels, c, 3, padding=1)
+        self.conv2 = nn.Conv1d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.conv1(x))
+        x = nn.functional.gelu(self.conv2(x))
+        return x.permute(0, 2, 1)
+
+
+def conv_stem(frames: int = 8):
+    _seed()
+    return ConvStem().eval(), (torch.randn(1, 8, frames),), {}
+
+
 class TinyGroupNorm(nn.Module):
     """A conv and a GroupNorm on an image (B, C, H, W), as in a UNet's or a VAE's residual blocks."""
 
@@ -791,6 +811,144 @@ def torch_encoder(layers: int = 4, dim: int = 256, heads: int = 8, seq: int = 64
     keep = torch.ones(1, seq, dtype=torch.long)
     keep[:, -seq // 8 :] = 0
     return model.eval(), (x, keep), {}
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder-decoder models for compile_lm (random weights: nothing zero or identity)
+# --------------------------------------------------------------------------------------------
+
+
+def random_weights(model, seed: int, gain: float = 1.0, query_scale: float = 1.0, embedding_std: float = 1.0):
+    """Re-initialise every parameter of ``model`` in place: matrices ``N(0, gain² / fan_in)`` (query
+    projections ``query_scale`` times that), embeddings and position tables ``N(0, embedding_std²)``,
+    norm weights ``1 + N(0, 0.04)``, biases ``N(0, 0.04)``. Greedy generation from such a model
+    depends on its input, its positions and every layer (the stock init's tiny weights give one
+    repeated token)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() >= 2 and ("embed" in name or "shared" in name or "relative_attention_bias" in name):
+                p.copy_(embedding_std * noise)
+            elif p.dim() >= 2:
+                scale = query_scale if ("q_proj" in name or name.endswith(".q.weight")) else 1.0
+                p.copy_(noise * gain * scale / math.sqrt(p[0].numel()))
+            else:
+                p.copy_(1.0 + 0.2 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise)
+    return model.eval()
+
+
+def tiny_whisper(seed: int = 2, mels: int = 80, frames: int = 60, layers: int = 2, vocab: int = 256):
+    """A small random-weight WhisperForConditionalGeneration: ``mels`` mel bins, ``frames`` input frames
+    (``frames / 2`` encoder positions, padded to 32 in the cross-attention states), ``layers``
+    encoder and decoder layers, no suppressed tokens."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(
+        vocab_size=vocab,
+        num_mel_bins=mels,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        d_model=64,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=frames // 2,
+        max_target_positions=128,
+        tie_word_embeddings=False,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    torch.manual_seed(seed)
+    return random_weights(WhisperForConditionalGeneration(cfg), seed, gain=1.5, query_scale=2.0)
+
+
+def tiny_t5(seed: int = 1, layers: int = 2, vocab: int = 256):
+    """A small random-weight T5ForConditionalGeneration (relative position bias, gated GELU)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(
+        vocab_size=vocab,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(cfg)
+    return random_weights(model, seed, gain=2.0, query_scale=0.5, embedding_std=0.3)
+
+
+def tiny_bart(seed: int = 2, layers: int = 2, vocab: int = 256):
+    """A small random-weight BartForConditionalGeneration (learned positions, LayerNorm, GELU)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(
+        vocab_size=vocab,
+        d_model=64,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=128,
+        forced_eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return random_weights(BartForConditionalGeneration(cfg), seed)
+
+
+#: Whisper checkpoint shapes (openai/whisper-*): d_model, encoder/decoder layers, heads, mel bins, vocabulary
+WHISPER_SIZES = {
+    "tiny": (384, 4, 6, 80, 51865),
+    "base": (512, 6, 8, 80, 51865),
+    "large-v3": (1280, 32, 20, 128, 51866),
+}
+
+
+def whisper_sized(size: str = "base", seed: int = 0):
+    """A WhisperForConditionalGeneration shaped like openai/whisper-<size> (30 s of audio: 3,000
+    frames, 1,500 encoder positions; 448 decoder positions), random weights."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    d, layers, heads, mels, vocab = WHISPER_SIZES[size]
+    cfg = WhisperConfig(
+        vocab_size=vocab,
+        num_mel_bins=mels,
+        d_model=d,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=4 * d,
+        decoder_ffn_dim=4 * d,
+        max_source_positions=1500,
+        max_target_positions=448,
+        decoder_start_token_id=50258,
+        pad_token_id=50257,
+        bos_token_id=50257,
+        eos_token_id=50257,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    torch.manual_seed(seed)
+    return random_weights(WhisperForConditionalGeneration(cfg), seed, gain=1.5, query_scale=2.0)
 
 
 # --------------------------------------------------------------------------------------------

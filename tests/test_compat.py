@@ -225,6 +225,15 @@ def test_fp16_cast_pass_has_an_overridable_overflow_check():
     assert isinstance(cls.__dict__.get("fp16_overflow"), staticmethod)
 
 
+def test_inplace_pattern_pass_places_writes_from_a_list_of_ops():
+    import inspect
+
+    cls = ctc.inplace_pattern_pass()
+    method = cls.__dict__["_try_match_and_transform_pattern"]
+    assert list(inspect.signature(method).parameters) == ["self", "op", "block", "block_operation_list"]
+    assert "block_operation_list.index(op) + 1" in inspect.getsource(method)  # the stale list anefx replaces
+
+
 def test_torch_node_inputs_is_what_op_converters_call():
     import inspect
 

@@ -179,6 +179,8 @@ class HeadReplay:
     reordered_sides: dict[tuple[Node, tuple[int, ...]], Node] = field(default_factory=dict)
     #: what ``emit_channel_rms_norm`` shares (the doubled norm weights)
     norm_weights: dict = field(default_factory=dict)
+    #: a (B, S, 1, C) source (keys stored by position) made (B, C, 1, S)
+    by_position: dict[Node, Node] = field(default_factory=dict)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -188,6 +190,10 @@ class HeadReplay:
         """The (B, C, 1, S) tensor whose channel blocks ``heads`` are."""
         if heads.lift is not None:  # the projection computed on the (B, C, 1, S) tensor it reads rows of
             return self.lifted_conv(heads.lift.conv, heads.lift.x, heads.lift.swap)
+        if heads.by_position:  # (B, S, 1, C): one transpose, cancelled by the K transpose that follows
+            if heads.source not in self.by_position:
+                self.by_position[heads.source] = call(self.graph, aten.permute.default, (heads.source, [0, 3, 2, 1]))
+            return self.by_position[heads.source]
         return heads.source if heads.source_is_bc1s else to_bc1s(self.graph, heads.source, 3, self.layout)
 
     def lifted_conv(self, conv: Node, x: Node, swap: bool = False) -> Node:

@@ -139,6 +139,10 @@ class Heads:
     head_dim: int
     source_is_bc1s: bool
     lift: Lift | None = None  # the source is ``lift.conv`` computed on ``lift.x`` in (B, C, 1, S)
+    #: the source is laid out (B, S, 1, C), positions on axis 1 (keys stored the way the score
+    #: product reads them, e.g. an encoder-decoder's cross-attention keys): its (B, C, 1, S) form is
+    #: one transpose, which cancels against the attention's own K transpose
+    by_position: bool = False
 
 
 def trace_heads(node: torch.fx.Node, heads: int | None = None) -> Heads | None:
@@ -158,13 +162,16 @@ def trace_heads(node: torch.fx.Node, heads: int | None = None) -> Heads | None:
 
 def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
     """``r`` (B, H, S, D) indexes the flattened ``src``: the heads it reads when each head is a channel
-    block of ``src`` (B, S, C) or (B, C, 1, S), else None."""
+    block of ``src`` (B, S, C), (B, C, 1, S) or (B, S, 1, C) (``by_position``), else None."""
     src_shape = shape(src)
     bc = _index_in_bc1s(src_shape) if src_shape is not None else None
     if r.dim() != 4 or r.numel() == 0:
         return None
     b, _, s, d = r.shape
     if bc is None or bc.shape[0] != b or bc.shape[3] != s:
+        by_position = _heads_by_position(src, r)
+        if by_position is not None:
+            return by_position
         found = lifted_projection(src)
         if found is not None and (found[2][0], found[2][3]) == (s, b) != (b, s):
             found = lifted_projection(src, swap=True)
@@ -174,7 +181,30 @@ def heads_from_index(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
         z = torch.arange(zidx.numel()).reshape(zshape)
         heads = _heads_of_blocks(src, z, zidx.reshape(-1)[r], True)
         return None if heads is None else Heads(src, heads.offsets, d, True, lift)
-    return _heads_of_blocks(src, bc, r, len(src_shape) == 4)
+    found = _heads_of_blocks(src, bc, r, len(src_shape) == 4)
+    return found if found is not None else _heads_by_position(src, r)
+
+
+def _heads_by_position(src: torch.fx.Node, r: torch.Tensor) -> Heads | None:
+    """The heads ``r`` reads of a (B, S, 1, C) ``src`` (positions on axis 1), as channel blocks of its
+    (B, C, 1, S) transpose."""
+    src_shape = shape(src)
+    if src_shape is None or len(src_shape) != 4 or src_shape[2] != 1 or src_shape[1] != r.shape[2]:
+        return None
+    if src_shape[0] != r.shape[0]:
+        return None
+    by_position = torch.arange(_numel(src_shape)).reshape(src_shape).permute(0, 3, 2, 1)
+    found = _heads_of_blocks(src, by_position, r, True)
+    if found is not None:
+        found.by_position = True
+    return found
+
+
+def _numel(s) -> int:
+    n = 1
+    for d in s:
+        n *= d
+    return n
 
 
 def _heads_of_blocks(src: torch.fx.Node, bc: torch.Tensor, r: torch.Tensor, is_bc1s: bool) -> Heads | None:

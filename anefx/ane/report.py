@@ -194,6 +194,8 @@ def analyse(artifact, function: str | None = None, graph_module=None, flat_input
     estimate = Estimate()
     for program in artifact.programs:
         package = program.package
+        if function not in package.functions:  # a chunk without this function (an encoder chunk)
+            continue
         prefix = f"chunk{program.index}/" if artifact.chunked else ""
         handoff = program.functions.get(function)
         graphs = (package.function(function).exported_graph, handoff.graph_module if handoff else None)

@@ -69,6 +69,16 @@ def fp16_cast_pass():
     return FP16ComputePrecision
 
 
+def inplace_pattern_pass():
+    """The class of ``common::canonicalize_inplace_pattern``: its
+    ``_try_match_and_transform_pattern(op, block, block_operation_list)`` places each
+    ``coreml_update_state`` before the op that follows the state's value in ``block_operation_list``
+    (its own copy of the block's ops, taken before the pass moved any)."""
+    from coremltools.converters.mil.mil.passes.defs.optimize_state import canonicalize_inplace_pattern
+
+    return canonicalize_inplace_pattern
+
+
 @contextlib.contextmanager
 def quiet_coremltools(progress_bars: bool = False):
     """Silence coremltools' chatter while it imports or converts.

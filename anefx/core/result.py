@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anefx.ane.report import ANEReport, add_unmatched_attention, analyse
+from anefx.ane.traffic import Traffic, estimate_traffic
 from anefx.core.stages import Build, BuiltFunction
 from anefx.driver.events import Events
 from anefx.ir.errors import AnefxError
@@ -73,6 +74,18 @@ class Compiled:
         """Op types of one function of the converted program (summed over the chain)."""
         self._built(function)
         return self._converted().op_histogram(function)
+
+    def traffic(self, function: str | None = None) -> Traffic:
+        """The memory traffic ESTIMATE of one call of ``function`` (default: the artifact's default,
+        ``decode`` for generation; :mod:`anefx.ane.traffic`: bytes each MIL op reads and writes,
+        weights once, states updated in place), over every package of a chain that holds it."""
+        built = self._built(function)
+        total = Traffic(built.name)
+        for program in self._converted().holding(built.name):
+            part = estimate_traffic(program.package.operations(built.name), built.name)
+            total.ops += part.ops
+            total.states.update(part.states)
+        return total
 
     def save(self, path) -> Path:
         """Write the package atomically (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI); a

@@ -84,6 +84,10 @@ class ProgramRequest:
     states: dict[str, StateSpec] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     default: str = ""
+    #: chunking: a parameter's stage (default: its layer index) and the stages where a layer stack
+    #: starts, which no chunk runs across (see :func:`anefx.targets.chunking.split_artifact`)
+    stage_of: Callable[[str], int | None] | None = None
+    stage_breaks: tuple[int, ...] = ()
 
 
 @dataclass
@@ -215,7 +219,14 @@ def build(request: ProgramRequest, plan: Plan, events: Events) -> Build:
 
 def _artifact(request: ProgramRequest, functions: dict[str, BuiltFunction], plan: Plan) -> Artifact:
     handoffs = {name: b.handoff for name, b in functions.items()}
-    program = Program(handoffs, dict(request.states), dict(request.metadata), request.default)
+    program = Program(
+        handoffs,
+        dict(request.states),
+        dict(request.metadata),
+        request.default,
+        stage_of=request.stage_of,
+        stage_breaks=request.stage_breaks,
+    )
     return Artifact.single(program, plan.target)
 
 
@@ -254,13 +265,16 @@ def _conversion_reports(functions: dict[str, BuiltFunction], artifact: Artifact,
     chain), the converted ops and what the target checked."""
     seconds = events.timings().get("convert", 0.0)
     for fn, built in functions.items():
-        checks = [p.functions[fn].checks for p in artifact.programs]
+        holding = artifact.holding(fn)
+        checks = [p.functions[fn].checks for p in holding]
         conversion = {"target": plan.target.name, "seconds": round(seconds, 3)}
         if artifact.chunked:
             conversion |= {"chunks": len(artifact.programs), "max_chunk_mb": artifact.cap_mb}
         conversion |= converter_input_errors(checks)
         conversion["ops"] = dict(sorted(artifact.op_histogram(fn).items()))
-        conversion["checks"] = checks[0] if len(checks) == 1 else {f"chunk{i}": c for i, c in enumerate(checks)}
+        conversion["checks"] = (
+            checks[0] if len(checks) == 1 else {f"chunk{p.index}": c for p, c in zip(holding, checks, strict=True)}
+        )
         built.report.conversion |= conversion
 
 

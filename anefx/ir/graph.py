@@ -391,3 +391,11 @@ def layer_of(name: str) -> int | None:
     """The layer index in a parameter name ending with ``.`` (``"model.layers.3.mlp.weight."`` → 3)."""
     m = _LAYER.search(name)
     return int(m.group(1)) if m else None
+
+
+def layer_path(name: str) -> str | None:
+    """The numbered layer a parameter name ending with ``.`` is in, as its path
+    (``"model.decoder.layers.3.fc1.weight."`` → ``"model.decoder.layers.3"``: an encoder's layer 3
+    is another layer)."""
+    m = _LAYER.search(name)
+    return name[: m.end(1)].lstrip(".") if m else None

@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,11 +29,19 @@ from anefx.core.result import Compiled
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
 from anefx.driver.report import Report
-from anefx.driver.validate import Tolerance, ValidationOptions
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.lm.cache import CacheLayout, StepFunction, probe_layout, round_up, takes_negative_positions
+from anefx.lm.cache import (
+    CacheLayout,
+    StepFunction,
+    depth_scaled_check,
+    probe_layout,
+    round_up,
+    scaled_tolerances,
+    takes_negative_positions,
+)
 from anefx.lm.generate import (
+    MIN_AGREEMENT,
     EndToEndCheck,
     Generation,
     GenerationMismatch,
@@ -49,9 +55,9 @@ from anefx.lm.generate import (
     prompt_ids,
     teacher_forced,
 )
+from anefx.lm.seq2seq import CompiledEncoderDecoder, compile_encoder_decoder
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_quality
-from anefx.targets.verify import ArtifactCheckOptions
 
 FUNCTIONS = ("prefill", "decode")
 
@@ -130,19 +136,6 @@ class CompiledLM(Compiled):
         context."""
         self.op_histogram(function)  # same errors for unknown functions / no package
         return self.analyse(function)
-
-    def traffic(self, function: str = "decode"):
-        """The memory traffic ESTIMATE of one call of ``function`` (:mod:`anefx.ane.traffic`: bytes each
-        MIL op reads and writes, weights once, states updated in place; every package of a chain)."""
-        from anefx.ane.traffic import Traffic, estimate_traffic
-
-        self.op_histogram(function)  # same errors for unknown functions / no package
-        total = Traffic(function)
-        for program in self._converted().programs:
-            part = estimate_traffic(program.package.operations(function), function)
-            total.ops += part.ops
-            total.states.update(part.states)
-        return total
 
     def context_growth(self, other: CompiledLM, function: str = "decode"):
         """How ``function``'s traffic grows with the context: this compile against ``other``, the same
@@ -260,59 +253,6 @@ class CompiledLM(Compiled):
         return teacher_forced(view.step(runtime, variant), ids, self.prefill_length, self.front_pad)
 
 
-#: The least teacher-forced greedy-token agreement the executed package must reach with the model
-#: (fp16 can flip a near-tie: a few steps of a random model's flat logits; a package that computes
-#: something else agrees on almost none).
-MIN_AGREEMENT = 0.75
-
-#: The executed fp16 step's tolerance, relative to each output's scale (the logits' largest
-#: magnitude), for a decoder of up to ``LM_ARTIFACT_DEPTH`` layers: a decoder step reads a cache of
-#: fp16 values through every layer's attention, and a random-weight model's logits come out within
-#: 1-2 % of their scale (a wrong program is off by its whole scale); the end-to-end greedy-token
-#: check is the final word. Deeper decoders accumulate fp16 rounding as a random walk, so the
-#: tolerance grows with the square root of the depth (:func:`lm_artifact_tolerance`): SmolLM2-135M
-#: (30 layers) on the validation's random caches measured 4.4e-2 in its last value cache, within
-#: its 5.8e-2.
-LM_ARTIFACT_TOLERANCE = 3e-2
-LM_ARTIFACT_DEPTH = 8
-
-
-def lm_depth_factor(layers: int) -> float:
-    """How much more rounding a decoder of ``layers`` layers accumulates than one of
-    ``LM_ARTIFACT_DEPTH``: the factor on an LM step's artifact tolerances (fp16 and fp32; Core AI's
-    fp32 program of SmolLM2 measured 1.8e-4 in a value cache against PyTorch, its tolerance 1.9e-4)."""
-    return max(1.0, math.sqrt(layers / LM_ARTIFACT_DEPTH))
-
-
-def lm_artifact_tolerance(layers: int) -> float:
-    """The executed fp16 step's tolerance for a decoder of ``layers`` layers."""
-    return LM_ARTIFACT_TOLERANCE * lm_depth_factor(layers)
-
-
-#: Per-pass validation of an LM step, relative to the largest output value (logits reach tens: an
-#: absolute 1e-4 would roll back any re-association of a 30-layer sum). The program runs in fp16,
-#: whose own error is ~1e-2; the end-to-end greedy-token check is the final word.
-LM_RELATIVE_TOLERANCE = 1e-3
-
-
-def scaled_tolerances(captured, options: ValidationOptions) -> dict:
-    """fp32 tolerance ``atol = 1e-3 * max|y|`` over the step's outputs (logits and caches)."""
-    scale = max(
-        (
-            float(t.detach().abs().max())
-            for t in captured.reference_outputs
-            if isinstance(t, torch.Tensor) and t.numel()
-        ),
-        default=1.0,
-    )
-    tolerances = dict(options.tolerances)
-    base = options.tolerance(torch.float32)
-    tolerances[torch.float32] = Tolerance(
-        max(base.atol, LM_RELATIVE_TOLERANCE * scale), max(base.rtol, LM_RELATIVE_TOLERANCE)
-    )
-    return tolerances
-
-
 def _example_inputs(layout: CacheLayout, tokens: int, position: int, vocab: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, tokens), generator=gen, dtype=torch.int64).to(torch.int32)
@@ -379,22 +319,31 @@ def request_for(model, layout: CacheLayout, prefill_length: int, vocab: int, met
 def compile_lm(
     model: torch.nn.Module,
     *,
-    context_length: int = 512,
-    prefill_length: int = 64,
+    context_length: int | None = None,
+    prefill_length: int | None = None,
     check_prompt=None,
     check_tokens: int = 16,
     eos_token_id: int | list[int] | None = None,
     name: str | None = None,
     quality_prompts=None,
-    quality_tokens: int = 64,
+    quality_tokens: int | None = None,
+    source_length: int | None = None,
+    source_shape: tuple[int, ...] | None = None,
     check_runtime: str | None = None,
     options: CompileOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **compile_kwargs,
-) -> CompiledLM:
+) -> CompiledLM | CompiledEncoderDecoder:
     """Compile a causal LM (a ``transformers`` ``*ForCausalLM`` or any module called as
     ``model(input_ids=, position_ids=, past_key_values=, use_cache=True)`` returning ``.logits``) into
     ``prefill`` + ``decode`` functions with the KV cache as Core ML state.
+
+    A model whose config says ``is_encoder_decoder`` (Whisper, T5, BART …) becomes ``encode`` +
+    ``prefill`` + ``decode`` (:func:`anefx.lm.seq2seq.compile_encoder_decoder`, a
+    :class:`~anefx.lm.seq2seq.CompiledEncoderDecoder`): ``check_prompt`` / ``quality_prompts`` are
+    then encoder inputs, ``source_length`` (text) or ``source_shape`` (features) the encoder's
+    compiled input, and the defaults are ``context_length`` 512 (at most the decoder's positions),
+    ``prefill_length`` 4, ``quality_tokens`` 16.
 
     Args:
         context_length: tokens the cache holds (rounded up to a multiple of 32).
@@ -426,8 +375,30 @@ def compile_lm(
     """
     if not isinstance(model, torch.nn.Module):
         raise AnefxError(f"compile_lm needs an nn.Module causal LM, got {type(model).__name__}")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return compile_encoder_decoder(
+            model,
+            context_length=context_length,
+            prefill_length=prefill_length,
+            source_length=source_length,
+            source_shape=source_shape,
+            check_inputs=check_prompt,
+            check_tokens=check_tokens,
+            eos_token_id=eos_token_id,
+            name=name,
+            quality_inputs=quality_prompts,
+            quality_tokens=16 if quality_tokens is None else quality_tokens,
+            check_runtime=check_runtime,
+            options=options,
+            progress=progress,
+            **compile_kwargs,
+        )
+    if source_length is not None or source_shape is not None:
+        raise AnefxError("source_length / source_shape are for encoder-decoder models; this is a causal LM")
+    context_length = 512 if context_length is None else context_length
+    prefill_length = 64 if prefill_length is None else prefill_length
+    quality_tokens = 64 if quality_tokens is None else quality_tokens
     opts = compile_options(options, "compile_lm", **compile_kwargs)
-    lm_tolerance = not isinstance(opts.artifact_check, ArtifactCheckOptions)  # else the caller's own
     context = round_up(int(context_length))
     if not 1 <= prefill_length <= context:
         raise AnefxError(f"prefill_length must be in [1, context_length={context}], got {prefill_length}")
@@ -437,13 +408,7 @@ def compile_lm(
     with events.stage("probe"), eval_mode(model):
         layout, vocab = probe_layout(model, context, dtype)
         front_pad = takes_negative_positions(model)
-    if lm_tolerance:  # an LM step's own fp16 tolerance, from its depth
-        depth = len(layout.layers)
-        fp32 = plan.artifact_check.fp32_tolerance * lm_depth_factor(depth)
-        checked = dataclasses.replace(
-            plan.artifact_check, fp16_tolerance=lm_artifact_tolerance(depth), fp32_tolerance=fp32
-        )
-        plan = dataclasses.replace(plan, artifact_check=checked)
+    plan = depth_scaled_check(plan, opts.artifact_check, len(layout.layers))
     eos = eos_ids(model, eos_token_id)
     model_name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     metadata = metadata_for(

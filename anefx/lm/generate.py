@@ -48,6 +48,12 @@ class Generation:
     message: str = ""
 
 
+#: The least teacher-forced greedy-token agreement the executed package must reach with the model
+#: (fp16 can flip a near-tie: a few steps of a random model's flat logits; a package that computes
+#: something else agrees on almost none).
+MIN_AGREEMENT = 0.75
+
+
 @dataclass
 class EndToEndCheck:
     """The compiled generator against the original model's ``generate(do_sample=False)``.
@@ -218,16 +224,19 @@ def greedy(
     on_token: Callable[[int], None] | None = None,
     front_pad: bool = True,
     pick: Callable[[torch.Tensor], int] = argmax,
+    process: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
     """Generation: prefill, then one decode call per new token until an EOS id, ``max_new_tokens`` or
-    a full cache (with a warning); each token chosen by ``pick`` from its logits (greedy: argmax)."""
+    a full cache (with a warning); each token chosen by ``pick`` from its logits (greedy: argmax).
+    ``process(tokens so far, logits)``: the logits processors ``generate()`` applies before its
+    choice (:mod:`anefx.lm.processors`); the logits recorded are the model's own."""
     last = prefill(step, prompt, prefill_length, front_pad)
     logits_out: list[torch.Tensor] = []
     new: list[int] = []
     stop, message = "max_new_tokens", ""
     pos = len(prompt)
     while len(new) < max_new_tokens:
-        token = pick(last)
+        token = pick(last if process is None else process(prompt + new, last))
         logits_out.append(last.float())
         new.append(token)
         if on_token is not None:

@@ -11,6 +11,7 @@ from anefx.passes.attention_chunks import AttentionChunks
 from anefx.passes.base import NoOptions, Pass, PassContext, PassResult
 from anefx.passes.cache_write_bc1s import CacheWriteBC1S
 from anefx.passes.canonicalize import Canonicalize
+from anefx.passes.conv1d_bc1s import Conv1dBC1S
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
 from anefx.passes.fp16_mask_values import Fp16MaskValues
@@ -32,6 +33,7 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     SplitModulation,
     GroupedProjection,
     LinearToConv,
+    Conv1dBC1S,
     LayerNormBC1S,
     RMSNormBC1S,
     GroupNorm4D,
@@ -67,6 +69,7 @@ __all__ = [
     "AttentionChunks",
     "CacheWriteBC1S",
     "Canonicalize",
+    "Conv1dBC1S",
     "FoldConstants",
     "FoldTransposes",
     "Fp16MaskValues",

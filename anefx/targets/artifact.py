@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,10 @@ class Program(ProgramSpec):
     package: Package | None = None
     #: the package before compression (what :meth:`Artifact.compressed` compresses again)
     fp16_package: Package | None = None
+    #: chunking: a parameter's stage (default: its layer index), and the stages that start a layer
+    #: stack no chunk runs across (an encoder-decoder numbers its decoder layers after its encoder's)
+    stage_of: Callable[[str], int | None] | None = None
+    stage_breaks: tuple[int, ...] = ()
 
     @property
     def converted(self) -> bool:
@@ -145,7 +149,9 @@ class Artifact:
 
     @property
     def default(self) -> str:
-        return self.programs[0].default
+        """The function a runtime calls by default: the last package's (every chunk holds it but an
+        encoder-decoder's encoder chunks, whose only function ``encode`` is their own default)."""
+        return self.programs[-1].default
 
     @property
     def states(self) -> dict[str, StateSpec]:
@@ -168,6 +174,15 @@ class Artifact:
             raise AttributeError(f"this artifact is a chain of {len(self.programs)} packages: see .chunks")
         return self.programs[0].package
 
+    def holding(self, function: str) -> list[Program]:
+        """The programs of the chain that hold ``function``, in order (an encoder-decoder's encoder
+        chunks hold only ``encode``, its decoder chunks no ``encode``)."""
+        return [
+            p
+            for p in self.programs
+            if function in p.functions or (p.package is not None and function in p.package.functions)
+        ]
+
     def _need_converted(self) -> None:
         if not self.converted:
             raise AttributeError("compiled with convert=False: there is no converted program")
@@ -182,13 +197,13 @@ class Artifact:
         """The converted ops of one function over the chain, in order."""
         self._need_converted()
         function = self._function(function)
-        return [op for p in self.programs for op in p.package.operations(function)]
+        return [op for p in self.holding(function) for op in p.package.operations(function)]
 
     def op_histogram(self, function: str | None = None) -> collections.Counter:
         """Op types of one function of the converted program(s), summed over the chain."""
         self._need_converted()
         function = self._function(function)
-        return sum((p.package.op_histogram(function) for p in self.programs), collections.Counter())
+        return sum((p.package.op_histogram(function) for p in self.holding(function)), collections.Counter())
 
     def weight_bytes(self) -> int:
         """Bytes of the weight files of every package (what :meth:`save` writes)."""
@@ -213,12 +228,13 @@ class Artifact:
                 "this artifact was loaded from disk and has no PyTorch graphs: run it with runtime='target'"
             )
 
-        def call(i: int, program: Program, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            compressed = self.compression.packages[i][function] if self.compression is not None else None
+        def call(_i: int, program: Program, given: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            packages = self.compression.packages if self.compression is not None else None
+            compressed = packages[program.index][function] if packages is not None else None
             return program.call(function, given, states, compressed, variant)
 
         with torch.no_grad():
-            env = run_chain(self.programs, values, lambda program: program.value_inputs(function), call)
+            env = run_chain(self.holding(function), values, lambda program: program.value_inputs(function), call)
         return {name: env[name] for name in self.outputs[function]}
 
     def run(
@@ -282,7 +298,7 @@ class Artifact:
                 spec = dataclasses.replace(program, metadata=metadata)
                 package = self.target.package(functions, spec)
                 programs.append(dataclasses.replace(spec, package=package, fp16_package=base))
-                packages.append({fn: done[fn] for fn in program.functions})
+                packages.append(done)  # the package's default first
         compression = Compression(options, packages, self.default, seconds=events.events[-1].seconds or 0.0)
         return dataclasses.replace(self, programs=programs, compression=compression)
 
@@ -377,9 +393,8 @@ class Artifact:
             for entry in data["chunks"]:
                 package = target.load(path / entry["file"])
                 states = {s: StateSpec(tuple(shape)) for s, shape in entry["states"].items()}
-                programs.append(
-                    Program({}, states, package.metadata, data["default_function"], len(programs), entry["layers"])
-                )
+                default = data["default_function"] if data["default_function"] in package.functions else package.default
+                programs.append(Program({}, states, package.metadata, default, len(programs), entry["layers"]))
                 programs[-1].package = package
             inputs = {fn: f["inputs"] for fn, f in data["functions"].items()}
             outputs = {fn: [o["name"] for o in f["outputs"]] for fn, f in data["functions"].items()}
@@ -405,12 +420,17 @@ def _describe(t) -> dict:
 
 
 def _same_plan(done: dict[str, Compressed]) -> None:
-    plans = {fn: sorted((w.param, w.scheme) for w in c.weights if w.param) for fn, c in done.items()}
-    first = next(iter(plans))
-    for fn, plan in plans.items():
-        if plan != plans[first]:
-            differ = sorted(set(plan) ^ set(plans[first]))[:4]
-            raise ConversionError(
-                f"{first} and {fn} would ship different compressions of the same weights ({differ} …): "
-                "the package would store both; report this model"
-            )
+    """A weight that several functions of a package hold must get the same compression in each (else
+    the package would store it twice); functions may hold different weights (an encoder-decoder's
+    ``encode`` holds the encoder, its ``decode`` the decoder)."""
+    schemes: dict[str, dict[str, str]] = {}
+    for fn, c in done.items():
+        for w in c.weights:
+            if w.param:
+                schemes.setdefault(w.param, {})[fn] = w.scheme
+    differ = sorted((param, by_fn) for param, by_fn in schemes.items() if len(set(by_fn.values())) > 1)
+    if differ:
+        raise ConversionError(
+            f"functions would ship different compressions of the same weights ({differ[:4]} …): the package "
+            "would store both; report this model"
+        )

@@ -5,23 +5,28 @@ ship as a chain of packages (Anemll's ``--chunk``, ml-stable-diffusion's ``--chu
 does it for any program it compiles, whichever front end made it (:func:`split_artifact`):
 
 1. each function's validated graph is exported once (ATen, weights as inputs of the program);
-2. every node gets a *stage*: the layer index of the parameters it reads (``layers.<i>.``), or
-   the largest stage among its inputs — so stages never decrease along the data flow, the
-   embedding belongs to the first layer's side and the final norm and LM head to the last; a state
-   (``compile_lm``'s KV cache) has its layer's stage (``StateSpec.layer``), so each chunk reads and
-   writes the states of its own layers only. A model without ``layers.<i>`` parameters (a diffusers
-   UNet: ``down_blocks.<i>``, ``mid_block``, ``up_blocks.<i>``) is staged by blocks
-   (:func:`block_of`) in the order the graph first reads them; skip connections then cross
-   boundaries like any other value;
-3. consecutive stages are packed greedily into chunks whose weight bytes stay under the cap;
+2. every node gets a *stage*: the layer index of the parameters it reads (``layers.<i>.``; a
+   program may number its stages otherwise, ``Program.stage_of``: an encoder-decoder numbers its
+   decoder layers after its encoder's), or the largest stage among its inputs — so stages never
+   decrease along the data flow, the embedding belongs to the first layer's side and the final norm
+   and LM head to the last; a state (``compile_lm``'s KV cache) has its layer's stage
+   (``StateSpec.layer``), so each chunk reads and writes the states of its own layers only. A model
+   without ``layers.<i>`` parameters (a diffusers UNet: ``down_blocks.<i>``, ``mid_block``,
+   ``up_blocks.<i>``) is staged by blocks (:func:`block_of`) in the order the graph first reads
+   them; skip connections then cross boundaries like any other value;
+3. consecutive stages are packed greedily into chunks whose weight bytes stay under the cap, once
+   for all the functions (a weight counted once whichever function reads it), never across a stage
+   in ``Program.stage_breaks`` (an encoder-decoder's encoder is a chunk of its own, as WhisperKit
+   ships Whisper's, whose only function is ``encode``);
    input-independent values (weights, their views, folded tables) are copied into every chunk that
    reads them (a tied embedding ships with the first and the last chunk); values computed from the
    model's inputs alone (masks, positions, rotary tables) are recomputed in every chunk that reads
    them; everything else that crosses a boundary (the hidden state) becomes an output of one chunk
    and an input of the next, each boundary a minimum cut;
-4. every function splits into the same layer groups (refused otherwise), each chain is checked in
-   PyTorch against the whole graph, and each chunk becomes a :class:`~anefx.targets.artifact.Program`
-   with its functions and states, converted and validated like any program.
+4. every function splits into those stage groups (a chunk holds the functions that compute
+   something there), each chain is checked in PyTorch against the whole graph, and each chunk
+   becomes a :class:`~anefx.targets.artifact.Program` with its functions and states, converted and
+   validated like any program; a state read or written in two chunks is refused.
 
 The artifact's ``manifest.json`` says how to chain the packages
 (:meth:`~anefx.targets.artifact.Artifact.manifest`). An impossible cap (one layer's weights alone
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +46,7 @@ import torch.fx
 
 from anefx.driver.validate import Validator
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.ir.graph import layer_of
+from anefx.ir.graph import layer_of, layer_path
 from anefx.targets.artifact import MB, Artifact, Program
 from anefx.targets.handoff import HandOff, legalized_clone
 
@@ -63,21 +68,26 @@ def check_cap(named_parameters: Iterable[tuple[str, torch.Tensor]], cap_mb: floa
     if cap_mb <= 0:
         raise AnefxError(f"max_chunk_mb must be positive, got {cap_mb}")
     named_parameters = list(named_parameters)
-    by_block = not any(layer_of(name + ".") is not None for name, _ in named_parameters)
+    by_block = not any(layer_path(name + ".") is not None for name, _ in named_parameters)
     per_layer: dict[Any, float] = {}
     seen: set[int] = set()
     for name, p in named_parameters:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        layer = block_of(name) if by_block else layer_of(name + ".")
+        # a layer of its stack (an encoder's layer 0 is not its decoder's), or a block without layers
+        layer = block_of(name) if by_block else layer_path(name + ".")
         key = ("layer", layer) if layer is not None else ("tensor", name)
         per_layer[key] = per_layer.get(key, 0.0) + p.numel() * bytes_per_weight
     if not per_layer:
         return
     (kind, which), size = max(per_layer.items(), key=lambda kv: kv[1])
     if size > cap_mb * MB:
-        what = f"layer {which}" if kind == "layer" else f"the tensor {which}"
+        index = layer_of(which + ".") if kind == "layer" else None
+        if kind != "layer":
+            what = f"the tensor {which}"
+        else:  # a layer of a stack (its index and path), or a block of a model without layers
+            what = f"layer {which}" if index is None else f"layer {index} ({which})"
         raise AnefxError(
             f"max_chunk_mb={cap_mb:g} is impossible: {what} alone holds {size / MB:.1f} MB of weights "
             f"({bytes_per_weight:g} bytes per weight), and anefx splits only between layers; raise "
@@ -104,6 +114,8 @@ class Part:
     example_inputs: list[torch.Tensor] = field(default_factory=list)
     #: the chunk module's weight attributes → the parameter names they hold in the program
     param_names: dict[str, str] = field(default_factory=dict)
+    #: computes nothing of its function (a function with no stage in this chunk's group)
+    empty: bool = False
 
 
 @dataclass
@@ -136,26 +148,49 @@ def export_program(handoff):
     return ep.run_decompositions({})
 
 
-def split(
-    ep,
-    inputs: Sequence[torch.Tensor],
-    cap_mb: float,
-    bytes_per_weight=2.0,
-    input_stages: dict[str, int] | None = None,
-    public: dict[str, str] | None = None,
-) -> Partition:
-    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights.
+@dataclass
+class Staging:
+    """Every node of an exported program with its stage (see the module docstring)."""
 
-    ``input_stages`` gives user inputs a stage (``compile_lm``: layer ``i``'s KV states belong to
-    layer ``i``, so they are read and written in that layer's chunk); other inputs have none.
-    ``public`` renames values where they cross a boundary (the program's inputs and outputs keep
-    the names the caller knows them by); every other value keeps its node's name."""
-    input_stages = input_stages or {}
-    public = public or {}
+    stage: dict[str, int]
+    const: set[str]
+    values: dict[str, torch.Tensor]  #: weight placeholder → tensor
+    param_name: dict[str, str]  #: weight placeholder → the program's parameter name
+    users_stage: dict[str, set[int]]  #: weight placeholder → the stages whose nodes read it
+    user_inputs: list[str]
+    model_outputs: list[str]
+
+    def weights_by_stage(self, bytes_per_weight: float) -> dict[str, tuple[int, set[int]]]:
+        """Parameter name → (fp16 bytes, the stages that read it)."""
+        out: dict[str, tuple[int, set[int]]] = {}
+        for w, ss in self.users_stage.items():
+            name = self.param_name[w]
+            size = int(self.values[w].numel() * bytes_per_weight)
+            out[name] = (size, out.get(name, (0, set()))[1] | ss)
+        return out
+
+
+def default_stage(param: str) -> int | None:
+    """A parameter's layer index (``layers.<i>.``), or None outside the layers."""
+    return layer_of(param + ".")
+
+
+def staging(
+    ep,
+    input_stages: dict[str, int] | None = None,
+    output_stages: dict[str, int] | None = None,
+    stage_of: Callable[[str], int | None] = default_stage,
+) -> Staging:
+    """Each node's stage: the stage of the parameters it reads (``stage_of`` a parameter name, by
+    default its layer index), or the largest among its inputs. ``input_stages``: user inputs with a
+    stage (states); ``output_stages``: outputs that belong to a stage at least (a state written
+    there). Nodes reading no stage at all (an embedding before the first layer) take the program's
+    first stage."""
     from torch.export.graph_signature import InputKind, OutputKind
 
+    input_stages, output_stages = input_stages or {}, output_stages or {}
     sig = ep.graph_signature
-    values: dict[str, torch.Tensor] = {}  # weight placeholder → tensor
+    values: dict[str, torch.Tensor] = {}
     param_name: dict[str, str] = {}
     for spec in sig.input_specs:
         if _is_weight_input(spec.kind):
@@ -168,10 +203,9 @@ def split(
     model_outputs = [outs[i].name for i, s in enumerate(sig.output_specs) if s.kind == OutputKind.USER_OUTPUT]
     if any(s.kind != OutputKind.USER_OUTPUT for s in sig.output_specs):
         raise AnefxError("chunking a program that mutates buffers is not supported yet (compile_lm states)")
-
     const: set[str] = set()
     stage: dict[str, int] = {}
-    weight_stage = _weight_stages(ep, param_name)
+    weight_stage = _weight_stages(ep, param_name, stage_of)
     for n in ep.graph.nodes:
         if n.op == "placeholder":
             if n.name in values:
@@ -183,49 +217,100 @@ def split(
             ins = n.all_input_nodes
             if all(i.name in const for i in ins):  # no input at all (``arange``, ``full``) is constant too
                 const.add(n.name)
-            stage[n.name] = max((stage[i.name] for i in ins), default=-1)
-    # values computed from the model's (unstaged) inputs and small tables only — masks, positions,
-    # rotary tables — are recomputed in every chunk that reads them (each chunk takes those inputs):
-    # passing them between packages would make many boundary values, some equal (which coremltools
-    # merges into one output under two names)
-    derived: set[str] = set()
-    for n in ep.graph.nodes:
-        if n.op == "placeholder" and n.name in user_inputs and n.name not in input_stages:
-            derived.add(n.name)
-        elif n.op == "call_function" and n.name not in const and n.name not in model_outputs:
-            ins = n.all_input_nodes
-            small = all(values[w].numel() <= _SMALL for w in _const_roots(n, const, values))
-            if small and any(i.name in derived for i in ins) and all(i.name in derived or i.name in const for i in ins):
-                derived.add(n.name)
-    derived -= set(user_inputs)
-    const_or_derived = const | derived
-    # weights per stage: each weight placeholder counts in every stage whose nodes read it
+            stage[n.name] = max([stage[i.name] for i in ins] + [output_stages.get(n.name, -1)])
+    staged = [v for k, v in stage.items() if v >= 0 and k not in const]
+    first = min(staged, default=0)
+    for n in ep.graph.nodes:  # what reads no stage yet (embeddings, their tables) belongs to the first
+        if n.op == "call_function" and n.name not in const and stage[n.name] < 0:
+            stage[n.name] = first
     users_stage: dict[str, set[int]] = {w: set() for w in values}
     for n in ep.graph.nodes:
         if n.op == "call_function" and n.name not in const:
             for w in _const_roots(n, const, values):
                 users_stage[w].add(stage[n.name])
-    stages = sorted({stage[n.name] for n in ep.graph.nodes if n.op == "call_function" and n.name not in const})
+    return Staging(stage, const, values, param_name, users_stage, user_inputs, model_outputs)
+
+
+def pack(
+    weights: dict[str, tuple[int, set[int]]], stages: Sequence[int], cap_mb: float, breaks: Sequence[int] = ()
+) -> list[list[int]]:
+    """Consecutive ``stages`` packed greedily into groups whose weights (each counted once, by
+    parameter name: ``weights`` gives its bytes and the stages that read it) stay under ``cap_mb``;
+    a group never runs across a stage in ``breaks`` (where one layer stack ends and another begins)."""
 
     def size(group: set[int]) -> int:
-        return int(sum(values[w].numel() * bytes_per_weight for w, ss in users_stage.items() if ss & group))
+        return sum(b for b, ss in weights.values() if ss & group)
 
     groups: list[list[int]] = []
-    for s in stages:
-        if groups and size(set(groups[-1]) | {s}) <= cap_mb * MB:
+    for s in sorted(stages):
+        if groups and s not in breaks and size(set(groups[-1]) | {s}) <= cap_mb * MB:
             groups[-1].append(s)
-        else:
-            if size({s}) > cap_mb * MB:
-                raise AnefxError(
-                    f"max_chunk_mb={cap_mb:g} is impossible: stage {s} (layer {s}) alone holds "
-                    f"{size({s}) / MB:.1f} MB of weights; raise the cap or compress the weights"
-                )
-            groups.append([s])
+            continue
+        if size({s}) > cap_mb * MB:
+            raise AnefxError(
+                f"max_chunk_mb={cap_mb:g} is impossible: stage {s} (layer {s}) alone holds "
+                f"{size({s}) / MB:.1f} MB of weights; raise the cap or compress the weights"
+            )
+        groups.append([s])
+    return groups
+
+
+def split(
+    ep,
+    inputs: Sequence[torch.Tensor],
+    cap_mb: float,
+    bytes_per_weight=2.0,
+    input_stages: dict[str, int] | None = None,
+    public: dict[str, str] | None = None,
+    *,
+    output_stages: dict[str, int] | None = None,
+    stage_of: Callable[[str], int | None] = default_stage,
+    groups: list[list[int]] | None = None,
+) -> Partition:
+    """Partition the exported program ``ep`` into chunks of at most ``cap_mb`` MB of weights.
+
+    ``input_stages`` gives user inputs a stage (``compile_lm``: layer ``i``'s KV states belong to
+    layer ``i``, so they are read and written in that layer's chunk); other inputs have none;
+    ``output_stages`` does the same for outputs (a state an encoder-decoder's ``encode`` writes).
+    ``public`` renames values where they cross a boundary (the program's inputs and outputs keep
+    the names the caller knows them by); every other value keeps its node's name. ``groups``: the
+    stage groups of the chunks, when several functions of a program must split alike (default:
+    packed from this program's weights); a function may have no stage in some groups (its part
+    there computes nothing)."""
+    public = public or {}
+    st = staging(ep, input_stages, output_stages, stage_of)
+    const, stage, values, param_name = st.const, st.stage, st.values, st.param_name
+    user_inputs, model_outputs = st.user_inputs, st.model_outputs
+    # values computed from the model's (unstaged) inputs and small tables only — masks, positions,
+    # rotary tables — are recomputed in every chunk that reads them (each chunk takes those inputs):
+    # passing them between packages would make many boundary values, some equal (which coremltools
+    # merges into one output under two names)
+    input_stages = input_stages or {}
+    output_stages = output_stages or {}
+    derived: set[str] = set()
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in user_inputs and n.name not in input_stages:
+            derived.add(n.name)
+        elif n.op == "call_function" and n.name not in const and n.name not in output_stages:  # a state stays
+            ins = n.all_input_nodes
+            roots = _const_roots(n, const, values)  # tables: small, and no layer's weights
+            small = all(values[w].numel() <= _SMALL and stage[w] < 0 for w in roots)
+            if small and any(i.name in derived for i in ins) and all(i.name in derived or i.name in const for i in ins):
+                derived.add(n.name)
+    derived -= set(user_inputs)
+    const_or_derived = const | derived
+    stages = sorted({stage[n.name] for n in ep.graph.nodes if n.op == "call_function" and n.name not in const})
+    weights = st.weights_by_stage(bytes_per_weight)
+    if groups is None:
+        groups = pack(weights, stages, cap_mb)
     chunk_of_stage = {s: i for i, g in enumerate(groups) for s in g}
+    missing = [s for s in stages if s not in chunk_of_stage]
+    if missing:
+        raise ConversionError(f"stages {missing} are in none of the chunks' groups {groups}")
     chunk_of = {
-        n.name: chunk_of_stage.get(stage[n.name], 0)
+        n.name: chunk_of_stage[stage[n.name]]
         for n in ep.graph.nodes
-        if n.op in ("placeholder", "call_function") and n.name not in const
+        if n.op in ("placeholder", "call_function") and n.name not in const and stage[n.name] in chunk_of_stage
     }
     for name in user_inputs:
         chunk_of[name] = -1  # the model's inputs come from outside every chunk
@@ -233,6 +318,18 @@ def split(
 
     chunks: list[Part] = []
     nodes = list(ep.graph.nodes)
+    # outputs no chunk computes (an input-independent value, or one recomputed from the inputs: an
+    # encoder-decoder's encoder_length): the last chunk makes them, and so does a part that would
+    # otherwise only write states (a Core ML function needs an output: encode in a decoder chunk
+    # before the last writes its layers' cross-attention states and passes nothing on)
+    unmade = [name for name in model_outputs if name in const_or_derived and name not in output_stages]
+    # ... and a state written with such a value (Whisper's encoder mask) is written in its stage's chunk
+    unmade_states = {
+        name: chunk_of_stage.get(output_stages[name], len(groups) - 1)
+        for name in model_outputs
+        if name in const_or_derived and name in output_stages
+    }
+    by_name = {n.name: n for n in nodes}
     for ci, g in enumerate(groups):
         members = [
             n for n in nodes if n.op == "call_function" and n.name not in const_or_derived and chunk_of[n.name] == ci
@@ -249,10 +346,17 @@ def split(
             ):
                 later_users.add(n.name)
         outputs = [n.name for n in members if n.name in later_users]
+        made = [name for name, c in unmade_states.items() if c == ci]
+        if ci == len(groups) - 1 or (members and all(o in output_stages for o in outputs)):
+            made += unmade
+        outputs += made
+        for name in made:
+            _need(by_name[name], derived, const | member_names, needed)
         gm = _build(ep, members, needed, outputs, const, values, public)
         names = {f"w_{w}": param_name[w] for w in values if hasattr(gm, f"w_{w}")}
         ins, outs = [public.get(n, n) for n in needed], [public.get(n, n) for n in outputs]
-        chunks.append(Part(ci, g, gm, ins, outs, size(set(g)), param_names=names))
+        size = int(sum(b for b, ss in weights.values() if ss & set(g)))
+        chunks.append(Part(ci, g, gm, ins, outs, size, param_names=names, empty=not members))
     partition = Partition(chunks, [public.get(n, n) for n in user_inputs], [public.get(n, n) for n in model_outputs])
     # example inputs of each chunk: run the chain once
     env = dict(zip(partition.model_inputs, inputs, strict=True))
@@ -263,10 +367,13 @@ def split(
     return partition
 
 
-def _weight_stages(ep, param_name: dict[str, str]) -> dict[str, int]:
-    """Each weight placeholder's stage: its layer index (-1 outside the layers), or, when no weight
-    has one, the rank of its block (:func:`block_of`) in the order the graph first reads the blocks."""
-    layers = {w: layer_of(p + ".") for w, p in param_name.items()}
+def _weight_stages(
+    ep, param_name: dict[str, str], stage_of: Callable[[str], int | None] = default_stage
+) -> dict[str, int]:
+    """Each weight placeholder's stage: ``stage_of`` its parameter name (by default its layer index;
+    -1 outside the layers), or, when no weight has one, the rank of its block (:func:`block_of`) in
+    the order the graph first reads the blocks."""
+    layers = {w: stage_of(p) for w, p in param_name.items()}
     if any(v is not None for v in layers.values()):
         return {w: -1 if v is None else v for w, v in layers.items()}
     order: dict[str, int] = {}
@@ -345,49 +452,75 @@ def check_chain(partition: Partition, ep, inputs: Sequence[torch.Tensor], names:
 
 def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 2.0) -> Artifact:
     """The artifact's (single, unconverted) program split into a chain of programs of at most
-    ``cap_mb`` MB of weights each, every function into the same layer groups, each function's chain
-    checked in torch against its whole graph."""
+    ``cap_mb`` MB of weights each, every function into the same stage groups (packed once from the
+    weights of all of them, never across ``program.stage_breaks``), each function's chain checked in
+    torch against its whole graph. A chunk holds the functions that compute something there (an
+    encoder-decoder's encoder chunks hold only ``encode``) and the states they read or write; a
+    state lives in one chunk."""
     (program,) = artifact.programs
     from torch.export.graph_signature import InputKind
 
     several = len(program.functions) > 1
-    partitions: dict[str, Partition] = {}
+    stage_of = program.stage_of or default_stage
+    exported, flats, stagings, io = {}, {}, {}, {}
     for fn, h in program.functions.items():
         ep = export_program(h)
-        flat = h.flat_inputs
         user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
         outs = [n.name for n in next(n for n in ep.graph.nodes if n.op == "output").args[0]]
         if len(user) != len(h.input_names) or len(outs) != len(h.output_names):
             raise ConversionError(f"the exported {fn} program has inputs {user}; expected {h.input_names}")
         public = dict(zip(user, h.input_names, strict=True)) | dict(zip(outs, h.output_names, strict=True))
-        stages = {}
+        in_stages, out_stages = {}, {}
         for node, name in zip(user, h.input_names, strict=True):
             state = h.states_in.get(name)
             if state is not None and program.states[state].layer is not None:
-                stages[node] = program.states[state].layer
-        partitions[fn] = split(ep, flat, cap_mb, bytes_per_weight, stages, public)
-        check_chain(partitions[fn], ep, flat, h.output_names, f"{fn}: " if several else "")
-    groups = {fn: [c.stages for c in part.parts] for fn, part in partitions.items()}
-    if len({repr(g) for g in groups.values()}) > 1:
-        raise ConversionError(
-            f"the functions split into different layer groups ({groups}); report this model with its cap"
+                in_stages[node] = program.states[state].layer
+        for node, name in zip(outs, h.output_names, strict=True):
+            state = h.states_out.get(name)
+            if state is not None and program.states[state].layer is not None:
+                out_stages[node] = program.states[state].layer
+        exported[fn], flats[fn], io[fn] = ep, h.flat_inputs, (public, in_stages, out_stages)
+        stagings[fn] = staging(ep, in_stages, out_stages, stage_of)
+    weights: dict[str, tuple[int, set[int]]] = {}
+    stages: set[int] = set()
+    for st in stagings.values():
+        for name, (size, ss) in st.weights_by_stage(bytes_per_weight).items():
+            weights[name] = (size, weights.get(name, (0, set()))[1] | ss)
+        stages |= {v for k, v in st.stage.items() if k not in st.const and v >= 0}
+    groups = pack(weights, sorted(stages), cap_mb, program.stage_breaks)
+    partitions: dict[str, Partition] = {}
+    for fn, h in program.functions.items():
+        public, in_stages, out_stages = io[fn]
+        partitions[fn] = split(
+            exported[fn],
+            flats[fn],
+            cap_mb,
+            bytes_per_weight,
+            in_stages,
+            public,
+            output_stages=out_stages,
+            stage_of=stage_of,
+            groups=groups,
         )
+        check_chain(partitions[fn], exported[fn], flats[fn], h.output_names, f"{fn}: " if several else "")
     programs = []
-    n = len(next(iter(partitions.values())).parts)
-    for i in range(n):
+    owner: dict[str, int] = {}
+    for i, group in enumerate(groups):
         functions = {}
         for fn, h in program.functions.items():
             c = partitions[fn].parts[i]
+            if c.empty and not c.outputs:
+                continue
             states_in = {name: h.states_in[name] for name in c.inputs if name in h.states_in}
             states_out = {name: h.states_out[name] for name in c.outputs if name in h.states_out}
-            if sorted(states_in.values()) != sorted(states_out.values()):
-                raise ConversionError(
-                    f"{fn} chunk {i} reads the states {sorted(states_in.values())} but writes "
-                    f"{sorted(states_out.values())}: a state must live in one chunk"
-                )
             validator = None
             if h.validator is not None:  # each chunk is validated against its own graph, as the whole was
                 validator = Validator(c.graph_module, c.example_inputs, h.validator.options)
+            if all(name in h.states_out for name in c.outputs):
+                raise ConversionError(
+                    f"{fn} chunk {i} (stages {group}) only writes states {c.outputs}: a Core ML function needs an "
+                    "output; report this model with its max_chunk_mb"
+                )
             functions[fn] = HandOff(
                 c.graph_module,
                 tuple(c.example_inputs),
@@ -399,17 +532,37 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
                 states_out=states_out,
                 param_names={attr: h.user_param_name(target) for attr, target in c.param_names.items()},
             )
-        held = {s for f in functions.values() for s in f.states_in.values()}
-        if len({tuple(sorted(set(f.states_in.values()))) for f in functions.values()}) > 1:
-            raise ConversionError(f"chunk {i}: the functions hold different states")
-        first = next(iter(partitions.values())).parts[i]
-        layers = [s for s in first.stages if s >= 0]
+        held = {s for f in functions.values() for s in (*f.states_in.values(), *f.states_out.values())}
+        for s in held:
+            if owner.setdefault(s, i) != i:
+                using = [fn for fn, f in functions.items() if s in (*f.states_in.values(), *f.states_out.values())]
+                raise ConversionError(
+                    f"the state {s!r} is read or written in chunks {owner[s]} and {i} ({', '.join(using)} in chunk "
+                    f"{i}): a state must live in one chunk (give it the layer of its stage: StateSpec.layer)"
+                )
+        layers = [s for s in group if s >= 0]
         states = {s: spec for s, spec in program.states.items() if s in held}
-        metadata = {**program.metadata, "anefx.chunk": f"{i + 1}/{n}", "anefx.layers": json.dumps(layers)}
+        metadata = {**program.metadata, "anefx.chunk": f"{i + 1}/{len(groups)}", "anefx.layers": json.dumps(layers)}
         if states:
             metadata["anefx.states"] = json.dumps({s: list(spec.shape) for s, spec in states.items()})
-        weight = max(partitions[fn].parts[i].weight_bytes for fn in partitions)
-        programs.append(Program(functions, states, metadata, program.default, i, layers, weight))
+        weight = int(sum(b for b, ss in weights.values() if ss & set(group)))
+        if not functions:
+            parts = {fn: (p.parts[i].empty, p.parts[i].outputs) for fn, p in partitions.items()}
+            raise ConversionError(f"chunk {i} (stages {group} of {groups}) holds no function: {parts}")
+        default = program.default if program.default in functions else next(iter(functions))
+        programs.append(
+            Program(
+                functions,
+                states,
+                metadata,
+                default,
+                i,
+                layers,
+                weight,
+                stage_of=stage_of,
+                stage_breaks=program.stage_breaks,
+            )
+        )
     return Artifact(programs, artifact.target, artifact.inputs, artifact.outputs, chunked=True, cap_mb=cap_mb)
 
 
@@ -441,6 +594,12 @@ _SMALL = 65536
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 
+def _strided(val) -> bool:
+    """A tensor whose memory is not laid out in its dimension order (``dim_order``: size-1 dimensions
+    count, which ``is_contiguous`` ignores): what Core ML refuses as a program input or output."""
+    return isinstance(val, torch.Tensor) and val.dim_order() != tuple(range(val.dim()))
+
+
 def _build(ep, members, needed, outputs, const, values, public: dict[str, str]) -> torch.fx.GraphModule:
     """A GraphModule of ``members``: ``needed`` become placeholders (named by ``public`` where it names
     them), weights get_attr (shared, no copy), input-independent nodes they read are copied in."""
@@ -453,6 +612,8 @@ def _build(ep, members, needed, outputs, const, values, public: dict[str, str]) 
             raise ConversionError(f"the chunk input {public.get(name, name)!r} clashes with a node's name")
         src = next(n for n in ep.graph.nodes if n.name == name)
         env[name].meta = dict(src.meta)
+        if _strided(src.meta.get("val")):  # it arrives dense (a permute's output)
+            env[name].meta["val"] = src.meta["val"].new_empty(src.meta["val"].shape)
 
     def get(node: torch.fx.Node) -> torch.fx.Node:
         if node.name in env:
@@ -475,7 +636,19 @@ def _build(ep, members, needed, outputs, const, values, public: dict[str, str]) 
         env[n.name] = new = graph.node_copy(n, lambda m: env[m.name])
         if new.target in _VIEWS:  # a boundary input arrives dense, not with its producer's strides
             new.target = torch.ops.aten.reshape.default
-    graph.output(tuple(env[o] for o in outputs))
+    for o in outputs:  # an output no chunk computes is copied in (see ``split``)
+        if o not in env:
+            get(next(n for n in ep.graph.nodes if n.name == o))
+    results = []
+    for o in outputs:  # a boundary value leaves dense (Core ML has no strided outputs: a permute's)
+        node, val = env[o], env[o].meta.get("val")
+        if _strided(val):
+            node = graph.call_function(
+                torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format}
+            )
+            node.meta["val"] = val.new_empty(val.shape)
+        results.append(node)
+    graph.output(tuple(results))
     gm = torch.fx.GraphModule(root, graph)
     gm.graph.lint()
     return gm

@@ -409,7 +409,7 @@ class Compression:
     against the fp16 weights (``lm``, measured by the front end on the shipped weights)."""
 
     options: CompressionOptions
-    #: per package of the chain (one when unchunked), per function
+    #: per package of the chain (one when unchunked), per function (the package's default first)
     packages: list[dict[str, Compressed]]
     default: str  #: the function whose figures :attr:`quality` gives
     seconds: float = 0.0
@@ -417,8 +417,14 @@ class Compression:
 
     @property
     def functions(self) -> dict[str, Compressed]:
-        """Per function, its compression in the last package of the chain (the only one unchunked)."""
-        return self.packages[-1]
+        """Per function, its compression in the last package of the chain that holds it (the only
+        one unchunked; an encoder-decoder's ``encode`` in its last encoder chunk)."""
+        return {fn: c for package in self.packages for fn, c in package.items()}
+
+    def _main(self, package: dict[str, Compressed]) -> Compressed:
+        """The default function's compression in ``package``, or the package's own default's (a
+        chunk without the default function: an encoder-decoder's encoder chunk)."""
+        return package.get(self.default) or next(iter(package.values()))
 
     @property
     def quality(self) -> CompressionQuality:
@@ -427,8 +433,9 @@ class Compression:
 
     @property
     def weights(self) -> list[WeightInfo]:
-        """The plan of the default function, over every package of the chain."""
-        return [w for package in self.packages for w in package[self.default].weights]
+        """The plan of the default function, over every package of the chain (a package without
+        it: its own default's)."""
+        return [w for package in self.packages for w in self._main(package).weights]
 
     @property
     def shipped(self) -> list[WeightInfo]:
@@ -437,7 +444,7 @@ class Compression:
     @property
     def size_ratio(self) -> float:
         """Weight bytes of the compressed programs over the fp16 programs' (consts at their MIL widths)."""
-        parts = [package[self.default].quality for package in self.packages]
+        parts = [self._main(package).quality for package in self.packages]
         fp16 = sum(q.bytes_fp16 for q in parts)
         return sum(q.bytes_compressed for q in parts) / fp16 if fp16 else 1.0
 

@@ -494,7 +494,9 @@ class CoreMLTarget(Target):
         return target.package(functions, program)
 
     def package(self, functions: dict[str, ConvertedFunction], program: ProgramSpec) -> CoreMLPackage:
-        if len(functions) == 1:
+        # one function named otherwise (an encoder-decoder's encoder chunk holds only ``encode``) is a
+        # multifunction package of one, so that it keeps its name on disk
+        if list(functions) == ["main"]:
             (function,) = functions.values()
             if program.metadata:
                 function.model.user_defined_metadata.update(program.metadata)
@@ -549,8 +551,10 @@ class CoreMLTarget(Target):
         kwargs = dict(opts.convert_kwargs)
         fp16 = opts.precision_name == "float16"
         selector = fp32_selector([n.name for n in ep.graph.nodes], opts.fp32_nodes) if opts.fp32_nodes else None
-        if "pass_pipeline" not in kwargs and opts.fast_conversion:
-            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16=fp16, op_selector=selector)
+        if "pass_pipeline" not in kwargs and (opts.fast_conversion or handoff.stateful):
+            kwargs["pass_pipeline"] = pass_pipeline(
+                ct, fp16, fast=opts.fast_conversion, states=handoff.stateful, op_selector=selector
+            )
         elif selector is not None and fp16:
             precision = ct.transform.FP16ComputePrecision(op_selector=selector)
         with events.stage("ct_convert"):

@@ -261,6 +261,8 @@ class ChainProgram(LoadedProgram):
         name = self.function_name(function)
         specs = {}
         for part in self.parts:
+            if name not in part.functions:
+                continue
             specs |= {n: s for n, s in part.inputs(name).items() if n in self._inputs[name] and n not in specs}
         return {n: specs[n] for n in self._inputs[name]}
 
@@ -268,16 +270,20 @@ class ChainProgram(LoadedProgram):
         name = self.function_name(function)
         specs = {}
         for part in self.parts:
+            if name not in part.functions:
+                continue
             specs |= {n: s for n, s in part.outputs(name).items() if n in self._outputs[name]}
         return {n: specs[n] for n in self._outputs[name]}
 
     def states(self, function: str | None = None) -> dict[str, TensorSpec]:
         name = self.function_name(function)
-        return {n: s for part in self.parts for n, s in part.states(name).items()}
+        return {n: s for part in self.parts if name in part.functions for n, s in part.states(name).items()}
 
     def make_state(self, function: str | None = None) -> ChainState:
         name = self.function_name(function)
-        return ChainState([part.make_state(name) if part.states(name) else None for part in self.parts])
+        return ChainState(
+            [part.make_state(name) if name in part.functions and part.states(name) else None for part in self.parts]
+        )
 
     def __call__(
         self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
@@ -291,5 +297,10 @@ class ChainProgram(LoadedProgram):
         def call(i: int, part: LoadedProgram, given: dict[str, Any]) -> Mapping[str, Any]:
             return part(given, function=name, state=state.parts[i] if state is not None else None)
 
-        env = run_chain(self.parts, values, lambda part: list(part.inputs(name)), call)
+        holding = [(i, part) for i, part in enumerate(self.parts) if name in part.functions]
+
+        def call_held(j: int, part: LoadedProgram, given: dict[str, Any]) -> Mapping[str, Any]:
+            return call(holding[j][0], part, given)
+
+        env = run_chain([part for _, part in holding], values, lambda part: list(part.inputs(name)), call_held)
         return {n: env[n] for n in self._outputs[name]}

@@ -8,7 +8,13 @@ into Core ML states: ``read_state`` / ``coreml_update_state``).
 
 * :func:`stateful_module` wraps the pure graph: its value inputs become the wrapper's inputs (named
   as the hand-off names them: the converted program's input names), each state a buffer named
-  after the state, each new state copied into its buffer, the value outputs returned.
+  after the state, each new state copied into its buffer, the value outputs returned. Every state
+  of the program is a buffer of every function, in the program's order, so that the functions of
+  one package declare the same states (one state object serves them all: an encoder-decoder's
+  ``encode`` writes the cross-attention states its ``decode`` reads). A state the function does not
+  write is written back unchanged: coremltools makes a buffer a state only when it is written (a
+  buffer only read would be baked in as a constant), and its MIL pipeline then drops the identity
+  write (:mod:`anefx.targets.mil_pipeline`).
 * :func:`functional_view` turns the exported stateful program back into a pure GraphModule of the
   hand-off's signature (states as inputs and outputs, in the hand-off's order), so that the graph
   handed to the converter is validated by :func:`~anefx.targets.handoff.check_converter_input`
@@ -37,29 +43,30 @@ def stateful_module(
     buffers written in place: inputs are the value inputs, outputs the value outputs."""
     root = torch.nn.Module()
     root.function = graph_module
+    for state, spec in states.items():
+        root.register_buffer(state, torch.zeros(spec.shape, dtype=spec.dtype))
+    unknown = sorted({*handoff.states_in.values(), *handoff.states_out.values()} - set(states))
+    if unknown:
+        raise ConversionError(f"the function uses the states {unknown}, which the program does not declare")
     graph = torch.fx.Graph()
     args = []
     for name in handoff.input_names:
         state = handoff.states_in.get(name)
-        if state is None:
-            args.append(graph.placeholder(name))
-            continue
-        if not hasattr(root, state):
-            spec = states[state]
-            root.register_buffer(state, torch.zeros(spec.shape, dtype=spec.dtype))
-        args.append(graph.get_attr(state))
+        args.append(graph.placeholder(name) if state is None else graph.get_attr(state))
     call = graph.call_module("function", tuple(args))
     values = []
+    written = {}
     for k, name in enumerate(handoff.output_names):
         item = graph.call_function(_getitem, (call, k))
         state = handoff.states_out.get(name)
         if state is None:
             values.append(item)
-            continue
-        if not hasattr(root, state):
-            spec = states[state]
-            root.register_buffer(state, torch.zeros(spec.shape, dtype=spec.dtype))
-        graph.call_method("copy_", (graph.get_attr(state), item))
+        else:
+            written[state] = item
+    for state in states:  # in the program's order, so that every function lists its states alike
+        buffer = graph.get_attr(state)
+        # a state the function does not write is declared by an identity write (dropped in MIL)
+        graph.call_method("copy_", (buffer, written.get(state, buffer)))
     graph.output(tuple(values))
     gm = torch.fx.GraphModule(root, graph)
     gm.graph.lint()

@@ -1,0 +1,289 @@
+"""``compile_lm`` on encoder-decoder models (issue 23): Whisper (80 mel bins), T5, BART, small configs
+with random weights, compiled once each (convert=True) through the one core.
+
+Done-when figures: greedy tokens equal to ``generate(do_sample=False)`` for 32 new tokens on two
+inputs the compile never saw (a padded source for the text models); the package holds ``encode``,
+``prefill`` and ``decode`` with the self- and cross-attention states; no ``linear`` or ``matmul`` on
+a weight; the decode step has no transpose, and its reshapes grow by six per decoder layer, each of
+one token's channels (the query, the output and, for the self-attention, the new K and V columns).
+
+BART is compiled as a chain under a size cap (``max_chunk_mb``): its encoder is a chunk of its own,
+as WhisperKit ships Whisper's, and every test above runs on the chain (its compression included)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import anefx
+from anefx.ir.errors import AnefxError
+from anefx.lm.generate import greedy
+from anefx.lm.processors import logits_processor
+from anefx.lm.seq2seq import CompiledEncoderDecoder
+from examples.models import tiny_bart, tiny_t5, tiny_whisper
+
+CONTEXT = 64
+NEW_TOKENS = 32
+FACTORIES = {"whisper": tiny_whisper, "t5": tiny_t5, "bart": tiny_bart}
+#: BART's cap: its encoder (0.18 MB of fp16 weights) and its decoder (0.3 MB) each fit, not both
+BART_CHUNK_MB = 0.4
+
+
+def _compile(name: str, **kwargs) -> tuple[torch.nn.Module, CompiledEncoderDecoder]:
+    model = FACTORIES[name]()
+    extra = {} if name == "whisper" else {"source_length": 20}
+    if name == "bart":
+        extra["max_chunk_mb"] = BART_CHUNK_MB
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, anefx.compile_lm(model, context_length=CONTEXT, **extra, **kwargs)
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _built(name: str, workdir: Path):
+    """One compile per model for the whole module; Whisper's is the speech example's own run
+    (``examples/speech_to_text.py``: synthetic audio → WhisperFeatureExtractor → the package)."""
+    if name not in _BUILT:
+        if name == "whisper":
+            from examples import speech_to_text
+
+            out = workdir / "whisper.mlpackage"
+            result = speech_to_text.main(["--out", str(out), "--new-tokens", "12"])
+            assert result["tokens"] == result["reference"] and out.is_dir()
+            _BUILT[name] = result["model"], result["compiled"]
+        else:
+            _BUILT[name] = _compile(name)
+    return _BUILT[name]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("seq2seq")
+
+
+@pytest.fixture(scope="module", params=list(FACTORIES))
+def compiled(request, workdir):
+    return request.param, *_built(request.param, workdir)
+
+
+def _reference(model, inputs, mask, n):
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        out = model.generate(
+            inputs, **kwargs, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    steps = len(out.logits)
+    return [int(t) for t in out.sequences[0, -steps:]], [lg[0] for lg in out.logits]
+
+
+def _unseen_inputs(name: str):
+    """Two inputs per model that the compile never saw: (compiled's input, its mask, HF's input, HF's mask)."""
+    if name == "whisper":
+        gen = torch.Generator().manual_seed(99)
+        shape = (1, 80, 100)  # the example's: one second of audio
+        feats = [torch.randn(shape, generator=gen), 3 * torch.randn(shape, generator=gen)]
+        return [(f, None, f, None) for f in feats]
+    ids = torch.randint(3, 256, (2, 15), generator=torch.Generator().manual_seed(98))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # the second source is padded in the batch HF generates
+    return [(ids[r : r + 1, : int(mask[r].sum())], None, ids[r : r + 1], mask[r : r + 1]) for r in range(2)]
+
+
+def test_greedy_tokens_equal_generate_on_unseen_inputs(compiled):
+    name, model, lm = compiled
+    assert lm.check is not None and lm.check.tokens_equal
+    runs = []
+    for x, mask, hf_x, hf_mask in _unseen_inputs(name):
+        ref_tokens, ref_logits = _reference(model, hf_x, hf_mask, NEW_TOKENS)
+        out = lm.generate(x, attention_mask=mask, max_new_tokens=NEW_TOKENS)
+        assert out.new_tokens == ref_tokens
+        assert out.sequences[0, : -len(out.new_tokens)].tolist() == [model.generation_config.decoder_start_token_id]
+        for mine, ref in zip(out.logits, ref_logits, strict=True):
+            torch.testing.assert_close(mine, ref, atol=1e-3 * float(ref.abs().max()), rtol=1e-3)
+        runs.append(out.new_tokens)
+    assert runs[0] != runs[1] and max(len(set(r)) for r in runs) >= 8  # the input steers varied tokens
+
+
+def _weight_products(lm, function: str) -> list[str]:
+    """``linear`` ops, and ``matmul`` ops with a constant operand, of one converted function."""
+    found = []
+    for op in lm.artifact.operations(function):
+        if op.op_type == "linear" or (
+            op.op_type == "matmul" and any(v.op is not None and v.op.op_type == "const" for v in (op.x, op.y))
+        ):
+            found.append(op.name)
+    return found
+
+
+def test_package_functions_states_and_ane_form(compiled, tmp_path):
+    name, _, lm = compiled
+    layers = len(lm.layout.decoder.layers)
+    assert lm.functions == ["encode", "prefill", "decode"]
+    path = lm.save(tmp_path / f"{name}.mlpackage")  # BART's chain: the folder ``bart/``
+    assert path.is_dir() and (path / "manifest.json").is_file() == (name == "bart")
+    program = anefx.load(path)
+    assert program.functions == ["encode", "prefill", "decode"]
+    states = [*(f"{k}_{i}" for k in ("key_cache", "value_cache", "cross_key", "cross_value") for i in range(layers))]
+    for fn in program.functions:  # one state object serves the three functions
+        assert sorted(program.states(fn)) == sorted([*states, "encoder_mask"])
+    assert list(program.inputs("decode")) == ["input_ids", "position_ids"]
+    meta = lm.metadata
+    assert meta["anefx.functions"] == "encode,prefill,decode"
+    assert json.loads(meta["anefx.decoder_start_token_ids"]) == [lm.generation_config.decoder_start_token_id]
+    assert set(json.loads(meta["anefx.inputs"])) == {"encode", "prefill", "decode"}
+    for fn in lm.functions:
+        assert _weight_products(lm, fn) == [], fn
+        histogram = lm.op_histogram(fn)
+        assert histogram["conv"] > 0
+    decode = lm.op_histogram("decode")
+    assert decode["coreml_update_state"] == 2 * layers  # the self-attention caches only; cross states read
+    assert decode["read_state"] == 4 * layers + 1
+    # the self-attention caches are a causal LM's (keys-last): each written by one single-column
+    # slice_update; they and the cross states (keys-last too) are read as they lie by the attention
+    # products: no transpose, no per-head split, no per-head score einsum
+    assert decode["slice_update"] == 2 * layers
+    assert decode["transpose"] == decode["split"] == decode["einsum"] == 0, decode
+    assert lm.reports["decode"].record("attention_bc1s").stats["keys_last"] == 2 * layers
+    for fn in lm.functions:
+        assert lm.reports[fn].guard is not None
+    if name == "whisper":  # the convolutional stem stays convolutional in (B, C, 1, T)
+        convs = [op for op in lm.artifact.operations("encode") if op.op_type == "conv"]
+        assert [tuple(c.x.shape) for c in convs[:2]] == [(1, 80, 1, 100), (1, 64, 1, 100)]
+        assert lm.layout.encoder_length == 50 and lm.layout.cross_length == 64
+
+
+def _decode_layout_changes(name: str, layers: int) -> tuple[collections.Counter, int]:
+    """The decode step of ``name`` with ``layers`` decoder layers rewritten, not converted: its MIL
+    transposes and reshapes as the guard counts them (:func:`anefx.driver.guard.layout_changes`) and
+    the largest tensor one of them reads."""
+    from anefx.driver.guard import layout_change, layout_changes
+    from anefx.lm.encoder_decoder import probe_encoder_decoder, step_functions
+    from anefx.lm.seq2seq import _random_states
+
+    model = FACTORIES[name](layers=layers)
+    layout = probe_encoder_decoder(model, CONTEXT, source_length=None if name == "whisper" else 20)
+    _, step = step_functions(model, layout)
+    gen = torch.Generator().manual_seed(0)
+    states = _random_states(layout, gen, layout.cross_length // 2)
+    ids, positions = torch.tensor([[5]], dtype=torch.int32), torch.tensor([[7]], dtype=torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = anefx.compile(step, (ids, positions, *states), validate="lint", convert=False)
+    gm = compiled.build.functions[compiled.build.artifact.default].graph_module
+    largest = max(n.all_input_nodes[0].meta["val"].numel() for n in gm.graph.nodes if layout_change(n))
+    return layout_changes(gm), largest
+
+
+def test_decode_layout_changes_per_decoder_layer_move_one_token(compiled):
+    """The shipped decode program (the fixture's, 2 decoder layers): no transpose or reshape reads a
+    state-sized tensor (the self-attention caches and the cross states are read in place,
+    keys-last). Two more decoder layers add no transpose and at most six reshapes each, all of one
+    token's channels (self-attention: the new K and V columns, which keep their last axis, and the
+    query to heads, the output back; cross-attention: the query and the output), counted on the
+    rewritten graphs (no conversion)."""
+    name, _, lm = compiled
+    layers = len(lm.layout.decoder.layers)
+    kv = [s for n, s in lm.layout.states.items() if n != "encoder_mask"]
+    smallest = min(math.prod(s) for s in kv)
+    changes = [op for op in lm.artifact.operations("decode") if op.op_type in ("transpose", "reshape")]
+    assert changes and max(math.prod(op.inputs["x"].shape) for op in changes) < smallest
+    (two, largest_two), (four, largest_four) = (
+        _decode_layout_changes(name, layers),
+        _decode_layout_changes(name, layers + 2),
+    )
+    assert lm.op_histogram("decode")["transpose"] == two["transpose"] == four["transpose"], (two, four)
+    assert four["reshape"] - two["reshape"] <= 6 * 2, (two, four)
+    assert max(largest_two, largest_four) < smallest
+
+
+def test_whisper_package_runs_on_the_mil_interpreter(workdir):
+    """The saved program itself (fp16, anefx's MIL interpreter): the same tokens as the rewritten
+    graphs for an input the compile never saw."""
+    _, lm = _built("whisper", workdir)
+    feats = torch.randn(1, 80, 100, generator=torch.Generator().manual_seed(5))
+    torch_run = lm.generate(feats, max_new_tokens=12)
+    target = lm.generate(feats, max_new_tokens=12, runtime="target")
+    assert target.new_tokens == torch_run.new_tokens
+    worst = max(float((a - b).abs().max()) for a, b in zip(target.logits, torch_run.logits, strict=True))
+    assert worst < 0.1
+
+
+def test_errors():
+    model = tiny_bart()
+    with pytest.raises(AnefxError, match="source_length"):
+        anefx.compile_lm(model, context_length=CONTEXT, convert=False)
+    with pytest.raises(AnefxError, match="above the decoder's 128 positions"):
+        anefx.compile_lm(model, context_length=256, source_length=20, convert=False)
+    # an impossible cap names the layer of its stack (the decoder's layer 0, not the encoder's)
+    with pytest.raises(AnefxError, match=r"impossible: layer 0 \(model\.decoder\.layers\.0\) alone holds 0\.1 MB"):
+        anefx.compile_lm(model, context_length=CONTEXT, source_length=20, max_chunk_mb=0.05)
+    with pytest.raises(AnefxError, match="for encoder-decoder models"):
+        from examples.models import tiny_llama_lm
+
+        anefx.compile_lm(tiny_llama_lm(), source_length=20, convert=False)
+
+
+def test_compression_measured_on_the_shipped_weights(workdir):
+    """The three functions compressed together (one k-means/quantization, each weight stored once),
+    the quality measured as for causal LMs: greedy agreement and mean KL against the fp16 weights."""
+    _, lm = _built("bart", workdir)
+    small = lm.with_compression("int8", new_tokens=8)
+    quality = small.compression.lm
+    assert quality is not None and quality.prompts == 2 and quality.tokens == 16
+    assert quality.agreement >= 0.75 and quality.mean_kl < 0.05
+    assert small.weight_bytes() < 0.6 * lm.weight_bytes()
+    assert set(small.compression.functions) == {"encode", "prefill", "decode"}
+
+
+def test_bart_chain_encoder_is_its_own_chunk(workdir, tmp_path):
+    """The chain WhisperKit-style: chunk 0 holds the encoder and only ``encode``; the decoder chunk
+    holds the three functions (``encode`` there writes each layer's cross-attention K/V) and every
+    state. Saved as a folder, ``anefx.load`` runs it as one program: encode, prefill, decode on the
+    MIL interpreter (fp16) give the tokens of the chain run in memory (``runtime="target"``), and
+    logits within fp16 error of the rewritten graphs', on an input the compile never saw. The
+    compile's artifact check and end-to-end check executed the packages (each chunk, each function)."""
+    model, lm = _built("bart", workdir)
+    chunks = lm.artifact.chunks
+    assert [c.layers for c in chunks] == [[0, 1], [2, 3]]  # encoder layers 0-1, decoder layers 0-1
+    assert [list(c.functions) for c in chunks] == [["encode"], ["encode", "prefill", "decode"]]
+    assert chunks[0].states == {} and len(chunks[1].states) == 4 * 2 + 1
+    # the artifact check executed every function of every chunk that holds it, as for causal LMs
+    checked = {fn: sorted(lm.reports[fn].artifact) for fn in lm.functions}
+    assert checked == {"encode": ["chunk0", "chunk1"], "prefill": ["chunk1"], "decode": ["chunk1"]}
+    assert all(r["ok"] for fn in lm.functions for r in lm.reports[fn].artifact.values())
+    assert lm.check.runtime == "target" and lm.check.agreement >= 0.75
+    encoder = {n for n, _ in model.named_parameters() if ".encoder.layers." in n}
+    held = [set(h.param_names.values()) for h in (c.functions["encode"] for c in chunks)]
+    assert encoder <= held[0] and not encoder & held[1]
+    folder = lm.save(tmp_path / "bart")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [sorted(c["functions"]) for c in manifest["chunks"]] == [["encode"], ["decode", "encode", "prefill"]]
+    assert manifest["default_function"] == "decode"
+
+    program = anefx.load(folder)
+    assert program.functions == ["encode", "prefill", "decode"] and program.default_function == "decode"
+    state = program.make_state("encode")
+    ids = torch.randint(3, 256, (1, 13), generator=torch.Generator().manual_seed(7))
+    program(lm.encoder_inputs(ids), function="encode", state=state)
+
+    def step(function, token_ids, positions):
+        given = {"input_ids": token_ids, "position_ids": positions}
+        return torch.from_numpy(program(given, function=function, state=state)["logits"]).float()
+
+    start = [model.generation_config.decoder_start_token_id]
+    process = logits_processor(lm.generation_config, len(start), 12, [])  # generate's processors
+    loaded = greedy(step, start, 12, lm.prefill_length, lm.context_length, set(), front_pad=False, process=process)
+    in_memory = lm.generate(ids, max_new_tokens=12, eos_token_id=None, runtime="target")
+    assert loaded.new_tokens == in_memory.new_tokens and len(set(loaded.new_tokens)) >= 4
+    rewritten = lm.decoder_logits(ids, None, torch.tensor([start + loaded.new_tokens[:-1]]))
+    scale = float(rewritten.abs().max())
+    assert float((torch.stack(loaded.logits) - rewritten).abs().max()) < 0.02 * scale
