@@ -234,6 +234,13 @@ def interpreter_row(compiled, model, args, kwargs) -> dict:
     return {"load": load, "eager": eager, "interp": interp, "times": times, "error": error, "finite": finite}
 
 
+def artifact_rows(compiled) -> list[tuple[str, list[str]]]:
+    """The artifact check's lines, each with the torch nodes the fp16 fallback put in fp32."""
+    checks = compiled.report.artifact.values()  # artifact_lines gives one line per check, in this order
+    fp32 = [(c.get("fallback") or {}).get("fp32_nodes", []) if isinstance(c, dict) else [] for c in checks]
+    return list(zip(compiled.report.artifact_lines(), fp32, strict=True))
+
+
 def bench(name: str, attn: str, coreai: bool) -> dict:
     model, args, kwargs = FULL_SIZE[name](attn)
     stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty())
@@ -267,6 +274,7 @@ def bench(name: str, attn: str, coreai: bool) -> dict:
         "blocked": blocked,
         "rolled_back": [r.name for r in compiled.report.rolled_back],
         "guard": compiled.report.guard_lines(),
+        "artifact": artifact_rows(compiled),
         "interpreter": interpreter_row(compiled, model, args, kwargs),
     }
 
@@ -306,6 +314,10 @@ def print_result(r: dict) -> None:
     )
     for line in r.get("guard", ()):  # the guard's estimate, and every region it kept in its original form
         print(line)
+    for line, fp32 in r.get("artifact", ()):  # the shipped program run against the validated graph
+        print(line)
+        if fp32:
+            print(f"  in fp32 (fp16 fallback): {', '.join(fp32)}")
     stock, ours = r["stock"], r["anefx"]
     if any(stock.get(op, 0) for op in ("reduce_mean", "rsqrt")):
         print(
@@ -389,6 +401,8 @@ def layout_per_block(compiled, depth: int = 3) -> list[tuple[str, int, int]]:
 def diffusion_section(names=DIFFUSION) -> None:
     """Image generation components: the rows of ``bench`` plus layout changes per block, the moving
     ones (that copy memory in the ANE's padded layout) and the ANE estimate (stock vs anefx)."""
+    from collections import Counter
+
     from rich.console import Console
 
     from anefx.ane.report import analyse, compare_estimates
@@ -406,6 +420,9 @@ def diffusion_section(names=DIFFUSION) -> None:
             "anefx": compiled.ane_report,
         }
         console.print(compare_estimates(reports))
+        for label, report in reports.items():  # what the ANE rules flag, by rule and MIL op type
+            flagged = Counter(f"{f.rule}: {f.op_type}" for f in report.findings)
+            print(f"flagged ({label}): " + (", ".join(f"{k} x{v}" for k, v in sorted(flagged.items())) or "none"))
 
 
 def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0, queries: int = 512) -> None:

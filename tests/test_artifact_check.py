@@ -219,6 +219,47 @@ def test_compile_falls_back_to_fp32_for_an_overflowing_region():
     assert {op.op_type for op in shipped.operations() if op.dtypes == ("fp32",)} - {"cast"} == {"pow", "reduce_mean"}
 
 
+class TimestepStack(nn.Module):
+    """diffusers' sinusoidal timestep embedding (``sin``/``cos`` of the timestep times frequencies:
+    fp16 rounds an argument near 999 by up to 0.25) added to the input of two layers."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(c, c) for _ in range(2))
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(c // 2) / (c // 2)))
+
+    def forward(self, x, t):
+        arg = t[:, None].float() * self.freqs[None]
+        h = x + torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)[:, None, :]
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return h
+
+
+def test_each_chunk_of_a_chain_falls_back_on_its_own():
+    """A chain of packages: the chunk holding the timestep embedding is converted again with its
+    region in fp32 (found against that chunk's own graph); the other chunks ship as converted."""
+    torch.manual_seed(0)
+    model = TimestepStack().eval()
+    layer_mb = sum(p.numel() for p in model.layers[0].parameters()) * 2 / 1e6
+    args = (torch.randn(2, 8, 64), torch.tensor([999, 901]))
+    compiled = anefx.compile(model, args, max_chunk_mb=1.5 * layer_mb)
+    checks = compiled.report.artifact
+    assert sorted(checks) == ["chunk0", "chunk1"] and all(c["ok"] for c in checks.values()), checks
+    fell_back = {k: c["fallback"] for k, c in checks.items() if c.get("fallback")}
+    (fallback,) = fell_back.values()
+    # in one round: the sine, its argument (the timestep x frequencies, ~900: fp16 rounds it by up
+    # to 0.25) and the cosine of the same argument; not the layers
+    assert fallback["rounds"] == 1 and {"sin", "cos", "mul"} <= set(fallback["fp32_nodes"]), fallback
+    assert not {"linear", "relu", "add"} & set(fallback["fp32_nodes"]), fallback
+    t = torch.tensor([997, 3])
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+    out = next(iter(anefx.load(compiled)({"x": x.numpy(), "t": t.numpy()}).values()))
+    with torch.no_grad():
+        ref = model(x, t)
+    assert float((torch.as_tensor(out).double() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
 class BeyondFp16(nn.Module):
     def __init__(self):
         super().__init__()

@@ -285,7 +285,8 @@ def traffic_table(traffic: list[Traffic]):
 
 
 def compare_estimates(reports: dict[str, ANEReport]):
-    """A table of the estimates of several reports side by side (e.g. stock vs anefx)."""
+    """A table of the estimates of several reports side by side (e.g. stock vs anefx), with the
+    memory-traffic ESTIMATE of one call (:mod:`anefx.ane.traffic`) when every report has it."""
     from rich.table import Table
 
     t = Table(title="ANE estimate side by side (roofline ESTIMATE, not a measurement)")
@@ -300,4 +301,13 @@ def compare_estimates(reports: dict[str, ANEReport]):
     for chip in chips:
         t.add_row(f"latency on {chip} (ms)", *(str(r.estimate["ms_per_chip"][chip]) for r in reports.values()))
     t.add_row("flagged ops", *(str(len(r.findings)) for r in reports.values()))
+    if all(r.traffic for r in reports.values()):  # summed over the packages of a chain
+        for label, key in (("traffic per call (MB)", "total"), ("traffic floor (MB)", "floor")):
+            t.add_row(label, *(f"{sum(getattr(tr, key) for tr in r.traffic) / 1e6:.3f}" for r in reports.values()))
+        t.add_row("traffic of transpose + reshape (MB)", *(f"{_layout_traffic(r) / 1e6:.3f}" for r in reports.values()))
     return t
+
+
+def _layout_traffic(report: ANEReport) -> int:
+    """Estimated bytes the layout changes (``transpose``, ``reshape``) of every package move."""
+    return sum(o.total for tr in report.traffic for o in tr.ops if o.op_type in ("transpose", "reshape"))

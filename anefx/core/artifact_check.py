@@ -7,7 +7,8 @@ with states starts from the set's states and its new states are compared too). T
 the one the graphs were validated against: the model's outputs for a whole program, each chunk's
 own graph for a chunk. :func:`~anefx.targets.verify.check_and_fix` measures each output, and on a
 failure locates the first MIL op that departs from the graph handed to the converter and, for an
-fp16 program whose target can compute single ops in fp32, converts again with that region in fp32.
+fp16 program whose target can compute single ops in fp32, converts again with that region in fp32
+(a package of one function: the whole program, or one chunk of a chain).
 A package that still fails raises :class:`~anefx.targets.verify.ArtifactError` naming the output,
 the MIL op, its torch node and its source line: nothing wrong ships.
 
@@ -73,7 +74,10 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
                 continue
             made: dict = {}
             can_fall_back = target.precision == "float16" and target.with_fp32_nodes(()) is not None
-            single = len(artifact.programs) == 1 and len(program.functions) == 1 and can_fall_back
+            # a package of one function, alone or a chunk of a chain (each chunk is checked against
+            # its own graph on its validated inputs, so its region is found and converted on its
+            # own); the functions of a multifunction package share one conversion
+            single = len(program.functions) == 1 and can_fall_back
 
             def reconvert(region, program=program, made=made):
                 package = target.with_fp32_nodes(region).convert(program, events)

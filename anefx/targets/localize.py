@@ -253,13 +253,23 @@ def _local_error(
     return None if mil is None else _relative_error(mil, out)
 
 
+#: ops whose output error is the absolute error of their argument (a sine reads it modulo 2π)
+PERIODIC = frozenset({torch.ops.aten.sin.default, torch.ops.aten.cos.default})
+
+
 def fp16_region(
-    divergence: Divergence, reference: torch.fx.GraphModule, values: Mapping[str, torch.Tensor]
+    divergence: Divergence,
+    reference: torch.fx.GraphModule,
+    values: Mapping[str, torch.Tensor],
+    tolerance: float = 1e-2,
 ) -> set[str]:
     """The torch nodes to compute in fp32 for an fp16 failure at ``divergence``: its node and,
     while a node of the region holds a value beyond fp16's range in PyTorch, every op that reads it
     (a square that overflows, then the mean that reads it …): the region ends where values fit
-    fp16 again."""
+    fp16 again. A periodic op of the region (``sin``, ``cos``) takes its argument's computation
+    with it wherever fp16 would round that argument by more than ``tolerance`` (a value of
+    magnitude A by up to A·2⁻¹¹: diffusers' timestep times its frequencies, up to ~1,000), with
+    the argument's other periodic readers (the cosine of the same argument)."""
     nodes = {n.name: n for n in reference.graph.nodes}
     region = {divergence.node}
     frontier = [nodes[divergence.node]]
@@ -272,7 +282,25 @@ def fp16_region(
             if user.name not in region and user.op == "call_function":
                 region.add(user.name)
                 frontier.append(user)
-    return region
+    return region | _periodic_arguments(region, nodes, values, tolerance)
+
+
+def _periodic_arguments(region, nodes, values, tolerance: float) -> set[str]:
+    """The ops computing the arguments of the region's periodic ops, upstream while fp16 would
+    round their values by more than ``tolerance``, and the periodic ops reading them."""
+    added: set[str] = set()
+    frontier = [a for name in region if nodes[name].target in PERIODIC for a in nodes[name].all_input_nodes]
+    while frontier:
+        node = frontier.pop()
+        value = values.get(node.name)
+        if node.op != "call_function" or node.name in added or value is None or not value.is_floating_point():
+            continue
+        if _absmax(value) * 2.0**-11 <= tolerance:
+            continue
+        added.add(node.name)
+        added |= {u.name for u in node.users if u.target in PERIODIC}
+        frontier.extend(node.all_input_nodes)
+    return added
 
 
 def fp32_selector(fx_names: Collection[str], region: Collection[str]):

@@ -432,7 +432,7 @@ def check_and_fix(
                 break
             region = grown
         else:
-            region |= fp16_region(divergence, reference, graph_values(reference, one.inputs))
+            region |= fp16_region(divergence, reference, graph_values(reference, one.inputs), check.tolerance)
         rounds += 1
         candidate = reconvert(set(region))
         again = check_program(candidate, input_sets, function=function, options=options)
