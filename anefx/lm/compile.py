@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import warnings
 from collections.abc import Callable
@@ -25,10 +24,9 @@ from pathlib import Path
 import torch
 
 from anefx.core.options import CompileOptions, compile_options, prepare
-from anefx.core.result import Compiled
+from anefx.core.result import CompiledSteps
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
-from anefx.driver.report import Report
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.lm.cache import (
@@ -74,7 +72,7 @@ __all__ = ["CompiledLM", "EndToEndCheck", "Generation", "GenerationMismatch", "c
 
 
 @dataclass
-class CompiledLM(Compiled):
+class CompiledLM(CompiledSteps):
     """A causal LM compiled for the ANE: ``prefill`` and ``decode`` with the KV cache as state."""
 
     layout: CacheLayout
@@ -99,36 +97,6 @@ class CompiledLM(Compiled):
     def states(self) -> dict[str, tuple[int, ...]]:
         """Core ML state names and shapes (fp16 in the package)."""
         return self.layout.states
-
-    @property
-    def graphs(self) -> dict[str, torch.fx.GraphModule]:
-        """Each function's rewritten step graph (pure: the states are inputs and outputs)."""
-        return {fn: b.graph_module for fn, b in self.build.functions.items()}
-
-    @property
-    def reports(self) -> dict[str, Report]:
-        return {fn: b.report for fn, b in self.build.functions.items()}
-
-    @property
-    def examples(self) -> dict[str, list]:
-        """Each function's flat example inputs (ids, positions, states)."""
-        return {fn: b.captured.flat_inputs for fn, b in self.build.functions.items()}
-
-    @property
-    def package(self):
-        """The single package (None when chunked or compiled with convert=False)."""
-        artifact = self.artifact
-        return artifact.package if artifact.converted and not artifact.chunked else None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.artifact.metadata
-
-    def op_histogram(self, function: str) -> collections.Counter:
-        """MIL op types of one function of the converted package(s) (``const`` excluded)."""
-        if function not in FUNCTIONS:
-            raise KeyError(f"no function {function!r}; this package has {list(FUNCTIONS)}")
-        return super().op_histogram(function)
 
     def ane_report(self, function: str):
         """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip, memory traffic

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import collections
 import copy
 import json
 import math
@@ -31,10 +30,9 @@ from typing import Any
 import torch
 
 from anefx.core.options import CompileOptions, compile_options, prepare
-from anefx.core.result import Compiled
+from anefx.core.result import CompiledSteps
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
-from anefx.driver.report import Report
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.lm.cache import depth_scaled_check, round_up, scaled_tolerances
@@ -98,7 +96,7 @@ def inputs_doc(layout: EncoderDecoderLayout) -> dict[str, dict[str, str]]:
 
 
 @dataclass
-class CompiledEncoderDecoder(Compiled):
+class CompiledEncoderDecoder(CompiledSteps):
     """An encoder-decoder model compiled for the ANE: ``encode``, ``prefill`` and ``decode`` sharing
     weights and states (self-attention caches, cross-attention states, the encoder mask)."""
 
@@ -127,34 +125,6 @@ class CompiledEncoderDecoder(Compiled):
         """State names and shapes (fp16 in the package): self-attention caches, cross-attention
         states and the encoder mask."""
         return self.layout.states
-
-    @property
-    def graphs(self) -> dict[str, torch.fx.GraphModule]:
-        return {fn: b.graph_module for fn, b in self.build.functions.items()}
-
-    @property
-    def reports(self) -> dict[str, Report]:
-        return {fn: b.report for fn, b in self.build.functions.items()}
-
-    @property
-    def examples(self) -> dict[str, list]:
-        return {fn: b.captured.flat_inputs for fn, b in self.build.functions.items()}
-
-    @property
-    def package(self):
-        """The single package (None when chunked or compiled with convert=False)."""
-        artifact = self.artifact
-        return artifact.package if artifact.converted and not artifact.chunked else None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.artifact.metadata
-
-    def op_histogram(self, function: str) -> collections.Counter:
-        """MIL op types of one function of the converted package(s) (``const`` excluded)."""
-        if function not in FUNCTIONS:
-            raise KeyError(f"no function {function!r}; this package has {list(FUNCTIONS)}")
-        return super().op_histogram(function)
 
     def ane_report(self, function: str):
         """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip) of one function."""
