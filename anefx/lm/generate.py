@@ -323,13 +323,22 @@ def end_to_end_check(compiled, model, prompt, new_tokens: int, vocab: int, runti
         fed = forced(
             compiled.step(runtime), [int(t) for t in prompt[0]], ref_tokens, compiled.prefill_length, compiled.front_pad
         )
-    errors = []
-    for a, b in zip(fed, ref_logits, strict=False):
+    return forced_check([int(t) for t in prompt[0]], out, ref_tokens, ref_logits, fed, runtime)
+
+
+def forced_check(start: list[int], out, ref_tokens: list[int], ref_logits, fed, runtime: str, process=None):
+    """The :class:`EndToEndCheck` of a generation ``out`` that started from ``start``: its tokens
+    against the reference's, and the logits ``fed`` (teacher forced with the reference tokens)
+    against the reference's logits: per-step error (NaN counted as inf) and the agreement of their
+    argmax, after ``process`` (the generation config's logits processors) when given."""
+    errors, agree = [], 0
+    for i, (a, b) in enumerate(zip(fed, ref_logits, strict=False)):
         error = float((a.double() - b.double()).abs().max())
         errors.append(math.inf if math.isnan(error) else error)
-    agree = sum(int(torch.argmax(a)) == t for a, t in zip(fed, ref_tokens, strict=False))
+        scores = a if process is None else process(start + ref_tokens[:i], a)
+        agree += int(torch.argmax(scores)) == ref_tokens[i]
     return EndToEndCheck(
-        prompt.shape[1],
+        len(start),
         len(out.new_tokens),
         out.new_tokens == ref_tokens,
         max(errors, default=0.0),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import warnings
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from anefx.lm.generate import (
     GenerationMismatch,
     eos_ids,
     forced,
+    forced_check,
     greedy,
     prefill,
     teacher_forced,
@@ -603,23 +603,7 @@ def end_to_end_check(
         call("encode", compiled.encoder_inputs(x, mask))
         fed = forced(compiled._steps(call), start, ref_tokens, compiled.prefill_length, front_pad=False)
     process = logits_processor(compiled.generation_config, len(start), new_tokens, compiled.eos_token_ids)
-    errors, agree = [], 0
-    for i, (a, b) in enumerate(zip(fed, ref_logits, strict=False)):
-        error = float((a.double() - b.double()).abs().max())
-        errors.append(math.inf if math.isnan(error) else error)
-        scores = a if process is None else process(start + ref_tokens[:i], a)
-        agree += int(torch.argmax(scores)) == ref_tokens[i]
-    return EndToEndCheck(
-        len(start),
-        len(out.new_tokens),
-        out.new_tokens == ref_tokens,
-        max(errors, default=0.0),
-        ref_tokens,
-        out.new_tokens,
-        runtime,
-        agree / max(len(ref_tokens), 1),
-        errors,
-    )
+    return forced_check(start, out, ref_tokens, ref_logits, fed, runtime, process)
 
 
 def measure(compiled: CompiledEncoderDecoder, inputs, new_tokens: int) -> LMQuality:
