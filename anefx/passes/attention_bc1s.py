@@ -349,7 +349,11 @@ class AttentionBC1S(Pass):
             q4 = replay.merged(qh, h)  # (B, H·D, 1, T)
             if att.scale != 1.0:  # every factor before the soft-cap's tanh goes into Q
                 q4 = call(graph, aten.mul.Tensor, (q4, att.scale))
-            if sq == 1:  # one query per head: the group's queries are the rows of one product
+            if sq == 1 and g == 1:  # one query per head, one head per K/V head: q as a column
+                qc = call(graph, aten.view.default, (q4, [b, h, d, 1]))  # keeps the last axis: a view
+                qt = call(graph, aten.transpose.int, (qc, -2, -1))  # the product's transpose_x
+                s = call(graph, aten.matmul.default, (qt, k.source))  # (B, H, 1, S)
+            elif sq == 1:  # one query per head: the group's queries are the rows of one product
                 qg = call(graph, aten.view.default, (q4, [b, hkv, g, d]))
                 s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G, S)
             else:  # (B, H_kv, G, D, T) queries against the keys of their K/V head: (B, H_kv, G, T, S)
@@ -372,7 +376,11 @@ class AttentionBC1S(Pass):
                 hidden = constant(gm, hidden, "_anefx_mask", s)  # torch's top-left tril
                 s = call(graph, aten.masked_fill.Scalar, (s, hidden, neg))
             w = call(graph, aten._softmax.default, (s, -1, False))
-            if sq == 1:
+            if sq == 1 and g == 1:  # out = V @ w^T: (B, H, D_v, 1), a column as the next projection reads it
+                wt = call(graph, aten.transpose.int, (w, -2, -1))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (v.source, wt))
+                out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))  # keeps the last axis: a view
+            elif sq == 1:
                 vt = call(graph, aten.transpose.int, (v.source, 2, 3))  # the product's transpose_y
                 o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G, D_v)
                 out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))
