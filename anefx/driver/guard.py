@@ -27,8 +27,9 @@ came out worse in their original form:
   the result as on any pipeline run. Rounds repeat (at most ``max_rounds``) while a region is still
   worse. Nothing is re-run when no region is worse: the common case costs one count over the graph.
   A region with more layout changes than stock is still kept rewritten when they move fewer bytes
-  (:func:`moved_bytes`: fp16, last axis padded to 64 bytes): attention over a KV cache read as it
-  lies reshapes one token's queries where the stock form transposes the whole cache.
+  (:func:`moved_bytes`: fp16, last axis padded to 64 bytes, a view that copies nothing moves
+  none): attention over a KV cache read as it lies views one token's query where the stock form
+  transposes the whole cache.
 
 The report (``compiled.report.guard``) names every kept region: its sites (pass, node, op, source
 line) and its layout changes in the captured graph, in anefx's graph before and after the fallback.
