@@ -4,8 +4,9 @@ with random weights, compiled once each (convert=True) through the one core.
 Done-when figures: greedy tokens equal to ``generate(do_sample=False)`` for 32 new tokens on two
 inputs the compile never saw (a padded source for the text models); the package holds ``encode``,
 ``prefill`` and ``decode`` with the self- and cross-attention states; no ``linear`` or ``matmul`` on
-a weight; the decode step has no transpose, and its reshapes grow by six per decoder layer, each of
-one token's channels (the query, the output and, for the self-attention, the new K and V columns).
+a weight; the decode step has no transpose, and its reshapes grow by six per decoder layer, each a
+view of one token's channels that keeps the last axis (the query and the output of the self- and
+cross-attention, the new K and V columns): no layout change per layer copies memory.
 
 BART is compiled as a chain under a size cap (``max_chunk_mb``): its encoder is a chunk of its own,
 as WhisperKit ships Whisper's, and every test above runs on the chain (its compression included)."""
@@ -203,6 +204,42 @@ def test_decode_layout_changes_per_decoder_layer_move_one_token(compiled):
     assert lm.op_histogram("decode")["transpose"] == two["transpose"] == four["transpose"], (two, four)
     assert four["reshape"] - two["reshape"] <= 6 * 2, (two, four)
     assert max(largest_two, largest_four) < smallest
+
+
+def _layout_ops(lm) -> tuple[collections.Counter, int]:
+    """The decode program's MIL ``transpose``/``reshape`` ops by (type, copies memory in the padded
+    layout: :func:`anefx.analysis.layout.moves_data`), and the bytes the traffic estimate charges them."""
+    from anefx.analysis.layout import moves_data
+
+    found: collections.Counter = collections.Counter()
+    for op in lm.artifact.operations("decode"):
+        if op.op_type in ("transpose", "reshape"):
+            perm = [int(p) for p in op.inputs["perm"].val] if op.op_type == "transpose" else None
+            before, after = (tuple(int(d) for d in v.shape) for v in (op.inputs["x"], op.outputs[0]))
+            found[op.op_type, moves_data(before, after, perm)] += 1
+    charged = sum(o.total for o in lm.traffic("decode").ops if o.op_type in ("transpose", "reshape"))
+    return found, charged
+
+
+def test_decode_layout_changes_per_decoder_layer_are_views():
+    """Whisper at 2 and 4 decoder layers, the shipped decode programs: each added decoder layer adds
+    no transpose and six reshapes, every one a view that keeps the last axis (the new K and V
+    columns, the self- and cross-attention queries (B, H·D, 1, 1) → (B, H, D, 1) read by the score
+    product's transpose_x, their outputs (B, H, D, 1) back); the reshapes that copy memory (the
+    embedding in, the logits out) are the same at both depths, and the traffic estimate charges the
+    layout changes nothing more."""
+    programs = {}
+    for layers in (2, 4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = anefx.compile_lm(tiny_whisper(layers=layers), context_length=CONTEXT, check_tokens=0)
+        programs[layers] = _layout_ops(lm)
+    (two, bytes_two), (four, bytes_four) = programs[2], programs[4]
+    assert two["transpose", True] == two["transpose", False] == 0, two
+    grown = {k: (four[k] - two[k]) / 2 for k in set(two) | set(four)}
+    assert grown == {("reshape", False): 6, ("reshape", True): 0}, (two, four)
+    assert 0 < two["reshape", True] <= 3  # once per step: the token's embedding in, the logits out
+    assert bytes_four == bytes_two > 0
 
 
 def test_whisper_package_runs_on_the_mil_interpreter(workdir):

@@ -39,6 +39,29 @@ def test_weights_once_and_activations_padded_on_the_last_axis():
     assert t.states == {} and t.floor == t.weight_bytes
 
 
+def test_a_view_that_keeps_the_last_axis_moves_nothing_and_a_copy_is_counted():
+    """A one-token column (1, C, 1, 1) viewed as (1, H, D, 1) and read by ``q^T @ K`` (transpose_x):
+    the view is free, the product reads the padded column; moved into rows (1, H, 1, D) it is a copy
+    (read padded, written dense) that the product then reads dense."""
+    h, d = 4, C // 4
+
+    def build(q, k):
+        col = mb.reshape(x=q, shape=(1, h, d, 1))
+        rows = mb.reshape(x=q, shape=(1, h, 1, d))
+        return mb.matmul(x=col, y=k, transpose_x=True), mb.matmul(x=rows, y=k), mb.transpose(x=col, perm=[0, 1, 3, 2])
+
+    specs = (mb.TensorSpec((1, C, 1, 1), dtype=types.fp16), mb.TensorSpec((1, h, d, S), dtype=types.fp16))
+    t = estimate_traffic(_ios18(build, *specs))
+    view, copy = (o for o in t.ops if o.op_type == "reshape")
+    padded, dense = C * 64, h * 64  # d = 16 values (32 bytes) per row, padded to 64
+    assert (view.read, view.written) == (0, 0)
+    assert (copy.read, copy.written) == (padded, dense)
+    by_col, by_rows = (o for o in t.ops if o.op_type == "matmul")
+    assert by_col.read - by_rows.read == padded - dense  # the same K; the query padded or dense
+    (swap,) = (o for o in t.ops if o.op_type == "transpose")  # (1, H, D, 1) -> (1, H, 1, D): data moves
+    assert (swap.read, swap.written) == (padded, dense)
+
+
 def test_gather_from_a_table_reads_its_rows_not_the_table():
     table = np.ones((V, C), np.float16)
 

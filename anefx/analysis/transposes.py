@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from anefx.analysis.heads import movement_chain, simulate
+from anefx.analysis.layout import moves_data
 from anefx.analysis.layout_rules import BINARY, UNARY
 from anefx.ir.graph import call, dce, infer_meta, is_constant, provenance, replace_node, shape, views_to_reshapes
 
@@ -82,6 +83,29 @@ def einsum_permutation(node: torch.fx.Node) -> list[int] | None:
     if len(set(src)) != len(src) or sorted(src) != sorted(dst):
         return None
     return [src.index(c) for c in dst]
+
+
+_MATMULS = {aten.matmul.default, aten.bmm.default}
+
+
+def _kept_for_matmul(node: torch.fx.Node, start: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """Whether the identity chain ending at ``node`` stays as it is rather than becoming one reshape
+    from ``start`` to ``out``: ``node`` swaps its last two axes (one of them a unit axis) for matrix
+    products only, which coremltools folds into their ``transpose_x``/``transpose_y``
+    (``common::fuse_transpose_matmul``), and the chain before it keeps the last axis (a view), while
+    the one reshape would move data (:func:`anefx.analysis.layout.moves_data`). A keys-last decode's
+    query column (B, H·D, 1, 1) → (B, H, D, 1) read as ``q^T @ K`` is one: the reshape to
+    (B, H, 1, D) would copy the padded column."""
+    perm, src = perm_of(node), node.args[0]
+    rank = len(out)
+    if perm != [*range(rank - 2), rank - 1, rank - 2] or not isinstance(src, torch.fx.Node):
+        return False
+    before = shape(src)
+    if before is None or 1 not in before[-2:] or not node.users:
+        return False
+    if not all(u.op == "call_function" and u.target in _MATMULS and node in u.args[:2] for u in node.users):
+        return False
+    return moves_data(start, out) and not moves_data(start, before)
 
 
 def fold_transposes(gm: torch.fx.GraphModule, max_iterations: int = 32) -> dict[str, int]:
@@ -272,6 +296,8 @@ class _Rules:
         start, chain = found
         s = start.meta.get("val")
         if not isinstance(s, torch.Tensor) or s.numel() != math.prod(out):
+            return False
+        if _kept_for_matmul(node, tuple(s.shape), out):
             return False
         r = simulate(chain, torch.arange(s.numel()).reshape(s.shape))
         if not torch.equal(r.reshape(-1), torch.arange(s.numel())):

@@ -23,7 +23,12 @@ facts, not measurements):
    done in place: it reads and writes the update only. That is how Core ML states are documented to
    behave for KV caches (Apple, "On Device Llama 3.1 with Core ML", 2024: in-place state updates);
    the one-hot form ``cache * (1 - onehot) + new * onehot`` is three ops over the whole cache.
-5. **The floor** of a call is its weights plus every state read once: what any program computing
+5. **A view moves nothing.** A ``reshape``, ``expand_dims``, ``squeeze`` or ``transpose`` that
+   copies no memory in that padded layout (:func:`anefx.analysis.layout.moves_data`: it keeps the
+   last axis, or neither side pads it, or a transpose moves only unit axes) reads and writes no
+   bytes; its consumers read its result at its own padded size. A (B, C, 1, 1) column viewed as
+   (B, H, D, 1) is the same padded bytes read by whoever reads it. The others are copies, counted.
+6. **The floor** of a call is its weights plus every state read once: what any program computing
    the same function must move.
 
 Which bytes grow with the context is measured, not guessed: :func:`context_growth` compares the
@@ -38,13 +43,15 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from anefx.analysis.layout import padded_bytes
+from anefx.analysis.layout import moves_data, padded_bytes
 
 LABEL = "ESTIMATE (static: bytes each op reads and writes, weights once, last axis padded to 64 B)"
 #: ops that read a row of a constant table rather than the whole table
 GATHER_OPS = frozenset({"gather", "gather_along_axis", "gather_nd", "embedding"})
 #: ops that only name a state (their traffic is counted at the ops that use the value)
 STATE_ALIASES = frozenset({"read_state", "coreml_update_state"})
+#: ops that only change a shape: free when :func:`anefx.analysis.layout.moves_data` says no copy
+VIEW_OPS = frozenset({"reshape", "expand_dims", "squeeze", "transpose"})
 _BITS = re.compile(r"(\d+)$")
 
 
@@ -247,6 +254,11 @@ def estimate_traffic(function, name: str = "main") -> Traffic:
             state_of[op.outputs[0].name] = _var(op.inputs["state"]).name
         if op.op_type == "const" or op.op_type.startswith("constexpr_") or op.op_type in STATE_ALIASES:
             continue
+        if _is_view(op):  # its consumers read the same bytes: a state's view is that state's
+            if _var(op.inputs["x"]).name in state_of:
+                state_of[op.outputs[0].name] = state_of[_var(op.inputs["x"]).name]
+            traffic.ops.append(OpTraffic(op.name, op.op_type, 0, 0))
+            continue
         read = state_read = weights = 0
         in_place = _in_place_update(op, state_of, written_back)
         for key, value in op.inputs.items():
@@ -284,6 +296,22 @@ def _walk(operations: Iterable):
 
 def _var(value):
     return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _is_view(op) -> bool:
+    """A shape-only op that copies no memory in the padded layout (assumption 5)."""
+    if op.op_type not in VIEW_OPS or "x" not in op.inputs or not op.outputs:
+        return False
+    before, after = _shape(_var(op.inputs["x"])), _shape(op.outputs[0])
+    if before is None or after is None:
+        return False
+    perm = None
+    if op.op_type == "transpose":
+        p = op.inputs.get("perm")
+        if p is None or getattr(p, "val", None) is None:
+            return False
+        perm = [int(a) % len(before) for a in p.val]
+    return not moves_data(before, after, perm)
 
 
 def _in_place_update(op, state_of: dict[str, str], written_back: dict[str, str]) -> bool:

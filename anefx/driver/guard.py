@@ -27,8 +27,9 @@ came out worse in their original form:
   the result as on any pipeline run. Rounds repeat (at most ``max_rounds``) while a region is still
   worse. Nothing is re-run when no region is worse: the common case costs one count over the graph.
   A region with more layout changes than stock is still kept rewritten when they move fewer bytes
-  (:func:`moved_bytes`: fp16, last axis padded to 64 bytes): attention over a KV cache read as it
-  lies reshapes one token's queries where the stock form transposes the whole cache.
+  (:func:`moved_bytes`: fp16, last axis padded to 64 bytes, a view that copies nothing moves
+  none): attention over a KV cache read as it lies views one token's query where the stock form
+  transposes the whole cache.
 
 The report (``compiled.report.guard``) names every kept region: its sites (pass, node, op, source
 line) and its layout changes in the captured graph, in anefx's graph before and after the fallback.
@@ -45,7 +46,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from anefx.analysis.layout import padded_bytes
+from anefx.analysis.layout import moves_data, padded_bytes
 from anefx.analysis.layout_rules import rule_for
 from anefx.analysis.transposes import einsum_permutation
 from anefx.driver.pipeline import Pipeline, PipelineResult
@@ -215,9 +216,17 @@ def charged(gm: torch.fx.GraphModule, owners: Mapping[str, int], captured_names:
 
 def moved_bytes(node: torch.fx.Node) -> int:
     """Bytes a layout change reads and writes on the ANE (fp16, last axis padded to 64 bytes), once
-    per MIL op it becomes (``group_norm``'s lowering: two reshapes of the same size)."""
+    per MIL op it becomes (``group_norm``'s lowering: two reshapes of the same size); none for a
+    view that copies no memory in that layout (:func:`anefx.analysis.layout.moves_data`: a reshape
+    that keeps the last axis, a transpose of unit axes), as the traffic estimate counts it."""
     src = node.all_input_nodes[0] if node.all_input_nodes else None
-    return len(layout_change(node)) * (padded_bytes(shape(src)) + padded_bytes(shape(node)))
+    before, after = shape(src), shape(node)
+    kinds = layout_change(node)
+    if kinds and before is not None and after is not None and len(kinds) == 1:
+        perm = _permutation(node) if kinds[0] == "transpose" else None
+        if (kinds[0] == "reshape" or perm is not None) and not moves_data(tuple(before), tuple(after), perm):
+            return 0
+    return len(kinds) * (padded_bytes(before) + padded_bytes(after))
 
 
 def charged_bytes(gm: torch.fx.GraphModule, owners: Mapping[str, int], captured_names: Collection[str]):

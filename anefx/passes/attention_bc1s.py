@@ -102,11 +102,21 @@ Original (decode: one query, K and V read from the cache states)::
 
     %K = anefx.cache_write(%key_cache, %k_new, %pos, 3)                 # (1, H_kv, D, S)
     %o = aten.scaled_dot_product_attention(%q, aten.transpose(%K, 2, 3), aten.transpose(%V, 2, 3), %mask)
-Result::
+Result (one query head per K/V head, G = 1: every layout change a view that keeps the last axis)::
 
-    %qg = aten.view(to_bc1s(%q_proj) * s, [1, H_kv, G, D])              # G = H / H_kv query heads per K/V head
+    %qc = aten.view(to_bc1s(%q_proj) * s, [1, H, D, 1])                # the query column, as it lies
+    %w = aten._softmax(aten.matmul(aten.transpose(%qc, -2, -1), %K).masked_fill(~%mask, -1e4), -1)  # (1, H, 1, S)
+    %o = aten.view(aten.matmul(%V, aten.transpose(%w, -2, -1)), [1, H·D, 1, 1])  # (1, H, D, 1): V @ w^T
+Result (G = H / H_kv > 1 query heads per K/V head)::
+
+    %qg = aten.view(to_bc1s(%q_proj) * s, [1, H_kv, G, D])              # the group's queries as rows: a copy
     %w = aten._softmax(aten.matmul(%qg, %K).masked_fill(~%mask, -1e4), -1)   # (1, H_kv, G, S)
     %o = aten.view(aten.matmul(%w, aten.transpose(%V, 2, 3)), [1, H·D, 1, 1])  # V^T: the product's transpose_y
+
+The swaps are the products' ``transpose_x``/``transpose_y`` (coremltools' ``fuse_transpose_matmul``).
+With G > 1 the group's G queries must be the rows of one product to read each K/V head once; a
+view of the (1, H·D, 1, 1) column cannot put them on the last axis, and the column form would read
+the cache once per query head through a broadcast product (see ``passes_catalog/decode.md``).
 
 Options:
   mask_value: the finite negative used for masked positions (default -1e4, safe in fp16)
@@ -332,8 +342,10 @@ class AttentionBC1S(Pass):
     ) -> None:
         """Attention over a keys-last KV cache: grouped ``matmul``s that read K and V as they lie.
 
-        With ``G = H / H_kv`` query heads per K/V head: one query per head (decode) makes the group's
-        queries the rows of one product, ``scores = q (B, H_kv, G, D) @ K (B, H_kv, D, S)`` and
+        With ``G = H / H_kv`` query heads per K/V head: one query per head (decode) and G = 1 keeps
+        the query a column, ``scores = q^T (B, H, 1, D) @ K`` and ``out = V @ w^T`` (B, H, D_v, 1),
+        both views of (B, H·D, 1, 1) that keep the last axis; with G > 1 the group's queries are the
+        rows of one product, ``scores = q (B, H_kv, G, D) @ K (B, H_kv, D, S)`` and
         ``out = w @ V^T`` (``V`` read by the product's ``transpose_y``); T queries per head (prefill)
         add a group axis, ``scores = q^T (B, H_kv, G, T, D) @ K (B, H_kv, 1, D, S)`` and
         ``out^T = V @ w^T`` (B, H_kv, G, D_v, T), channels-first as the next projection reads it
@@ -349,7 +361,11 @@ class AttentionBC1S(Pass):
             q4 = replay.merged(qh, h)  # (B, H·D, 1, T)
             if att.scale != 1.0:  # every factor before the soft-cap's tanh goes into Q
                 q4 = call(graph, aten.mul.Tensor, (q4, att.scale))
-            if sq == 1:  # one query per head: the group's queries are the rows of one product
+            if sq == 1 and g == 1:  # one query per head, one head per K/V head: q as a column
+                qc = call(graph, aten.view.default, (q4, [b, h, d, 1]))  # keeps the last axis: a view
+                qt = call(graph, aten.transpose.int, (qc, -2, -1))  # the product's transpose_x
+                s = call(graph, aten.matmul.default, (qt, k.source))  # (B, H, 1, S)
+            elif sq == 1:  # one query per head: the group's queries are the rows of one product
                 qg = call(graph, aten.view.default, (q4, [b, hkv, g, d]))
                 s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G, S)
             else:  # (B, H_kv, G, D, T) queries against the keys of their K/V head: (B, H_kv, G, T, S)
@@ -372,7 +388,11 @@ class AttentionBC1S(Pass):
                 hidden = constant(gm, hidden, "_anefx_mask", s)  # torch's top-left tril
                 s = call(graph, aten.masked_fill.Scalar, (s, hidden, neg))
             w = call(graph, aten._softmax.default, (s, -1, False))
-            if sq == 1:
+            if sq == 1 and g == 1:  # out = V @ w^T: (B, H, D_v, 1), a column as the next projection reads it
+                wt = call(graph, aten.transpose.int, (w, -2, -1))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (v.source, wt))
+                out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))  # keeps the last axis: a view
+            elif sq == 1:
                 vt = call(graph, aten.transpose.int, (v.source, 2, 3))  # the product's transpose_y
                 o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G, D_v)
                 out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))

@@ -15,7 +15,12 @@ Each transpose or reshape is a memory copy on the ANE. Rewrite rules (one line e
 * two or more shape-only ops in a row, one a reshape → one ``reshape``
 * a chain of permutes and shape-only ops that keeps every element in its place (checked by
   replaying it on ``arange``, :func:`anefx.analysis.heads.simulate`)
-                                            → one ``reshape`` of its start (or the start)
+                                            → one ``reshape`` of its start (or the start),
+  except when its last op swaps the last two axes (one of them a unit axis) for matrix products
+  only and the ops before it keep the last axis, while the one reshape would change it
+  (:func:`anefx.analysis.layout.moves_data`): the swap is the products' ``transpose_x``/``_y``
+  and the view is free, the reshape a copy of a padded column (a decode step's query
+  ``(1, H·D, 1, 1)`` → ``(1, H, D, 1)`` read as ``q^T @ K``)
 
 * ``binop(permute(a, p), c)``, c constant   → ``permute(binop(a, c'), p)`` with c' = c permuted by
   p's inverse (a constant: coremltools folds it)

@@ -130,3 +130,29 @@ def test_a_permute_sinks_below_a_reshape_that_splits_axes_and_merges():
     assert moving == ["permute.default", "reshape.default", "permute.default", "reshape.default"], moving
     x2 = torch.randn(2, 16, 8) * 3
     torch.testing.assert_close(out(x2), model(x2), atol=1e-5, rtol=1e-5)
+
+
+class QueryColumn(nn.Module):
+    """A one-token query (1, H·D, 1, 1) viewed per head as (1, H, D, 1) and read by ``q^T @ K``, or
+    by an elementwise op after the same swap."""
+
+    def forward(self, q, k):
+        qt = q.view(1, 4, 16, 1).transpose(-2, -1)  # (1, 4, 1, 16): every element in place
+        return qt @ k, q.view(1, 4, 16, 1).transpose(-2, -1) + 1
+
+
+def test_a_unit_axis_swap_read_by_a_matmul_stays_a_view_and_a_swap():
+    """Into a product the swap is the product's transpose_x (coremltools folds it) and the view keeps
+    the last axis: no copy; one reshape (1, 64, 1, 1) → (1, 4, 1, 16) would copy the padded column.
+    Read elementwise, the same chain becomes that one reshape."""
+    cap = anefx.capture(QueryColumn(), (torch.randn(1, 64, 1, 1), torch.randn(1, 4, 16, 8)))
+    out, _ = apply("fold_transposes", cap.graph_module, cap)
+    aten = torch.ops.aten
+    (mm,) = [n for n in out.graph.nodes if n.target == aten.matmul.default]
+    swap = mm.args[0]
+    assert swap.target == aten.permute.default and swap.args[1] == [0, 1, 3, 2]
+    assert swap.args[0].meta["val"].shape == (1, 4, 16, 1)
+    (add,) = [n for n in out.graph.nodes if n.target == aten.add.Tensor]
+    assert add.args[0].target == aten.reshape.default and add.args[0].args[0].op == "placeholder"
+    assert _count(out, "aten.permute", "aten.transpose") == 1
+    assert max_abs_diff(out, cap) == 0.0
