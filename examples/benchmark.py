@@ -447,6 +447,8 @@ def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0, queries: int = 512) ->
     print(f"chunks: {len(sizes)}, weights per chunk (MB): {[round(x) for x in sizes]} [cap {chunk_mb:.0f} MB]")
     for line in compiled.report.guard_lines():
         print(line)
+    for line in compiled.report.artifact_lines():
+        print(line)
     rec = compiled.report.record("attention_chunks")
     print(f"attention_chunks: {rec.stats}")
     ops = compiled.op_histogram()

@@ -295,3 +295,44 @@ def test_a_program_the_interpreter_cannot_run_is_said_not_refused(monkeypatch):
     (status,) = compiled.report.artifact.values()
     assert status.startswith("not executed (anefx's MIL interpreter has no kernel for 'relu'")
     assert compiled.mlmodel is not None
+
+
+class NormResidual(nn.Module):
+    """A ResNet step as diffusers' UNet spells it: GroupNorm (coremltools lowers it into ops it names
+    ``reshape_0`` … ``add_0``, ``add_1``), a conv, a per-row time bias, a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_in, self.conv = nn.Conv2d(4, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.norm = nn.GroupNorm(8, 32)
+
+    def forward(self, x, temb):
+        h = self.conv_in(x)
+        y = self.conv(nn.functional.silu(self.norm(h))) + temb[:, :, None, None]
+        return (h + y) / 1.0
+
+
+def test_coremltools_names_never_take_a_nodes_name(monkeypatch):
+    """coremltools names the ops of a lowering from a process-wide counter per op type: in a fresh
+    process aten.group_norm's bias add (fused into a ``batch_norm``) was named ``add_1``, the graph's
+    own ``add_1`` was renamed ``add_1_1``, and the localisation compared the GroupNorm's output with
+    the residual sum: a correct program "departed at batch_norm 'add_1', wrong by itself" (the
+    SD-1.5 UNet's chunk 0), and the fp16 fallback put the wrong ops in fp32."""
+    from coremltools.converters.mil.mil.builder import Builder
+
+    monkeypatch.setattr(Builder, "name_count", __import__("collections").defaultdict(int))  # a fresh process's
+    torch.manual_seed(0)
+    model = NormResidual().eval()
+    nn.init.normal_(model.norm.weight), nn.init.normal_(model.norm.bias)  # an affine coremltools keeps
+    args = (torch.randn(2, 4, 8, 8), torch.randn(2, 32))  # batch 2, a time bias per row
+    compiled, program = _compile(model, args, pipeline=anefx.Pipeline.default().without("group_norm_4d"))
+    reference = compiled.artifact.package.converter_input
+    nodes = {n.name for n in reference.graph.nodes}
+    ops = {op.name: op for op in program.operations()}
+    assert "add_1" in nodes and "group_norm" in nodes
+    (norm_affine,) = [op for op in ops.values() if op.op_type == "batch_norm"]
+    assert fx_name(norm_affine.name, nodes)[0] is None  # not a node's name
+    assert ops["add_1_cast_fp16"].op_type == "add" and not any(n.startswith("add_1_1") for n in ops)
+    sets = _input_sets(compiled, program)
+    assert check_program(program, sets).ok
+    assert locate(program, reference, sets[1].inputs, input_set=sets[1].name) is None

@@ -234,6 +234,18 @@ def test_inplace_pattern_pass_places_writes_from_a_list_of_ops():
     assert "block_operation_list.index(op) + 1" in inspect.getsource(method)  # the stale list anefx replaces
 
 
+def test_names_apart_skips_the_taken_names_and_restores_the_counter():
+    from coremltools.converters.mil.mil.builder import Builder
+
+    original = Builder.__dict__["_get_free_name"]
+    Builder.name_count["anefx_probe"] = 0
+    with ctc.names_apart(["anefx_probe_0", "anefx_probe_2"]):
+        # anefx_probe_0 taken, anefx_probe_1 free, anefx_probe_2 taken, anefx_probe_3 free
+        assert [Builder._get_free_name("anefx_probe") for _ in range(2)] == ["anefx_probe_1", "anefx_probe_3"]
+    assert Builder.__dict__["_get_free_name"] is original
+    assert Builder._get_free_name("anefx_probe") == "anefx_probe_4"
+
+
 def test_torch_node_inputs_is_what_op_converters_call():
     import inspect
 

@@ -14,6 +14,9 @@
 * ``converters.mil.frontend.milproto.load``: a saved ML Program's protobuf and weight blobs back into a
   MIL ``Program`` (every function; optional op inputs filled with their defaults; a state write read
   back as ``coreml_update_state``): what anefx's MIL interpreter executes.
+* ``Builder._get_free_name`` (``converters.mil.mil.builder``): the name coremltools gives an op created
+  without one (``add_0``, ``add_1`` …: one process-wide counter per op type), which
+  ``names_apart`` keeps off the torch graph's node names.
 """
 
 from __future__ import annotations
@@ -77,6 +80,37 @@ def inplace_pattern_pass():
     from coremltools.converters.mil.mil.passes.defs.optimize_state import canonicalize_inplace_pattern
 
     return canonicalize_inplace_pattern
+
+
+@contextlib.contextmanager
+def names_apart(taken):
+    """While converting: the names coremltools makes up for ops it creates without one are never in
+    ``taken`` (the converted graph's node names).
+
+    Lowering one torch node into several MIL ops (``aten.group_norm``: ``reshape``, ``reduce_mean`` …
+    ``mul``, ``add``), coremltools names the inner ops ``<op type>_<n>`` from a process-wide counter;
+    such a name may be a node's (``add_1``), and the node's own op is then renamed ``add_1_1`` when
+    the program is written. Every MIL name anefx maps back to a torch node (the artifact check's
+    localisation, the fp16 fallback's fp32 ops) would then name another op: here the counter skips
+    the taken names, so a MIL name equal to a node's is that node's op. (A made-up name that extends
+    a node's, ``linear_0`` for the op whose value coremltools names ``linear``, is left as it is:
+    :func:`anefx.targets.localize.fx_name` reads it as that node's.)"""
+    from coremltools.converters.mil.mil.builder import Builder
+
+    taken = frozenset(taken)
+    original = Builder.__dict__["_get_free_name"]
+
+    def free_name(cls, name):
+        while True:
+            new = original.__func__(cls, name)
+            if new not in taken:
+                return new
+
+    Builder._get_free_name = classmethod(free_name)
+    try:
+        yield
+    finally:
+        Builder._get_free_name = original
 
 
 @contextlib.contextmanager

@@ -21,6 +21,14 @@ A value that exceeds fp16 even after the norm-only readers are accounted for (th
 returned as an output, read by a non-linear op) still overflows: the fp16 check of the compile
 names it (``RangeFinding``).
 
+One scale serves the whole stream, so the stream's values must span no more than fp16 holds: a
+value of the stream, or one a ``cat`` places beside it, whose largest magnitude times ``s`` falls
+below fp16's smallest normal number (2⁻¹⁴) would lose its bits or vanish (a UNet whose bottom
+reaches 3.5e13 carried by 2⁻³¹: the skip connections of ~1 it concatenates became 0). The pass
+then leaves the graph as it is and says so (``refused``): the overflow stays where the fp16
+check and the artifact check's fp32 fallback see it. (Values added to the stream are not held
+apart: one far below the stream's values is lost to the sum's own fp16 rounding either way.)
+
 Original::
 
     %h1 = aten.add(%h0, aten.convolution(%g, %w_down, %b_down, …))   # |h1| up to 150,000
@@ -52,6 +60,7 @@ aten = torch.ops.aten
 
 _SUMS = {aten.add.Tensor, aten.sub.Tensor}
 _BY_OTHER = {aten.mul.Tensor, aten.div.Tensor}  # scale-commuting when only the first operand is in the stream
+FP16_SMALLEST_NORMAL = 2.0**-14
 _PROJECTIONS = {aten.linear.default, aten.convolution.default, aten.conv2d.default, aten.conv1d.default}
 
 
@@ -100,10 +109,27 @@ class Fp16ResidualScale(Pass):
         stream = self._stream(seeds)
         largest = max(ranges.get(n.name, 0.0) for n in stream)
         s = 2.0 ** -max(1, math.ceil(math.log2(largest / limit)))
+        held = [(n, ranges.get(n.name, 0.0)) for n in self._held_apart(stream)]
+        smallest = min(held, key=lambda pair: pair[1] if pair[1] > 0 else math.inf, default=(None, 0.0))
+        if smallest[1] > 0 and smallest[1] * s < FP16_SMALLEST_NORMAL:
+            why = (
+                f"%{smallest[0].name} (up to {smallest[1]:.3g}) times the stream's scale {s:g} is below "
+                f"fp16's smallest normal {FP16_SMALLEST_NORMAL:g}: the stream spans more than fp16 holds"
+            )
+            return finish(gm, False, streams=0, refused=why, scale=s, largest=round(largest, 1))
         entries, exits, norms = self._rewrite(gm.graph, stream, s)
         return finish(
             gm, True, streams=1, scale=s, largest=round(largest, 1), entries=entries, norms=norms, exits=exits
         )
+
+    @staticmethod
+    def _held_apart(stream: set[torch.fx.Node]) -> list[torch.fx.Node]:
+        """The stream's values and the values a ``cat`` of the stream places beside them."""
+        held = list(stream)
+        for node in stream:
+            if node.target == aten.cat.default:
+                held += [a for a in node.args[0] if isinstance(a, torch.fx.Node) and a not in stream]
+        return held
 
     @staticmethod
     def _stream(seeds: list[torch.fx.Node]) -> set[torch.fx.Node]:

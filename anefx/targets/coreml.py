@@ -40,7 +40,13 @@ import torch
 import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
-from anefx.compat.coremltools import coremltools_module, mil_program, quiet_coremltools, torch_node_inputs
+from anefx.compat.coremltools import (
+    coremltools_module,
+    mil_program,
+    names_apart,
+    quiet_coremltools,
+    torch_node_inputs,
+)
 from anefx.driver.events import Events, events_of
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.graph import describe
@@ -559,7 +565,8 @@ class CoreMLTarget(Target):
             precision = ct.transform.FP16ComputePrecision(op_selector=selector)
         with events.stage("ct_convert"):
             try:
-                with warnings.catch_warnings(), quiet_coremltools():
+                # names coremltools makes up stay off the graph's: a MIL name equal to a node's is its op
+                with warnings.catch_warnings(), quiet_coremltools(), names_apart(n.name for n in ep.graph.nodes):
                     warnings.simplefilter("ignore")
                     mlmodel = ct.convert(
                         ep,

@@ -88,3 +88,29 @@ def test_the_fp16_artifact_runs_without_inf_after_the_fix():
     compiled, fixed = _check(anefx.Pipeline.default())
     assert fixed.ok, fixed.message()
     assert compiled.report.record("fp16_residual_scale").stats["scale"] == 0.125
+
+
+class SkipBesideStream(nn.Module):
+    """A residual stream near 1e6 (carried by 2^-7) and a skip connection near 1e-4 concatenated
+    beside it, each half normalised on its own (a UNet's up path: cat, then GroupNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.skip = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x) * 1e6 + self.b(x) * 1e6
+        both = torch.cat([h, self.skip(x) * 1e-4], dim=1)  # (B, 16): two groups of 8
+        return nn.functional.group_norm(both.unsqueeze(-1), 2).squeeze(-1)
+
+
+def test_a_stream_wider_than_fp16_is_refused_not_scaled_into_underflow():
+    """Scaled by 2^-7, the skip's values (~1e-4) would fall to ~1e-6, below fp16's smallest normal
+    2^-14, and its half of the GroupNorm would normalise fp16 noise: the pass refuses and says why."""
+    torch.manual_seed(0)
+    model, x = SkipBesideStream().eval(), torch.randn(2, 8)
+    cap = anefx.capture(model, (x,))
+    _, rec = apply("fp16_residual_scale", cap.graph_module, cap)
+    assert not rec.modified and rec.stats["streams"] == 0, rec.stats
+    assert "below fp16's smallest normal" in rec.stats["refused"] and "%mul_2" in rec.stats["refused"], rec.stats
+    assert 2.0**-9 <= rec.stats["scale"] <= 2.0**-6 and rec.stats["largest"] > 16384
