@@ -1,7 +1,8 @@
 """The private coremltools APIs anefx relies on, each behind one function (pinned by ``tests/test_compat.py``).
 
 * ``MLModel._mil_program``: the MIL program of a model converted in this process (its functions,
-  blocks and operations; what op histograms, compression and the ANE report read).
+  blocks and operations; what op histograms, compression and the ANE report read), and dropping it
+  to free its weights (:func:`drop_in_memory_program`; read back from the model's package after).
 * ``palettize_weights._get_lut_and_indices``: coremltools' own k-means, called per weight group so
   that two programs holding the same weight get the same tables (``SharedKMeans``).
 * ``frontend.torch.ops._get_inputs``: a torch op converter's inputs (anefx's own ops' converters).
@@ -26,14 +27,28 @@ from typing import Any
 
 
 def mil_program(mlmodel):
-    """The MIL ``Program`` of a model converted (or compressed) in this process."""
+    """The MIL ``Program`` of a model converted (or compressed) in this process: the one coremltools
+    keeps in memory, or, once :func:`drop_in_memory_program` dropped it, read back from the model's own
+    package (its protobuf and weight blobs; a fresh copy each call, which the caller frees)."""
     program = getattr(mlmodel, "_mil_program", None)
+    if program is None and getattr(mlmodel, "__dict__", {}).get("_anefx_released"):
+        return program_from_spec(mlmodel.get_spec(), str(mlmodel.weights_dir))
     if program is None:
         raise AttributeError(
             "this MLModel has no MIL program in memory (coremltools keeps it only for models converted or "
             "compressed in this process, not for packages loaded from disk)"
         )
     return program
+
+
+def drop_in_memory_program(mlmodel) -> None:
+    """Drop the MIL program coremltools keeps in memory after converting (its weights as numpy
+    arrays: as large as the package's weights); :func:`mil_program` then reads it back from the
+    model's package on disk. For programs of several functions, which would otherwise hold every
+    function's weights twice (in memory and staged)."""
+    if getattr(mlmodel, "_mil_program", None) is not None and getattr(mlmodel, "weights_dir", None):
+        mlmodel._mil_program = None
+        mlmodel._anefx_released = True
 
 
 def operations(mlmodel, function: str = "main") -> list:

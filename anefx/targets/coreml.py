@@ -40,7 +40,13 @@ import torch
 import torch.fx
 
 import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
-from anefx.compat.coremltools import coremltools_module, mil_program, quiet_coremltools, torch_node_inputs
+from anefx.compat.coremltools import (
+    coremltools_module,
+    drop_in_memory_program,
+    mil_program,
+    quiet_coremltools,
+    torch_node_inputs,
+)
 from anefx.driver.events import Events, events_of
 from anefx.ir.errors import ConversionError, TargetUnavailableError
 from anefx.ir.graph import describe
@@ -476,6 +482,8 @@ class CoreMLTarget(Target):
         for name, handoff in program.functions.items():
             with events.stage(name) if len(program.functions) > 1 else contextlib.nullcontext():
                 functions[name] = target._convert_function(name, handoff, program, events)
+            if len(program.functions) > 1:  # merged from the saved packages: no need to hold the weights
+                drop_in_memory_program(functions[name].model)
         return target.package(functions, program)
 
     def package(self, functions: dict[str, ConvertedFunction], program: ProgramSpec) -> CoreMLPackage:
