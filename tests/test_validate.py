@@ -101,6 +101,8 @@ def test_mask_like_inputs_are_recognised_and_ids_are_not():
     assert list(v.masks) == [1]
     assert v.set_names[2:] == [f"stress: masks with {p.replace('_', ' ')}" for p in STRESS_PATTERNS]
     assert all(bool((s[0] == 0).all()) for s in v.input_sets)  # the ids stay in their domain
+    # the stress sets vary the mask only: the other inputs are the random set's own tensors
+    assert all(s[0] is v.input_sets[1][0] and s[1] is not v.input_sets[1][1] for s in v.input_sets[2:])
 
 
 @pytest.mark.parametrize("pattern", [*STRESS_PATTERNS, "holes"])

@@ -16,8 +16,8 @@ The input sets:
 * when an input is *mask-like* (:func:`mask_like`), ``stress_inputs`` sets whose masks are the ones
   that steer the computation: padding runs on the right, padding runs on the left, and rows with all
   keys masked but one (the random sets give masks with random holes). A pass that ignores a mask is
-  thus caught even when the example's mask keeps everything. Models without a mask-like input pay
-  nothing for it.
+  thus caught even when the example's mask keeps everything. Their other inputs are the last random
+  set's (the same tensors). Models without a mask-like input pay nothing for it.
 
 Tolerances are relative to each output's scale (see :class:`Tolerance`).
 
@@ -377,11 +377,13 @@ class Validator:
         nodes = placeholders if len(placeholders) == len(flat) else [None] * len(flat)
         self.masks = masks = {i: m for i, (t, n) in enumerate(zip(flat, nodes)) if (m := mask_like(t, n)) is not None}
 
-        def one_set(pattern: str) -> list:
+        def one_set(pattern: str, values: list | None = None) -> list:
             out = []
             for i, t in enumerate(flat):
                 if i in masks:
                     out.append(stress_mask(t, masks[i], pattern, gen))
+                elif values is not None:
+                    out.append(values[i])
                 else:
                     out.append(random_like(t, gen) if isinstance(t, torch.Tensor) else t)
             return out
@@ -390,8 +392,11 @@ class Validator:
             self.input_sets.append(one_set("holes"))
             self.set_names.append("random" + (" (masks with holes)" if masks else ""))
         if masks:
+            # the stress sets vary the masks: their other inputs are the last random set's (shared,
+            # not copied: an encoder-decoder's random caches are 0.6 GB per set at Whisper-large size)
+            values = self.input_sets[-1] if self.options.random_inputs else None
             for pattern in STRESS_PATTERNS[: self.options.stress_inputs]:
-                self.input_sets.append(one_set(pattern))
+                self.input_sets.append(one_set(pattern, values))
                 self.set_names.append(f"stress: masks with {pattern.replace('_', ' ')}")
 
     def check(self, gm: torch.fx.GraphModule, require_meta: bool = True) -> ValidationResult:
