@@ -482,7 +482,7 @@ class CoreMLTarget(Target):
         for name, handoff in program.functions.items():
             with events.stage(name) if len(program.functions) > 1 else contextlib.nullcontext():
                 functions[name] = target._convert_function(name, handoff, program, events)
-            if len(program.functions) > 1:  # merged from the saved packages: no need to hold the weights
+            if list(program.functions) != ["main"]:  # merged from the saved packages: no need to hold the weights
                 drop_in_memory_program(functions[name].model)
         return target.package(functions, program)
 
