@@ -9,7 +9,7 @@ outputs = program({"x": x})
 
 from anefx.ane.report import ANEReport
 from anefx.backend import backend
-from anefx.check import check
+from anefx.check import check, check_artifact
 from anefx.compile import CompiledModel, compile  # noqa: A004
 from anefx.core.options import CompileOptions
 from anefx.driver.debug import DebugOptions
@@ -50,6 +50,7 @@ __all__ = [
     "backend",
     "capture",
     "check",
+    "check_artifact",
     "compile",
     "compile_lm",
     "load",

@@ -49,6 +49,8 @@ EXAMPLES: dict[str, CatalogExample] = {
     "fp16_mask_values": CatalogExample("masked_scores_fp32min"),
     "to_bc1s": CatalogExample("tiny_block", ("linear_to_conv", "layer_norm_bc1s")),
     "fold_transposes": CatalogExample("transpose_pairs"),
+    "fp16_norm_scale": CatalogExample("large_rms_norm", ("canonicalize", "rms_norm_bc1s")),
+    "fp16_residual_scale": CatalogExample("large_residual", ("canonicalize",)),
 }
 
 

@@ -7,6 +7,7 @@
     anefx compile-lm examples/models.py:smollm2 -o smollm2.mlpackage --context-length 256
     anefx generate examples/models.py:smollm2 --prompt "What is the capital of France?" --chat
     anefx run distilbert.mlpackage --random            # run a saved package (any ML Program) or .aimodel
+    anefx check distilbert.mlpackage --against examples/models.py:distilbert   # the package against the model
 
 A factory is ``<python file or module>:<function>``. It returns a model, or ``(model, args, kwargs)``;
 ``--input name:shape:dtype`` builds example inputs (random, seeded) and overrides those it returned.
@@ -435,6 +436,8 @@ def cmd_check(ns) -> int:
     import anefx
     from anefx.ane.report import compare_estimates
 
+    if ns.against:
+        return _check_artifact(ns)
     model, args, kwargs = load_model(ns.factory, ns.input)
     compiled = anefx.compile(model, args, kwargs)
     report = compiled.ane_report
@@ -449,6 +452,44 @@ def cmd_check(ns) -> int:
         Path(ns.json).write_text(report.to_json())
         console.print(f"wrote {ns.json}")
     return 0
+
+
+def _check_artifact(ns) -> int:
+    """``anefx check PATH --against file.py:factory``: the saved program run against the model."""
+    import json
+
+    from rich.table import Table
+
+    import anefx
+
+    model, args, kwargs = load_model(ns.against, ns.input)
+    result = anefx.check_artifact(ns.factory, model, args, kwargs, function=ns.function, runtime=ns.runtime)
+    console = _console()
+    table = Table(
+        title=f"{ns.factory}: {result.function!r} ({result.runtime}, {result.precision}) against {ns.against}; "
+        f"input sets: {', '.join(result.input_sets)}"
+    )
+    for col in ("output", "max abs error", "of its scale", "scale", "inf/nan", "worst input set", ""):
+        table.add_column(col, justify="left" if col in ("output", "worst input set", "") else "right")
+    for o in result.outputs.values():
+        verdict = "[green]ok[/green]" if o.ok else "[red]FAIL[/red]"
+        table.add_row(
+            o.name,
+            f"{o.max_abs_error:.3g}",
+            f"{o.rel_error:.3g}",
+            f"{o.scale:.3g}",
+            str(o.nonfinite),
+            o.input_set,
+            verdict,
+        )
+    console.print(table)
+    if result.not_compared:
+        console.print(f"not compared (no output of the model matches): {', '.join(result.not_compared)}")
+    console.print(result.message(), markup=False)
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result.summary(), indent=2))
+        console.print(f"wrote {ns.json}")
+    return 0 if result.ok else 1
 
 
 def _run_inputs(ns, program, function: str) -> tuple[dict, dict]:
@@ -570,8 +611,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE")
     b.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
     b.set_defaults(func=cmd_bisect)
-    k = sub.add_parser("check", help="ANE readiness report: which ops leave the ANE, why, from which line")
-    k.add_argument("factory")
+    k = sub.add_parser(
+        "check",
+        help="ANE readiness report (which ops leave the ANE, why, from which line); "
+        "or, with --against, run a saved package and compare it with the PyTorch model",
+    )
+    k.add_argument("factory", help="<python-file-or-module>:<function>; with --against: a saved package")
+    k.add_argument(
+        "--against",
+        metavar="FACTORY",
+        help="compare the saved package FACTORY names with this model (example, random and stress inputs)",
+    )
+    k.add_argument("--function", default=None, help="with --against: the function to run")
+    k.add_argument("--runtime", choices=["auto", "mil", "coreml", "coreai"], default="auto")
     k.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE")
     k.add_argument("--json", help="also write the report as JSON here")
     k.add_argument("--compare-stock", action="store_true", help="estimate of the stock conversion side by side")

@@ -24,6 +24,7 @@ from anefx.ir.capture import Captured, flatten_inputs
 from anefx.targets.compression import CompressionOptions
 from anefx.targets.lm_head import LMHeadOptions
 from anefx.targets.quality import LMQuality, lm_quality, padded_logits_fn
+from anefx.targets.verify import ArtifactCheckOptions
 
 FUNCTION = "main"
 
@@ -131,6 +132,7 @@ def compile(  # noqa: A001 - the public name users expect
     validate: str | None = None,
     validation: ValidationOptions | None = None,
     never_worse: bool | None = None,
+    artifact_check: ArtifactCheckOptions | str | None = None,
     debug: DebugOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **debug_overrides,
@@ -164,6 +166,13 @@ def compile(  # noqa: A001 - the public name users expect
             with the regions that came out worse kept in their original form
             (:mod:`anefx.driver.guard`; ``report.guard`` names them). False ships the passes'
             result as it is (to study a pass's own output); a ``bisect_limit`` turns it off too.
+        artifact_check: execute the converted program (the bytes ``save`` writes) on the example,
+            random and stress input sets and compare it with the model: ``"all"`` (default, or
+            ``ANEFX_ARTIFACT_CHECK``), ``"example"``, ``"off"``, or an :class:`ArtifactCheckOptions`
+            (tolerances). ``report.artifact`` gives each output's max abs error and error relative to
+            its scale; a program that differs is located (MIL op, torch node, source line), an fp16
+            one converted again with the located region in fp32, and one that still differs raises
+            :class:`~anefx.targets.verify.ArtifactError`: nothing wrong ships.
         debug: :class:`DebugOptions`. Keyword overrides of its fields (``print_ir_after_all=True``,
             ``dump_dir=...``, ``bisect_limit=3`` …) may be passed to ``compile`` directly.
         progress: a listener of the compile's :class:`~anefx.driver.events.Event` s (stages
@@ -186,6 +195,7 @@ def compile(  # noqa: A001 - the public name users expect
         validate=validate,
         validation=validation,
         never_worse=never_worse,
+        artifact_check=artifact_check,
         debug=debug,
         **debug_overrides,
     )

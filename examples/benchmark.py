@@ -234,6 +234,13 @@ def interpreter_row(compiled, model, args, kwargs) -> dict:
     return {"load": load, "eager": eager, "interp": interp, "times": times, "error": error, "finite": finite}
 
 
+def artifact_rows(compiled) -> list[tuple[str, list[str]]]:
+    """The artifact check's lines, each with the torch nodes the fp16 fallback put in fp32."""
+    checks = compiled.report.artifact.values()  # artifact_lines gives one line per check, in this order
+    fp32 = [(c.get("fallback") or {}).get("fp32_nodes", []) if isinstance(c, dict) else [] for c in checks]
+    return list(zip(compiled.report.artifact_lines(), fp32, strict=True))
+
+
 def bench(name: str, attn: str, coreai: bool) -> dict:
     model, args, kwargs = FULL_SIZE[name](attn)
     stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty())
@@ -267,6 +274,7 @@ def bench(name: str, attn: str, coreai: bool) -> dict:
         "blocked": blocked,
         "rolled_back": [r.name for r in compiled.report.rolled_back],
         "guard": compiled.report.guard_lines(),
+        "artifact": artifact_rows(compiled),
         "interpreter": interpreter_row(compiled, model, args, kwargs),
     }
 
@@ -306,6 +314,10 @@ def print_result(r: dict) -> None:
     )
     for line in r.get("guard", ()):  # the guard's estimate, and every region it kept in its original form
         print(line)
+    for line, fp32 in r.get("artifact", ()):  # the shipped program run against the validated graph
+        print(line)
+        if fp32:
+            print(f"  in fp32 (fp16 fallback): {', '.join(fp32)}")
     stock, ours = r["stock"], r["anefx"]
     if any(stock.get(op, 0) for op in ("reduce_mean", "rsqrt")):
         print(
@@ -389,6 +401,8 @@ def layout_per_block(compiled, depth: int = 3) -> list[tuple[str, int, int]]:
 def diffusion_section(names=DIFFUSION) -> None:
     """Image generation components: the rows of ``bench`` plus layout changes per block, the moving
     ones (that copy memory in the ANE's padded layout) and the ANE estimate (stock vs anefx)."""
+    from collections import Counter
+
     from rich.console import Console
 
     from anefx.ane.report import analyse, compare_estimates
@@ -406,6 +420,9 @@ def diffusion_section(names=DIFFUSION) -> None:
             "anefx": compiled.ane_report,
         }
         console.print(compare_estimates(reports))
+        for label, report in reports.items():  # what the ANE rules flag, by rule and MIL op type
+            flagged = Counter(f"{f.rule}: {f.op_type}" for f in report.findings)
+            print(f"flagged ({label}): " + (", ".join(f"{k} x{v}" for k, v in sorted(flagged.items())) or "none"))
 
 
 def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0, queries: int = 512) -> None:
@@ -522,8 +539,8 @@ SEQ2SEQ = {
 
 def bench_seq2seq(name: str, context: int | None = None) -> dict:
     """Encoder-decoder generation: compile time and peak memory, the three functions' MIL
-    histograms, state bytes, and a roofline ESTIMATE of the bytes one decode step moves against its
-    floor (the decoder's weights and the states read once)."""
+    histograms, state bytes, and each function's memory-traffic ESTIMATE against its floor (weights
+    and states read once; :meth:`~anefx.core.result.Compiled.traffic`, as for causal LMs)."""
     import torch
     from rich.console import Console
     from rich.markup import escape
@@ -582,28 +599,22 @@ def bench_seq2seq(name: str, context: int | None = None) -> dict:
         f"decoder layers; cross states written {hists['encode']['coreml_update_state']}x by encode, read "
         f"{decode['read_state']}x and written {decode['coreml_update_state']}x by decode"
     )
-    report = lm.ane_report("decode")
-    est = report.estimate
-    state_mib = sum(states.values()) / 2**20
-    moved = est["padded_activation_mib"] + est["weight_mib"]
-    floor = est["weight_mib"] + state_mib
-    traffic = Table(title="decode step traffic: ESTIMATE (op by op, activations padded to 64 B, weights once)")
-    for col in ("activations MiB", "weights MiB", "states MiB", "moved MiB", "floor MiB", "moved / floor"):
-        traffic.add_column(col, justify="right")
-    traffic.add_column("ms per chip")
-    traffic.add_row(
-        f"{est['padded_activation_mib']:.2f}",
-        f"{est['weight_mib']:.2f}",
-        f"{state_mib:.2f}",
-        f"{moved:.2f}",
-        f"{floor:.2f}",
-        f"{moved / floor:.2f}",
-        ", ".join(f"{c} {ms:.2f}" for c, ms in est["ms_per_chip"].items()),
-    )
-    console.print(traffic)
+    traffic = {fn: lm.traffic(fn) for fn in lm.functions}  # the causal-LM rows' estimate (anefx/ane/traffic.py)
+    for fn in lm.functions:
+        console.print(escape(str(traffic[fn])))
+    decode_traffic = traffic["decode"]
+    top = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in list(decode_traffic.by_op_type().items())[:6])
+    console.print(escape(f"    decode by MIL op type (MB): {top}"))
     flagged = {fn: len(lm.ane_report(fn).findings) for fn in lm.functions}
     console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {n}" for fn, n in flagged.items()))
-    result = {"name": name, "seconds": seconds, "peak_mib": rss.peak / 2**20, "ops": hists}
+    result = {
+        "name": name,
+        "seconds": seconds,
+        "peak_mib": rss.peak / 2**20,
+        "ops": hists,
+        "state_bytes": states,
+        "traffic": {fn: t.to_dict() for fn, t in traffic.items()},
+    }
     del lm, model
     gc.collect()
     torch.set_num_threads(torch.get_num_threads())

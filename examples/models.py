@@ -339,6 +339,56 @@ def tiny_rms_norm(seq: int = 4):
     return TinyRMSNorm().eval(), (torch.randn(1, seq, 8),), {}
 
 
+class LargeRMSNorm(nn.Module):
+    """A projection whose outputs reach about ±300, then an RMSNorm (``LlamaRMSNorm``) and a
+    projection back: the norm's squares (~90,000) overflow fp16, while fp32 is fine."""
+
+    def __init__(self, c=8, h=16, peak=450.0):
+        super().__init__()
+        self.up = nn.Linear(c, h)
+        self.norm = TinyRMSNorm(h)
+        self.down = nn.Linear(h, c)
+        with torch.no_grad():
+            self.up.weight.mul_(peak / 2.0)
+
+    def forward(self, x):
+        return self.down(self.norm(self.up(x)))
+
+
+def large_rms_norm(seq: int = 4):
+    _seed()
+    return LargeRMSNorm().eval(), (torch.randn(1, seq, 8),), {}
+
+
+class LargeResidual(nn.Module):
+    """A pre-norm residual stack (LayerNorm → MLP → add, three blocks) whose second block writes
+    values beyond 100,000 into the stream: every block reads the stream through a norm, so fp32 is
+    fine; fp16 overflows."""
+
+    def __init__(self, c=16, layers=3, boost=150000.0):
+        super().__init__()
+        self.embed = nn.Linear(c, c)
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for _ in range(layers))
+        self.ups = nn.ModuleList(nn.Linear(c, 2 * c) for _ in range(layers))
+        self.downs = nn.ModuleList(nn.Linear(2 * c, c) for _ in range(layers))
+        self.final = nn.LayerNorm(c)
+        self.head = nn.Linear(c, c)
+        with torch.no_grad():
+            self.downs[1].weight.mul_(boost)
+            self.downs[1].bias.mul_(boost)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for norm, up, down in zip(self.norms, self.ups, self.downs):
+            h = h + down(nn.functional.gelu(up(norm(h))))
+        return self.head(self.final(h))
+
+
+def large_residual(seq: int = 4):
+    _seed()
+    return LargeResidual().eval(), (torch.randn(1, seq, 16),), {}
+
+
 class TinyGrouped(nn.Module):
     def __init__(self, c=8, groups=2):
         super().__init__()

@@ -141,8 +141,10 @@ def main(argv=None) -> int:
     compiled = compile_components(parts, convert=not args.no_convert, unet_pipeline=pipeline, progress=print)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, c in compiled.items():
-        guard = c.report.guard_lines()
+        guard = c.report.guard_lines()  # the counts, then any kept region or the form shipped
         print(f"{name}: {guard[0] if guard else ''}")
+        for line in [*guard[1:], *c.report.artifact_lines()]:
+            print(f"  {line}")
         chunks = [r for r in c.report.records if r.name == "attention_chunks" and r.modified]
         if chunks:
             print(f"  attention_chunks: {chunks[0].stats}")

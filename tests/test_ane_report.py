@@ -111,15 +111,33 @@ def test_unknown_ops_are_reported_as_unknown():
 
 
 def test_estimate_stock_vs_anefx_distilbert():
+    from rich.console import Console
+
+    from anefx.ane.report import compare_estimates
+
     model, args, kwargs = example("distilbert_small")
-    anefx_est = anefx.compile(model, args, kwargs).ane_report.estimate
-    stock_est = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty()).ane_report.estimate
+    ours = anefx.compile(model, args, kwargs).ane_report
+    stock = anefx.compile(model, args, kwargs, pipeline=anefx.Pipeline.empty()).ane_report
+    anefx_est, stock_est = ours.estimate, stock.estimate
     assert anefx_est["layout_change_ops"] < stock_est["layout_change_ops"]
     assert anefx_est["layout_change_mib"] < stock_est["layout_change_mib"]
     assert math.isclose(anefx_est["gflops"], stock_est["gflops"], rel_tol=0.05)
     assert set(anefx_est["ms_per_chip"]) == set(CHIPS) and "ESTIMATE" in anefx_est["label"]
     for chip in CHIPS.values():
         assert chip.source and chip.tops > 0
+    # the traffic ESTIMATE side by side: fewer bytes through layout changes
+    console = Console(width=200, color_system=None, record=True)
+    console.print(compare_estimates({"stock": stock, "anefx": ours}))
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+        for line in console.export_text().splitlines()
+        if line.count("│") == 4
+    }
+    layout = [float(x) for x in rows["traffic of transpose + reshape (MB)"]]
+    assert layout[1] < layout[0], rows
+    floor = [float(x) for x in rows["traffic floor (MB)"]]
+    assert floor[1] == round(sum(t.floor for t in ours.traffic) / 1e6, 3) > 0, rows
+    assert float(rows["traffic per call (MB)"][1]) > floor[1], rows
 
 
 def test_which_layout_changes_copy_memory_in_the_padded_layout():

@@ -122,3 +122,25 @@ def test_run_a_saved_package(tmp_path):
     assert res.returncode == 0 and "x (random)" in res.stdout
     res = run("run", str(out))
     assert res.returncode == 2 and "no value for x (4x64 float32)" in res.stderr
+
+
+def test_check_a_saved_package_against_the_model(tmp_path, capsys):
+    """``anefx check PATH --against factory``: the package run on the example and random inputs
+    against the model; exit 0 within tolerance, 1 (naming the output and the MIL op) otherwise."""
+    import torch
+
+    import anefx
+    from anefx.cli import main
+    from examples import models
+
+    model, args, _ = models.mlp()
+    good = anefx.compile(model, args, validate="off").save(tmp_path / "mlp.mlpackage")
+    assert main(["check", str(good), "--against", "examples/models.py:mlp", "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "every output within 0.01 of its scale" in out and "│ ok" in out
+    other, args, _ = models.mlp(bias=False)  # same shapes, other weights: a wrong package for mlp
+    ep = torch.export.export(other, args).run_decompositions({})  # converted by ct.convert alone
+    ct.convert(ep, convert_to="mlprogram", skip_model_load=True).save(str(tmp_path / "other.mlpackage"))
+    res = run("check", str(tmp_path / "other.mlpackage"), "--against", "examples/models.py:mlp")
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "FAIL" in res.stdout and "MIL op #" in res.stdout and "(aten.linear)" in res.stdout

@@ -43,7 +43,7 @@ def test_small_models_save_an_aimodel(name, tmp_path):
 def test_source_locations_reach_the_program():
     model, args, _ = example("mlp")
     compiled = anefx.compile(model, args, target="coreai")
-    convs = [op for op in compiled.artifact.package.ops if op.name == "conv2d"]
+    convs = [op for op in compiled.artifact.package.operations() if op.name == "conv2d"]
     forward = inspect.getsource(models.MLP.forward).splitlines()
     line = inspect.getsourcelines(models.MLP.forward)[1] + next(i for i, t in enumerate(forward) if "self.fc2(" in t)
     assert convs and all(op.location and op.location.endswith(f"models.py:{line}") for op in convs)

@@ -541,7 +541,8 @@ def test_compile_lm_chunks_hold_their_layers_and_states(lm_chunked, tmp_path):
 
 def test_compile_lm_chain_generates_like_the_model(lm_chunked):
     lm, model, _ = lm_chunked
-    assert lm.check.tokens_equal
+    assert lm.check.runtime == "target" and lm.check.agreement >= 0.9  # the chain of fp16 packages, executed
+    assert set(lm.reports["decode"].artifact) == {f"chunk{c.index}" for c in lm.chunks.chunks}
     whole = anefx.compile_lm(model, context_length=LM_CONTEXT, prefill_length=LM_PREFILL, convert=False, check_tokens=0)
     for seed in (1, 2):  # prompts the compile never saw, spanning two prefill chunks
         prompt = _lm_prompts(1, 20 + seed)[0]
@@ -592,7 +593,7 @@ def test_both_front_ends_ship_one_artifact_type(chunked, lm_chunked, tmp_path):
     program = anefx.load(tmp_path / "lm")
     state = program.make_state("prefill")
     assert list(state) == [f"{kind}_cache_{i}" for i in range(3) for kind in ("key", "value")]
-    step = lm._step("torch")
+    step = lm.step("torch")
     prompt = _lm_prompts(1, 20)[0]
     ids = prompt[0, :LM_PREFILL].reshape(1, -1).to(torch.int32)
     positions = torch.arange(LM_PREFILL, dtype=torch.int32).reshape(1, -1)
@@ -661,7 +662,7 @@ def test_smollm2_layers_compressed_and_chunked(smollm2_2_layers, tmp_path):
     q = lm.compression.lm
     assert q.tokens == 32 and q.agreement >= 0.7 and 0 < q.mean_kl < 0.3
     assert lm.compression.summary()["chunks"] == 2
-    # the chained (uncompressed) graphs generate the truncated model's own greedy tokens
-    assert lm.check.tokens_equal
+    # the chain of fp16 packages, executed, generates the truncated model's own greedy tokens
+    assert lm.check.runtime == "target" and lm.check.agreement >= 0.75
     new = lm.generate(prompts[1], 8, eos_token_id=None).new_tokens
     assert new == _hf_greedy(model, prompts[1], 8)

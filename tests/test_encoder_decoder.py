@@ -103,8 +103,8 @@ def test_whisper_layout(whisper):
     _model, layout, _, _ = whisper
     assert layout.source.name == "input_features" and layout.source.shape == (1, 80, 60)
     assert layout.encoder_length == 30 and layout.cross_length == 32  # padded to a multiple of 32
-    assert layout.states["cross_key_0"] == (1, 32, 1, 64)  # keys by position: (1, S, 1, C)
-    assert layout.states["cross_value_0"] == (1, 64, 1, 32)
+    assert layout.states["cross_key_0"] == (1, 4, 16, 32)  # keys-last, as the self-attention caches
+    assert layout.states["cross_value_0"] == (1, 4, 16, 32)
     assert layout.states["key_cache_1"] == (1, 4, 16, CONTEXT)  # self-attention: keys-last, as a causal LM's
     assert layout.states[ENCODER_MASK] == (1, 1, 1, 32)
     assert list(layout.states)[-1] == ENCODER_MASK
@@ -152,15 +152,11 @@ def test_padded_slots_are_never_attended(whisper, text_model):
             padded = slice(layout.encoder_length, None)
         mask = cross[-1]
         assert mask[..., padded].eq(MASKED).all() and mask[..., : padded.start].eq(0).all()
-        keys = len(layout.cross.layers)
-        assert layout.cross.keys_transposed  # keys (1, S, 1, C): positions on axis 1; values on axis 3
-        slots = [s.transpose(1, 3) if i < keys else s for i, s in enumerate(cross[:-1])]  # views
-        for state in slots:
+        for state in cross[:-1]:  # keys-last: positions on the last axis
             assert state[..., layout.encoder_length :].abs().sum() == 0  # padding slots written as zeros
         noisy = [s.clone() for s in cross]
-        for i, s in enumerate(noisy[:-1]):
-            view = s.transpose(1, 3) if i < keys else s
-            view[..., padded] = torch.randn(view[..., padded].shape, generator=torch.Generator().manual_seed(9)) * 10
+        for s in noisy[:-1]:
+            s[..., padded] = torch.randn(s[..., padded].shape, generator=torch.Generator().manual_seed(9)) * 10
         ids = torch.tensor([[5, 6, 7, 8]], dtype=torch.int32)
         positions = torch.arange(4, dtype=torch.int32).unsqueeze(0)
         with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 
 import anefx
 from anefx.compat.coremltools import coremltools_module
+from anefx.targets.coreml import CoreMLOptions
 from anefx.targets.mil import MILProgram, UnsupportedOpError
 
 ct = coremltools_module()
@@ -303,3 +304,28 @@ def test_layers_without_numpy_semantics_match_eager(tmp_path):
         assert got.shape == tuple(w.shape), name
         # a chain of 14 ops in float32: 5e-5 of the output's scale (a wrong semantics is O(1))
         assert np.abs(got - w.numpy()).max() <= 5e-5 * float(w.abs().max()), name
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, **lstm):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(6, 5, **lstm)
+
+    def forward(self, x):  # (coremltools converts one LSTM per graph, whose final states are not read)
+        return self.lstm(x)[0]
+
+
+@pytest.mark.parametrize("lstm", [{"batch_first": True}, {"bidirectional": True}, {"num_layers": 2}])
+def test_lstm_matches_eager(lstm):
+    """``lstm`` (gates in MIL's ifoz order, PyTorch's are ifgo): one direction, both, stacked."""
+    torch.manual_seed(0)
+    model, x = Recurrent(**lstm).eval(), torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x)
+    # ct.convert takes no exported LSTM (aten.lstm.input): anefx's conversion writes the program
+    fp32 = CoreMLOptions(compute_precision="float32")
+    program = anefx.load(anefx.compile(model, (x,), target_options=fp32, artifact_check="off"))
+    assert program.op_counts["main"].get("lstm") == lstm.get("num_layers", 1)
+    (got,) = program({"x": x}).values()
+    assert got.shape == tuple(want.shape)
+    assert np.abs(got - want.numpy()).max() <= 5e-5 * float(want.abs().max())

@@ -153,7 +153,7 @@ LM_CONTEXT, LM_PREFILL = 64, 16
 
 
 def test_compile_lm_packages_run_step_by_step_with_their_states(tmp_path):
-    """A small Llama's package: prefill (two chunks, the last one padded) then decode, one state for
+    """A small Llama's package: prefill (two chunks, the first one padded in front) then decode, one state for
     both functions, against the rewritten graphs in PyTorch; then every op of compile_lm's programs
     (plain, lut4 / lut6 / int8, chunked) has a kernel. One test: the compile is shared."""
     model = models.tiny_llama_lm(seed=3)
@@ -165,12 +165,14 @@ def test_compile_lm_packages_run_step_by_step_with_their_states(tmp_path):
     reference = lm.generate(prompt, 12, eos_token_id=None)  # the rewritten graphs in PyTorch
     state = program.make_state("prefill")  # one state for both functions
     tokens = prompt[0].tolist()
-    for start in range(0, len(tokens), LM_PREFILL):
-        chunk = tokens[start : start + LM_PREFILL]
-        ids = [chunk + [0] * (LM_PREFILL - len(chunk))]
+    assert lm.front_pad  # chunks aligned on the prompt's end, the first padded in front (negative positions)
+    n = len(tokens)
+    for start in range(n - -(-n // LM_PREFILL) * LM_PREFILL, n, LM_PREFILL):
+        ids = [[0] * max(0, -start) + tokens[max(start, 0) : start + LM_PREFILL]]
         positions = [list(range(start, start + LM_PREFILL))]
         logits = program({"input_ids": ids, "position_ids": positions}, function="prefill", state=state)["logits"]
-        last = logits[0, len(chunk) - 1]
+        assert logits.shape[1] == 1  # the prefill returns its last position's logits only
+        last = logits[0, -1]
     agree = 0
     for step, (token, want) in enumerate(zip(reference.new_tokens, reference.logits)):
         assert _scaled_error(last, want) <= FP16_TOLERANCE, step

@@ -73,6 +73,10 @@ def test_random_inputs_stay_in_the_example_domain():
     x = torch.randn(2, 3) * 10 + 4
     y = random_like(x, gen)
     assert y.dtype == x.dtype and not torch.equal(x, y)
+    # positions count up by one: a run of consecutive positions in the example's range, never repeats
+    positions = torch.arange(4, 20, dtype=torch.int32).reshape(2, 8)
+    runs = {tuple(row) for _ in range(20) for row in random_like(positions, gen).tolist()}
+    assert len(runs) > 1 and all(list(r) == list(range(r[0], r[0] + 8)) and 4 <= r[0] <= 12 for r in runs)
 
 
 class _Embed(torch.nn.Module):

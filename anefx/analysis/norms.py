@@ -181,3 +181,55 @@ def emit_channel_rms_norm(
     if w is not None and not gamma_ok:
         out = call(graph, aten.mul.Tensor, (out, call(graph, aten.view.default, (w, [1, channels, 1, 1]))))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# norms as scale-invariant ops (the fp16-safety passes scale their inputs)
+# ---------------------------------------------------------------------------------------------
+
+#: fp16's smallest positive (subnormal) number: the least ε a norm whose input was scaled keeps.
+FP16_TINY = 2.0**-24
+
+
+@dataclass
+class NormOp:
+    """A normalisation op (one node) as a scale-invariant function of its input: ``norm(x · s)``
+    with ``ε · s²`` is ``norm(x)``."""
+
+    node: torch.fx.Node
+    x: torch.fx.Node
+    eps_at: int  #: position of ε in ``node.args``
+    eps: float  #: its value (the op's default when not given)
+
+
+def norm_op(node: torch.fx.Node) -> NormOp | None:
+    """``aten.layer_norm``, ``aten.rms_norm`` or ``anefx::channel_layer_norm`` as a :class:`NormOp`."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.layer_norm.default:
+        at, default = 4, 1e-5
+    elif node.target == aten.rms_norm.default:
+        at, default = 3, None
+    elif node.target == torch.ops.anefx.channel_layer_norm.default:
+        at, default = 3, 1e-5
+    else:
+        return None
+    eps = node.args[at] if len(node.args) > at else node.kwargs.get("eps")
+    if eps is None:
+        eps = default if default is not None else torch.finfo(dtype(node.args[0]) or torch.float32).eps
+    return NormOp(node, node.args[0], at, float(eps))
+
+
+def scaled_eps(eps: float, s: float) -> float:
+    """ε for a norm whose input is scaled by ``s``: ``ε · s²`` (the same norm), at least fp16's
+    smallest positive number so that it does not flush to zero (a row of zeros would give 0/0)."""
+    return max(eps * s * s, FP16_TINY) if eps > 0 else eps
+
+
+def scale_norm_input(norm: NormOp, x: torch.fx.Node, s: float) -> None:
+    """Make ``norm.node`` read ``x`` (its input times ``s``) with its ε scaled to match."""
+    node = norm.node
+    args = list(node.args) + [None] * max(0, norm.eps_at + 1 - len(node.args))
+    args[0], args[norm.eps_at] = x, scaled_eps(norm.eps, s)
+    node.args = tuple(args)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "eps"}

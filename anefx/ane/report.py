@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,8 +18,7 @@ from anefx.ane.fp16 import RangeFinding, check_fp16_range
 from anefx.ane.rules import KNOWN_ANE_OPS, RULES, UNKNOWN_SOURCE, OpInfo
 from anefx.ane.traffic import Traffic, estimate_traffic
 from anefx.targets.coreml import runtime_available
-
-_SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
+from anefx.targets.localize import fx_name
 
 
 @dataclass
@@ -154,17 +152,9 @@ def _locations(*graphs) -> dict[str, str]:
 
 
 def _lookup(name: str, locations: dict[str, str]) -> str | None:
-    """The longest prefix of the MIL op name (cut at ``_``) that names a torch node."""
-    base = _SUFFIXES.sub("", name)
-    for candidate in (name, base):
-        if candidate in locations:
-            return locations[candidate]
-    parts = base.split("_")
-    for end in range(len(parts) - 1, 0, -1):
-        candidate = "_".join(parts[:end])
-        if candidate in locations:
-            return locations[candidate]
-    return None
+    """The user's file:line of the torch node a MIL op comes from (:func:`fx_name`)."""
+    node, _ = fx_name(name, locations)
+    return locations.get(node) if node is not None else None
 
 
 def _compute_plan(package, function: str) -> tuple[dict[str, str], str]:
@@ -295,7 +285,8 @@ def traffic_table(traffic: list[Traffic]):
 
 
 def compare_estimates(reports: dict[str, ANEReport]):
-    """A table of the estimates of several reports side by side (e.g. stock vs anefx)."""
+    """A table of the estimates of several reports side by side (e.g. stock vs anefx), with the
+    memory-traffic ESTIMATE of one call (:mod:`anefx.ane.traffic`) when every report has it."""
     from rich.table import Table
 
     t = Table(title="ANE estimate side by side (roofline ESTIMATE, not a measurement)")
@@ -310,4 +301,13 @@ def compare_estimates(reports: dict[str, ANEReport]):
     for chip in chips:
         t.add_row(f"latency on {chip} (ms)", *(str(r.estimate["ms_per_chip"][chip]) for r in reports.values()))
     t.add_row("flagged ops", *(str(len(r.findings)) for r in reports.values()))
+    if all(r.traffic for r in reports.values()):  # summed over the packages of a chain
+        for label, key in (("traffic per call (MB)", "total"), ("traffic floor (MB)", "floor")):
+            t.add_row(label, *(f"{sum(getattr(tr, key) for tr in r.traffic) / 1e6:.3f}" for r in reports.values()))
+        t.add_row("traffic of transpose + reshape (MB)", *(f"{_layout_traffic(r) / 1e6:.3f}" for r in reports.values()))
     return t
+
+
+def _layout_traffic(report: ANEReport) -> int:
+    """Estimated bytes the layout changes (``transpose``, ``reshape``) of every package move."""
+    return sum(o.total for tr in report.traffic for o in tr.ops if o.op_type in ("transpose", "reshape"))

@@ -31,6 +31,7 @@ from anefx.targets.chunking import check_cap
 from anefx.targets.compression import CompressionOptions, bytes_per_weight, resolve
 from anefx.targets.lm_head import LMHeadOptions
 from anefx.targets.registry import target_by_name
+from anefx.targets.verify import ArtifactCheckOptions
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class CompileOptions:
         target's cap, applied only to models above it).
     lm_head: :class:`LMHeadOptions`: split projections to the vocabulary into convs the ANE holds
         (without options only heads above 65,536 channels) and optionally return argmax / top-k.
+    artifact_check: execute the converted program on the validation's input sets and compare it
+        with the model (:class:`ArtifactCheckOptions`, or its mode ``"all"``, ``"example"``,
+        ``"off"``; default ``ANEFX_ARTIFACT_CHECK``, else ``"all"``).
     """
 
     pipeline: Pipeline | None = None
@@ -64,6 +68,7 @@ class CompileOptions:
     compression: str | CompressionOptions | None = None
     max_chunk_mb: float | None = None
     lm_head: LMHeadOptions | None = None
+    artifact_check: ArtifactCheckOptions | str | None = None
 
     def with_overrides(self, **overrides) -> CompileOptions:
         """These options with every override that is not None applied (a front end's explicit
@@ -105,6 +110,7 @@ class Plan:
     debug: DebugOptions
     compression: CompressionOptions | None
     cap_mb: float | None  #: the chunk cap in MB, or None (no chunking)
+    artifact_check: ArtifactCheckOptions = dataclasses.field(default_factory=ArtifactCheckOptions)
 
     @property
     def convert(self) -> bool:
@@ -167,4 +173,15 @@ def prepare(
         raise AnefxError(f"validate must be 'off', 'lint' or 'numeric', got {mode!r}")
     pipeline = pipeline.with_validation(mode=mode)
     debug = options.debug if options.debug is not None else DebugOptions.from_env()
-    return Plan(options, target, pipeline, debug, comp, cap)
+    return Plan(options, target, pipeline, debug, comp, cap, artifact_check_options(options.artifact_check))
+
+
+def artifact_check_options(given: ArtifactCheckOptions | str | None) -> ArtifactCheckOptions:
+    """``artifact_check=`` resolved: the options, a mode name, or ``ANEFX_ARTIFACT_CHECK`` (default
+    ``all``)."""
+    import os
+
+    if isinstance(given, ArtifactCheckOptions):
+        return given
+    mode = given if given is not None else os.environ.get("ANEFX_ARTIFACT_CHECK", "all")
+    return ArtifactCheckOptions(mode=mode)

@@ -13,9 +13,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.fx
+
 from anefx.ane.report import ANEReport, add_unmatched_attention, analyse
+from anefx.ane.traffic import Traffic, estimate_traffic
 from anefx.core.stages import Build, BuiltFunction
 from anefx.driver.events import Events
+from anefx.driver.report import Report
 from anefx.ir.errors import AnefxError
 from anefx.targets.artifact import Artifact
 from anefx.targets.compression import Compression, resolve
@@ -74,6 +79,18 @@ class Compiled:
         self._built(function)
         return self._converted().op_histogram(function)
 
+    def traffic(self, function: str | None = None) -> Traffic:
+        """The memory traffic ESTIMATE of one call of ``function`` (default: the artifact's default,
+        ``decode`` for generation; :mod:`anefx.ane.traffic`: bytes each MIL op reads and writes,
+        weights once, states updated in place), over every package of a chain that holds it."""
+        built = self._built(function)
+        total = Traffic(built.name)
+        for program in self._converted().holding(built.name):
+            part = estimate_traffic(program.package.operations(built.name), built.name)
+            total.ops += part.ops
+            total.states.update(part.states)
+        return total
+
     def save(self, path) -> Path:
         """Write the package atomically (``.mlpackage`` for Core ML, ``.aimodel`` for Core AI); a
         chain is written as a folder of packages with ``manifest.json``."""
@@ -111,3 +128,34 @@ class Compiled:
         artifact = self._converted()
         target = artifact.target.for_compression(comp, explicit_options=True)
         return dataclasses.replace(artifact, target=target).compressed(comp, Events(progress))
+
+
+@dataclass
+class CompiledSteps(Compiled):
+    """A compile of several step functions sharing weights and states (``compile_lm``: a causal LM's
+    ``prefill``/``decode``, an encoder-decoder's ``encode``/``prefill``/``decode``), each with its own
+    graph, report and examples."""
+
+    @property
+    def graphs(self) -> dict[str, torch.fx.GraphModule]:
+        """Each function's rewritten step graph (pure: the states are inputs and outputs)."""
+        return {fn: b.graph_module for fn, b in self.build.functions.items()}
+
+    @property
+    def reports(self) -> dict[str, Report]:
+        return {fn: b.report for fn, b in self.build.functions.items()}
+
+    @property
+    def examples(self) -> dict[str, list]:
+        """Each function's flat example inputs (ids, positions, states)."""
+        return {fn: b.captured.flat_inputs for fn, b in self.build.functions.items()}
+
+    @property
+    def package(self):
+        """The single package (None when chunked or compiled with convert=False)."""
+        artifact = self.artifact
+        return artifact.package if artifact.converted and not artifact.chunked else None
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.artifact.metadata

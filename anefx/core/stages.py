@@ -11,7 +11,10 @@ stages do the rest, the same way for every front end:
 4. ``chunk``: the program split into a chain under the size cap (when there is one);
 5. ``convert``: every package with the target, each function's converter input validated
    (``report.conversion`` gives its error per function);
-6. ``compress``: every function of every package, when asked.
+6. ``artifact``: every package executed with the target's executor on the validation's input sets
+   and compared with the model (:mod:`anefx.core.artifact_check`; ``report.artifact``), located and
+   fixed (fp16 fallback) or refused when it differs;
+7. ``compress``: every function of every package, when asked; the compressed packages executed too.
 
 The result is a :class:`Build`: per function its capture, pipeline result and report, and the
 :class:`~anefx.targets.artifact.Artifact`. Every stage is timed by the one instrument,
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from anefx.core.artifact_check import check_compressed, check_converted
 from anefx.core.options import Plan
 from anefx.driver.events import Events
 from anefx.driver.guard import never_worse as guard
@@ -195,11 +199,16 @@ def build(request: ProgramRequest, plan: Plan, events: Events) -> Build:
             artifact = _convert(artifact, plan, events)
         except ConversionError as exc:
             artifact = _fallback(exc, request, functions, plan, events)
+        reports = {fn: b.report for fn, b in functions.items()}
+        with events.stage("artifact", mode=plan.artifact_check.mode):
+            artifact = check_converted(artifact, reports, plan.artifact_check, events)
         _conversion_reports(functions, artifact, plan, events)
         if plan.compression is not None:
             artifact = artifact.compressed(plan.compression, events)
             for fn, built in functions.items():
                 built.report.conversion["compression"] = artifact.compression.functions[fn].quality.summary()
+            with events.stage("artifact.compressed"):
+                check_compressed(artifact, reports, plan.artifact_check, events)
     timings = events.timings()
     timings["passes.validation"] = sum(r.validation_seconds for b in functions.values() for r in b.report.records)
     timings["total"] = events.total

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from anefx.analysis.ranges import value_ranges
 from anefx.driver.debug import DebugOptions
 from anefx.driver.events import Events
 from anefx.driver.instruments import Instruments
@@ -135,6 +136,7 @@ class Pipeline:
         records: list[PassRecord] = []
         sites: dict[str, list[Site]] = {}
         instruments.start(current)
+        measured: tuple = (None, None)  # (graph, its value ranges)
         for index, p in enumerate(self.passes):
             record = PassRecord(index=index, name=p.name)
             records.append(record)
@@ -147,8 +149,14 @@ class Pipeline:
             instruments.bisect_line(index, p.name, ran=True)
             instruments.before(index, p, current)
 
-            def transform(work, selection, p=p):
-                ctx = PassContext(flat_inputs=list(flat_inputs), sites=selection, precision=precision)
+            ranges = None
+            if p.needs_ranges and precision == "float16":
+                if measured[0] is not current:  # consecutive passes on an unchanged graph share them
+                    measured = (current, value_ranges(current, validator.input_sets))
+                ranges = measured[1]
+
+            def transform(work, selection, p=p, ranges=ranges):
+                ctx = PassContext(flat_inputs=list(flat_inputs), sites=selection, precision=precision, ranges=ranges)
                 result = p.run(work, ctx)
                 return result.graph_module, bool(result.modified), dict(getattr(result, "stats", {}) or {})
 

@@ -50,6 +50,11 @@ class Report:
     #: the never-worse guard (:mod:`anefx.driver.guard`): estimated layout changes of the captured
     #: and the rewritten graph, and every region kept in its original form, with its sites and why
     guard: dict[str, Any] = field(default_factory=dict)
+    #: the converted program executed and compared with the model (:mod:`anefx.targets.verify`):
+    #: per package (``main``, or ``chunk0`` … of a chain; ``compressed`` for a compressed package),
+    #: per output the max abs error and the error relative to its scale, inf/NaN counts, and the fp16
+    #: fallback when one ran
+    artifact: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -67,6 +72,7 @@ class Report:
             "conversion": self.conversion,
             "timings": self.timings,
             "guard": self.guard,
+            "artifact": self.artifact,
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -119,9 +125,30 @@ class Report:
             console.print(line)
         if self.conversion:
             console.print(" ".join(f"{k}={v}" for k, v in self.conversion.items() if not isinstance(v, dict)))
+        for line in self.artifact_lines():
+            console.print(line)
         if self.timings:
             console.print("stages (s): " + ", ".join(f"{k}={v:.2f}" for k, v in self.timings.items()))
         return buf.getvalue()
+
+    def artifact_lines(self) -> list[str]:
+        """One line per executed package: runtime, precision, worst error relative to an output's scale."""
+        lines = []
+        for where, check in self.artifact.items():
+            if not isinstance(check, dict) or "outputs" not in check:
+                lines.append(f"artifact {where}: {check}")
+                continue
+            worst = max((o["rel_error"] for o in check["outputs"].values()), default=0.0)
+            bad = sum(o["nonfinite"] for o in check["outputs"].values())
+            line = (
+                f"artifact {where} ({check['runtime']}, {check['precision']}, {check['input_sets']} input sets): "
+                f"{'ok' if check['ok'] else 'FAILED'}, worst error {worst:.2e} of an output's scale"
+                f" (tolerance {check['tolerance']:g}), {bad} inf/NaN"
+            )
+            if check.get("fallback"):
+                line += f"; fp16 fallback: {len(check['fallback']['fp32_nodes'])} node(s) in fp32"
+            lines.append(line)
+        return lines
 
     def guard_lines(self) -> list[str]:
         """Lines for the report and the CLI: the counts and each kept region."""

@@ -101,6 +101,10 @@ def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
     Integers are drawn from ``[min, max]`` of the example (token ids stay valid indices), booleans
     keep the example's values where it has only one, floats follow the example's mean and spread.
+    An integer input whose rows count up by one (positions: ``position_ids``, a cache's write
+    positions) stays a run of consecutive values in ``[min, max]``: positions drawn independently
+    repeat and go backwards, which a causal step function's callers never do (and which, written
+    into a cache, leaves order-dependent values).
     """
     if t.dtype == torch.bool:
         if t.numel() == 0 or t.all() or not t.any():
@@ -108,6 +112,10 @@ def random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(0, 2, t.shape, generator=gen).bool()
     if not t.dtype.is_floating_point and not t.dtype.is_complex:
         lo, hi = int(t.min()), int(t.max()) if t.numel() else (0, 0)
+        if t.dim() and t.shape[-1] >= 2 and bool((t[..., 1:] - t[..., :-1] == 1).all()):
+            n = t.shape[-1]
+            start = int(torch.randint(lo, hi - n + 2, (1,), generator=gen))
+            return torch.arange(start, start + n, dtype=torch.int64).expand(t.shape).to(t.dtype).clone()
         return torch.randint(lo, hi + 1, t.shape, generator=gen, dtype=torch.int64).to(t.dtype)
     f = t.detach().double()
     mean = float(f.mean()) if f.numel() else 0.0

@@ -114,6 +114,11 @@ def replace_node(graph: torch.fx.Graph, old: torch.fx.Node, new, *, keep_meta: b
     graph.erase_node(old)
 
 
+def node_arg(node: torch.fx.Node, index: int, name: str, default=None):
+    """Argument ``name`` of ``node``, given by position ``index`` or by keyword (``default`` when absent)."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
 def views_to_reshapes(node: torch.fx.Node) -> None:
     """The model's own ``view`` of ``node`` becomes a ``reshape`` (the same values): once a rewrite
     computes ``node`` through a permute, a view of it raises ("Cannot view a tensor with shape …")."""

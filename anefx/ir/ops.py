@@ -15,7 +15,7 @@ is one op instead, and each target lowers it for itself:
 
 Numerics are those of ``nn.LayerNorm``: biased variance, ``eps`` added to the variance.
 
-``anefx::instance_norm`` normalises each (b, c) row of a 4-D tensor over its last two axes, with no
+``anefx::instance_norm_4d`` normalises each (b, c) row of a 4-D tensor over its last two axes, with no
 weights: GroupNorm on (B, C, H, W) is this op on the view (B, G, C/G·H, W) (a reshape that keeps the
 last axis), then the per-channel weight and bias. Core ML gets one MIL ``instance_norm``; Core AI
 and others get reductions over axes 2 and 3 (:data:`DECOMPOSITIONS`).
@@ -62,13 +62,13 @@ def decompose_channel_layer_norm(x, weight, bias, eps):
     return out
 
 
-@torch.library.custom_op("anefx::instance_norm", mutates_args=())
-def instance_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+@torch.library.custom_op("anefx::instance_norm_4d", mutates_args=())
+def instance_norm_4d(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Each (b, c) of the 4-D ``x`` normalised over axes 2 and 3 (biased variance, ``eps`` added)."""
     return F.instance_norm(x, eps=eps).contiguous()
 
 
-@instance_norm.register_fake
+@instance_norm_4d.register_fake
 def _(x, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -110,6 +110,6 @@ def decompose_cache_write(cache, update, position, axis):
 #: ATen decompositions of anefx's ops, for ``ExportedProgram.run_decompositions``.
 DECOMPOSITIONS = {
     torch.ops.anefx.channel_layer_norm.default: decompose_channel_layer_norm,
-    torch.ops.anefx.instance_norm.default: decompose_instance_norm,
+    torch.ops.anefx.instance_norm_4d.default: decompose_instance_norm,
     torch.ops.anefx.cache_write.default: decompose_cache_write,
 }

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import warnings
 from collections.abc import Callable
@@ -25,21 +24,22 @@ from pathlib import Path
 import torch
 
 from anefx.core.options import CompileOptions, compile_options, prepare
-from anefx.core.result import Compiled
+from anefx.core.result import CompiledSteps
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
-from anefx.driver.report import Report
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.lm.cache import (
     CacheLayout,
     StepFunction,
+    depth_scaled_check,
     probe_layout,
     round_up,
     scaled_tolerances,
     takes_negative_positions,
 )
 from anefx.lm.generate import (
+    MIN_AGREEMENT,
     EndToEndCheck,
     Generation,
     GenerationMismatch,
@@ -72,7 +72,7 @@ __all__ = ["CompiledLM", "EndToEndCheck", "Generation", "GenerationMismatch", "c
 
 
 @dataclass
-class CompiledLM(Compiled):
+class CompiledLM(CompiledSteps):
     """A causal LM compiled for the ANE: ``prefill`` and ``decode`` with the KV cache as state."""
 
     layout: CacheLayout
@@ -98,55 +98,12 @@ class CompiledLM(Compiled):
         """Core ML state names and shapes (fp16 in the package)."""
         return self.layout.states
 
-    @property
-    def graphs(self) -> dict[str, torch.fx.GraphModule]:
-        """Each function's rewritten step graph (pure: the states are inputs and outputs)."""
-        return {fn: b.graph_module for fn, b in self.build.functions.items()}
-
-    @property
-    def reports(self) -> dict[str, Report]:
-        return {fn: b.report for fn, b in self.build.functions.items()}
-
-    @property
-    def examples(self) -> dict[str, list]:
-        """Each function's flat example inputs (ids, positions, states)."""
-        return {fn: b.captured.flat_inputs for fn, b in self.build.functions.items()}
-
-    @property
-    def package(self):
-        """The single package (None when chunked or compiled with convert=False)."""
-        artifact = self.artifact
-        return artifact.package if artifact.converted and not artifact.chunked else None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.artifact.metadata
-
-    def op_histogram(self, function: str) -> collections.Counter:
-        """MIL op types of one function of the converted package(s) (``const`` excluded)."""
-        if function not in FUNCTIONS:
-            raise KeyError(f"no function {function!r}; this package has {list(FUNCTIONS)}")
-        return super().op_histogram(function)
-
     def ane_report(self, function: str):
         """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip, memory traffic
         against its floor) of one function; :meth:`context_growth` adds the share that grows with the
         context."""
         self.op_histogram(function)  # same errors for unknown functions / no package
         return self.analyse(function)
-
-    def traffic(self, function: str = "decode"):
-        """The memory traffic ESTIMATE of one call of ``function`` (:mod:`anefx.ane.traffic`: bytes each
-        MIL op reads and writes, weights once, states updated in place; every package of a chain)."""
-        from anefx.ane.traffic import Traffic, estimate_traffic
-
-        self.op_histogram(function)  # same errors for unknown functions / no package
-        total = Traffic(function)
-        for program in self._converted().programs:
-            part = estimate_traffic(program.package.operations(function), function)
-            total.ops += part.ops
-            total.states.update(part.states)
-        return total
 
     def context_growth(self, other: CompiledLM, function: str = "decode"):
         """How ``function``'s traffic grows with the context: this compile against ``other``, the same
@@ -176,7 +133,7 @@ class CompiledLM(Compiled):
         return out
 
     # -- running -------------------------------------------------------------------------------
-    def _step(self, runtime: str = "torch", variant: str | None = None):
+    def step(self, runtime: str = "torch", variant: str | None = None):
         """One call of ``prefill`` or ``decode`` with the states carried from call to call (fresh
         zeros at first): in PyTorch (``"torch"``: the rewritten graphs, or with ``variant`` the
         converted programs with their ``"fp16"`` or ``"compressed"`` weights), or the package with the
@@ -195,7 +152,10 @@ class CompiledLM(Compiled):
                 f"unknown runtime {runtime!r}; choose 'torch', 'target' or one of "
                 f"{sorted(self.artifact.target.capabilities.runtimes)}"
             )
-        program = self.artifact.executor(None if runtime == "target" else runtime)
+        executors = self.__dict__.setdefault("_executors", {})  # one load per runtime (weights decompressed once)
+        if runtime not in executors:
+            executors[runtime] = self.artifact.executor(None if runtime == "target" else runtime)
+        program = executors[runtime]
         state = program.make_state(self.artifact.default)
 
         def run(function: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -234,7 +194,7 @@ class CompiledLM(Compiled):
         prompt = prompt_ids(input_ids, self.context_length)
         eos = self.eos_token_ids if eos_token_id is ... else eos_token_id
         eos_set = set([eos] if isinstance(eos, int) else (eos or []))
-        step = self._step(runtime)
+        step = self.step(runtime)
         pick = Sampling(temperature, top_k, top_p, seed).picker() if do_sample else argmax
         return greedy(
             step,
@@ -248,12 +208,17 @@ class CompiledLM(Compiled):
             pick,
         )
 
-    def prefill_logits(self, ids: torch.Tensor, variant: str | None = None) -> torch.Tensor:
+    def prefill_logits(self, ids: torch.Tensor, variant: str | None = None, runtime: str = "torch") -> torch.Tensor:
         """Every position's next-token logits of ``ids`` (1, T), teacher forced from an empty cache
-        through the artifact (``variant``: the converted programs with their ``"fp16"`` or
-        ``"compressed"`` weights; None: the rewritten graphs)."""
+        through the artifact. ``runtime="torch"``: the rewritten graphs, or with ``variant`` the
+        converted programs with their ``"fp16"`` or ``"compressed"`` weights mapped back into PyTorch;
+        another runtime executes the packages (``variant="fp16"``: the packages before compression)."""
+        view = self
+        if runtime != "torch":
+            view = self._with_artifact(self.artifact.fp16()) if variant == "fp16" else self
+            variant = None
         ids = [int(t) for t in ids.reshape(-1)]
-        return teacher_forced(self._step("torch", variant), ids, self.prefill_length, self.front_pad)
+        return teacher_forced(view.step(runtime, variant), ids, self.prefill_length, self.front_pad)
 
 
 def _example_inputs(layout: CacheLayout, tokens: int, position: int, vocab: int, seed: int):
@@ -332,6 +297,7 @@ def compile_lm(
     quality_tokens: int | None = None,
     source_length: int | None = None,
     source_shape: tuple[int, ...] | None = None,
+    check_runtime: str | None = None,
     options: CompileOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **compile_kwargs,
@@ -352,6 +318,13 @@ def compile_lm(
         prefill_length: tokens per prefill call; longer prompts are prefilled in chunks.
         check_prompt: the prompt of the end-to-end check (default: seeded random ids spanning two
             prefill chunks); ``check_tokens`` new tokens are compared (0 skips the check).
+        check_runtime: what the end-to-end check runs: by default the fp16 package that ships,
+            executed with the target's executor (``"target"``: anefx's MIL interpreter for Core ML,
+            coreai-core for Core AI), which must agree with the original model's greedy tokens on
+            at least ``MIN_AGREEMENT`` of the steps teacher forced (fp16 may flip a near-tie;
+            ``CompiledLM.check`` reports the agreement and the per-step logit error); ``"torch"``
+            (the default with ``convert=False``) runs the rewritten graphs, whose greedy tokens must
+            equal the model's.
         eos_token_id: stop ids (default: the model's generation config).
         compression: ``"lut4" | "lut6" | "lut8" | "int8"`` or a ``CompressionOptions``: both functions
             carry the same compressed weights (stored once); greedy-token agreement and mean KL against
@@ -383,6 +356,7 @@ def compile_lm(
             name=name,
             quality_inputs=quality_prompts,
             quality_tokens=16 if quality_tokens is None else quality_tokens,
+            check_runtime=check_runtime,
             options=options,
             progress=progress,
             **compile_kwargs,
@@ -402,6 +376,7 @@ def compile_lm(
     with events.stage("probe"), eval_mode(model):
         layout, vocab = probe_layout(model, context, dtype)
         front_pad = takes_negative_positions(model)
+    plan = depth_scaled_check(plan, opts.artifact_check, len(layout.layers))
     eos = eos_ids(model, eos_token_id)
     model_name = name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     metadata = metadata_for(
@@ -416,13 +391,24 @@ def compile_lm(
     compiled = CompiledLM(build(request, plan, events), layout, prefill_length, eos, vocab)
     compiled.front_pad = front_pad
     if check_tokens:
-        with events.stage("check"):
-            compiled.check = end_to_end_check(compiled, model, check_prompt, check_tokens, vocab)
-        if not compiled.check.tokens_equal:
+        runtime = check_runtime or (
+            "target" if compiled.artifact.converted and compiled.artifact.target.capabilities.executor else "torch"
+        )
+        checked = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
+        with events.stage("check", runtime=runtime):
+            compiled.check = end_to_end_check(checked, model, check_prompt, check_tokens, vocab, runtime)
+        check = compiled.check
+        if runtime == "torch" and not check.tokens_equal:
             raise GenerationMismatch(
-                f"{compiled.check}: reference {compiled.check.reference}, compiled {compiled.check.compiled}. "
+                f"{check}: reference {check.reference}, compiled {check.compiled}. "
                 "A pass changed what the model generates; rerun with ANEFX_DUMP_DIR set and compare the reports "
                 "of both functions"
+            )
+        if runtime != "torch" and check.agreement < MIN_AGREEMENT:
+            raise GenerationMismatch(
+                f"{check}: reference {check.reference}, compiled {check.compiled}; below {MIN_AGREEMENT:.0%} "
+                "agreement. The package that would ship generates something else than the model: compare "
+                "report.artifact of both functions, and check_runtime='torch' (the rewritten graphs)"
             )
     if compiled.compression is not None and quality_tokens:
         with events.stage("quality"):
@@ -432,12 +418,15 @@ def compile_lm(
     return compiled
 
 
-def measure(compiled: CompiledLM, prompts, new_tokens: int) -> LMQuality:
-    """Greedy-token agreement and mean KL of the compressed weights against the fp16 weights, on the
-    shipped weights: each prompt is continued greedily by the compiled generator (``new_tokens``
-    tokens, EOS ignored, capped so every sequence fits the context), then the prefill function with
-    the fp16 and with the compressed weights scores every continuation token teacher forced
-    (:func:`~anefx.targets.quality.lm_quality`)."""
+def measure(compiled: CompiledLM, prompts, new_tokens: int, runtime: str | None = None) -> LMQuality:
+    """Greedy-token agreement and mean KL of the compressed package against the fp16 package, both
+    executed (``runtime``: by default the target's executor, which runs the ``constexpr`` ops that
+    decompress the weights; ``"torch"``: the converted graphs with each package's weights mapped back
+    into PyTorch): each prompt is continued greedily by the fp16 package (``new_tokens`` tokens, EOS
+    ignored, capped so every sequence fits the context), then the prefill function of both packages
+    scores every continuation token teacher forced (:func:`~anefx.targets.quality.lm_quality`)."""
+    if runtime is None:
+        runtime = "target" if compiled.artifact.target.capabilities.executor else "torch"
     if prompts is None:
         prompts = default_prompts(compiled.vocab_size)
     prompts = [torch.as_tensor(p).long().reshape(1, -1) for p in prompts]
@@ -447,11 +436,13 @@ def measure(compiled: CompiledLM, prompts, new_tokens: int) -> LMQuality:
         raise ConversionError(
             f"the quality prompts ({longest} tokens) leave no room in the {compiled.context_length}-token context"
         )
+    fp16 = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sequences = [compiled.generate(p, n, eos_token_id=None).sequences for p in prompts]
+        sequences = [fp16.generate(p, n, eos_token_id=None, runtime=runtime).sequences for p in prompts]
 
     def logits(variant: str):
-        return lambda ids: compiled.prefill_logits(ids, variant)
+        view = fp16 if variant == "fp16" else compiled
+        return lambda ids: view.prefill_logits(ids, variant, runtime)
 
     return compiled.compression.set_lm(lm_quality(logits, prompts, n, sequences))

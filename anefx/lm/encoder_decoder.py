@@ -2,8 +2,8 @@
 
 * ``encode(inputs[, attention_mask]) -> (encoder_length, *cross states, encoder_mask)``: the encoder, then every
   decoder layer's cross-attention K and V projections of its output, each written into a
-  cross-attention state (:class:`CrossLayout`: values ``(1, C, 1, S)``, keys by position
-  ``(1, S, 1, C)``, ``C`` and ``S`` padded to multiples of 32; ``S`` is the encoder's length).
+  cross-attention state (:class:`CrossLayout`: keys-last ``(1, heads, head_dim, S)`` as the
+  self-attention caches, ``S`` the encoder's length padded to a multiple of 32).
   ``encoder_mask`` ``(1, 1, 1, S)`` is the encoder's padding mask as the additive bias attention
   adds to its scores (0 kept, :data:`MASKED` for the source's padding and the states' padding
   slots): it travels with the states, so the decoder never recomputes it; the model gets it as a
@@ -85,26 +85,17 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class CrossLayout(CacheLayout):
-    """The cross-attention states, as the cross-attention reads them (they are written once, by
-    ``encode``, so no single-column write applies): values ``(1, C, 1, S)``, keys stored by position
-    ``(1, S, 1, C)`` (``keys_transposed``: the layout the per-head score product reads, ``bkhc``, so
-    reading them needs no transpose), ``C`` and ``S`` padded to multiples of 32; ``context`` is the
-    encoder's padded length. (The decoder's self-attention caches are a causal LM's,
-    :class:`~anefx.lm.cache.CacheLayout`: keys-last ``(1, kv_heads, head_dim, context)``.)"""
+    """The cross-attention states, laid out as the decoder's self-attention caches: keys-last
+    ``(1, kv_heads, head_dim, S)``, ``S`` the encoder's length padded to a multiple of 32 (the
+    ``context`` here). They are written once, by ``encode`` (no single-column write applies), and
+    read as they lie by the cached attention form of ``attention_bc1s``: the score product ``q @ K``
+    and ``w @ V^T`` read each state once per step, with no per-head split and the keys on the
+    scores' last axis (a one-token query pads nothing). The per-head form over keys stored by
+    position ``(1, S, 1, C)`` split every state into heads at every step (a second copy of it) and
+    padded its ``(1, S, 1, 1)`` scores 32x: Whisper-base's decode step moved 209.9 MB, 140.6 MB
+    this way (ESTIMATE against a 121.3 MB floor, ``passes_catalog/decode.md``)."""
 
     names: tuple[str, str] = CROSS_NAMES
-    keys_transposed: bool = True
-
-    @property
-    def state_shapes(self) -> list[tuple[int, ...]]:
-        keys = [
-            (1, self.context, 1, round_up(lc.key_channels))
-            if self.keys_transposed
-            else (1, round_up(lc.key_channels), 1, self.context)
-            for lc in self.layers
-        ]
-        values = [(1, round_up(lc.value_channels), 1, self.context) for lc in self.layers]
-        return keys + values
 
 
 @dataclass(frozen=True)
@@ -113,7 +104,7 @@ class EncoderDecoderLayout:
     cross-attention states and the encoder mask."""
 
     decoder: CacheLayout  #: self-attention K/V (1, kv_heads, head_dim, context), as a causal LM's
-    cross: CrossLayout  #: cross-attention K (1, S, 1, C), V (1, C, 1, S); S = the encoder length padded to 32
+    cross: CrossLayout  #: cross-attention K/V (1, kv_heads, head_dim, S); S = the encoder length padded to 32
     encoder_length: int  #: the encoder's own output length (S without its padding)
     hidden_size: int  #: channels of the encoder output
     source: SourceSpec
@@ -158,24 +149,11 @@ class EncoderDecoderLayout:
 # -- the caches the model is called with -------------------------------------------------------------
 
 
-def channels_first(x: torch.Tensor) -> torch.Tensor:
-    """Keys or values as a model hands them to its cache, (1, H, T, D), as cache channels (1, H·D, T)."""
-    _, h, t, d = x.shape
-    return x.transpose(2, 3).reshape(1, h * d, t)
-
-
-def heads_of(state: torch.Tensor, heads: int, dim: int, transposed: bool = False) -> torch.Tensor:
-    """A (1, Cpad, 1, L) state (``transposed``: (1, L, 1, Cpad)) read back as the model's
-    (1, heads, L, dim) keys or values."""
-    if transposed:
-        return state[..., : heads * dim].reshape(1, state.shape[1], heads, dim).transpose(1, 2)
-    return state[:, : heads * dim].reshape(1, heads, dim, state.shape[3]).transpose(2, 3)
-
-
-def _pad_state(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """(1, A, B) keys or values as a (1, Apad, 1, Bpad) state, zero padded."""
-    x = x.unsqueeze(2)
-    return torch.nn.functional.pad(x, (0, shape[3] - x.shape[3], 0, 0, 0, shape[1] - x.shape[1]))
+def keys_last_state(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys or values as a model hands them to its cache, (1, H, T, D), as a keys-last state
+    (1, H, D, ``length``), the positions after ``T`` zero."""
+    x = x.transpose(2, 3)
+    return torch.nn.functional.pad(x, (0, length - x.shape[3]))
 
 
 def make_cross_cache(layout: CrossLayout, states: list[torch.Tensor] | None):
@@ -199,9 +177,8 @@ def make_cross_cache(layout: CrossLayout, states: list[torch.Tensor] | None):
             self.index = index
             self.is_initialized = reading
             if reading:
-                spec = layout.layers[index]
-                self.keys = heads_of(states[index], spec.kv_heads, spec.key_dim, layout.keys_transposed)
-                self.values = heads_of(states[n + index], spec.kv_heads, spec.value_dim)
+                self.keys = states[index].transpose(2, 3)  # (1, H, S, D) views of the keys-last states
+                self.values = states[n + index].transpose(2, 3)
 
         def lazy_initialization(self, key_states, value_states):  # pragma: no cover - never lazy
             pass
@@ -212,12 +189,8 @@ def make_cross_cache(layout: CrossLayout, states: list[torch.Tensor] | None):
                     f"decoder layer {self.index} recomputed its cross-attention keys although they were cached: "
                     "the model does not reuse an EncoderDecoderCache's cross-attention cache"
                 )
-            i, shapes = self.index, layout.state_shapes
-            keys = channels_first(key_states)
-            if layout.keys_transposed:
-                keys = keys.transpose(1, 2)
-            cache.new_states[i] = _pad_state(keys, shapes[i])
-            cache.new_states[n + i] = _pad_state(channels_first(value_states), shapes[n + i])
+            cache.new_states[self.index] = keys_last_state(key_states, layout.context)
+            cache.new_states[n + self.index] = keys_last_state(value_states, layout.context)
             return key_states, value_states
 
         def get_seq_length(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,20 +48,39 @@ class Generation:
     message: str = ""
 
 
+#: The least teacher-forced greedy-token agreement the executed package must reach with the model
+#: (fp16 can flip a near-tie: a few steps of a random model's flat logits; a package that computes
+#: something else agrees on almost none).
+MIN_AGREEMENT = 0.75
+
+
 @dataclass
 class EndToEndCheck:
+    """The compiled generator against the original model's ``generate(do_sample=False)``.
+
+    ``runtime``: what ran (``"torch"``: the rewritten graphs; ``"target"`` …: the package, fp16
+    included). ``tokens_equal``: its own greedy tokens are the reference's. ``agreement``: the
+    fraction of steps whose greedy token is the reference's when both read the same context (the
+    reference tokens fed back: teacher forced), so one near-tie flipped by fp16 costs one step, not
+    the rest of the sequence; ``step_errors``: per step, the largest logit difference in that same
+    context (``max_logit_error`` the worst)."""
+
     prompt_tokens: int
     new_tokens: int
     tokens_equal: bool
     max_logit_error: float
     reference: list[int]
     compiled: list[int]
+    runtime: str = "torch"
+    agreement: float = 1.0
+    step_errors: list[float] = field(default_factory=list)
 
     def __str__(self) -> str:
         verdict = "equal" if self.tokens_equal else "DIFFER"
         return (
-            f"greedy tokens {verdict} to the original model's generate() for {self.new_tokens} new tokens from a "
-            f"{self.prompt_tokens}-token prompt; worst per-step logit error {self.max_logit_error:.3g}"
+            f"{self.runtime}: greedy tokens {verdict} to the original model's generate() for {self.new_tokens} new "
+            f"tokens from a {self.prompt_tokens}-token prompt; teacher-forced agreement {self.agreement:.0%}, worst "
+            f"per-step logit error {self.max_logit_error:.3g}"
         )
 
 
@@ -186,6 +205,15 @@ def argmax(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
 
+def forced(step: Step, prompt: list[int], tokens: list[int], prefill_length: int, front_pad: bool = True) -> list:
+    """The logits before each of ``tokens`` when they are fed back one by one after ``prompt``
+    (teacher forced): the prefill's (its last position), then one decode call per token but the last."""
+    out = [prefill(step, prompt, prefill_length, front_pad).float()]
+    for pos, token in enumerate(tokens[:-1], start=len(prompt)):
+        out.append(_decode(step, token, pos).float())
+    return out
+
+
 def greedy(
     step: Step,
     prompt: list[int],
@@ -276,8 +304,10 @@ def reference_generate(model, prompt: torch.Tensor, n: int, eos: list[int]) -> t
         return tokens, logits
 
 
-def end_to_end_check(compiled, model, prompt, new_tokens: int, vocab: int) -> EndToEndCheck:
-    """Greedy tokens of the compiled generator against the original model's, with per-step logit error."""
+def end_to_end_check(compiled, model, prompt, new_tokens: int, vocab: int, runtime: str = "torch") -> EndToEndCheck:
+    """The compiled generator (``runtime``: the rewritten graphs, or the package with the target's
+    executor) against the original model's greedy tokens: its own tokens, and teacher forced the
+    agreement and per-step logit error (see :class:`EndToEndCheck`)."""
     if prompt is None:
         length = min(
             compiled.prefill_length + max(1, compiled.prefill_length // 4), compiled.context_length - new_tokens
@@ -289,14 +319,34 @@ def end_to_end_check(compiled, model, prompt, new_tokens: int, vocab: int) -> En
     ref_tokens, ref_logits = reference_generate(model, prompt, new_tokens, compiled.eos_token_ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = compiled.generate(prompt, new_tokens)
-    worst = 0.0
-    for a, b in zip(out.logits, ref_logits, strict=False):
-        worst = max(worst, float((a.double() - b.double()).abs().max()))
-    if math.isnan(worst):
-        worst = math.inf
+        out = compiled.generate(prompt, new_tokens, runtime=runtime)
+        fed = forced(
+            compiled.step(runtime), [int(t) for t in prompt[0]], ref_tokens, compiled.prefill_length, compiled.front_pad
+        )
+    return forced_check([int(t) for t in prompt[0]], out, ref_tokens, ref_logits, fed, runtime)
+
+
+def forced_check(start: list[int], out, ref_tokens: list[int], ref_logits, fed, runtime: str, process=None):
+    """The :class:`EndToEndCheck` of a generation ``out`` that started from ``start``: its tokens
+    against the reference's, and the logits ``fed`` (teacher forced with the reference tokens)
+    against the reference's logits: per-step error (NaN counted as inf) and the agreement of their
+    argmax, after ``process`` (the generation config's logits processors) when given."""
+    errors, agree = [], 0
+    for i, (a, b) in enumerate(zip(fed, ref_logits, strict=False)):
+        error = float((a.double() - b.double()).abs().max())
+        errors.append(math.inf if math.isnan(error) else error)
+        scores = a if process is None else process(start + ref_tokens[:i], a)
+        agree += int(torch.argmax(scores)) == ref_tokens[i]
     return EndToEndCheck(
-        prompt.shape[1], len(out.new_tokens), out.new_tokens == ref_tokens, worst, ref_tokens, out.new_tokens
+        len(start),
+        len(out.new_tokens),
+        out.new_tokens == ref_tokens,
+        max(errors, default=0.0),
+        ref_tokens,
+        out.new_tokens,
+        runtime,
+        agree / max(len(ref_tokens), 1),
+        errors,
     )
 
 

@@ -17,10 +17,8 @@
 
 from __future__ import annotations
 
-import collections
 import copy
 import json
-import math
 import re
 import warnings
 from collections.abc import Callable
@@ -31,13 +29,12 @@ from typing import Any
 import torch
 
 from anefx.core.options import CompileOptions, compile_options, prepare
-from anefx.core.result import Compiled
+from anefx.core.result import CompiledSteps
 from anefx.core.stages import FunctionSpec, ProgramRequest, build
 from anefx.driver.events import Event, Events
-from anefx.driver.report import Report
 from anefx.ir.capture import eval_mode
 from anefx.ir.errors import AnefxError, ConversionError
-from anefx.lm.cache import round_up, scaled_tolerances
+from anefx.lm.cache import depth_scaled_check, round_up, scaled_tolerances
 from anefx.lm.encoder_decoder import (
     ENCODER_MASK,
     MASKED,
@@ -46,7 +43,18 @@ from anefx.lm.encoder_decoder import (
     probe_encoder_decoder,
     step_functions,
 )
-from anefx.lm.generate import EndToEndCheck, Generation, GenerationMismatch, eos_ids, greedy, prefill, teacher_forced
+from anefx.lm.generate import (
+    MIN_AGREEMENT,
+    EndToEndCheck,
+    Generation,
+    GenerationMismatch,
+    eos_ids,
+    forced,
+    forced_check,
+    greedy,
+    prefill,
+    teacher_forced,
+)
 from anefx.lm.processors import generation_config, logits_processor, not_followed, start_tokens
 from anefx.targets.handoff import StateSpec
 from anefx.targets.quality import LMQuality, lm_agreement
@@ -88,7 +96,7 @@ def inputs_doc(layout: EncoderDecoderLayout) -> dict[str, dict[str, str]]:
 
 
 @dataclass
-class CompiledEncoderDecoder(Compiled):
+class CompiledEncoderDecoder(CompiledSteps):
     """An encoder-decoder model compiled for the ANE: ``encode``, ``prefill`` and ``decode`` sharing
     weights and states (self-attention caches, cross-attention states, the encoder mask)."""
 
@@ -117,34 +125,6 @@ class CompiledEncoderDecoder(Compiled):
         """State names and shapes (fp16 in the package): self-attention caches, cross-attention
         states and the encoder mask."""
         return self.layout.states
-
-    @property
-    def graphs(self) -> dict[str, torch.fx.GraphModule]:
-        return {fn: b.graph_module for fn, b in self.build.functions.items()}
-
-    @property
-    def reports(self) -> dict[str, Report]:
-        return {fn: b.report for fn, b in self.build.functions.items()}
-
-    @property
-    def examples(self) -> dict[str, list]:
-        return {fn: b.captured.flat_inputs for fn, b in self.build.functions.items()}
-
-    @property
-    def package(self):
-        """The single package (None when chunked or compiled with convert=False)."""
-        artifact = self.artifact
-        return artifact.package if artifact.converted and not artifact.chunked else None
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.artifact.metadata
-
-    def op_histogram(self, function: str) -> collections.Counter:
-        """MIL op types of one function of the converted package(s) (``const`` excluded)."""
-        if function not in FUNCTIONS:
-            raise KeyError(f"no function {function!r}; this package has {list(FUNCTIONS)}")
-        return super().op_histogram(function)
 
     def ane_report(self, function: str):
         """The ANE readiness report (rules, fp16 range, roofline ESTIMATE per chip) of one function."""
@@ -214,7 +194,10 @@ class CompiledEncoderDecoder(Compiled):
                 f"unknown runtime {runtime!r}; choose 'torch', 'target' or one of "
                 f"{sorted(self.artifact.target.capabilities.runtimes)}"
             )
-        program = self.artifact.executor(None if runtime == "target" else runtime)
+        executors = self.__dict__.setdefault("_executors", {})  # one load per runtime (weights decompressed once)
+        if runtime not in executors:
+            executors[runtime] = self.artifact.executor(None if runtime == "target" else runtime)
+        program = executors[runtime]
         state = program.make_state(self.artifact.default)
 
         def run(function: str, values: dict) -> dict:
@@ -288,18 +271,12 @@ class CompiledEncoderDecoder(Compiled):
 
 
 def _random_states(layout: EncoderDecoderLayout, gen: torch.Generator, kept: int) -> list[torch.Tensor]:
-    """Random caches and cross states (their padding channels zero, as the graphs keep them) and an
-    encoder mask keeping the first ``kept`` positions."""
-    out = []
-    for cache in (layout.decoder, layout.cross):
-        channels = [lc.key_channels for lc in cache.layers] + [lc.value_channels for lc in cache.layers]
-        for i, (shape, c) in enumerate(zip(cache.state_shapes, channels, strict=True)):
-            t = torch.randn(shape, generator=gen, dtype=torch.float64).to(cache.dtype)
-            if cache is layout.cross and cache.keys_transposed and i < len(cache.layers):
-                t[..., c:] = 0
-            elif cache is layout.cross:
-                t[:, c:] = 0
-            out.append(t)
+    """Random caches and cross states and an encoder mask keeping the first ``kept`` positions."""
+    out = [
+        torch.randn(shape, generator=gen, dtype=torch.float64).to(cache.dtype)
+        for cache in (layout.decoder, layout.cross)
+        for shape in cache.state_shapes
+    ]
     mask = torch.zeros(layout.mask_shape, dtype=layout.decoder.dtype)
     mask[..., kept:] = MASKED
     out.append(mask)
@@ -465,6 +442,7 @@ def compile_encoder_decoder(
     name: str | None = None,
     quality_inputs=None,
     quality_tokens: int = 16,
+    check_runtime: str | None = None,
     options: CompileOptions | None = None,
     progress: Callable[[Event], None] | None = None,
     **compile_kwargs,
@@ -482,6 +460,11 @@ def compile_encoder_decoder(
         check_inputs: the encoder input of the end-to-end check (default: seeded random, padded for
             text), ``check_tokens`` new tokens compared (0 skips the check); for text models a tuple
             ``(ids, attention_mask)`` or the ids.
+        check_runtime: what the end-to-end check runs, as for causal LMs: by default the fp16
+            package that ships, executed with the target's executor, whose teacher-forced greedy
+            tokens must agree with the model's on at least ``MIN_AGREEMENT`` of the steps;
+            ``"torch"`` (the default with ``convert=False``) the rewritten graphs, whose greedy
+            tokens must equal the model's.
         quality_inputs / quality_tokens: the inputs and new tokens of the compression quality
             measurement (default 2 seeded random inputs; 0 skips it).
         the rest: as :func:`anefx.compile_lm`.
@@ -498,6 +481,8 @@ def compile_encoder_decoder(
         layout = probe_encoder_decoder(
             model, context, source_length=source_length, source_shape=source_shape, dtype=dtype
         )
+    _, encoder_layers, _ = layer_stacks(model, len(layout.decoder.layers))
+    plan = depth_scaled_check(plan, opts.artifact_check, max(encoder_layers, len(layout.decoder.layers)))
     ignored = not_followed(generation_config(model))
     if ignored:
         warnings.warn(
@@ -530,13 +515,24 @@ def compile_encoder_decoder(
         int(pad) if pad is not None else 0,
     )
     if check_tokens:
-        with events.stage("check"):
-            compiled.check = end_to_end_check(compiled, model, check_inputs, check_tokens, ignored)
-        if not compiled.check.tokens_equal:
+        runtime = check_runtime or (
+            "target" if compiled.artifact.converted and compiled.artifact.target.capabilities.executor else "torch"
+        )
+        checked = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
+        with events.stage("check", runtime=runtime):
+            compiled.check = end_to_end_check(checked, model, check_inputs, check_tokens, ignored, runtime)
+        check = compiled.check
+        if runtime == "torch" and not check.tokens_equal:
             raise GenerationMismatch(
-                f"{compiled.check}: reference {compiled.check.reference}, compiled {compiled.check.compiled}. "
+                f"{check}: reference {check.reference}, compiled {check.compiled}. "
                 "A pass changed what the model generates; rerun with ANEFX_DUMP_DIR set and compare the reports "
                 "of the three functions"
+            )
+        if runtime != "torch" and check.agreement < MIN_AGREEMENT:
+            raise GenerationMismatch(
+                f"{check}: reference {check.reference}, compiled {check.compiled}; below {MIN_AGREEMENT:.0%} "
+                "agreement. The package that would ship generates something else than the model: compare "
+                "report.artifact of the three functions, and check_runtime='torch' (the rewritten graphs)"
             )
     if compiled.compression is not None and quality_tokens:
         with events.stage("quality"):
@@ -592,23 +588,25 @@ def reference_generate(model, inputs, mask, start: list[int], n: int, eos: list[
     return [int(t) for t in out.sequences[0, -steps:]], [lg[0].float() for lg in out.logits]
 
 
-def end_to_end_check(compiled: CompiledEncoderDecoder, model, inputs, new_tokens: int, ignored: dict) -> EndToEndCheck:
-    """Greedy tokens of the compiled generator against the original model's, with per-step logit error."""
+def end_to_end_check(
+    compiled: CompiledEncoderDecoder, model, inputs, new_tokens: int, ignored: dict, runtime: str = "torch"
+) -> EndToEndCheck:
+    """The compiled generator (``runtime``: the rewritten graphs, or the package with the target's
+    executor) against the original model's greedy tokens: its own tokens, and teacher forced (the
+    reference tokens fed back after the same start tokens) the agreement of its choices, after the
+    generation config's processors, and the per-step logit error (see :class:`EndToEndCheck`)."""
     layout = compiled.layout
     x, mask = _check_source(layout, 1234) if inputs is None else _split_inputs(layout, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = compiled.generate(x, attention_mask=mask, max_new_tokens=new_tokens)
-    start = out.sequences[0, : out.sequences.shape[1] - len(out.new_tokens)].tolist()
-    ref_tokens, ref_logits = reference_generate(model, x, mask, start, new_tokens, compiled.eos_token_ids, ignored)
-    worst = 0.0
-    for a, b in zip(out.logits, ref_logits, strict=False):
-        worst = max(worst, float((a.double() - b.double()).abs().max()))
-    if math.isnan(worst):
-        worst = math.inf
-    return EndToEndCheck(
-        len(start), len(out.new_tokens), out.new_tokens == ref_tokens, worst, ref_tokens, out.new_tokens
-    )
+        out = compiled.generate(x, attention_mask=mask, max_new_tokens=new_tokens, runtime=runtime)
+        start = out.sequences[0, : out.sequences.shape[1] - len(out.new_tokens)].tolist()
+        ref_tokens, ref_logits = reference_generate(model, x, mask, start, new_tokens, compiled.eos_token_ids, ignored)
+        call = compiled._session(runtime)
+        call("encode", compiled.encoder_inputs(x, mask))
+        fed = forced(compiled._steps(call), start, ref_tokens, compiled.prefill_length, front_pad=False)
+    process = logits_processor(compiled.generation_config, len(start), new_tokens, compiled.eos_token_ids)
+    return forced_check(start, out, ref_tokens, ref_logits, fed, runtime, process)
 
 
 def measure(compiled: CompiledEncoderDecoder, inputs, new_tokens: int) -> LMQuality:

@@ -15,6 +15,8 @@ from anefx.passes.conv1d_bc1s import Conv1dBC1S
 from anefx.passes.fold_constants import FoldConstants
 from anefx.passes.fold_transposes import FoldTransposes
 from anefx.passes.fp16_mask_values import Fp16MaskValues
+from anefx.passes.fp16_norm_scale import Fp16NormScale
+from anefx.passes.fp16_residual_scale import Fp16ResidualScale
 from anefx.passes.group_norm_4d import GroupNorm4D
 from anefx.passes.grouped_projection import GroupedProjection
 from anefx.passes.layer_norm_bc1s import LayerNormBC1S
@@ -41,6 +43,8 @@ DEFAULT_PASSES: tuple[type[Pass], ...] = (
     Fp16MaskValues,
     ToBC1S,
     FoldTransposes,
+    Fp16ResidualScale,
+    Fp16NormScale,
 )
 
 ALL_PASSES: tuple[type[Pass], ...] = DEFAULT_PASSES
@@ -69,6 +73,8 @@ __all__ = [
     "FoldConstants",
     "FoldTransposes",
     "Fp16MaskValues",
+    "Fp16NormScale",
+    "Fp16ResidualScale",
     "GroupNorm4D",
     "GroupedProjection",
     "LayerNormBC1S",

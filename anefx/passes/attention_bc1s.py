@@ -336,7 +336,8 @@ class AttentionBC1S(Pass):
         queries the rows of one product, ``scores = q (B, H_kv, G, D) @ K (B, H_kv, D, S)`` and
         ``out = w @ V^T`` (``V`` read by the product's ``transpose_y``); T queries per head (prefill)
         add a group axis, ``scores = q^T (B, H_kv, G, T, D) @ K (B, H_kv, 1, D, S)`` and
-        ``out^T = V @ w^T`` (B, H_kv, G, D_v, T), channels-first as the next projection reads it. The
+        ``out^T = V @ w^T`` (B, H_kv, G, D_v, T), channels-first as the next projection reads it
+        (without the group axis when G = 1, else without the batch axis for batch 1: 4-D). The
         keys are the scores' last axis, so a one-token query pads nothing; masks apply in the
         model's own (…, T, S) orientation."""
         graph = gm.graph
@@ -352,18 +353,22 @@ class AttentionBC1S(Pass):
                 qg = call(graph, aten.view.default, (q4, [b, hkv, g, d]))
                 s = call(graph, aten.matmul.default, (qg, k.source))  # (B, H_kv, G, S)
             else:  # (B, H_kv, G, D, T) queries against the keys of their K/V head: (B, H_kv, G, T, S)
-                q5 = call(graph, aten.view.default, (q4, [b, hkv, g, d, sq]))
-                qt = call(graph, aten.transpose.int, (q5, 3, 4))  # the product's transpose_x
-                s = call(graph, aten.matmul.default, (qt, call(graph, aten.unsqueeze.default, (k.source, 2))))
+                # without a unit axis (G = 1: no group; batch 1): 4-D, the ANE's native rank
+                drop = 2 if g == 1 else 0 if b == 1 else None
+                q5 = call(graph, aten.view.default, (q4, [*_grouped((b, hkv, g), drop), d, sq]))
+                qt = call(graph, aten.transpose.int, (q5, -2, -1))  # the product's transpose_x
+                s = call(graph, aten.matmul.default, (qt, _grouped_cache(graph, k.source, drop)))
             if att.softcap is not None:
                 s = call(graph, aten.mul.Tensor, (call(graph, aten.tanh.default, (s,)), att.softcap))
             for use in att.masks:
                 ms = shape(use.node)
                 if att.heads is not None and len(ms) == 3 and ms[0] == b * h > 1:  # (B·H, ·, ·) as (B, H, ·, ·)
                     use = dataclasses.replace(use, node=call(graph, aten.view.default, (use.node, [b, h, *ms[1:]])))
-                s = _apply_keys_last_mask(graph, s, use, (b, h, hkv, g, sq), neg)
+                s = _apply_keys_last_mask(graph, s, use, (b, h, hkv, g, sq), neg, drop if sq > 1 else None)
             if att.causal:
-                hidden = (torch.arange(sk).view(1, sk) > torch.arange(sq).view(sq, 1)).view(1, 1, 1, sq, sk)
+                hidden = (torch.arange(sk).view(1, sk) > torch.arange(sq).view(sq, 1)).view(
+                    *[1] * (len(shape(s)) - 2), sq, sk
+                )
                 hidden = constant(gm, hidden, "_anefx_mask", s)  # torch's top-left tril
                 s = call(graph, aten.masked_fill.Scalar, (s, hidden, neg))
             w = call(graph, aten._softmax.default, (s, -1, False))
@@ -372,8 +377,8 @@ class AttentionBC1S(Pass):
                 o = call(graph, aten.matmul.default, (w, vt))  # (B, H_kv, G, D_v)
                 out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, 1]))
             else:  # out^T = V @ w^T: (B, H_kv, G, D_v, T), channels-first as it comes out
-                wt = call(graph, aten.transpose.int, (w, 3, 4))  # the product's transpose_y
-                o = call(graph, aten.matmul.default, (call(graph, aten.unsqueeze.default, (v.source, 2)), wt))
+                wt = call(graph, aten.transpose.int, (w, -2, -1))  # the product's transpose_y
+                o = call(graph, aten.matmul.default, (_grouped_cache(graph, v.source, drop), wt))
                 out4 = call(graph, aten.view.default, (o, [b, h * dv, 1, sq]))
         _hand_back(graph, att, out4, (b, h, sq, dv))
         stats.rewritten += 1
@@ -400,10 +405,27 @@ def _hand_back(graph, att: Attention, out4: Node, dims: tuple[int, int, int, int
     return back
 
 
-def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float) -> Node:
+def _grouped(lead: tuple[int, int, int], drop: int | None) -> list[int]:
+    """The (B, H_kv, G) axes of a grouped product without the unit axis ``drop`` (None: all three)."""
+    return [n for i, n in enumerate(lead) if i != drop]
+
+
+def _grouped_cache(graph, cache: Node, drop: int | None) -> Node:
+    """A keys-last cache (B, H_kv, D, S) as the grouped product reads it: with a unit group axis,
+    unless ``drop`` removes it; (H_kv, 1, D, S) for batch 1, a view that keeps the last axis."""
+    b, hkv, d, sk = shape(cache)
+    grouped = [*_grouped((b, hkv, 1), drop), d, sk]
+    if grouped == [b, hkv, d, sk]:
+        return cache
+    if len(grouped) == 5:
+        return call(graph, aten.unsqueeze.default, (cache, 2))
+    return call(graph, aten.view.default, (cache, grouped))
+
+
+def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float, drop: int | None) -> Node:
     """``use`` (a mask broadcasting against the model's (B, H, T, S) scores) applied to the grouped
-    scores: (B, H_kv, G, S) for one query, else (B, H_kv, G, T, S) — a per-head mask viewed by group,
-    a shared one given a unit group axis."""
+    scores: (B, H_kv, G, S) for one query, else (B, H_kv, G, T, S) less the unit axis ``drop`` — a
+    per-head mask viewed by group, a shared one given a unit group axis."""
     _, h, hkv, g, sq = dims
     m = use.node
     ms = list(shape(m))
@@ -413,10 +435,13 @@ def _apply_keys_last_mask(graph, s: Node, use, dims: tuple[int, ...], neg: float
     if sq == 1:  # scores (B, H_kv, G, S): the mask's (T = 1) row axis is the group axis
         if ms[1] == h and h != 1:
             m = call(graph, aten.view.default, (m, [ms[0], hkv, g, ms[3]]))
-    elif ms[1] == h and h != 1:
-        m = call(graph, aten.view.default, (m, [ms[0], hkv, g, ms[2], ms[3]]))
     else:
-        m = call(graph, aten.unsqueeze.default, (m, 2))
+        per_head = ms[1] == h and h != 1
+        grouped = [*_grouped((ms[0], hkv, g) if per_head else (ms[0], 1, 1), drop), ms[2], ms[3]]
+        if grouped == [*ms[:2], 1, *ms[2:]]:
+            m = call(graph, aten.unsqueeze.default, (m, 2))
+        elif grouped != ms:
+            m = call(graph, aten.view.default, (m, grouped))
     if use.kind == "add":
         if use.scale != 1.0:
             m = call(graph, aten.mul.Tensor, (m, use.scale))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,12 +50,15 @@ class NoOptions:
 @dataclass
 class PassContext:
     """What a pass may know besides the graph: the example inputs (flat, in placeholder order), the
-    precision the target computes in (``"float16"`` or ``"float32"``), and which of its rewrite sites
-    it may rewrite."""
+    precision the target computes in (``"float16"`` or ``"float32"``), which of its rewrite sites
+    it may rewrite, and, for a pass that declares ``needs_ranges``, the value ranges of the graph
+    it gets (node name → largest finite magnitude over the validation's input sets, see
+    :mod:`anefx.analysis.ranges`; None when the pipeline computes none: an fp32 target)."""
 
     flat_inputs: list = field(default_factory=list)
     sites: SiteSelection = field(default_factory=SiteSelection)
     precision: str = "float16"
+    ranges: Mapping[str, float] | None = None
 
     def site(self, anchor: torch.fx.Node) -> bool:
         """Call once per candidate rewrite site, with the node the rewrite replaces; rewrite the
@@ -70,6 +74,9 @@ class Pass(abc.ABC):
     #: Passes that must run before this one when both are in a pipeline: checked when a pipeline
     #: is built, so removing or reordering passes gives an error instead of a silently worse graph.
     runs_after: ClassVar[frozenset[str]] = frozenset()
+    #: The pass reads ``PassContext.ranges`` (values, not only shapes): the pipeline runs the graph
+    #: on the validation's input sets before it, for an fp16 target only.
+    needs_ranges: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, **overrides: Any):
         if options is None:

@@ -40,7 +40,7 @@ import torch.fx
 from anefx.analysis.legalize import aliases
 from anefx.analysis.transposes import einsum_permutation
 from anefx.compat.torch import is_op_overload, op_schema, overload_name
-from anefx.ir.graph import call, dtype, eval_constant, is_constant, replace_node, shape
+from anefx.ir.graph import call, dtype, eval_constant, is_constant, node_arg, replace_node, shape
 from anefx.ir.sites import SiteFilter, every_site
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
@@ -218,9 +218,9 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
                 new = call(graph, aten.permute.default, (node.args[1][0], einsum_permutation(node)))
             replace_node(graph, node, new, keep_meta=True)
             stats["ops_respelled"] += 1
-        elif t == aten.rms_norm.default and _arg(node, 3, "eps") is None:  # coremltools needs the eps
+        elif t == aten.rms_norm.default and node_arg(node, 3, "eps") is None:  # coremltools needs the eps
             eps = torch.finfo(dtype(node.args[0])).eps  # what aten.rms_norm uses for None
-            node.args, node.kwargs = (*node.args[:2], _arg(node, 2, "weight"), eps), {}
+            node.args, node.kwargs = (*node.args[:2], node_arg(node, 2, "weight"), eps), {}
             stats["ops_respelled"] += 1
         elif t == aten.cat.default and _drop_empty_cat_operands(graph, node):
             stats["identities_removed"] += 1
@@ -237,11 +237,6 @@ def canonicalize(gm: torch.fx.GraphModule, site: SiteFilter = every_site) -> dic
     return stats
 
 
-def _arg(node: torch.fx.Node, index: int, name: str):
-    """Argument ``name`` of ``node``, given by position ``index`` or by keyword (None when absent)."""
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name)
-
-
 def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether :func:`canonicalize` would rewrite ``node`` (asked before declaring it a site)."""
     t = node.target
@@ -254,7 +249,7 @@ def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if t == aten.einsum.default:
         return einsum_permutation(node) is not None
     if t == aten.rms_norm.default:
-        return _arg(node, 3, "eps") is None
+        return node_arg(node, 3, "eps") is None
     return t == aten.index.Tensor and (_index_is_reshape(gm, node) or _index_as_slice(gm, node) is not None)
 
 

@@ -13,7 +13,7 @@ Original::
 Result::
 
     %g = aten.reshape(%x, [B, G, C/G·H, W])
-    %n = anefx.instance_norm(%g, eps)                     # MIL: one instance_norm
+    %n = anefx.instance_norm_4d(%g, eps)                     # MIL: one instance_norm
     %y = aten.reshape(%n, [B, C, H, W]) * %w.view(1, C, 1, 1) + %b.view(1, C, 1, 1)
 
 Options: none.
@@ -26,15 +26,11 @@ import math
 import torch
 import torch.fx
 
-import anefx.ir.ops  # noqa: F401 - defines anefx::instance_norm
-from anefx.ir.graph import call, provenance, shape
+import anefx.ir.ops  # noqa: F401 - defines anefx::instance_norm_4d
+from anefx.ir.graph import call, node_arg, provenance, shape
 from anefx.passes.base import Pass, PassContext, PassResult, finish
 
 aten = torch.ops.aten
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 class GroupNorm4D(Pass):
@@ -48,19 +44,19 @@ class GroupNorm4D(Pass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target != aten.group_norm.default:
                 continue
-            x, groups = node.args[0], _arg(node, 1, "num_groups")
+            x, groups = node.args[0], node_arg(node, 1, "num_groups")
             xs = shape(x)
             if xs is None or len(xs) not in (3, 4) or not isinstance(groups, int) or xs[1] % groups:
                 continue
             if not ctx.site(node):
                 continue
-            weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+            weight, bias, eps = node_arg(node, 2, "weight"), node_arg(node, 3, "bias"), node_arg(node, 4, "eps", 1e-5)
             b, c, *spatial = xs
             view = [b, groups, c // groups * math.prod(spatial[:-1]), spatial[-1]]
             per_channel = [1, c] + [1] * len(spatial)
             with graph.inserting_before(node), provenance(node):
                 g = call(graph, aten.reshape.default, (x, view))
-                n = call(graph, torch.ops.anefx.instance_norm.default, (g, float(eps)))
+                n = call(graph, torch.ops.anefx.instance_norm_4d.default, (g, float(eps)))
                 y = call(graph, aten.reshape.default, (n, list(xs)))
                 if weight is not None:
                     y = call(graph, aten.mul.Tensor, (y, call(graph, aten.view.default, (weight, per_channel))))

@@ -262,6 +262,13 @@ class Artifact:
             return parts[0]
         return ChainProgram(parts, self.inputs, self.outputs, self.default)
 
+    def fp16(self) -> Artifact:
+        """This artifact with its packages before compression (itself when it is not compressed)."""
+        if self.compression is None:
+            return self
+        programs = [dataclasses.replace(p, package=p.fp16_package or p.package) for p in self.programs]
+        return dataclasses.replace(self, programs=programs, compression=None)
+
     # -- compression -------------------------------------------------------------------------
     def compressed(self, options: CompressionOptions, events: Events | None = None) -> Artifact:
         """This artifact with every function of every package compressed per ``options`` (from the

@@ -194,6 +194,12 @@ class Target(abc.ABC):
                 "functions needs target='coreml'"
             )
 
+    def with_fp32_nodes(self, nodes) -> Target | None:
+        """This target with the ops converted from the torch nodes ``nodes`` computed in fp32 in an
+        fp16 program (the artifact check's fallback for a region that overflows); None when the
+        target cannot choose the precision of single ops."""
+        return None
+
     def for_compression(self, compression: Schemes, explicit_options: bool) -> Target:
         """This target, able to hold ``compression`` (a target whose options were not given may raise
         its deployment target for it), or an ``AnefxError`` saying why it cannot, before any work."""

@@ -39,7 +39,8 @@ from anefx.ir.errors import AnefxError, ConversionError, TargetUnavailableError
 from anefx.ir.ops import DECOMPOSITIONS
 from anefx.targets.base import Capabilities, ConvertedFunction, Package, Target
 from anefx.targets.executor import LoadedProgram, State, TensorSpec
-from anefx.targets.handoff import ProgramSpec, check_converter_input, legalized_clone
+from anefx.targets.handoff import HandOff, ProgramSpec, StateSpec, check_converter_input, legalized_clone
+from anefx.targets.stateful import functional_view, stateful_module
 
 INSTALL_HINT = (
     "the Core AI target needs the optional extra: pip install 'anefx[coreai]' "
@@ -56,6 +57,35 @@ def _coreai_torch():
     except ImportError as exc:
         raise TargetUnavailableError(INSTALL_HINT) from exc
     return coreai_torch
+
+
+def _exported(handoff: HandOff, program: ProgramSpec, coreai_torch):
+    """The program coreai-torch reads for one function, the pure graph it computes (what is
+    validated), and its state names. A function with states is the hand-off's graph with each state
+    a buffer written in place (:func:`~anefx.targets.stateful.stateful_module`): coreai-torch makes
+    each mutated buffer a Core AI state."""
+    table = {**coreai_torch.get_decomp_table(), **DECOMPOSITIONS}
+    try:
+        if handoff.stateful:
+            wrapper = stateful_module(legalized_clone(handoff), handoff, program.states)
+            with torch.no_grad():
+                ep = torch.export.export(wrapper, tuple(handoff.value_examples()), strict=False)
+            ep = ep.run_decompositions(table)
+            from torch.export.graph_signature import InputKind
+
+            mutated = set(ep.graph_signature.buffers_to_mutate.values())
+            states = [
+                spec.target
+                for spec in ep.graph_signature.input_specs
+                if spec.kind == InputKind.BUFFER and spec.target in mutated
+            ]
+            return ep, functional_view(ep, handoff), states
+        gm = legalized_clone(handoff)
+        ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
+        ep = ep.run_decompositions(table)
+    except Exception as exc:
+        raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
+    return ep, ep.module(), []
 
 
 def available() -> tuple[bool, str]:
@@ -98,15 +128,16 @@ class CoreAIOp:
 
 @dataclass
 class CoreAIPackage(Package):
-    """An ``.aimodel``: one function (``main``) and its ops as read from the program."""
+    """An ``.aimodel``: its functions (one per entry point; ``main`` for ``compile``, ``prefill`` and
+    ``decode`` for ``compile_lm``), each function's ops as read from the program, and its states."""
 
-    ops: list[CoreAIOp] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)  #: the function's output names
+    ops: dict[str, list[CoreAIOp]] = field(default_factory=dict)
+    outputs: dict[str, list[str]] = field(default_factory=dict)  #: per function, its output names
+    state_specs: dict[str, StateSpec] = field(default_factory=dict)
     suffix = ".aimodel"
 
     def operations(self, function: str | None = None) -> list[CoreAIOp]:
-        self.function(function)
-        return list(self.ops)
+        return list(self.ops[self.function(function).name])
 
     def op_histogram(self, function: str | None = None) -> collections.Counter:
         return collections.Counter(op.name for op in self.operations(function) if op.name not in _STRUCTURAL)
@@ -115,14 +146,17 @@ class CoreAIPackage(Package):
         return list(self.function(function).exported_program.graph_signature.user_inputs)
 
     def output_names(self, function: str | None = None) -> list[str]:
-        return list(self.outputs)
+        return list(self.outputs[self.function(function).name])
+
+    def states(self) -> dict[str, StateSpec]:
+        return dict(self.state_specs)
 
     def _write(self, path: Path) -> None:
         self.model.save_asset(Path(path))
 
     def ir_text(self) -> str:
         """The program as MLIR-like text, without the weights."""
-        return function_graph(self.model).get_asm(large_elements_limit=16)
+        return function_graph(self.model, self.default).get_asm(large_elements_limit=16)
 
 
 _STRUCTURAL = {"constant", "graph", "output"}
@@ -147,9 +181,10 @@ def _user_location(text: str) -> str | None:
     return f"{found[0][0]}:{found[0][1]}" if found and found[0][0] != "-" else None
 
 
-def read_ops(program) -> list[CoreAIOp]:
+def read_ops(program, name: str = "main") -> list[CoreAIOp]:
+    """The ops of function ``name`` of a converted program, nested ones included."""
     ops: list[CoreAIOp] = []
-    walk(program, lambda op: ops.append(CoreAIOp(_short_name(op), _user_location(str(op.location)))))
+    walk(program, lambda op: ops.append(CoreAIOp(_short_name(op), _user_location(str(op.location)))), name)
     return ops
 
 
@@ -157,34 +192,51 @@ class CoreAITarget(Target):
     name = "coreai"
     Options = CoreAIOptions
     suffix = ".aimodel"
-    #: one stateless function, no compression or chunking (yet); packages run with coreai-core
-    capabilities = Capabilities(program="coreai", executor="coreai", runtimes=frozenset({"coreai"}))
+    #: functions with states (buffers written in place: Core AI states) and several entry points in
+    #: one program; no compression or chunking (yet); packages run with coreai-core
+    capabilities = Capabilities(
+        states=True, multiple_functions=True, program="coreai", executor="coreai", runtimes=frozenset({"coreai"})
+    )
 
     def convert(self, program: ProgramSpec, events: Events | None = None) -> CoreAIPackage:
         self.require(states=program.stateful, functions=len(program.functions))
         events = events_of(events)
-        ((name, handoff),) = program.functions.items()
         coreai_torch = _coreai_torch()
-        with events.stage("export"):
-            gm = legalized_clone(handoff)
-            try:
-                ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
-                ep = ep.run_decompositions({**coreai_torch.get_decomp_table(), **DECOMPOSITIONS})
-            except Exception as exc:
-                raise ConversionError(f"re-exporting the rewritten graph failed: {type(exc).__name__}: {exc}") from exc
-        handed = ep.module()
-        with events.stage("check_converter_input"):
-            check_converter_input(handoff, handed)
+        converter = coreai_torch.TorchConverter()
+        functions: dict[str, ConvertedFunction] = {}
+        several = len(program.functions) > 1
+        for name, handoff in program.functions.items():
+            with events.stage(name) if several else contextlib.nullcontext():
+                with events.stage("export"):
+                    ep, handed, states = _exported(handoff, program, coreai_torch)
+                with events.stage("check_converter_input"):
+                    check_converter_input(handoff, handed)
+                converter.add_exported_program(
+                    ep,
+                    input_names=handoff.value_inputs,
+                    output_names=handoff.value_outputs,
+                    state_names=states,
+                    entrypoint_name=name,
+                )
+                functions[name] = ConvertedFunction(name, None, 0.0, ep, handed)
         with events.stage("coreai_convert"):
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
-                    program_ = coreai_torch.TorchConverter().add_exported_program(ep).to_coreai()
+                    converted = converter.to_coreai()
             except Exception as exc:
                 raise ConversionError(f"coreai-torch failed to convert: {type(exc).__name__}: {exc}") from exc
-        function = ConvertedFunction(name, program_, events.events[-1].seconds, ep, handed)
+        seconds = events.events[-1].seconds or 0.0
+        for function in functions.values():
+            function.model, function.seconds = converted, seconds
         return CoreAIPackage(
-            {name: function}, program_, name, dict(program.metadata), read_ops(program_), list(handoff.output_names)
+            functions,
+            converted,
+            program.default,
+            dict(program.metadata),
+            {name: read_ops(converted, name) for name in functions},
+            {name: list(h.value_outputs) for name, h in program.functions.items()},
+            dict(program.states),
         )
 
     def executor(self, package: CoreAIPackage, runtime: str | None = None) -> CoreAIProgram:

@@ -55,6 +55,7 @@ from anefx.targets.compression import SCHEMES, check_deployment_target, needs_io
 from anefx.targets.executor import LoadedProgram, State, TensorSpec
 from anefx.targets.handoff import HandOff, ProgramSpec, StateSpec, check_converter_input, legalized_clone
 from anefx.targets.lift import keep_input_names, lifted_program
+from anefx.targets.localize import fp32_selector
 from anefx.targets.mil import MILProgram
 from anefx.targets.mil.reader import read_package
 from anefx.targets.mil_pipeline import pass_pipeline
@@ -88,6 +89,9 @@ class CoreMLOptions:
     fast_conversion: bool = True
     #: Extra keyword arguments for ``ct.convert`` (advanced).
     convert_kwargs: tuple[tuple[str, object], ...] = ()
+    #: Torch nodes (names in the graph handed to the converter) whose MIL ops compute in fp32 in an
+    #: fp16 program: the artifact check's fp16 fallback sets it for the region it located.
+    fp32_nodes: frozenset[str] = frozenset()
 
     def resolved(self) -> tuple[Any, Any, Any]:
         """``(ct.target member, ct.precision member, ct.ComputeUnit member)``; a ``ConversionError``
@@ -324,7 +328,7 @@ def _convert_channel_layer_norm(context, node):
 
 
 def _convert_instance_norm(context, node):
-    """``anefx::instance_norm`` → one MIL ``instance_norm`` (no gamma/beta)."""
+    """``anefx::instance_norm_4d`` → one MIL ``instance_norm`` (no gamma/beta)."""
     from coremltools.converters.mil import Builder as mb
 
     x, eps = torch_node_inputs(context, node, expected=2)
@@ -349,7 +353,7 @@ def _convert_cache_write(context, node):
 #: anefx's own torch ops and their Core ML converters
 _ANEFX_CONVERTERS = {
     "channel_layer_norm": _convert_channel_layer_norm,
-    "instance_norm": _convert_instance_norm,
+    "instance_norm_4d": _convert_instance_norm,  # not "instance_norm": that alias is aten.instance_norm's
     "cache_write": _convert_cache_write,
 }
 
@@ -366,6 +370,12 @@ def _ensure_anefx_ops() -> None:
         # support query ``is_torch_fx_node_supported`` by ``__name__`` (``channel_layer_norm.default``)
         kinds = sorted({sanitize_op_kind(op.name()), sanitize_op_kind(op.__name__)})
         register_torch_op(converter, torch_alias=kinds, override=True)
+
+
+def _output_nodes(ep) -> list[str | None]:
+    """The name of the node each output of ``ep``'s graph is (None for a constant output)."""
+    out = next(n for n in ep.graph.nodes if n.op == "output")
+    return [a.name if isinstance(a, torch.fx.Node) else None for a in out.args[0]]
 
 
 def _unconvertible(ep) -> list[str]:
@@ -466,6 +476,11 @@ class CoreMLTarget(Target):
         super().for_program(states=states, functions=functions)
         return self.for_states() if states else self
 
+    def with_fp32_nodes(self, nodes) -> CoreMLTarget:
+        """This target with the MIL ops of the torch nodes ``nodes`` computed in fp32 (an fp16 program's
+        fallback for a region that overflows)."""
+        return CoreMLTarget(dataclasses.replace(self.options, fp32_nodes=frozenset(nodes)))
+
     def for_states(self) -> CoreMLTarget:
         """This target for a program with states: Core ML states need iOS18 / macOS15."""
         ct = coremltools_module()
@@ -536,10 +551,20 @@ class CoreMLTarget(Target):
             check_converter_input(handoff, handed)
         target, precision, units = opts.resolved()
         outputs = [ct.TensorType(name=n) for n in handoff.value_outputs]
+        if opts.fp32_nodes:  # an output the fp16 fallback computes in fp32 is not cast back to fp16
+            outputs = [
+                ct.TensorType(name=t.name, dtype=np.float32) if node in opts.fp32_nodes else t
+                for t, node in zip(outputs, _output_nodes(ep), strict=False)
+            ]
         kwargs = dict(opts.convert_kwargs)
+        fp16 = opts.precision_name == "float16"
+        selector = fp32_selector([n.name for n in ep.graph.nodes], opts.fp32_nodes) if opts.fp32_nodes else None
         if "pass_pipeline" not in kwargs and (opts.fast_conversion or handoff.stateful):
-            fp16 = opts.precision_name == "float16"
-            kwargs["pass_pipeline"] = pass_pipeline(ct, fp16, fast=opts.fast_conversion, states=handoff.stateful)
+            kwargs["pass_pipeline"] = pass_pipeline(
+                ct, fp16, fast=opts.fast_conversion, states=handoff.stateful, op_selector=selector
+            )
+        elif selector is not None and fp16:
+            precision = ct.transform.FP16ComputePrecision(op_selector=selector)
         with events.stage("ct_convert"):
             try:
                 with warnings.catch_warnings(), quiet_coremltools():

@@ -29,6 +29,7 @@ import torch.fx
 
 from anefx.compat.torch import set_flat_io
 from anefx.ir.errors import AnefxError
+from anefx.ir.graph import node_arg
 
 _CONVS = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
 
@@ -66,7 +67,7 @@ def split_head(gm: torch.fx.GraphModule, options: LMHeadOptions) -> tuple[torch.
             continue
         weight = node.args[1]
         out_channels = weight.meta["val"].shape[0] if "val" in weight.meta else 0
-        groups = node.args[6] if node.target is torch.ops.aten.convolution.default else _arg(node, 6, "groups", 1)
+        groups = node.args[6] if node.target is torch.ops.aten.convolution.default else node_arg(node, 6, "groups", 1)
         if out_channels <= options.max_channels or groups != 1 or not _feeds_output(node):
             continue
         n = math.ceil(out_channels / options.max_channels)
@@ -119,12 +120,6 @@ def _feeds_output(node: torch.fx.Node) -> bool:
 
 def _getitem(x, i):
     return x[i]
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 def output_names(names: list[str], options: LMHeadOptions) -> list[str]:

@@ -113,12 +113,14 @@ def _register_state_pass() -> None:
                 block.remove_ops([op])
 
 
-def pass_pipeline(ct, fp16: bool, fast: bool = True, states: bool = False):
+def pass_pipeline(ct, fp16: bool, fast: bool = True, states: bool = False, op_selector=None):
     """coremltools' default pipeline with the faster, equivalent passes swapped in (same order,
     options) when ``fast``; with ``states``, the identity state writes dropped at the end (once the
     frontend's casts and copies between a read and its write are gone).
 
-    Without fp16 compute precision coremltools drops ``add_fp16_cast`` itself: the default is kept."""
+    Without fp16 compute precision coremltools drops ``add_fp16_cast`` itself: the default is kept.
+    ``op_selector`` (``op -> bool``): the ops the fp16 cast pass casts (the others stay fp32), as
+    ``ct.transform.FP16ComputePrecision(op_selector=…)`` takes it."""
     pipeline = ct.PassPipeline.DEFAULT
     if not states and not (fast and fp16):
         return pipeline
@@ -136,4 +138,7 @@ def pass_pipeline(ct, fp16: bool, fast: bool = True, states: bool = False):
     out = ct.PassPipeline(pass_names=names, pipeline_name="anefx")
     for name, opts in options.items():
         out.set_options(name, opts)
+    if op_selector is not None and fp16:
+        cast = _REPLACEMENTS["common::add_fp16_cast"] if fast else "common::add_fp16_cast"
+        out.set_options(cast, {"op_selector": op_selector})
     return out

@@ -7,6 +7,6 @@ executor behind ``anefx.load`` (:mod:`anefx.targets.runtime`).
 """
 
 from anefx.targets.mil.interpreter import SUPPORTED_OPS, ExecutionError, UnsupportedOpError
-from anefx.targets.mil.program import MILProgram, MILState
+from anefx.targets.mil.program import MILOp, MILProgram, MILState
 
-__all__ = ["SUPPORTED_OPS", "ExecutionError", "MILProgram", "MILState", "UnsupportedOpError"]
+__all__ = ["SUPPORTED_OPS", "ExecutionError", "MILOp", "MILProgram", "MILState", "UnsupportedOpError"]

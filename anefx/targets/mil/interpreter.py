@@ -121,6 +121,8 @@ class Step:
     state: str = ""  #: the state a read_state / coreml_update_state touches
     state_dtype: str = ""  #: its MIL dtype
     free: tuple[str, ...] = ()  #: values not needed after this step
+    name: str = ""  #: the op's name in the program
+    position: int = -1  #: the op's index in its block
 
 
 @dataclass
@@ -271,6 +273,8 @@ def _plan_block(block, inputs, function, prefix, known, constants) -> BlockPlan:
                     shapes,
                     state=state_var.name,
                     state_dtype=dtype_name(state_var),
+                    name=op.name,
+                    position=i,
                 )
             )
             continue
@@ -286,10 +290,14 @@ def _plan_block(block, inputs, function, prefix, known, constants) -> BlockPlan:
                 )
                 for b, inner in enumerate(op.blocks)
             )
-            steps.append(Step(op.op_type, op.op_type, where, None, params, outs, dtypes, shapes, blocks))
+            steps.append(
+                Step(
+                    op.op_type, op.op_type, where, None, params, outs, dtypes, shapes, blocks, name=op.name, position=i
+                )
+            )
             continue
         kernel = KERNELS[op.op_type]
-        step = Step("kernel", op.op_type, where, kernel, params, outs, dtypes, shapes)
+        step = Step("kernel", op.op_type, where, kernel, params, outs, dtypes, shapes, name=op.name, position=i)
         if op.op_type not in _NOT_FOLDED and all(_refs_known(ref, known) for _, ref in params):
             _fold(step, known, constants)
             continue

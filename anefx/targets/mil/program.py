@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,17 @@ from anefx.targets.mil.interpreter import (
     run_function,
 )
 from anefx.targets.mil.reader import ReadProgram, read_mlmodel, read_package, read_spec
+
+
+class MILOp(NamedTuple):
+    """One op a function runs, as :meth:`MILProgram.operations` lists it."""
+
+    position: int  #: index in the function's block (``const`` ops count)
+    op_type: str
+    name: str
+    inputs: tuple[str, ...]  #: the names of the values it reads
+    outputs: tuple[str, ...]  #: the names of the values it writes
+    dtypes: tuple[str, ...]  #: their MIL dtypes
 
 
 class MILState(State):
@@ -127,6 +138,27 @@ class MILProgram(LoadedProgram):
         return {
             k: declared(v, dtypes[k]) if k in dtypes else v for k, v in values.items() if isinstance(v, torch.Tensor)
         }
+
+    def operations(self, function: str | None = None) -> list[MILOp]:
+        """The ops ``function`` runs at call time, in order (top-level block; ops whose inputs are
+        all constants were evaluated on loading and are not listed): what :meth:`trace` values are
+        the outputs of."""
+        plan = self._plans[self.function_name(function)]
+        ops = []
+        for step in plan.block.steps:
+            reads = []
+            for _, ref in step.params:
+                reads.extend((ref,) if isinstance(ref, str) else ref)
+            ops.append(MILOp(step.position, step.op_type, step.name, tuple(reads), step.outputs, step.dtypes))
+        return ops
+
+    @property
+    def precision(self) -> str:
+        """``"fp16"`` when some op of the program computes an fp16 value, else ``"fp32"``."""
+        for plan in self._plans.values():
+            if "fp16" in _value_dtypes(plan).values():
+                return "fp16"
+        return "fp32"
 
     def _held_inputs(self, function: str, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         arrays = self.checked_inputs(function, inputs)

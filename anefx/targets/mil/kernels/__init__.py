@@ -8,7 +8,7 @@ interpreter runs them itself (:data:`anefx.targets.mil.interpreter.INTERPRETER_O
 
 from __future__ import annotations
 
-from anefx.targets.mil.kernels import compression, elementwise, nn, tensor
+from anefx.targets.mil.kernels import compression, elementwise, nn, recurrent, tensor
 from anefx.targets.mil.kernels.base import Args
 
 
@@ -22,6 +22,6 @@ def _merge(*tables: dict) -> dict:
     return merged
 
 
-KERNELS = _merge(elementwise.KERNELS, tensor.KERNELS, nn.KERNELS, compression.KERNELS)
+KERNELS = _merge(elementwise.KERNELS, tensor.KERNELS, nn.KERNELS, recurrent.KERNELS, compression.KERNELS)
 
 __all__ = ["KERNELS", "Args"]

@@ -1,0 +1,315 @@
+"""Find where an executed program departs from the graph it was converted from.
+
+coremltools names each MIL op after the torch node it converts (``gelu`` → ``gelu``, ``linear`` →
+``linear_0``); its fp16 pass appends ``_cast_fp16`` and names the casts it inserts ``…_to_fp16``,
+and an op of a node's decomposition extends the node's name (``layer_norm_2_square``).
+:func:`fx_name` reads a MIL name back into the node's name, and says whether the MIL value *is*
+that node's value (the op the node's conversion ends with) or a step inside its conversion.
+
+:func:`locate` runs the program with anefx's MIL interpreter keeping every value
+(:meth:`MILProgram.trace`) and the graph (the converter's input, whose node names are the MIL
+names) keeping every value too, on the same inputs. Walking the program's ops in order, each op
+whose value is a node's value is compared with the node's value, relative to that value's scale.
+The first op that differs by more than the tolerance is then checked *locally*: its node is run
+again in PyTorch on the program's own values of its inputs. An op that is wrong by itself (a
+converter bug; a value that overflows fp16, which PyTorch holds in fp32) differs locally too; an
+op that only inherits the drift of the ops before it does not, and the walk goes on. The result
+(:class:`Divergence`) names the MIL op, its torch node and the source line the node came from.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+from anefx.ir.graph import describe, source_location
+
+FP16_MAX = 65504.0
+_SUFFIXES = re.compile(r"(_cast_fp16|_cast_fp32|_to_fp16|_to_fp32|_cast|_fp16)+$")
+
+
+def fx_name(mil_name: str, fx_names: Collection[str]) -> tuple[str | None, bool]:
+    """The torch node (of ``fx_names``) a MIL op or value comes from, and True when it holds that
+    node's value (the last op of the node's conversion) rather than a step inside it;
+    ``(None, False)`` for ops of no node (the casts of inputs, transposes coremltools adds …)."""
+    base = _SUFFIXES.sub("", mil_name)
+    if base in fx_names:
+        return base, True
+    if base.endswith("_0") and base[:-2] in fx_names:
+        return base[:-2], True
+    cut = base.rfind("_")
+    while cut > 0:
+        prefix = base[:cut]
+        if base[cut + 1 :].split("_")[0].isdigit():  # ``linear_10`` is another node than ``linear``'s
+            cut = base.rfind("_", 0, cut)
+            continue
+        if prefix in fx_names:
+            return prefix, False
+        if prefix.endswith("_0") and prefix[:-2] in fx_names:
+            return prefix[:-2], False
+        cut = base.rfind("_", 0, cut)
+    return None, False
+
+
+@dataclass
+class Divergence:
+    """Where the executed program first departs from the graph."""
+
+    function: str
+    position: int  #: the MIL op's index in its function
+    op_type: str  #: the MIL op (``gelu``)
+    mil_name: str  #: its name in the program
+    node: str  #: the torch node it converts (``gelu``)
+    torch_op: str  #: ``%gelu (aten.gelu) at model.py:12``
+    location: str | None  #: ``model.py:12``
+    error: float  #: max abs error / scale of the node's value (inf: inf or NaN)
+    local: bool  #: the op differs when run on the program's own inputs (it is wrong by itself)
+    overflow: bool  #: the value exceeds fp16's range (65,504) in PyTorch, or the program made inf/NaN
+    absmax: float  #: largest finite magnitude of the node's value in PyTorch
+    input_set: str = "example"
+
+    def __str__(self) -> str:
+        why = "overflows fp16" if self.overflow else ("is wrong by itself" if self.local else "drifts")
+        error = "inf or NaN" if math.isinf(self.error) else f"{self.error:.3g} of its scale"
+        return (
+            f"The program departs from the graph at MIL op #{self.position} ({self.op_type} "
+            f"'{self.mil_name}') of function '{self.function}', which computes {self.torch_op}: "
+            f"error {error}, largest value {self.absmax:.4g} in PyTorch; it {why} [inputs: {self.input_set}]"
+        )
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs a graph keeping every tensor value by node name."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        return out
+
+
+def graph_values(gm: torch.fx.GraphModule, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor value of ``gm`` by node name, its placeholders fed by name from ``inputs``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    missing = [n.name for n in placeholders if n.name not in inputs]
+    if missing:
+        raise KeyError(f"no value for the graph's inputs {missing}; given {list(inputs)}")
+    flat = [_as_tensor(inputs[n.name]) for n in placeholders]
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*flat)
+    return rec.values
+
+
+def _as_tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    import numpy as np
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| over the elements where ``want`` is finite; inf when ``got`` is
+    inf or NaN where ``want`` is finite."""
+    if not want.is_floating_point():
+        return 0.0 if torch.equal(got.to(want.dtype), want) else math.inf
+    e, a = want.double(), got.double()
+    finite = torch.isfinite(e)
+    if bool((finite & ~torch.isfinite(a)).any()):
+        return math.inf
+    if not bool(finite.any()):
+        return 0.0
+    diff = float((a - e).abs()[finite].max())
+    scale = float(e.abs()[finite].max())
+    return diff / scale if scale > 0 else (math.inf if diff > 0 else 0.0)
+
+
+def _absmax(t: torch.Tensor) -> float:
+    if not t.is_floating_point() or not t.numel():
+        return 0.0
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def _like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor | None:
+    """``value`` in ``ref``'s shape and dtype, or None when it holds another number of elements."""
+    if value.numel() != ref.numel():
+        return None
+    return value.reshape(ref.shape).to(ref.dtype)
+
+
+def locate(
+    program,
+    reference: torch.fx.GraphModule,
+    inputs: Mapping[str, Any],
+    *,
+    function: str | None = None,
+    state=None,
+    tolerance: float = 1e-2,
+    input_set: str = "example",
+) -> Divergence | None:
+    """The first op of ``program`` (a :class:`~anefx.targets.mil.MILProgram`) whose value departs
+    from ``reference``'s (the graph it was converted from, its node names the MIL names) by more than
+    ``tolerance`` of the value's scale *by itself* (see the module docstring); when no op does, the
+    first op that differs at all (drift accumulated over several ops); None when none differs."""
+    name = program.function_name(function)
+    traced = program.trace(inputs, name, state)
+    values = graph_values(reference, {**{k: _as_tensor(v) for k, v in inputs.items()}})
+    nodes = {n.name: n for n in reference.graph.nodes}
+    # the MIL value holding each node's value, and each op's outputs
+    held: dict[str, str] = {n: n for n in inputs}
+    results = _graph_outputs(reference, list(program.outputs(name)))
+    first_drift: Divergence | None = None
+    for op in program.operations(name):
+        node_name, exact = fx_name(op.name, nodes)
+        if op.outputs and op.outputs[0] in results:  # the op writing a program output holds the graph's
+            node_name, exact = results[op.outputs[0]], True
+        elif node_name is None and op.outputs:  # an op of coremltools' own (``cast_4``) holding a node's value
+            node_name, exact = fx_name(op.outputs[0], nodes)
+        if node_name is None or not exact or not op.outputs:
+            continue
+        held[node_name] = op.outputs[0]
+        want, got = values.get(node_name), traced.get(op.outputs[0])
+        if want is None or got is None or not isinstance(got, torch.Tensor):
+            continue
+        got = _like(got, want)
+        if got is None:
+            continue
+        error = _relative_error(got, want)
+        if error <= tolerance:
+            continue
+        node = nodes[node_name]
+        local = _local_error(node, traced, held, values)
+        absmax = _absmax(want)
+        found = Divergence(
+            name,
+            op.position,
+            op.op_type,
+            op.name,
+            node_name,
+            describe(node),
+            source_location(node),
+            error,
+            local is None or local > tolerance,
+            absmax > FP16_MAX or (not bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())),
+            absmax,
+            input_set,
+        )
+        if found.local:
+            return found
+        first_drift = first_drift or found
+    return first_drift
+
+
+def _graph_outputs(reference: torch.fx.GraphModule, program_outputs: list[str]) -> dict[str, str]:
+    """Program output name → the graph node it is (by position, when the counts agree)."""
+    out = next(n for n in reversed(reference.graph.nodes) if n.op == "output")
+    args = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    if len(args) != len(program_outputs):
+        return {}
+    return {p: a.name for p, a in zip(program_outputs, args) if isinstance(a, torch.fx.Node) and a.op != "placeholder"}
+
+
+def _local_error(
+    node: torch.fx.Node, traced: Mapping[str, Any], held: Mapping[str, str], values: Mapping[str, torch.Tensor]
+) -> float | None:
+    """The error of the program's value of ``node`` against ``node`` run in PyTorch on the program's
+    values of its inputs (the graph's own value for an input the program does not hold); None when
+    the node cannot be run alone."""
+    if node.op != "call_function":
+        return None
+
+    def value_of(arg: torch.fx.Node):
+        ref = values.get(arg.name)
+        mil = traced.get(held.get(arg.name, ""))
+        if ref is not None and isinstance(mil, torch.Tensor):
+            same = _like(mil, ref)
+            if same is not None:
+                return same
+        return ref
+
+    try:
+        args = torch.fx.node.map_arg(node.args, value_of)
+        kwargs = torch.fx.node.map_arg(dict(node.kwargs), value_of)
+        with torch.no_grad():
+            out = node.target(*args, **kwargs)
+    except Exception:
+        return None
+    mil = traced.get(held.get(node.name, ""))
+    if not isinstance(out, torch.Tensor) or not isinstance(mil, torch.Tensor):
+        return None
+    mil = _like(mil, out)
+    return None if mil is None else _relative_error(mil, out)
+
+
+#: ops whose output error is the absolute error of their argument (a sine reads it modulo 2π)
+PERIODIC = frozenset({torch.ops.aten.sin.default, torch.ops.aten.cos.default})
+
+
+def fp16_region(
+    divergence: Divergence,
+    reference: torch.fx.GraphModule,
+    values: Mapping[str, torch.Tensor],
+    tolerance: float = 1e-2,
+) -> set[str]:
+    """The torch nodes to compute in fp32 for an fp16 failure at ``divergence``: its node and,
+    while a node of the region holds a value beyond fp16's range in PyTorch, every op that reads it
+    (a square that overflows, then the mean that reads it …): the region ends where values fit
+    fp16 again. A periodic op of the region (``sin``, ``cos``) takes its argument's computation
+    with it wherever fp16 would round that argument by more than ``tolerance`` (a value of
+    magnitude A by up to A·2⁻¹¹: diffusers' timestep times its frequencies, up to ~1,000), with
+    the argument's other periodic readers (the cosine of the same argument)."""
+    nodes = {n.name: n for n in reference.graph.nodes}
+    region = {divergence.node}
+    frontier = [nodes[divergence.node]]
+    while frontier:
+        node = frontier.pop()
+        value = values.get(node.name)
+        if value is None or _absmax(value) <= FP16_MAX:
+            continue
+        for user in node.users:
+            if user.name not in region and user.op == "call_function":
+                region.add(user.name)
+                frontier.append(user)
+    return region | _periodic_arguments(region, nodes, values, tolerance)
+
+
+def _periodic_arguments(region, nodes, values, tolerance: float) -> set[str]:
+    """The ops computing the arguments of the region's periodic ops, upstream while fp16 would
+    round their values by more than ``tolerance``, and the periodic ops reading them."""
+    added: set[str] = set()
+    frontier = [a for name in region if nodes[name].target in PERIODIC for a in nodes[name].all_input_nodes]
+    while frontier:
+        node = frontier.pop()
+        value = values.get(node.name)
+        if node.op != "call_function" or node.name in added or value is None or not value.is_floating_point():
+            continue
+        if _absmax(value) * 2.0**-11 <= tolerance:
+            continue
+        added.add(node.name)
+        added |= {u.name for u in node.users if u.target in PERIODIC}
+        frontier.extend(node.all_input_nodes)
+    return added
+
+
+def fp32_selector(fx_names: Collection[str], region: Collection[str]):
+    """An ``op_selector`` for coremltools' fp16 cast pass: False (keep fp32) for the MIL ops of the
+    torch nodes in ``region`` (their conversions' every op), True for every other op."""
+    names, keep = set(fx_names), set(region)
+
+    def select(op) -> bool:
+        node, _ = fx_name(op.name, names)
+        return node not in keep
+
+    return select

@@ -1,0 +1,297 @@
+"""Validating the artifact: the converted program is executed (anefx's MIL interpreter) on the
+validation's input sets and compared with PyTorch; a program that departs is located (MIL op,
+torch node, source line) and an fp16 failure falls back to fp32 for the located region.
+
+A planted converter bug (coremltools' ``gelu`` converter replaced by one that emits ``relu``) must
+be caught and named, and must not be hidden by the fp16 fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import anefx
+from anefx.compat.coremltools import torch_node_inputs
+from anefx.driver.validate import ValidationOptions, Validator
+from anefx.targets.coreml import CoreMLOptions
+from anefx.targets.localize import fx_name, locate
+from anefx.targets.mil import MILProgram
+from anefx.targets.verify import (
+    ArtifactCheckOptions,
+    ArtifactError,
+    InputSet,
+    check_and_fix,
+    check_program,
+    input_sets_from_validator,
+)
+from examples import models
+
+aten = torch.ops.aten
+
+
+class GeluBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.norm = nn.Linear(16, 32), nn.Linear(32, 16), nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.down(nn.functional.gelu(self.up(x))))  # the planted bug's line
+
+
+@contextlib.contextmanager
+def gelu_computed_as_relu():
+    """coremltools' torch converter for ``gelu`` replaced by one that emits ``relu`` (restored after)."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops, register_torch_op
+
+    def gelu(context, node):
+        x = torch_node_inputs(context, node, expected=[1, 2])[0]
+        context.add(mb.relu(x=x, name=node.name))
+
+    register_torch_op(gelu, override=True)
+    try:
+        yield
+    finally:
+        register_torch_op(ops.gelu, override=True)
+
+
+def _input_sets(compiled, program) -> list[InputSet]:
+    captured = compiled.captured
+    validator = Validator(captured.graph_module, captured.flat_inputs, ValidationOptions())
+    return input_sets_from_validator(validator, captured.input_names, captured.output_names, list(program.inputs()))
+
+
+def _compile(model, args, kwargs=None, pipeline=None, fp32_nodes=()):
+    """anefx.compile without its own artifact check (these tests run it by hand), optionally with
+    the torch nodes ``fp32_nodes`` computed in fp32."""
+    options = CoreMLOptions(fp32_nodes=frozenset(fp32_nodes))
+    compiled = anefx.compile(model, args, kwargs or {}, pipeline=pipeline, target_options=options, artifact_check="off")
+    return compiled, MILProgram.from_mlmodel(compiled.mlmodel)
+
+
+def test_fx_name_reads_coremltools_names_back():
+    names = {"x", "linear", "linear_1", "gelu", "layer_norm_2", "add"}
+    assert fx_name("gelu_cast_fp16", names) == ("gelu", True)
+    assert fx_name("linear_0_cast_fp16", names) == ("linear", True)  # coremltools' first 'linear'
+    assert fx_name("linear_1_cast_fp16", names) == ("linear_1", True)
+    assert fx_name("x_to_fp16", names) == ("x", True)
+    assert fx_name("linear_0_cast_fp16_to_fp32", names) == ("linear", True)
+    assert fx_name("layer_norm_2_square", names) == ("layer_norm_2", False)  # a step of its conversion
+    assert fx_name("linear_10_cast_fp16", names) == (None, False)  # not linear_1's
+    assert fx_name("cast_3", names) == (None, False)
+
+
+@pytest.fixture(scope="module")
+def distilbert():
+    """A small DistilBERT compiled with the artifact stage on (shared by the tests that read it)."""
+    model, args, kwargs = models.distilbert_small(pad=4)
+    return anefx.compile(model, args, kwargs)
+
+
+def test_check_measures_every_output_on_every_input_set(distilbert):
+    compiled = distilbert
+    program = MILProgram.from_mlmodel(compiled.mlmodel)
+    sets = _input_sets(compiled, program)
+    assert [s.name for s in sets][-3:] == [
+        "stress: masks with right padding",
+        "stress: masks with left padding",
+        "stress: masks with one kept",
+    ]
+    check = check_program(program, sets)
+    assert check.ok, check.message()
+    assert check.precision == "fp16" and check.input_sets == [s.name for s in sets]
+    (out,) = check.outputs.values()
+    assert 1e-5 < out.rel_error <= 1e-2 and out.nonfinite == 0  # fp16 ran in fp16, within tolerance
+    assert check.summary()["outputs"]["last_hidden_state"]["rel_error"] == out.rel_error
+    # the same program against references off by 5 % on one input set
+    wrong = [InputSet(s.name, s.inputs, {k: v * 1.05 for k, v in s.expected.items()}, s.undefined) for s in sets]
+    failed = check_program(program, sets[:1] + wrong[1:2])
+    assert not failed.ok and failed.outputs["last_hidden_state"].input_set == sets[1].name
+    assert "last_hidden_state" in failed.message() and "of its scale" in failed.message()
+    assert check_program(program, sets, options=ArtifactCheckOptions(mode="example")).input_sets == ["example"]
+
+
+class Squares(nn.Module):
+    def forward(self, x):
+        return (x * 400.0) * (x * 400.0)  # beyond 65,504 in fp16
+
+
+def test_inf_in_the_program_is_a_failure():
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
+    compiled, program = _compile(Squares(), (x,), pipeline=anefx.Pipeline.empty())
+    check = check_program(program, _input_sets(compiled, program))
+    (out,) = check.outputs.values()
+    assert not check.ok and out.nonfinite > 0 and math.isinf(out.rel_error)
+    assert "inf or NaN" in check.message()
+
+
+def test_a_planted_converter_bug_is_located_at_its_op_node_and_line():
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = GeluBlock().eval()
+    with gelu_computed_as_relu():
+        compiled, program = _compile(model, (x,))
+    assert program.op_counts["main"].get("relu") == 1 and "gelu" not in program.op_counts["main"]
+    sets = _input_sets(compiled, program)
+    assert not check_program(program, sets).ok
+    found = locate(program, compiled.artifact.package.converter_input, sets[0].inputs)
+    assert (found.op_type, found.node, found.local, found.overflow) == ("relu", "gelu", True, False)
+    assert found.torch_op.startswith("%gelu (aten.gelu)")
+    assert found.location == f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}"
+    # the fp16 fallback cannot hide it: fp32 for the region (grown upstream round by round: the
+    # gelu, then the linear feeding it) changes nothing, the check still fails
+    with gelu_computed_as_relu():
+        _shipped, check = check_and_fix(
+            program,
+            sets,
+            reference=compiled.artifact.package.converter_input,
+            reconvert=lambda region: _compile(model, (x,), fp32_nodes=region)[1],
+        )
+    assert not check.ok and set(check.fallback["fp32_nodes"]) == {"gelu", "linear"}
+    assert "relu 'gelu'" in check.message() and "aten.gelu" in check.message()
+
+
+def test_an_fp16_overflow_falls_back_to_fp32_for_its_region_only():
+    """RMSNorm spelled out (no rms_norm_bc1s, no fp16_norm_scale): its squares overflow in fp16; the
+    located region (the square and the mean that reads it) computes in fp32, the rest in fp16."""
+    model, args, kwargs = models.large_rms_norm(seq=16)
+    pipeline = anefx.Pipeline.default().without("rms_norm_bc1s", "fp16_norm_scale")
+    compiled, program = _compile(model, args, kwargs, pipeline)
+    sets = _input_sets(compiled, program)
+    assert not check_program(program, sets).ok
+    shipped, check = check_and_fix(
+        program,
+        sets,
+        reference=compiled.artifact.package.converter_input,
+        reconvert=lambda region: _compile(model, args, kwargs, pipeline, fp32_nodes=region)[1],
+    )
+    assert check.ok, check.message()
+    nodes = {n.name: n for n in compiled.artifact.package.converter_input.graph.nodes}
+    region = check.fallback["fp32_nodes"]
+    assert {nodes[n].target for n in region} == {aten.pow.Tensor_Scalar, aten.mean.dim}
+    assert "overflows fp16" in check.fallback["first_divergence"]
+    fp32_ops = {op.op_type for op in shipped.operations() if op.dtypes == ("fp32",)} - {"cast"}
+    assert fp32_ops == {"pow", "reduce_mean"}
+
+
+# ---------------------------------------------------------------------------------------------
+# inside anefx.compile: the artifact stage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compile_reports_the_executed_artifact(distilbert):
+    check = distilbert.report.artifact["main"]
+    assert check["ok"] and check["runtime"] == "mil" and check["precision"] == "fp16" and check["input_sets"] == 5
+    out = check["outputs"]["last_hidden_state"]
+    assert 1e-5 < out["rel_error"] <= 1e-2 and out["nonfinite"] == 0
+    assert "artifact main (mil, fp16, 5 input sets): ok" in str(distilbert.report)
+    model, args, _ = models.mlp()
+    off = anefx.compile(model, args, artifact_check="off")
+    assert off.report.artifact == {"status": "not executed (off)"}
+
+
+def test_compile_refuses_a_planted_converter_bug_and_names_it(tmp_path):
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with gelu_computed_as_relu(), pytest.raises(ArtifactError) as info:
+        anefx.compile(GeluBlock().eval(), (x,))
+    text = str(info.value)
+    assert "MIL op #" in text and "(relu 'gelu')" in text and "%gelu (aten.gelu)" in text
+    assert f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}" in text  # the model's line
+    assert "Nothing was written" in text and not list(tmp_path.iterdir())
+
+
+def test_compile_falls_back_to_fp32_for_an_overflowing_region():
+    model, args, kwargs = models.large_rms_norm()
+    pipeline = anefx.Pipeline.default().without("rms_norm_bc1s", "fp16_norm_scale")  # the squares overflow
+    compiled = anefx.compile(model, args, kwargs, pipeline=pipeline)
+    check = compiled.report.artifact["main"]
+    assert (
+        check["ok"] and check["fallback"]["rounds"] == 1 and "overflows fp16" in check["fallback"]["first_divergence"]
+    )
+    shipped = MILProgram.from_mlmodel(compiled.mlmodel)  # what save() writes: the region in fp32
+    assert {op.op_type for op in shipped.operations() if op.dtypes == ("fp32",)} - {"cast"} == {"pow", "reduce_mean"}
+
+
+class TimestepStack(nn.Module):
+    """diffusers' sinusoidal timestep embedding (``sin``/``cos`` of the timestep times frequencies:
+    fp16 rounds an argument near 999 by up to 0.25) added to the input of two layers."""
+
+    def __init__(self, c=64):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(c, c) for _ in range(2))
+        self.register_buffer("freqs", torch.exp(-math.log(10000.0) * torch.arange(c // 2) / (c // 2)))
+
+    def forward(self, x, t):
+        arg = t[:, None].float() * self.freqs[None]
+        h = x + torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1)[:, None, :]
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return h
+
+
+def test_each_chunk_of_a_chain_falls_back_on_its_own():
+    """A chain of packages: the chunk holding the timestep embedding is converted again with its
+    region in fp32 (found against that chunk's own graph); the other chunks ship as converted."""
+    torch.manual_seed(0)
+    model = TimestepStack().eval()
+    layer_mb = sum(p.numel() for p in model.layers[0].parameters()) * 2 / 1e6
+    args = (torch.randn(2, 8, 64), torch.tensor([999, 901]))
+    compiled = anefx.compile(model, args, max_chunk_mb=1.5 * layer_mb)
+    checks = compiled.report.artifact
+    assert sorted(checks) == ["chunk0", "chunk1"] and all(c["ok"] for c in checks.values()), checks
+    fell_back = {k: c["fallback"] for k, c in checks.items() if c.get("fallback")}
+    (fallback,) = fell_back.values()
+    # in one round: the sine, its argument (the timestep x frequencies, ~900: fp16 rounds it by up
+    # to 0.25) and the cosine of the same argument; not the layers
+    assert fallback["rounds"] == 1 and {"sin", "cos", "mul"} <= set(fallback["fp32_nodes"]), fallback
+    assert not {"linear", "relu", "add"} & set(fallback["fp32_nodes"]), fallback
+    t = torch.tensor([997, 3])
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(1))
+    out = next(iter(anefx.load(compiled)({"x": x.numpy(), "t": t.numpy()}).values()))
+    with torch.no_grad():
+        ref = model(x, t)
+    assert float((torch.as_tensor(out).double() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+class BeyondFp16(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) + 100000.0  # the output holds values beyond fp16's 65,504
+
+
+def test_an_output_beyond_fp16_falls_back_to_an_fp32_output():
+    """coremltools computes the add in fp32 (its constant does not fit fp16) and casts the output
+    back to fp16: all inf. The cast (an op of coremltools' own) is located by the value it holds, and
+    the fallback computes the region in fp32 up to an fp32 output."""
+    torch.manual_seed(0)
+    compiled = anefx.compile(BeyondFp16().eval(), (torch.randn(1, 8, 16),))
+    check = compiled.report.artifact["main"]
+    assert check["ok"] and check["fallback"]["rounds"] == 1, check
+    first = check["fallback"]["first_divergence"]
+    assert "(cast '" in first and "(aten.add)" in first and "overflows fp16" in first
+    assert f"{__file__}:{BeyondFp16.forward.__code__.co_firstlineno + 1}" in first
+    assert anefx.load(compiled).outputs()["output"].dtype == np.float32
+
+
+def test_a_program_the_interpreter_cannot_run_is_said_not_refused(monkeypatch):
+    """An op without a kernel is the interpreter's gap, not evidence against the program: the
+    compile ships it (as the stock conversion would), and the report and a warning name the op."""
+    from anefx.targets.mil import interpreter
+
+    monkeypatch.setattr(interpreter, "SUPPORTED_OPS", interpreter.SUPPORTED_OPS - {"relu"})
+    model, args, _ = models.mlp()
+    with pytest.warns(UserWarning, match="not checked by executing it.*'relu'"):
+        compiled = anefx.compile(model, args)
+    (status,) = compiled.report.artifact.values()
+    assert status.startswith("not executed (anefx's MIL interpreter has no kernel for 'relu'")
+    assert compiled.mlmodel is not None
