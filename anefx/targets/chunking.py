@@ -48,7 +48,7 @@ from anefx.driver.validate import Validator
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.ir.graph import layer_of, layer_path
 from anefx.targets.artifact import MB, Artifact, Program
-from anefx.targets.handoff import HandOff, legalized_clone
+from anefx.targets.handoff import HandOff, is_view_stride_failure, legalized_clone
 
 
 def block_of(name: str) -> str:
@@ -151,7 +151,12 @@ def export_program(handoff):
     gm = legalized_clone(handoff, reexport=False)
     try:
         ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
-    except Exception:  # a legalization step that breaks the export: dropped where it does
+    except (RuntimeError, ValueError) as exc:
+        if not is_view_stride_failure(exc):  # anything else is not the legalization's doing: it surfaces
+            raise
+        # a legalization step left a view torch.export's fake strides refuse (a removed clone): the
+        # steps again, each required to keep the graph exportable (dropped where it does not)
+        handoff.checks["export_retry"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         gm = legalized_clone(handoff)
         ep = torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
     return ep.run_decompositions({})
