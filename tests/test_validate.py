@@ -254,3 +254,44 @@ def test_runs_never_change_shared_input_sets():
     assert written_inputs(hidden) == set()  # a call_module: its write is not in the graph
     with pytest.raises(InputMutationError, match="cache"):
         run_flat(hidden, [torch.randn(4), torch.ones(4, 3)])
+
+
+class _WritesItsState(torch.nn.Module):
+    """A step whose eager forward writes into its (shared) state input."""
+
+    def forward(self, x, state):
+        state.mul_(2.0)
+        return x + state
+
+
+class _ReadsState(torch.nn.Module):
+    def forward(self, x, state):
+        return x * state
+
+
+def test_building_a_function_that_writes_a_shared_example_input_fails():
+    """Functions may share example tensors (an encoder-decoder's prefill and decode share one set
+    of states): a function whose build writes into one would leave the next validated against
+    changed values, so the build stops and names it."""
+    from anefx.core.options import CompileOptions, prepare
+    from anefx.core.stages import FunctionSpec, ProgramRequest, build
+    from anefx.driver.events import Events
+    from anefx.ir.errors import CaptureError
+
+    state = torch.ones(4)
+    plan = prepare(CompileOptions(convert=False, never_worse=False, pipeline=__import__("anefx").Pipeline.empty()))
+    fine = ProgramRequest(
+        [
+            FunctionSpec("a", _ReadsState(), (torch.randn(4), state)),
+            FunctionSpec("b", _ReadsState(), (torch.randn(4), state)),
+        ]
+    )
+    assert set(build(fine, plan, Events()).functions) == {"a", "b"}
+    writes = ProgramRequest(
+        [
+            FunctionSpec("a", _WritesItsState(), (torch.randn(4), state)),
+            FunctionSpec("b", _ReadsState(), (torch.randn(4), state)),
+        ]
+    )
+    with pytest.raises(CaptureError, match=r"building a wrote into the example inputs \['a input #1', 'b input #1'\]"):
+        build(writes, plan, Events())
