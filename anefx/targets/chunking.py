@@ -344,7 +344,8 @@ def split(
         if name in const_or_derived and name in output_stages
     }
     by_name = {n.name: n for n in nodes}
-    for ci, g in enumerate(groups):
+    plans = []  # per chunk: (members, needed, outputs)
+    for ci in range(len(groups)):
         members = [
             n for n in nodes if n.op == "call_function" and n.name not in const_or_derived and chunk_of[n.name] == ci
         ]
@@ -366,9 +367,34 @@ def split(
         outputs += made
         for name in made:
             _need(by_name[name], derived, const | member_names, needed)
-        gm = _build(ep, members, needed, outputs, const, values, public)
+        plans.append((members, needed, outputs))
+    # a staged input (a state) read by chunks after its own (Whisper's encoder mask: every decoder
+    # layer's cross-attention reads it): its chunk reads it and passes it on as a boundary value
+    # (a state lives in one chunk); read before its chunk, it cannot be passed
+    owner = {name: chunk_of_stage.get(s) for name, s in input_stages.items() if name in user_inputs}
+    relayed: dict[str, str] = {}  # staged input -> the boundary value's name
+    for ci, (_, needed, _) in enumerate(plans):
+        for name in needed:
+            o = owner.get(name)
+            if o is None or o == ci:
+                continue
+            if o > ci:
+                raise ConversionError(
+                    f"the state input {public.get(name, name)!r} (stage {input_stages[name]}, chunk {o}) is read "
+                    f"in the earlier chunk {ci}: a state must live in one chunk"
+                )
+            relayed.setdefault(name, f"{public.get(name, name)}_from_chunk{o}")
+    for name, _boundary in relayed.items():
+        _, needed, outputs = plans[owner[name]]
+        if name not in needed:
+            needed.append(name)
+        outputs.append(name)
+    for ci, ((members, needed, outputs), g) in enumerate(zip(plans, groups, strict=True)):
+        inside = {n: relayed[n] for n in needed if n in relayed and owner[n] != ci}
+        gm = _build(ep, members, needed, outputs, const, values, public | inside)
         names = {f"w_{w}": param_name[w] for w in values if hasattr(gm, f"w_{w}")}
-        ins, outs = [public.get(n, n) for n in needed], [public.get(n, n) for n in outputs]
+        ins = [inside.get(n, public.get(n, n)) for n in needed]
+        outs = [relayed[n] if n in relayed and owner[n] == ci else public.get(n, n) for n in outputs]
         size = int(sum(b for b, ss in weights.values() if ss & set(g)))
         chunks.append(Part(ci, g, gm, ins, outs, size, param_names=names, empty=not members))
     partition = Partition(chunks, [public.get(n, n) for n in user_inputs], [public.get(n, n) for n in model_outputs])
@@ -659,7 +685,7 @@ def _build(ep, members, needed, outputs, const, values, public: dict[str, str]) 
     results = []
     for o in outputs:  # a boundary value leaves dense (Core ML has no strided outputs: a permute's)
         node, val = env[o], env[o].meta.get("val")
-        if _strided(val):
+        if node.op == "placeholder" or _strided(val):  # an input passed on (a relayed state) leaves as a copy
             node = graph.call_function(
                 torch.ops.aten.clone.default, (node,), {"memory_format": torch.contiguous_format}
             )
