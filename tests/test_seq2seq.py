@@ -289,7 +289,7 @@ def test_bart_chain_encoder_is_its_own_chunk(workdir, tmp_path):
     assert float((torch.stack(loaded.logits) - rewritten).abs().max()) < 0.02 * scale
 
 
-def test_whisper_decoder_across_chunks_relays_the_encoder_mask(tmp_path):
+def test_whisper_decoder_across_chunks_relays_the_encoder_mask(tmp_path, monkeypatch):
     """A Whisper whose decoder spans two chunks (Whisper-large-v3 at the default cap: 32 decoder
     layers in two packages). Every decoder layer's cross-attention reads the ``encoder_mask`` state,
     and a state lives in one chunk: the first decoder chunk reads it and passes it on
@@ -308,6 +308,18 @@ def test_whisper_decoder_across_chunks_relays_the_encoder_mask(tmp_path):
         assert relayed in chunks[later].functions[fn].input_names
         assert "encoder_mask" not in chunks[later].functions[fn].states_in.values()
     assert all(r["ok"] for fn in lm.functions for r in lm.reports[fn].artifact.values())
+    # each chunk's functions were released to their packages: their op histograms were counted
+    # once (by the compile's report) and kept; a function's ops are read back once for repeated asks
+    import anefx.compat.coremltools as ctc
+
+    ctc.forget_read_back()
+    reads, read = [], ctc.program_from_spec
+    monkeypatch.setattr(ctc, "program_from_spec", lambda *a, **k: reads.append(1) or read(*a, **k))
+    histograms = {fn: lm.op_histogram(fn) for fn in lm.functions}
+    assert reads == [] and histograms["decode"]["read_state"] > 0
+    assert histograms == {fn: dict(lm.reports[fn].conversion["ops"]) for fn in lm.functions}
+    package = chunks[later].package
+    assert package.operations("decode") and [op.op_type for op in package.operations("decode")] and len(reads) == 1
     feats = 2 * torch.randn(1, 80, 64, generator=torch.Generator().manual_seed(5))
     want, _ = _reference(model, feats, None, 16)
     program = anefx.load(lm.save(tmp_path / "whisper"))

@@ -68,6 +68,11 @@ def drop_in_memory_program(mlmodel) -> None:
         mlmodel._anefx_released = True
 
 
+def released(mlmodel) -> bool:
+    """Whether :func:`drop_in_memory_program` dropped ``mlmodel``'s in-memory program."""
+    return bool(getattr(mlmodel, "__dict__", {}).get("_anefx_released"))
+
+
 def operations(mlmodel, function: str = "main") -> list:
     """The operations of one function's main block, in order."""
     return list(mil_program(mlmodel).functions[function].operations)

@@ -45,6 +45,7 @@ from anefx.compat.coremltools import (
     drop_in_memory_program,
     mil_program,
     quiet_coremltools,
+    released,
     torch_node_inputs,
 )
 from anefx.driver.events import Events, events_of
@@ -179,8 +180,16 @@ class CoreMLPackage(Package):
         return list(self._program(function).functions[name].operations)
 
     def op_histogram(self, function: str | None = None) -> collections.Counter:
-        """MIL op types of one function (``const`` excluded: they are weights and literals)."""
-        return collections.Counter(op.op_type for op in self.operations(function) if op.op_type != "const")
+        """MIL op types of one function (``const`` excluded: they are weights and literals). Kept
+        once counted for a function whose program was released to its package (read back from
+        disk otherwise at each call: a chunk of Whisper-large-v3 holds ~1 GB of weights)."""
+        key = ("_histogram", self.function(function).name)
+        if key in self.__dict__:
+            return collections.Counter(self.__dict__[key])
+        counts = collections.Counter(op.op_type for op in self.operations(function) if op.op_type != "const")
+        if self.loaded_from is not None or released(self.function(function).model):
+            self.__dict__[key] = counts
+        return collections.Counter(counts)
 
     @property
     def path(self) -> Path | None:
