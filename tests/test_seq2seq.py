@@ -308,6 +308,13 @@ def test_whisper_decoder_across_chunks_relays_the_encoder_mask(tmp_path, monkeyp
         assert relayed in chunks[later].functions[fn].input_names
         assert "encoder_mask" not in chunks[later].functions[fn].states_in.values()
     assert all(r["ok"] for fn in lm.functions for r in lm.reports[fn].artifact.values())
+    # the chunks were checked on their own sets (prefill and decode: example, random, 3 stress); the
+    # whole graphs' validators keep only their example once split
+    assert {fn: lm.reports[fn].artifact[f"chunk{later}"]["input_sets"] for fn in ("prefill", "decode")} == {
+        "prefill": 5,
+        "decode": 5,
+    }
+    assert all(len(b.result.validator.input_sets) == 1 for b in lm.build.functions.values())
     # each chunk's functions were released to their packages: their op histograms were counted
     # once (by the compile's report) and kept; a function's ops are read back once for repeated asks
     import anefx.compat.coremltools as ctc

@@ -415,6 +415,11 @@ class Validator:
                 self.input_sets.append(one_set(pattern, values))
                 self.set_names.append(f"stress: masks with {pattern.replace('_', ' ')}")
 
+    def keep_example_only(self) -> None:
+        """Drop every input set but the example (with their references): for a graph whose further
+        checks run elsewhere (a program split into chunks, each with a validator of its own)."""
+        del self.input_sets[1:], self.set_names[1:], self.references[1:], self.undefined[1:]
+
     def check(self, gm: torch.fx.GraphModule, require_meta: bool = True, every_set: bool = False) -> ValidationResult:
         """Lint ``gm`` and, in the numeric modes, compare its outputs with the references: on every
         input set (``numeric``, or ``every_set``) or on the example set only (``example``)."""

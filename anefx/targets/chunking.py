@@ -524,6 +524,12 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
                 out_stages[node] = program.states[state].layer
         exported[fn], flats[fn], io[fn] = ep, h.flat_inputs, (public, in_stages, out_stages)
         stagings[fn] = staging(ep, in_stages, out_stages, stage_of)
+        if h.validator is not None:
+            # each chunk gets a validator of its own (below: its sets, its references) and the
+            # artifact check executes the chunks on those: the whole graph's other sets are not
+            # read again (Whisper-large-v3's prefill and decode: ~1.3 GB each of random caches,
+            # references and stress sets)
+            h.validator.keep_example_only()
     weights: dict[str, tuple[int, set[int]]] = {}
     stages: set[int] = set()
     for st in stagings.values():
