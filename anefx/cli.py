@@ -159,7 +159,7 @@ def add_compile_options(parser, *, lm: bool = False) -> None:
     p.add_argument("--pipeline", help="<file-or-module>:<function> returning an anefx.Pipeline")
     p.add_argument("--without", action="append", default=[], metavar="PASS", help="drop a pass (repeatable)")
     v = parser.add_argument_group("validation and guard")
-    v.add_argument("--validate", choices=["off", "lint", "numeric"], default=None)
+    v.add_argument("--validate", choices=["off", "lint", "example", "numeric"], default=None)
     v.add_argument(
         "--allow-worse",
         action="store_true",

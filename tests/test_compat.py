@@ -165,6 +165,24 @@ def test_mil_program_of_a_converted_model():
     assert list(ctc.mil_program(mlmodel).functions) == ["main"]
     with pytest.raises(AttributeError, match="no MIL program"):
         ctc.mil_program(object())
+    # released: the weights leave memory, the program is read back from the model's own package
+    weight = next(op for op in ctc.operations(mlmodel) if op.op_type == "const" and np.size(op.outputs[0].val) == 32)
+    ctc.drop_in_memory_program(mlmodel)
+    assert mlmodel._mil_program is None
+    again = ctc.operations(mlmodel)
+    assert [op.op_type for op in again] == types
+    back = next(op for op in again if op.name == weight.name)
+    np.testing.assert_array_equal(back.outputs[0].val, weight.outputs[0].val)
+    # read once: repeated asks (op histograms, the ANE report) reuse it; another released model's
+    # read replaces it (one read-back program in memory at a time)
+    assert ctc.mil_program(mlmodel) is ctc.mil_program(mlmodel)
+    with quiet_coremltools():
+        other = ct.convert(ep, convert_to="mlprogram", skip_model_load=True)
+    ctc.drop_in_memory_program(other)
+    first = ctc.mil_program(mlmodel)
+    assert ctc.mil_program(other) is not first and ctc.mil_program(other) is ctc.mil_program(other)
+    assert ctc.mil_program(mlmodel) is not first  # read again: the other one replaced it
+    ctc.forget_read_back()
 
 
 def test_program_from_spec_of_a_saved_package(tmp_path):

@@ -106,7 +106,7 @@ def test_validate_env_var(monkeypatch):
     compiled = anefx.compile(model, args, pipeline=anefx.Pipeline.empty().append(FlipSign()), convert=False)
     assert not compiled.report.record("flip_sign").rolled_back  # validation off: nothing checked
     monkeypatch.setenv("ANEFX_VALIDATE", "bogus")
-    with pytest.raises(ValueError, match="off, lint or numeric"):
+    with pytest.raises(ValueError, match="off, lint, example or numeric"):
         anefx.compile(model, args, convert=False)
 
 

@@ -105,6 +105,8 @@ def test_mask_like_inputs_are_recognised_and_ids_are_not():
     assert list(v.masks) == [1]
     assert v.set_names[2:] == [f"stress: masks with {p.replace('_', ' ')}" for p in STRESS_PATTERNS]
     assert all(bool((s[0] == 0).all()) for s in v.input_sets)  # the ids stay in their domain
+    # the stress sets vary the mask only: the other inputs are the random set's own tensors
+    assert all(s[0] is v.input_sets[1][0] and s[1] is not v.input_sets[1][1] for s in v.input_sets[2:])
 
 
 @pytest.mark.parametrize("pattern", [*STRESS_PATTERNS, "holes"])
@@ -149,3 +151,147 @@ def test_rows_whose_keys_are_all_masked_are_not_compared_the_rest_is():
     assert compare([other], [out], v.options, v.undefined[k]).ok
     other[:, :, dead] += 1e-3  # but a live row must match
     assert not compare([other], [out], v.options, v.undefined[k]).ok
+
+
+class _Masked(torch.nn.Module):
+    def forward(self, x, keep):
+        return x * keep.unsqueeze(-1).to(x.dtype) + 1.0
+
+
+def _ignore_mask(gm):
+    """A wrong rewrite that the example set cannot see (its mask keeps everything): ``x * m`` -> ``x``."""
+    gm = __import__("anefx.ir.graph", fromlist=["clone_graph_module"]).clone_graph_module(gm)
+    mul = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    mul.replace_all_uses_with(mul.args[0])
+    gm.graph.erase_node(mul)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def test_example_mode_checks_passes_on_the_example_and_keeps_every_set():
+    import anefx
+
+    cap = anefx.capture(_Masked(), (torch.randn(1, 6, 4), torch.ones(1, 6, dtype=torch.long)))
+    example = Validator(cap.graph_module, cap.flat_inputs, ValidationOptions(mode="example"))
+    numeric = Validator(cap.graph_module, cap.flat_inputs, ValidationOptions())
+    # the same sets and references (the artifact check executes the program on all of them)
+    assert example.set_names == numeric.set_names and len(example.references) == 2 + len(STRESS_PATTERNS)
+    wrong = _ignore_mask(cap.graph_module)
+    assert example.check(wrong).ok  # per pass: the example set only, whose mask keeps everything
+    verdict = example.check(wrong, every_set=True)
+    assert not verdict.ok and "[inputs: " in verdict.message
+    assert not numeric.check(wrong).ok
+
+
+def test_example_mode_pipeline_rolls_back_a_pass_only_other_sets_catch():
+    import anefx
+    from anefx.passes import Pass
+    from anefx.passes.base import finish
+
+    class IgnoresMask(Pass):
+        """Drops the mask multiply: right on the example (all ones), wrong on the stress sets."""
+
+        name = "ignores_mask"
+
+        def run(self, gm, ctx):
+            mul = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+            mul.replace_all_uses_with(mul.args[0])
+            gm.graph.erase_node(mul)
+            gm.graph.eliminate_dead_code()
+            return finish(gm, True)
+
+    x, keep = torch.randn(1, 6, 4), torch.ones(1, 6, dtype=torch.long)
+    pipeline = anefx.Pipeline.empty().append(IgnoresMask())
+    compiled = anefx.compile(_Masked(), (x, keep), pipeline=pipeline, convert=False, validate="example")
+    assert compiled.report.record("ignores_mask").rolled_back  # found by the rerun on every set
+    padded = keep.clone()
+    padded[0, 4:] = 0
+    torch.testing.assert_close(compiled(x, padded), _Masked()(x, padded))
+    lint = anefx.compile(_Masked(), (x, keep), pipeline=pipeline, convert=False, validate="lint")
+    assert not lint.report.record("ignores_mask").rolled_back  # what example mode adds over lint
+
+
+class _WritesInput(torch.nn.Module):
+    def forward(self, x, cache):
+        torch.ops.aten.add_.Tensor(cache, 1.0)  # an in-place write into an input (a cache updated in place)
+        return torch.ops.aten.add.Tensor(x, cache)
+
+
+class _Opaque(torch.nn.Module):
+    def forward(self, cache):
+        cache.mul_(2.0)
+        return cache.sum(-1)
+
+
+class _CallsOpaque(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Opaque()
+
+    def forward(self, x, cache):
+        return x + self.inner(cache)
+
+
+def test_runs_never_change_shared_input_sets():
+    """The stress sets share the random set's tensors: a graph writing into an input must not
+    change them (cloned first), and a write the graph hides fails loudly instead of corrupting."""
+    from anefx.driver.validate import InputMutationError, run_flat, written_inputs
+
+    gm = torch.fx.symbolic_trace(_WritesInput())
+    assert written_inputs(gm) == {1}
+    x, cache = torch.randn(4), torch.zeros(4)
+    torch.testing.assert_close(run_flat(gm, [x, cache])[0], x + 1)
+    torch.testing.assert_close(run_flat(gm, [x, cache])[0], x + 1)  # not x + 2: the input kept its value
+    assert bool((cache == 0).all())
+
+    class Leaf(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, _Opaque) or super().is_leaf_module(m, qualname)
+
+    root = _CallsOpaque()
+    hidden = torch.fx.GraphModule(root, Leaf().trace(root))
+    assert written_inputs(hidden) == set()  # a call_module: its write is not in the graph
+    with pytest.raises(InputMutationError, match="cache"):
+        run_flat(hidden, [torch.randn(4), torch.ones(4, 3)])
+
+
+class _WritesItsState(torch.nn.Module):
+    """A step whose eager forward writes into its (shared) state input."""
+
+    def forward(self, x, state):
+        state.mul_(2.0)
+        return x + state
+
+
+class _ReadsState(torch.nn.Module):
+    def forward(self, x, state):
+        return x * state
+
+
+def test_building_a_function_that_writes_a_shared_example_input_fails():
+    """Functions may share example tensors (an encoder-decoder's prefill and decode share one set
+    of states): a function whose build writes into one would leave the next validated against
+    changed values, so the build stops and names it."""
+    from anefx.core.options import CompileOptions, prepare
+    from anefx.core.stages import FunctionSpec, ProgramRequest, build
+    from anefx.driver.events import Events
+    from anefx.ir.errors import CaptureError
+
+    state = torch.ones(4)
+    plan = prepare(CompileOptions(convert=False, never_worse=False, pipeline=__import__("anefx").Pipeline.empty()))
+    fine = ProgramRequest(
+        [
+            FunctionSpec("a", _ReadsState(), (torch.randn(4), state)),
+            FunctionSpec("b", _ReadsState(), (torch.randn(4), state)),
+        ]
+    )
+    assert set(build(fine, plan, Events()).functions) == {"a", "b"}
+    writes = ProgramRequest(
+        [
+            FunctionSpec("a", _WritesItsState(), (torch.randn(4), state)),
+            FunctionSpec("b", _ReadsState(), (torch.randn(4), state)),
+        ]
+    )
+    with pytest.raises(CaptureError, match=r"building a wrote into the example inputs \['a input #1', 'b input #1'\]"):
+        build(writes, plan, Events())

@@ -1,7 +1,8 @@
 """The private coremltools APIs anefx relies on, each behind one function (pinned by ``tests/test_compat.py``).
 
 * ``MLModel._mil_program``: the MIL program of a model converted in this process (its functions,
-  blocks and operations; what op histograms, compression and the ANE report read).
+  blocks and operations; what op histograms, compression and the ANE report read), and dropping it
+  to free its weights (:func:`drop_in_memory_program`; read back from the model's package after).
 * ``palettize_weights._get_lut_and_indices``: coremltools' own k-means, called per weight group so
   that two programs holding the same weight get the same tables (``SharedKMeans``).
 * ``frontend.torch.ops._get_inputs``: a torch op converter's inputs (anefx's own ops' converters).
@@ -25,18 +26,54 @@ import contextlib
 import io
 import logging
 import warnings
+import weakref
 from typing import Any
+
+#: the last program read back from a released model's package: ``(weakref to the model, program)``.
+#: One at a time: repeated reads of the same model (its op histogram, its ANE report, its traffic)
+#: parse its package once, and at most one released program's weights are back in memory.
+_read_back: list = []
 
 
 def mil_program(mlmodel):
-    """The MIL ``Program`` of a model converted (or compressed) in this process."""
+    """The MIL ``Program`` of a model converted (or compressed) in this process: the one coremltools
+    keeps in memory, or, once :func:`drop_in_memory_program` dropped it, read back from the model's own
+    package (its protobuf and weight blobs), kept until another released model is read
+    (:func:`forget_read_back` drops it)."""
     program = getattr(mlmodel, "_mil_program", None)
+    if program is None and getattr(mlmodel, "__dict__", {}).get("_anefx_released"):
+        if _read_back and _read_back[0][0]() is mlmodel:
+            return _read_back[0][1]
+        forget_read_back()  # the previous one first: never two read back at once
+        program = program_from_spec(mlmodel.get_spec(), str(mlmodel.weights_dir))
+        _read_back[:] = [(weakref.ref(mlmodel), program)]
+        return program
     if program is None:
         raise AttributeError(
             "this MLModel has no MIL program in memory (coremltools keeps it only for models converted or "
             "compressed in this process, not for packages loaded from disk)"
         )
     return program
+
+
+def forget_read_back() -> None:
+    """Drop the program :func:`mil_program` last read back from a released model's package."""
+    _read_back.clear()
+
+
+def drop_in_memory_program(mlmodel) -> None:
+    """Drop the MIL program coremltools keeps in memory after converting (its weights as numpy
+    arrays: as large as the package's weights); :func:`mil_program` then reads it back from the
+    model's package on disk when asked (the last one read stays). For programs of several
+    functions, which would otherwise hold every function's weights twice (in memory and staged)."""
+    if getattr(mlmodel, "_mil_program", None) is not None and getattr(mlmodel, "weights_dir", None):
+        mlmodel._mil_program = None
+        mlmodel._anefx_released = True
+
+
+def released(mlmodel) -> bool:
+    """Whether :func:`drop_in_memory_program` dropped ``mlmodel``'s in-memory program."""
+    return bool(getattr(mlmodel, "__dict__", {}).get("_anefx_released"))
 
 
 def operations(mlmodel, function: str = "main") -> list:

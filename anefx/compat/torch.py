@@ -12,6 +12,8 @@
 * ``nn.Module._non_persistent_buffers_set``: which buffers a state dict leaves out.
 * ``ExportedProgram(...)``: a program built from a graph directly (:func:`exported_program`).
 * dynamo's ``_dynamo_static_input_type`` tensor-dict entry: parameters lifted into a backend's inputs.
+* ``Tensor._version``: the counter every in-place write increments (that a run left its inputs as
+  they were).
 """
 
 from __future__ import annotations
@@ -127,3 +129,8 @@ def is_dynamo_static_input(node: torch.fx.Node) -> bool:
     """Whether dynamo marked the placeholder ``node`` as a static input (a parameter or buffer it
     lifted into the graph's inputs)."""
     return bool(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+
+
+def write_count(t: torch.Tensor) -> int:
+    """How many times ``t`` (or a view sharing its storage's counter) was written in place."""
+    return t._version

@@ -39,8 +39,8 @@ class CompileOptions:
     """How to compile, whatever the front end.
 
     pipeline: the passes (default :meth:`Pipeline.default`).
-    validate: ``off``, ``lint`` or ``numeric``; validation: :class:`ValidationOptions` (tolerances,
-        input sets …).
+    validate: ``off``, ``lint``, ``example`` or ``numeric`` (:mod:`anefx.driver.validate`); validation:
+        :class:`ValidationOptions` (tolerances, input sets …).
     debug: :class:`DebugOptions` (print-IR, dump dir, bisect limit); the ``ANEFX_*`` variables
         when not given.
     never_worse: keep the regions whose layout changes came out above the stock conversion's in
@@ -169,8 +169,8 @@ def prepare(
         mode = options.validation.mode
     else:
         mode = validate_mode_from_env(pipeline.validation.mode)
-    if mode not in ("off", "lint", "numeric"):
-        raise AnefxError(f"validate must be 'off', 'lint' or 'numeric', got {mode!r}")
+    if mode not in ("off", "lint", "example", "numeric"):
+        raise AnefxError(f"validate must be 'off', 'lint', 'example' or 'numeric', got {mode!r}")
     pipeline = pipeline.with_validation(mode=mode)
     debug = options.debug if options.debug is not None else DebugOptions.from_env()
     return Plan(options, target, pipeline, debug, comp, cap, artifact_check_options(options.artifact_check))

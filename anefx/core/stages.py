@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from anefx.compat.torch import tree_leaves, write_count
 from anefx.core.artifact_check import check_compressed, check_converted
 from anefx.core.options import Plan
 from anefx.driver.events import Events
@@ -39,7 +40,7 @@ from anefx.driver.pipeline import PipelineResult
 from anefx.driver.report import Report
 from anefx.driver.validate import Tolerance, ValidationOptions
 from anefx.ir.capture import Captured, capture
-from anefx.ir.errors import ConversionError
+from anefx.ir.errors import CaptureError, ConversionError
 from anefx.targets.artifact import Artifact, Program
 from anefx.targets.chunking import split_artifact
 from anefx.targets.handoff import HandOff, StateSpec
@@ -182,6 +183,7 @@ def build(request: ProgramRequest, plan: Plan, events: Events) -> Build:
     """Run every stage for ``request`` with ``plan`` (see the module docstring)."""
     several = len(request.functions) > 1
     functions: dict[str, BuiltFunction] = {}
+    examples = _example_writes(request)
     for spec in request.functions:
         with events.stage("capture"), _sub(events, spec.name, several):
             captured = capture(spec.model, spec.args, spec.kwargs)
@@ -193,6 +195,7 @@ def build(request: ProgramRequest, plan: Plan, events: Events) -> Build:
         report = Report(result.records, guard=info)
         handoff = _handoff(spec, captured, result, plan, report)
         functions[spec.name] = BuiltFunction(spec.name, captured, result, unguarded, report, handoff)
+        _check_unwritten(examples, spec.name)
     artifact = _artifact(request, functions, plan)
     if plan.convert:
         try:
@@ -215,6 +218,27 @@ def build(request: ProgramRequest, plan: Plan, events: Events) -> Build:
     for built in functions.values():
         built.report.timings = dict(timings)
     return Build(functions, artifact, plan, events, timings)
+
+
+def _example_writes(request: ProgramRequest) -> list[tuple[str, int, torch.Tensor, int]]:
+    """Every example tensor of every function with its write count now. Functions may share
+    example tensors (an encoder-decoder's prefill and decode share one set of states)."""
+    out = []
+    for spec in request.functions:
+        leaves = tree_leaves((spec.args, spec.kwargs))
+        out += [(spec.name, i, t, write_count(t)) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _check_unwritten(examples: list[tuple[str, int, torch.Tensor, int]], stage: str) -> None:
+    """Raise when building ``stage`` wrote into an example tensor (the model's eager run at capture
+    writing into its inputs): a function sharing it would be validated against corrupted inputs."""
+    written = [f"{fn} input #{i}" for fn, i, t, count in examples if write_count(t) != count]
+    if written:
+        raise CaptureError(
+            f"building {stage} wrote into the example inputs {written} (the model writes into its inputs in "
+            "place); functions that share them would be validated against changed values"
+        )
 
 
 def _artifact(request: ProgramRequest, functions: dict[str, BuiltFunction], plan: Plan) -> Artifact:

@@ -68,6 +68,6 @@ class DebugOptions:
 
 def validate_mode_from_env(default: str = "numeric") -> str:
     mode = os.environ.get("ANEFX_VALIDATE", default).strip().lower() or default
-    if mode not in ("off", "lint", "numeric"):
-        raise ValueError(f"ANEFX_VALIDATE must be off, lint or numeric, got {mode!r}")
+    if mode not in ("off", "lint", "example", "numeric"):
+        raise ValueError(f"ANEFX_VALIDATE must be off, lint, example or numeric, got {mode!r}")
     return mode

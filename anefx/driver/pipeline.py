@@ -186,4 +186,24 @@ class Pipeline:
             instruments.after(index, p, current, applied.graph_module, record)
             current = applied.graph_module
         instruments.finish(current, records)
+        if self.validation.mode == "example" and current is not gm:
+            # the passes were checked on the example set: the final graph is checked on every set,
+            # and when it fails there the pipeline runs again checking each pass on every set
+            # (which rolls back the pass, or the sites, that broke it)
+            if events is not None:
+                events.step("validate every set")
+            verdict = validator.check(current, every_set=True)
+            if not verdict.ok:
+                if events is not None:
+                    events.step("rerun numeric", error=verdict.message)
+                again = self.with_validation(mode="numeric")
+                return again.run(
+                    gm,
+                    flat_inputs,
+                    reference_outputs=reference_outputs,
+                    debug=debug,
+                    events=events,
+                    precision=precision,
+                    refused=refused,
+                )
         return PipelineResult(current, records, validator, sites)

@@ -42,9 +42,11 @@ import torch.fx
 import anefx.ir.ops  # noqa: F401 - defines the anefx:: torch ops this target converts
 from anefx.compat.coremltools import (
     coremltools_module,
+    drop_in_memory_program,
     mil_program,
     names_apart,
     quiet_coremltools,
+    released,
     torch_node_inputs,
 )
 from anefx.driver.events import Events, events_of
@@ -179,8 +181,16 @@ class CoreMLPackage(Package):
         return list(self._program(function).functions[name].operations)
 
     def op_histogram(self, function: str | None = None) -> collections.Counter:
-        """MIL op types of one function (``const`` excluded: they are weights and literals)."""
-        return collections.Counter(op.op_type for op in self.operations(function) if op.op_type != "const")
+        """MIL op types of one function (``const`` excluded: they are weights and literals). Kept
+        once counted for a function whose program was released to its package (read back from
+        disk otherwise at each call: a chunk of Whisper-large-v3 holds ~1 GB of weights)."""
+        key = ("_histogram", self.function(function).name)
+        if key in self.__dict__:
+            return collections.Counter(self.__dict__[key])
+        counts = collections.Counter(op.op_type for op in self.operations(function) if op.op_type != "const")
+        if self.loaded_from is not None or released(self.function(function).model):
+            self.__dict__[key] = counts
+        return collections.Counter(counts)
 
     @property
     def path(self) -> Path | None:
@@ -497,6 +507,8 @@ class CoreMLTarget(Target):
         for name, handoff in program.functions.items():
             with events.stage(name) if len(program.functions) > 1 else contextlib.nullcontext():
                 functions[name] = target._convert_function(name, handoff, program, events)
+            if list(program.functions) != ["main"]:  # merged from the saved packages: no need to hold the weights
+                drop_in_memory_program(functions[name].model)
         return target.package(functions, program)
 
     def package(self, functions: dict[str, ConvertedFunction], program: ProgramSpec) -> CoreMLPackage:

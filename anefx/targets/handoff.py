@@ -11,13 +11,14 @@ what they found into ``handoff.checks``, which the report shows.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 
-from anefx.driver.validate import Validator, apply_validated
+from anefx.driver.validate import NUMERIC_MODES, Validator, apply_validated
 from anefx.ir.capture import flatten_inputs
 from anefx.ir.errors import ConversionError
 
@@ -160,6 +161,17 @@ class _ExportingValidator:
         return verdict
 
 
+_VIEW_STRIDE = re.compile(r"\bview\b.*\bstride", re.IGNORECASE | re.DOTALL)
+
+
+def is_view_stride_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is ``torch.export`` refusing a view of a tensor whose (fake) strides do not
+    allow it (``ValueError: Cannot view a tensor with shape … and strides …`` under fake tensors,
+    ``RuntimeError: view size is not compatible with input tensor's size and stride`` in eager): the
+    failure a legalization step that removes a ``clone`` can cause."""
+    return isinstance(exc, (RuntimeError, ValueError)) and bool(_VIEW_STRIDE.search(str(exc)))
+
+
 def _exports(handoff: HandOff, gm: torch.fx.GraphModule) -> bool:
     try:
         torch.export.export(gm, handoff.example_args, handoff.example_kwargs, strict=False)
@@ -224,7 +236,7 @@ def check_converter_input(handoff: HandOff, converter_input: torch.fx.GraphModul
     graph transformations with no site to drop) against the model; raise ``ConversionError``
     rather than convert a graph that computes something else. Its error goes to ``handoff.checks``."""
     validator = handoff.validator
-    if validator is None or validator.options.mode != "numeric":
+    if validator is None or validator.options.mode not in NUMERIC_MODES:
         handoff.checks["converter_input"] = "not validated (validation is off)"
         return
     verdict = validator.check(converter_input, require_meta=False)
