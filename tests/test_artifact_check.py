@@ -78,10 +78,11 @@ def _compile(model, args, kwargs=None, pipeline=None, fp32_nodes=()):
 def test_fx_name_reads_coremltools_names_back():
     names = {"x", "linear", "linear_1", "gelu", "layer_norm_2", "add"}
     assert fx_name("gelu_cast_fp16", names) == ("gelu", True)
-    assert fx_name("linear_0_cast_fp16", names) == ("linear", True)  # coremltools' first 'linear'
+    assert fx_name("linear_cast_fp16", names) == ("linear", True)
     assert fx_name("linear_1_cast_fp16", names) == ("linear_1", True)
     assert fx_name("x_to_fp16", names) == ("x", True)
-    assert fx_name("linear_0_cast_fp16_to_fp32", names) == ("linear", True)
+    assert fx_name("linear_cast_fp16_to_fp32", names) == ("linear", True)
+    assert fx_name("linear_0_cast_fp16", names) == (None, False)  # a counter's name, no node's (not a guess)
     assert fx_name("layer_norm_2_square", names) == ("layer_norm_2", False)  # a step of its conversion
     assert fx_name("linear_10_cast_fp16", names) == (None, False)  # not linear_1's
     assert fx_name("cast_3", names) == (None, False)
@@ -336,3 +337,51 @@ def test_coremltools_names_never_take_a_nodes_name(monkeypatch):
     sets = _input_sets(compiled, program)
     assert check_program(program, sets).ok
     assert locate(program, reference, sets[1].inputs, input_set=sets[1].name) is None
+
+
+@contextlib.contextmanager
+def linear_without_bias():
+    """coremltools' torch converter for ``linear`` replaced by one that drops the bias (restored
+    after); like coremltools' own, its op has a made-up name and only its value is named after the
+    node."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops, register_torch_op
+
+    def linear(context, node):
+        x, weight = torch_node_inputs(context, node, expected=[2, 3])[:2]
+        res = mb.linear(x=x, weight=weight)
+        res.name = node.name
+        context.add(res, torch_name=node.name)
+
+    register_torch_op(linear, override=True)
+    try:
+        yield
+    finally:
+        register_torch_op(ops.linear, override=True)
+
+
+def test_ops_are_named_after_their_nodes_wherever_the_counters_stand(monkeypatch):
+    """coremltools names a ``linear`` op ``linear_<n>`` from a counter per op type that is reset only
+    after a conversion completes (one that raised, or MIL built outside a conversion, moves it);
+    reading ``linear_0`` as the node ``linear`` was a guess that the counter stood at 0. With the
+    counter at 57, a converter bug in the first linear must still be located at that linear (main:
+    its ops ``linear_57``/``linear_58`` were no node's, and the walk blamed the correct gelu after it,
+    "wrong by itself", against the graph's value of its input)."""
+    from collections import defaultdict
+
+    from coremltools.converters.mil.mil.builder import Builder
+
+    monkeypatch.setattr(Builder, "name_count", defaultdict(int, linear=57))
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = GeluBlock().eval()
+    with linear_without_bias():
+        compiled, program = _compile(model, (x,))
+    reference = compiled.artifact.package.converter_input
+    linears = [op.name for op in program.operations() if op.op_type == "linear"]
+    assert linears == ["linear_cast_fp16", "linear_1_cast_fp16"]
+    sets = _input_sets(compiled, program)
+    assert not check_program(program, sets).ok
+    found = locate(program, reference, sets[0].inputs)
+    assert (found.op_type, found.node, found.local, found.overflow) == ("linear", "linear", True, False)
+    assert found.location == f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}"

@@ -264,6 +264,23 @@ def test_names_apart_skips_the_taken_names_and_restores_the_counter():
     assert Builder._get_free_name("anefx_probe") == "anefx_probe_4"
 
 
+def test_names_apart_names_a_nodes_value_op_after_the_node():
+    """coremltools' ``linear`` converter names only the value after the node (``res.name = node.name``)
+    and registers it with ``TranscriptionContext.add(var, torch_name=…)``; ``names_apart`` renames the
+    op there (the signature it wraps, and the restore)."""
+    import inspect
+
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.frontend.torch.converter import TranscriptionContext
+
+    original = TranscriptionContext.__dict__["add"]
+    assert list(inspect.signature(original).parameters) == ["self", "ssa_var", "torch_name", "override"]
+    assert "res.name = node.name" in inspect.getsource(ops.linear)  # the op itself keeps a made-up name
+    with ctc.names_apart(["linear"]):
+        assert TranscriptionContext.__dict__["add"] is not original
+    assert TranscriptionContext.__dict__["add"] is original
+
+
 def test_torch_node_inputs_is_what_op_converters_call():
     import inspect
 

@@ -17,7 +17,9 @@
   back as ``coreml_update_state``): what anefx's MIL interpreter executes.
 * ``Builder._get_free_name`` (``converters.mil.mil.builder``): the name coremltools gives an op created
   without one (``add_0``, ``add_1`` …: one process-wide counter per op type), which
-  ``names_apart`` keeps off the torch graph's node names.
+  ``names_apart`` keeps off the torch graph's node names; ``TranscriptionContext.add``
+  (``frontend.torch.converter``): where a torch op converter registers a node's value, where
+  ``names_apart`` names the value's op after the node.
 """
 
 from __future__ import annotations
@@ -121,21 +123,26 @@ def inplace_pattern_pass():
 
 @contextlib.contextmanager
 def names_apart(taken):
-    """While converting: the names coremltools makes up for ops it creates without one are never in
-    ``taken`` (the converted graph's node names).
+    """While converting: a MIL name that is one of ``taken`` (the converted graph's node names) is that
+    node's op, and every op holding a node's value carries the node's name.
 
     Lowering one torch node into several MIL ops (``aten.group_norm``: ``reshape``, ``reduce_mean`` …
-    ``mul``, ``add``), coremltools names the inner ops ``<op type>_<n>`` from a process-wide counter;
-    such a name may be a node's (``add_1``), and the node's own op is then renamed ``add_1_1`` when
-    the program is written. Every MIL name anefx maps back to a torch node (the artifact check's
-    localisation, the fp16 fallback's fp32 ops) would then name another op: here the counter skips
-    the taken names, so a MIL name equal to a node's is that node's op. (A made-up name that extends
-    a node's, ``linear_0`` for the op whose value coremltools names ``linear``, is left as it is:
-    :func:`anefx.targets.localize.fx_name` reads it as that node's.)"""
+    ``mul``, ``add``), coremltools names the inner ops ``<op type>_<n>`` from a counter per op type
+    (process-wide: reset only after a conversion that completes); such a name may be a node's
+    (``add_1``), and the node's own op is then renamed ``add_1_1`` when the program is written. Here
+    the counter skips the taken names. Some converters name only the value after the node and leave
+    its op the made-up name (``linear``: op ``linear_<n>``, ``<n>`` wherever the counter stands);
+    such an op is renamed after its node when the converter registers the value
+    (``TranscriptionContext.add``). Every MIL name anefx maps back to a torch node (the artifact
+    check's localisation, the fp16 fallback's fp32 ops, the ANE report's source lines) is then the
+    node's name, or the node's name extended (``layer_norm_2_square``, ``linear_cast_fp16``), never a
+    counter's guess."""
+    from coremltools.converters.mil.frontend.torch.converter import TranscriptionContext
     from coremltools.converters.mil.mil.builder import Builder
 
     taken = frozenset(taken)
     original = Builder.__dict__["_get_free_name"]
+    original_add = TranscriptionContext.__dict__["add"]
 
     def free_name(cls, name):
         while True:
@@ -143,11 +150,27 @@ def names_apart(taken):
             if new not in taken:
                 return new
 
+    def add(self, ssa_var, torch_name=None, override=False):
+        op = getattr(ssa_var, "op", None)
+        name = ssa_var.name if torch_name is None else torch_name
+        if (  # the node's value, from an op of a made-up name that has no other output
+            op is not None
+            and name in taken
+            and ssa_var.name == name
+            and op.name != name
+            and op.name not in taken
+            and len(op.outputs) == 1
+        ):
+            op.name = name
+        return original_add(self, ssa_var, torch_name, override)
+
     Builder._get_free_name = classmethod(free_name)
+    TranscriptionContext.add = add
     try:
         yield
     finally:
         Builder._get_free_name = original
+        TranscriptionContext.add = original_add
 
 
 @contextlib.contextmanager

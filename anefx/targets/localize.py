@@ -1,8 +1,10 @@
 """Find where an executed program departs from the graph it was converted from.
 
-coremltools names each MIL op after the torch node it converts (``gelu`` → ``gelu``, ``linear`` →
-``linear_0``); its fp16 pass appends ``_cast_fp16`` and names the casts it inserts ``…_to_fp16``,
-and an op of a node's decomposition extends the node's name (``layer_norm_2_square``).
+Converted under :func:`anefx.compat.coremltools.names_apart`, each MIL op holding a torch node's
+value carries the node's name (``gelu`` → ``gelu``, ``linear_1`` → ``linear_1``), whatever
+coremltools' name counters stand at; its fp16 pass appends ``_cast_fp16`` and names the casts it
+inserts ``…_to_fp16``, and an op of a node's decomposition extends the node's name
+(``layer_norm_2_square``).
 :func:`fx_name` reads a MIL name back into the node's name, and says whether the MIL value *is*
 that node's value (the op the node's conversion ends with) or a step inside its conversion.
 
@@ -41,8 +43,6 @@ def fx_name(mil_name: str, fx_names: Collection[str]) -> tuple[str | None, bool]
     base = _SUFFIXES.sub("", mil_name)
     if base in fx_names:
         return base, True
-    if base.endswith("_0") and base[:-2] in fx_names:
-        return base[:-2], True
     cut = base.rfind("_")
     while cut > 0:
         prefix = base[:cut]
@@ -51,8 +51,6 @@ def fx_name(mil_name: str, fx_names: Collection[str]) -> tuple[str | None, bool]
             continue
         if prefix in fx_names:
             return prefix, False
-        if prefix.endswith("_0") and prefix[:-2] in fx_names:
-            return prefix[:-2], False
         cut = base.rfind("_", 0, cut)
     return None, False
 
