@@ -367,15 +367,29 @@ class Validator:
         flat_inputs: Sequence,
         options: ValidationOptions,
         reference_outputs: Sequence | None = None,
+        *,
+        given: tuple[Sequence[str], Sequence[Sequence], Sequence[Sequence]] | None = None,
+        masked: bool = False,
     ):
+        """``given``: ``(set names, input sets, reference outputs)`` computed elsewhere, taken as they
+        are (no set is drawn, no reference computed; the first set is the example): a chunk of a
+        chain checked on its function's sets, carried through the chain. ``masked``: look for
+        output elements that depend on fully masked attention rows on every set but the example
+        even when no input of ``reference`` is mask-like (a chunk whose function has masks)."""
         self.options = options
         self.input_sets: list[list] = [list(flat_inputs)]
         self.set_names: list[str] = ["example"]
         self.masks: dict[int, MaskLike] = {}  # flat input index -> its mask values
-        if options.mode in NUMERIC_MODES:
-            self._add_sets(reference, list(flat_inputs))
         self.references: list[list] = []
-        if options.mode in NUMERIC_MODES:
+        if given is not None and options.mode in NUMERIC_MODES:
+            names, sets, refs = given
+            if not (len(names) == len(sets) == len(refs)) or not sets:
+                raise ValueError(f"given input sets: {len(names)} names, {len(sets)} sets, {len(refs)} references")
+            self.set_names, self.input_sets = list(names), [list(s) for s in sets]
+            self.references = [list(r) for r in refs]
+            self.masks = self._mask_inputs(reference, self.input_sets[0])
+        elif options.mode in NUMERIC_MODES:
+            self._add_sets(reference, list(flat_inputs))
             for k, inputs in enumerate(self.input_sets):
                 if k == 0 and reference_outputs is not None:
                     self.references.append(list(reference_outputs))
@@ -384,14 +398,18 @@ class Validator:
         self.expected_outputs = self.references[0] if self.references else None
         self.undefined: list = [None] * len(self.references)
         for k in range(1, len(self.references)):  # the example set is compared everywhere
-            if self.masks:
+            if self.masks or masked:
                 self.undefined[k] = undefined_elements(reference, self.input_sets[k], self.references[k])
+
+    @staticmethod
+    def _mask_inputs(reference: torch.fx.GraphModule, flat: list) -> dict[int, MaskLike]:
+        placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
+        nodes = placeholders if len(placeholders) == len(flat) else [None] * len(flat)
+        return {i: m for i, (t, n) in enumerate(zip(flat, nodes)) if (m := mask_like(t, n)) is not None}
 
     def _add_sets(self, reference: torch.fx.GraphModule, flat: list) -> None:
         gen = torch.Generator().manual_seed(self.options.seed)
-        placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
-        nodes = placeholders if len(placeholders) == len(flat) else [None] * len(flat)
-        self.masks = masks = {i: m for i, (t, n) in enumerate(zip(flat, nodes)) if (m := mask_like(t, n)) is not None}
+        self.masks = masks = self._mask_inputs(reference, flat)
 
         def one_set(pattern: str, values: list | None = None) -> list:
             out = []
