@@ -358,6 +358,28 @@ def compare(
     return ValidationResult(True, max_abs, max_rel)
 
 
+class Recomputed(Sequence):
+    """Reference outputs held only for the example set: set ``k``'s are ``reference`` run on
+    ``input_sets[k]`` each time they are read (the same values: the same graph on the same
+    tensors), then dropped by the reader. For a chunk of a chain, whose references on its function's
+    sets (a new cache per layer per set: Whisper-large-v3's decoder, 0.15 GB per set) would
+    otherwise be held from the split to the artifact check, for every chunk at once."""
+
+    def __init__(self, reference: torch.fx.GraphModule, input_sets: list[list], example: list):
+        self.reference, self.input_sets, self.example = reference, input_sets, list(example)
+
+    def __len__(self) -> int:
+        return len(self.input_sets)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = k + len(self) if k < 0 else k
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self.example if k == 0 else run_flat(self.reference, self.input_sets[k])
+
+
 class Validator:
     """Holds the validation input sets and their reference outputs for one pipeline run."""
 
@@ -372,8 +394,10 @@ class Validator:
         masked: bool = False,
     ):
         """``given``: ``(set names, input sets, reference outputs)`` computed elsewhere, taken as they
-        are (no set is drawn, no reference computed; the first set is the example): a chunk of a
-        chain checked on its function's sets, carried through the chain. ``masked``: look for
+        are (no set is drawn; the first set is the example): a chunk of a chain checked on its
+        function's sets, carried through the chain. Reference outputs ``None``: ``reference``'s
+        outputs, the example's kept, the other sets' computed each time they are read
+        (:class:`Recomputed`). ``masked``: look for
         output elements that depend on fully masked attention rows on every set but the example
         even when no input of ``reference`` is mask-like (a chunk whose function has masks)."""
         self.options = options
@@ -383,10 +407,13 @@ class Validator:
         self.references: list[list] = []
         if given is not None and options.mode in NUMERIC_MODES:
             names, sets, refs = given
-            if not (len(names) == len(sets) == len(refs)) or not sets:
-                raise ValueError(f"given input sets: {len(names)} names, {len(sets)} sets, {len(refs)} references")
+            if len(names) != len(sets) or not sets or (refs is not None and len(refs) != len(sets)):
+                raise ValueError(f"given input sets: {len(names)} names, {len(sets)} sets")
             self.set_names, self.input_sets = list(names), [list(s) for s in sets]
-            self.references = [list(r) for r in refs]
+            if refs is None:  # the example's computed now, the others' each time they are read
+                self.references = Recomputed(reference, self.input_sets, run_flat(reference, self.input_sets[0]))
+            else:
+                self.references = [list(r) for r in refs]
             self.masks = self._mask_inputs(reference, self.input_sets[0])
         elif options.mode in NUMERIC_MODES:
             self._add_sets(reference, list(flat_inputs))
@@ -436,7 +463,8 @@ class Validator:
     def keep_example_only(self) -> None:
         """Drop every input set but the example (with their references): for a graph whose further
         checks run elsewhere (a program split into chunks, each with a validator of its own)."""
-        del self.input_sets[1:], self.set_names[1:], self.references[1:], self.undefined[1:]
+        del self.input_sets[1:], self.set_names[1:], self.undefined[1:]
+        self.references = list(self.references[:1])
 
     def check(self, gm: torch.fx.GraphModule, require_meta: bool = True, every_set: bool = False) -> ValidationResult:
         """Lint ``gm`` and, in the numeric modes, compare its outputs with the references: on every

@@ -493,21 +493,19 @@ def check_chain(partition: Partition, ep, inputs: Sequence[torch.Tensor], names:
             raise ConversionError(f"{what}the chained chunks differ from the whole graph on output {name!r}")
 
 
-def chain_sets(partition: Partition, input_sets: Sequence[Sequence]) -> list[tuple[list[list], list[list]]]:
-    """Per part of ``partition``: its input sets and its outputs on them, from the whole function's
-    ``input_sets`` (flat, in the partition's ``model_inputs`` order) carried through the chain in
-    torch. A part's inputs are the function's own tensors (model inputs and states, shared, never
-    written: :func:`~anefx.driver.validate.run_flat`) and the values earlier parts computed, the
-    same tensors as those parts' outputs (dense: Core ML takes dense inputs)."""
-    per_part: list[tuple[list[list], list[list]]] = [([], []) for _ in partition.parts]
+def chain_sets(partition: Partition, input_sets: Sequence[Sequence]) -> list[list[list]]:
+    """Per part of ``partition``: its input sets, from the whole function's ``input_sets`` (flat, in
+    the partition's ``model_inputs`` order) carried through the chain in torch. A part's inputs are
+    the function's own tensors (model inputs and states, shared, never written:
+    :func:`~anefx.driver.validate.run_flat`) and the values earlier parts computed (dense: Core ML
+    takes dense inputs); what no later part reads (new states, the function's outputs) is dropped."""
+    per_part: list[list[list]] = [[] for _ in partition.parts]
     for flat in input_sets:
         env = dict(zip(partition.model_inputs, flat, strict=True))
-        for c, (ins, outs) in zip(partition.parts, per_part, strict=True):
+        for c, ins in zip(partition.parts, per_part, strict=True):
             args = [env[n].contiguous() if isinstance(env[n], torch.Tensor) else env[n] for n in c.inputs]
-            got = run_flat(c.graph_module, args)
-            env.update(zip(c.outputs, got, strict=True))
+            env.update(zip(c.outputs, run_flat(c.graph_module, args), strict=True))
             ins.append(args)
-            outs.append(got)
     return per_part
 
 
@@ -525,7 +523,7 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
     stage_of = program.stage_of or default_stage
     exported, flats, stagings, io = {}, {}, {}, {}
     sets: dict[str, tuple[list[str], list[list], bool]] = {}
-    chained: dict[str, list[tuple[list[list], list[list]]]] = {}
+    chained: dict[str, list[list[list]]] = {}
     for fn, h in program.functions.items():
         ep = export_program(h)
         user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
@@ -547,8 +545,9 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
         if h.validator is not None:
             # each chunk gets a validator of its own: the function's input sets carried through the
             # chain (below), so the chunks share the function's inputs and states and each value
-            # crossing a boundary is held once, as one chunk's reference and the next one's input
-            # (no set is drawn per chunk: Whisper-large-v3's random caches are ~0.6 GB per set).
+            # crossing a boundary is held once, as the next chunk's input (no set is drawn per chunk:
+            # Whisper-large-v3's random caches are ~0.6 GB per set; no reference but the example's
+            # is held: each is computed from the chunk's graph when a check reads it).
             # The whole graph's references are not read again: dropped now.
             sets[fn] = (list(h.validator.set_names), list(h.validator.input_sets), bool(h.validator.masks))
             h.validator.keep_example_only()
@@ -590,10 +589,11 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
             validator = None
             if fn in chained:  # each chunk is validated against its own graph on its function's sets
                 names, _, masked = sets[fn]
-                ins, outs = chained[fn][i]
+                ins = chained[fn][i]
                 c.example_inputs = ins[0]
+                # its references on the sets after the example are computed when the checks read them
                 validator = Validator(
-                    c.graph_module, ins[0], h.validator.options, given=(names, ins, outs), masked=masked
+                    c.graph_module, ins[0], h.validator.options, given=(names, ins, None), masked=masked
                 )
             elif h.validator is not None:  # no numeric check: the chunk's lint
                 validator = Validator(c.graph_module, c.example_inputs, h.validator.options)
