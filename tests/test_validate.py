@@ -210,6 +210,18 @@ def test_given_sets_with_references_computed_when_read():
     assert not verdict.ok and "[inputs: random (masks with holes)]" in verdict.message
     given.keep_example_only()
     assert len(given.references) == len(given.input_sets) == 1 and given.check(wrong, every_set=True).ok
+    changed = Validator(
+        cap.graph_module,
+        cap.flat_inputs,
+        ValidationOptions(mode="example"),
+        given=(drawn.set_names, drawn.input_sets, None),
+    )
+    _ = changed.references[1]
+    mul = next(n for n in cap.graph_module.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    mul.target = torch.ops.aten.add.Tensor  # the reference changed in place: never read as a reference
+    cap.graph_module.recompile()
+    with pytest.raises(RuntimeError, match="changed in place"):
+        _ = changed.references[1]
     with pytest.raises(ValueError, match="given input sets"):
         Validator(cap.graph_module, cap.flat_inputs, ValidationOptions(), given=(["example"], [], None))
 

@@ -367,6 +367,14 @@ class Recomputed(Sequence):
 
     def __init__(self, reference: torch.fx.GraphModule, input_sets: list[list], example: list):
         self.reference, self.input_sets, self.example = reference, input_sets, list(example)
+        self._stamp = self._state()
+
+    def _state(self) -> tuple:
+        """The graph's code and its tensors' identities and write counts: a reference changed in
+        place would give other references than the ones the example's were computed with."""
+        gm = self.reference
+        tensors = [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, torch.Tensor))]
+        return gm.code, tuple((t.data_ptr(), write_count(t)) for t in tensors)
 
     def __len__(self) -> int:
         return len(self.input_sets)
@@ -377,7 +385,14 @@ class Recomputed(Sequence):
         k = k + len(self) if k < 0 else k
         if not 0 <= k < len(self):
             raise IndexError(k)
-        return self.example if k == 0 else run_flat(self.reference, self.input_sets[k])
+        if k == 0:
+            return self.example
+        if self._state() != self._stamp:
+            raise RuntimeError(
+                "the reference graph changed in place since its example outputs were computed: its outputs "
+                "are no longer the references"
+            )
+        return run_flat(self.reference, self.input_sets[k])
 
 
 class Validator:
