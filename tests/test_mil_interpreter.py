@@ -329,3 +329,36 @@ def test_lstm_matches_eager(lstm):
     (got,) = program({"x": x}).values()
     assert got.shape == tuple(want.shape)
     assert np.abs(got - want.numpy()).max() <= 5e-5 * float(want.abs().max())
+
+
+def test_fp16_weights_are_stored_in_their_package_bytes(tmp_path, monkeypatch):
+    """An fp16 program's weights are held as float16 (their exact values): the interpreter's
+    constants take the weights' fp16 bytes, not twice them, and each op reads them as float32, so
+    the outputs are bitwise those of weights held in float32."""
+    import anefx.targets.mil.interpreter as interpreter
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,)).run_decompositions({})
+    path = _save(ep, tmp_path / "mlp.mlpackage", precision="float16")
+
+    def constant_bytes(program):
+        held = {}
+        for plan in program._plans.values():
+            for v in plan.constants.values():
+                if isinstance(v, torch.Tensor) and v.numel() >= 1024:
+                    held[v.untyped_storage().data_ptr()] = (v.untyped_storage().nbytes(), v.dtype)
+        return held
+
+    program = MILProgram.open(path)
+    held = constant_bytes(program)
+    assert {d for _, d in held.values()} == {torch.float16}
+    assert sum(b for b, _ in held.values()) == 2 * (64 * 96 + 96 * 32)  # the two weight matrices in fp16
+    got = program.run_torch({"input": x})
+    monkeypatch.setattr(interpreter, "STORED_FP16_MIN", 10**12)  # every weight held in float32
+    wide = MILProgram.open(path)
+    assert sum(b for b, _ in constant_bytes(wide).values()) == 4 * (64 * 96 + 96 * 32)
+    want = wide.run_torch({"input": x})
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert float(next(iter(got.values())).float().abs().max()) > 0

@@ -326,14 +326,63 @@ def test_bart_chain_encoder_is_its_own_chunk(workdir, tmp_path):
     assert float((torch.stack(loaded.logits) - rewritten).abs().max()) < 0.02 * scale
 
 
-def test_whisper_decoder_across_chunks_relays_the_encoder_mask(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def whisper_two_decoder_chunks():
+    model = tiny_whisper(layers=4, frames=64)
+    return model, anefx.compile_lm(model, context_length=32, check_tokens=8, max_chunk_mb=0.28)
+
+
+def _storages(tensors) -> dict[int, int]:
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def test_chunks_are_checked_on_their_functions_sets_carried_through_the_chain(whisper_two_decoder_chunks):
+    """Each chunk's validator holds its function's input sets carried through the chain, not sets
+    of its own: a model input or a state is the function's tensor in every chunk that reads it, and a
+    value crossing a boundary is computed once per set (the later chunk's input; the earlier chunk's
+    references past the example set are recomputed when a check reads them, not held). The chunks'
+    validators hold fewer bytes than validators drawing their own sets, and the artifact check ran
+    every chunk on all five sets."""
+    from anefx.driver.validate import Validator
+
+    _, lm = whisper_two_decoder_chunks
+    chunks = lm.artifact.chunks
+    for fn in ("prefill", "decode"):
+        holding = [c.functions[fn] for c in chunks if fn in c.functions]
+        assert len(holding) == 2
+        names = holding[0].validator.set_names
+        assert len(names) == 5 and all(h.validator.set_names == names for h in holding)
+        shared = [n for n in holding[1].input_names if n in holding[0].input_names]
+        crossing = [n for n in holding[1].input_names if n in holding[0].output_names]
+        relayed = [n for n in crossing if n.startswith("encoder_mask_from_chunk")]
+        assert "position_ids" in shared and len(relayed) == 1 and len(crossing) >= 2  # the mask, the hidden state
+        for k in range(5):
+            first = dict(zip(holding[0].input_names, holding[0].validator.input_sets[k]))
+            later = dict(zip(holding[1].input_names, holding[1].validator.input_sets[k]))
+            made = dict(zip(holding[0].output_names, holding[0].validator.references[k]))
+            assert all(later[n] is first[n] for n in shared)
+            assert all(torch.equal(later[n], made[n]) for n in crossing)
+            # each chunk's reference is its own graph's outputs on those inputs; past the example
+            # set, computed when read (not held: a new tensor at each read)
+            got = holding[1].graph_module(*holding[1].validator.input_sets[k])
+            assert all(torch.equal(a, b) for a, b in zip(got, holding[1].validator.references[k]))
+            assert (holding[1].validator.references[k][0] is holding[1].validator.references[k][0]) == (k == 0)
+        assert all(lm.reports[fn].artifact[f"chunk{c.index}"]["input_sets"] == 5 for c in chunks if fn in c.functions)
+        # bytes held by the chunks' validators (unique storages) vs validators drawing their own sets
+        held = _storages(t for h in holding for s in (*h.validator.input_sets, h.validator.references[0]) for t in s)
+        own = [Validator(h.graph_module, list(h.example_args), h.validator.options) for h in holding]
+        drawn = _storages(t for v in own for s in (*v.input_sets, *v.references) for t in s)
+        assert sum(held.values()) < sum(drawn.values())
+
+
+def test_whisper_decoder_across_chunks_relays_the_encoder_mask(whisper_two_decoder_chunks, tmp_path, monkeypatch):
     """A Whisper whose decoder spans two chunks (Whisper-large-v3 at the default cap: 32 decoder
     layers in two packages). Every decoder layer's cross-attention reads the ``encoder_mask`` state,
     and a state lives in one chunk: the first decoder chunk reads it and passes it on
     (``encoder_mask_from_chunk2``), the later chunk takes it as an ordinary input. The chain, saved
     and loaded, generates HF's greedy tokens on an input the compile never saw."""
-    model = tiny_whisper(layers=4, frames=64)
-    lm = anefx.compile_lm(model, context_length=32, check_tokens=8, max_chunk_mb=0.28)
+    model, lm = whisper_two_decoder_chunks
     chunks = lm.artifact.chunks
     decoder = [i for i, c in enumerate(chunks) if "decode" in c.functions]
     assert len(decoder) == 2 and [list(chunks[i].functions) for i in decoder] == [["encode", "prefill", "decode"]] * 2

@@ -184,6 +184,48 @@ def test_example_mode_checks_passes_on_the_example_and_keeps_every_set():
     assert not numeric.check(wrong).ok
 
 
+def test_given_sets_with_references_computed_when_read():
+    """A validator on sets made elsewhere (a chunk on its function's sets): the sets are the given
+    tensors, the example's references are held, every other set's are the graph's outputs computed
+    at each read; a graph wrong only off the example is caught by ``every_set`` and names the set."""
+    import anefx
+
+    cap = anefx.capture(_Masked(), (torch.randn(1, 6, 4), torch.ones(1, 6, dtype=torch.long)))
+    drawn = Validator(cap.graph_module, cap.flat_inputs, ValidationOptions(mode="example"))
+    given = Validator(
+        cap.graph_module,
+        cap.flat_inputs,
+        ValidationOptions(mode="example"),
+        given=(drawn.set_names, drawn.input_sets, None),
+    )
+    assert all(a is b for s, t in zip(given.input_sets, drawn.input_sets) for a, b in zip(s, t))
+    assert given.references[0] is given.references[0]  # held
+    for k in range(1, len(drawn.references)):
+        first, again = given.references[k], given.references[k]
+        assert first[0] is not again[0] and torch.equal(first[0], again[0])
+        assert torch.equal(first[0], drawn.references[k][0])
+    wrong = _ignore_mask(cap.graph_module)
+    assert given.check(wrong).ok
+    verdict = given.check(wrong, every_set=True)
+    assert not verdict.ok and "[inputs: random (masks with holes)]" in verdict.message
+    given.keep_example_only()
+    assert len(given.references) == len(given.input_sets) == 1 and given.check(wrong, every_set=True).ok
+    changed = Validator(
+        cap.graph_module,
+        cap.flat_inputs,
+        ValidationOptions(mode="example"),
+        given=(drawn.set_names, drawn.input_sets, None),
+    )
+    _ = changed.references[1]
+    mul = next(n for n in cap.graph_module.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    mul.target = torch.ops.aten.add.Tensor  # the reference changed in place: never read as a reference
+    cap.graph_module.recompile()
+    with pytest.raises(RuntimeError, match="changed in place"):
+        _ = changed.references[1]
+    with pytest.raises(ValueError, match="given input sets"):
+        Validator(cap.graph_module, cap.flat_inputs, ValidationOptions(), given=(["example"], [], None))
+
+
 def test_example_mode_pipeline_rolls_back_a_pass_only_other_sets_catch():
     import anefx
     from anefx.passes import Pass

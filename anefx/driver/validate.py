@@ -358,6 +358,43 @@ def compare(
     return ValidationResult(True, max_abs, max_rel)
 
 
+class Recomputed(Sequence):
+    """Reference outputs held only for the example set: set ``k``'s are ``reference`` run on
+    ``input_sets[k]`` each time they are read (the same values: the same graph on the same
+    tensors), then dropped by the reader. For a chunk of a chain, whose references on its function's
+    sets (a new cache per layer per set: Whisper-large-v3's decoder, 0.15 GB per set) would
+    otherwise be held from the split to the artifact check, for every chunk at once."""
+
+    def __init__(self, reference: torch.fx.GraphModule, input_sets: list[list], example: list):
+        self.reference, self.input_sets, self.example = reference, input_sets, list(example)
+        self._stamp = self._state()
+
+    def _state(self) -> tuple:
+        """The graph's code and its tensors' identities and write counts: a reference changed in
+        place would give other references than the ones the example's were computed with."""
+        gm = self.reference
+        tensors = [*gm.parameters(), *gm.buffers(), *(v for v in vars(gm).values() if isinstance(v, torch.Tensor))]
+        return gm.code, tuple((t.data_ptr(), write_count(t)) for t in tensors)
+
+    def __len__(self) -> int:
+        return len(self.input_sets)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = k + len(self) if k < 0 else k
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        if k == 0:
+            return self.example
+        if self._state() != self._stamp:
+            raise RuntimeError(
+                "the reference graph changed in place since its example outputs were computed: its outputs "
+                "are no longer the references"
+            )
+        return run_flat(self.reference, self.input_sets[k])
+
+
 class Validator:
     """Holds the validation input sets and their reference outputs for one pipeline run."""
 
@@ -367,15 +404,34 @@ class Validator:
         flat_inputs: Sequence,
         options: ValidationOptions,
         reference_outputs: Sequence | None = None,
+        *,
+        given: tuple[Sequence[str], Sequence[Sequence], Sequence[Sequence]] | None = None,
+        masked: bool = False,
     ):
+        """``given``: ``(set names, input sets, reference outputs)`` computed elsewhere, taken as they
+        are (no set is drawn; the first set is the example): a chunk of a chain checked on its
+        function's sets, carried through the chain. Reference outputs ``None``: ``reference``'s
+        outputs, the example's kept, the other sets' computed each time they are read
+        (:class:`Recomputed`). ``masked``: look for
+        output elements that depend on fully masked attention rows on every set but the example
+        even when no input of ``reference`` is mask-like (a chunk whose function has masks)."""
         self.options = options
         self.input_sets: list[list] = [list(flat_inputs)]
         self.set_names: list[str] = ["example"]
         self.masks: dict[int, MaskLike] = {}  # flat input index -> its mask values
-        if options.mode in NUMERIC_MODES:
-            self._add_sets(reference, list(flat_inputs))
         self.references: list[list] = []
-        if options.mode in NUMERIC_MODES:
+        if given is not None and options.mode in NUMERIC_MODES:
+            names, sets, refs = given
+            if len(names) != len(sets) or not sets or (refs is not None and len(refs) != len(sets)):
+                raise ValueError(f"given input sets: {len(names)} names, {len(sets)} sets")
+            self.set_names, self.input_sets = list(names), [list(s) for s in sets]
+            if refs is None:  # the example's computed now, the others' each time they are read
+                self.references = Recomputed(reference, self.input_sets, run_flat(reference, self.input_sets[0]))
+            else:
+                self.references = [list(r) for r in refs]
+            self.masks = self._mask_inputs(reference, self.input_sets[0])
+        elif options.mode in NUMERIC_MODES:
+            self._add_sets(reference, list(flat_inputs))
             for k, inputs in enumerate(self.input_sets):
                 if k == 0 and reference_outputs is not None:
                     self.references.append(list(reference_outputs))
@@ -384,14 +440,18 @@ class Validator:
         self.expected_outputs = self.references[0] if self.references else None
         self.undefined: list = [None] * len(self.references)
         for k in range(1, len(self.references)):  # the example set is compared everywhere
-            if self.masks:
+            if self.masks or masked:
                 self.undefined[k] = undefined_elements(reference, self.input_sets[k], self.references[k])
+
+    @staticmethod
+    def _mask_inputs(reference: torch.fx.GraphModule, flat: list) -> dict[int, MaskLike]:
+        placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
+        nodes = placeholders if len(placeholders) == len(flat) else [None] * len(flat)
+        return {i: m for i, (t, n) in enumerate(zip(flat, nodes)) if (m := mask_like(t, n)) is not None}
 
     def _add_sets(self, reference: torch.fx.GraphModule, flat: list) -> None:
         gen = torch.Generator().manual_seed(self.options.seed)
-        placeholders = [n for n in reference.graph.nodes if n.op == "placeholder"]
-        nodes = placeholders if len(placeholders) == len(flat) else [None] * len(flat)
-        self.masks = masks = {i: m for i, (t, n) in enumerate(zip(flat, nodes)) if (m := mask_like(t, n)) is not None}
+        self.masks = masks = self._mask_inputs(reference, flat)
 
         def one_set(pattern: str, values: list | None = None) -> list:
             out = []
@@ -418,7 +478,8 @@ class Validator:
     def keep_example_only(self) -> None:
         """Drop every input set but the example (with their references): for a graph whose further
         checks run elsewhere (a program split into chunks, each with a validator of its own)."""
-        del self.input_sets[1:], self.set_names[1:], self.references[1:], self.undefined[1:]
+        del self.input_sets[1:], self.set_names[1:], self.undefined[1:]
+        self.references = list(self.references[:1])
 
     def check(self, gm: torch.fx.GraphModule, require_meta: bool = True, every_set: bool = False) -> ValidationResult:
         """Lint ``gm`` and, in the numeric modes, compare its outputs with the references: on every

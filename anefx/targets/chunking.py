@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from anefx.driver.validate import Validator
+from anefx.driver.validate import NUMERIC_MODES, Validator, run_flat
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.ir.graph import layer_of, layer_path
 from anefx.targets.artifact import MB, Artifact, Program
@@ -493,6 +493,22 @@ def check_chain(partition: Partition, ep, inputs: Sequence[torch.Tensor], names:
             raise ConversionError(f"{what}the chained chunks differ from the whole graph on output {name!r}")
 
 
+def chain_sets(partition: Partition, input_sets: Sequence[Sequence]) -> list[list[list]]:
+    """Per part of ``partition``: its input sets, from the whole function's ``input_sets`` (flat, in
+    the partition's ``model_inputs`` order) carried through the chain in torch. A part's inputs are
+    the function's own tensors (model inputs and states, shared, never written:
+    :func:`~anefx.driver.validate.run_flat`) and the values earlier parts computed (dense: Core ML
+    takes dense inputs); what no later part reads (new states, the function's outputs) is dropped."""
+    per_part: list[list[list]] = [[] for _ in partition.parts]
+    for flat in input_sets:
+        env = dict(zip(partition.model_inputs, flat, strict=True))
+        for c, ins in zip(partition.parts, per_part, strict=True):
+            args = [env[n].contiguous() if isinstance(env[n], torch.Tensor) else env[n] for n in c.inputs]
+            env.update(zip(c.outputs, run_flat(c.graph_module, args), strict=True))
+            ins.append(args)
+    return per_part
+
+
 def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 2.0) -> Artifact:
     """The artifact's (single, unconverted) program split into a chain of programs of at most
     ``cap_mb`` MB of weights each, every function into the same stage groups (packed once from the
@@ -506,6 +522,8 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
     several = len(program.functions) > 1
     stage_of = program.stage_of or default_stage
     exported, flats, stagings, io = {}, {}, {}, {}
+    sets: dict[str, tuple[list[str], list[list], bool]] = {}
+    chained: dict[str, list[list[list]]] = {}
     for fn, h in program.functions.items():
         ep = export_program(h)
         user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
@@ -525,10 +543,13 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
         exported[fn], flats[fn], io[fn] = ep, h.flat_inputs, (public, in_stages, out_stages)
         stagings[fn] = staging(ep, in_stages, out_stages, stage_of)
         if h.validator is not None:
-            # each chunk gets a validator of its own (below: its sets, its references) and the
-            # artifact check executes the chunks on those: the whole graph's other sets are not
-            # read again (Whisper-large-v3's prefill and decode: ~1.3 GB each of random caches,
-            # references and stress sets)
+            # each chunk gets a validator of its own: the function's input sets carried through the
+            # chain (below), so the chunks share the function's inputs and states and each value
+            # crossing a boundary is held once, as the next chunk's input (no set is drawn per chunk:
+            # Whisper-large-v3's random caches are ~0.6 GB per set; no reference but the example's
+            # is held: each is computed from the chunk's graph when a check reads it).
+            # The whole graph's references are not read again: dropped now.
+            sets[fn] = (list(h.validator.set_names), list(h.validator.input_sets), bool(h.validator.masks))
             h.validator.keep_example_only()
     weights: dict[str, tuple[int, set[int]]] = {}
     stages: set[int] = set()
@@ -552,6 +573,9 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
             groups=groups,
         )
         check_chain(partitions[fn], exported[fn], flats[fn], h.output_names, f"{fn}: " if several else "")
+        if fn in sets and h.validator.options.mode in NUMERIC_MODES:
+            _, inputs, _ = sets[fn]
+            chained[fn] = chain_sets(partitions[fn], [flats[fn], *inputs[1:]])
     programs = []
     owner: dict[str, int] = {}
     for i, group in enumerate(groups):
@@ -563,7 +587,15 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
             states_in = {name: h.states_in[name] for name in c.inputs if name in h.states_in}
             states_out = {name: h.states_out[name] for name in c.outputs if name in h.states_out}
             validator = None
-            if h.validator is not None:  # each chunk is validated against its own graph, as the whole was
+            if fn in chained:  # each chunk is validated against its own graph on its function's sets
+                names, _, masked = sets[fn]
+                ins = chained[fn][i]
+                c.example_inputs = ins[0]
+                # its references on the sets after the example are computed when the checks read them
+                validator = Validator(
+                    c.graph_module, ins[0], h.validator.options, given=(names, ins, None), masked=masked
+                )
+            elif h.validator is not None:  # no numeric check: the chunk's lint
                 validator = Validator(c.graph_module, c.example_inputs, h.validator.options)
             if all(name in h.states_out for name in c.outputs):
                 raise ConversionError(
