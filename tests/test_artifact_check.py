@@ -23,12 +23,17 @@ from anefx.targets.coreml import CoreMLOptions
 from anefx.targets.localize import fx_name, locate
 from anefx.targets.mil import MILProgram
 from anefx.targets.verify import (
+    FP16_FLOOR_CAP,
+    ArtifactCheck,
     ArtifactCheckOptions,
     ArtifactError,
     InputSet,
+    OutputError,
     check_and_fix,
     check_program,
+    fp16_rounding_floor,
     input_sets_from_validator,
+    judge_with_fp16_floor,
 )
 from examples import models
 
@@ -206,6 +211,71 @@ def test_compile_refuses_a_planted_converter_bug_and_names_it(tmp_path):
     assert "MIL op #" in text and "(relu 'gelu')" in text and "%gelu (aten.gelu)" in text
     assert f"{__file__}:{GeluBlock.forward.__code__.co_firstlineno + 1}" in text  # the model's line
     assert "Nothing was written" in text and not list(tmp_path.iterdir())
+
+
+class PeakyAttention(nn.Module):
+    """Unscaled attention logits up to ~30 (T5's): fp16's rounding of a logit moves its probability."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 16, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        return torch.softmax((x @ self.w) * 8.0, dim=-1), x * 2.0
+
+
+def test_the_fp16_floor_is_the_graph_executed_with_every_value_rounded_to_fp16():
+    model = PeakyAttention()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+    floors = fp16_rounding_floor(gm, [x], list(reference), ["probs", None])
+    assert list(floors) == ["probs"]  # an output named None is left out
+
+    def r(t):
+        return t.half().float()
+
+    by_hand = torch.softmax(r(r(r(x) @ r(model.w)) * 8.0), dim=-1)
+    rel = float((r(by_hand) - reference[0]).abs().max() / reference[0].abs().max())
+    assert floors["probs"] == pytest.approx(rel, rel=1e-6)
+    twice = fp16_rounding_floor(gm, [x], list(reference), [None, "twice"])["twice"]
+    assert twice <= 2.0**-11 and floors["probs"] > 10 * twice  # the logits' scale amplifies the rounding
+
+
+def test_an_fp16_output_is_judged_again_within_its_floor_up_to_the_cap():
+    def check(*outputs):
+        return ArtifactCheck("f", "mil", "fp16", 0.03, outputs={o.name: o for o in outputs})
+
+    options = ArtifactCheckOptions(fp16_noise_margin=2.0)
+    noisy = OutputError("noisy", 0.2, 6.5, 0.031, ok=False)
+    beyond = OutputError("beyond", 0.5, 6.5, 0.08, ok=False)
+    capped = OutputError("capped", 0.9, 6.5, 0.12, ok=False)
+    inf = OutputError("inf", math.inf, 6.5, math.inf, nonfinite=3, ok=False)
+    fine = OutputError("fine", 0.01, 6.5, 0.001)
+    judged = check(noisy, beyond, capped, inf, fine)
+    judge_with_fp16_floor(judged, {"noisy": 0.036, "beyond": 0.03, "capped": 0.5, "inf": 0.5, "fine": 0.5}, options)
+    assert noisy.ok and noisy.tolerance == pytest.approx(0.072) and noisy.fp16_floor == 0.036
+    assert not beyond.ok and beyond.tolerance == pytest.approx(0.06)  # more than twice what fp16 errs
+    assert not capped.ok and capped.tolerance == FP16_FLOOR_CAP  # fp16 itself is unusable there
+    assert not inf.ok and inf.tolerance is None and fine.tolerance is None  # inf stays a failure; passes untouched
+    assert "the graph rounded to fp16 at every value: 0.03" in judged.message()
+    assert judged.summary()["outputs"]["noisy"] == {
+        "max_abs_error": 0.2,
+        "rel_error": 0.031,
+        "nonfinite": 0,
+        "fp16_floor": 0.036,
+        "tolerance": pytest.approx(0.072),
+    }
+
+
+def test_the_fp16_floor_does_not_excuse_a_converter_bug():
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with gelu_computed_as_relu(), pytest.raises(ArtifactError) as info:
+        anefx.compile(GeluBlock().eval(), (x,), artifact_check=ArtifactCheckOptions(fp16_noise_margin=2.0))
+    floor = float(str(info.value).split("the graph rounded to fp16 at every value: ")[1].split(")")[0])
+    assert floor < 2e-3  # the graph's own fp16 error: far below the planted bug's
 
 
 def test_compile_falls_back_to_fp32_for_an_overflowing_region():

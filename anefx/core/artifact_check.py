@@ -9,6 +9,8 @@ own graph for a chunk. :func:`~anefx.targets.verify.check_and_fix` measures each
 failure locates the first MIL op that departs from the graph handed to the converter and, for an
 fp16 program whose target can compute single ops in fp32, converts again with that region in fp32
 (a package of one function: the whole program, or one chunk of a chain).
+With ``fp16_noise_margin`` (``compile_lm`` sets it), an fp16 output that still fails is judged
+against the model's own fp16 floor: its validated graph executed with every value rounded to fp16.
 A package that still fails raises :class:`~anefx.targets.verify.ArtifactError` naming the output,
 the MIL op, its torch node and its source line: nothing wrong ships.
 
@@ -32,7 +34,15 @@ import torch
 from anefx.driver.events import Events
 from anefx.targets.artifact import Artifact, Program
 from anefx.targets.mil import UnsupportedOpError
-from anefx.targets.verify import ArtifactCheckOptions, ArtifactError, InputSet, check_and_fix, input_sets_from_validator
+from anefx.targets.verify import (
+    ArtifactCheckOptions,
+    ArtifactError,
+    InputSet,
+    check_and_fix,
+    fp16_rounding_floor,
+    input_sets_from_validator,
+    judge_with_fp16_floor,
+)
 
 
 def _where(artifact: Artifact, program: Program, function: str) -> str:
@@ -92,6 +102,8 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
                 function=fn,
                 options=options,
             )
+            if not result.ok and not result.error and result.precision == "fp16" and options.fp16_noise_margin > 0:
+                judge_with_fp16_floor(result, _fp16_floors(program, fn, result.input_sets), options)
             reports[fn].artifact[_where(artifact, program, fn)] = result.summary()
             if not result.ok:
                 raise ArtifactError(f"{result.message()}. Nothing was written")
@@ -99,6 +111,24 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
                 program.package = made["package"]
                 executor = shipped
     return artifact
+
+
+def _fp16_floors(program: Program, function: str, input_sets: list[str]) -> dict[str, float]:
+    """Per output (named as the check names it: ``name``, ``state:<state>``), the worst error over
+    the input sets ``input_sets`` of the function's validated graph executed with every value
+    rounded to fp16 (:func:`~anefx.targets.verify.fp16_rounding_floor`)."""
+    h = program.functions[function]
+    validator = h.validator
+    keys = [f"state:{h.states_out[n]}" if n in h.states_out else n for n in h.output_names]
+    floors: dict[str, float] = {}
+    for k, name in enumerate(validator.set_names):
+        if name not in input_sets or k >= len(validator.references):
+            continue
+        undefined = validator.undefined[k] if k < len(validator.undefined) else None
+        flat, reference = validator.input_sets[k], validator.references[k]
+        for key, floor in fp16_rounding_floor(h.graph_module, flat, reference, keys, undefined).items():
+            floors[key] = max(floors.get(key, 0.0), floor)
+    return floors
 
 
 def check_compressed(artifact: Artifact, reports: dict, options: ArtifactCheckOptions, events: Events) -> None:
