@@ -169,12 +169,16 @@ def locate(
     held: dict[str, str] = {n: n for n in inputs}
     results = _graph_outputs(reference, list(program.outputs(name)))
     first_drift: Divergence | None = None
-    for op in program.operations(name):
+    operations = list(program.operations(name))
+    named = {n for op in operations for n, exact in (fx_name(op.name, nodes),) if exact}
+    for op in operations:
         node_name, exact = fx_name(op.name, nodes)
         if op.outputs and op.outputs[0] in results:  # the op writing a program output holds the graph's
             node_name, exact = results[op.outputs[0]], True
         elif node_name is None and op.outputs:  # an op of coremltools' own (``cast_4``) holding a node's value
             node_name, exact = fx_name(op.outputs[0], nodes)
+        if node_name is None:
+            node_name, exact = _first_of_its_type(op.name, nodes, named)
         if node_name is None or not exact or not op.outputs:
             continue
         held[node_name] = op.outputs[0]
@@ -208,6 +212,18 @@ def locate(
             return found
         first_drift = first_drift or found
     return first_drift
+
+
+def _first_of_its_type(mil_name: str, nodes: Collection[str], named: Collection[str]) -> tuple[str | None, bool]:
+    """A program converted outside :func:`anefx.compat.coremltools.names_apart` (``ct.convert`` alone,
+    read by ``anefx check``): coremltools names a node's op from its counter per op type, which a
+    fresh process starts at 0, so ``linear_0`` is the node ``linear``, unless an op of the program
+    already carries that node's own name (the counter then stood elsewhere, and this is no guess to
+    make)."""
+    base = _SUFFIXES.sub("", mil_name)
+    if base.endswith("_0") and base[:-2] in nodes and base[:-2] not in named:
+        return base[:-2], True
+    return None, False
 
 
 def _graph_outputs(reference: torch.fx.GraphModule, program_outputs: list[str]) -> dict[str, str]:
