@@ -130,12 +130,20 @@ class Partition:
     #: (:func:`check_chain` reads it for the same inputs, then drops it)
     example_outputs: tuple[list, list] | None = None
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def carry(self, inputs: Sequence) -> tuple[list[list], list]:
+        """The chain run on the program's ``inputs``: each part's inputs (dense: Core ML takes dense
+        inputs; the program's own tensors where a part reads them, never written:
+        :func:`~anefx.driver.validate.run_flat`) and the program's outputs."""
         env = dict(zip(self.model_inputs, inputs, strict=True))
-        with torch.no_grad():
-            for c in self.parts:
-                env.update(zip(c.outputs, c.graph_module(*[env[n] for n in c.inputs]), strict=True))
-        return [env[n] for n in self.model_outputs]
+        per_part = []
+        for c in self.parts:
+            args = [env[n].contiguous() if isinstance(env[n], torch.Tensor) else env[n] for n in c.inputs]
+            env.update(zip(c.outputs, run_flat(c.graph_module, args), strict=True))
+            per_part.append(args)
+        return per_part, [env[n] for n in self.model_outputs]
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.carry(inputs)[1]
 
 
 def _is_weight_input(kind) -> bool:
@@ -399,12 +407,10 @@ def split(
         chunks.append(Part(ci, g, gm, ins, outs, size, param_names=names, empty=not members))
     partition = Partition(chunks, [public.get(n, n) for n in user_inputs], [public.get(n, n) for n in model_outputs])
     # example inputs of each chunk: run the chain once
-    env = dict(zip(partition.model_inputs, inputs, strict=True))
-    with torch.no_grad():
-        for c in chunks:
-            c.example_inputs = [env[n].contiguous() for n in c.inputs]  # Core ML wants dense inputs
-            env.update(zip(c.outputs, c.graph_module(*c.example_inputs), strict=True))
-    partition.example_outputs = (list(inputs), [env[n] for n in partition.model_outputs])
+    per_part, outputs = partition.carry(inputs)
+    for c, args in zip(chunks, per_part, strict=True):
+        c.example_inputs = args
+    partition.example_outputs = (list(inputs), outputs)
     return partition
 
 
@@ -494,17 +500,15 @@ def check_chain(partition: Partition, ep, inputs: Sequence[torch.Tensor], names:
 
 
 def chain_sets(partition: Partition, input_sets: Sequence[Sequence]) -> list[list[list]]:
-    """Per part of ``partition``: its input sets, from the whole function's ``input_sets`` (flat, in
-    the partition's ``model_inputs`` order) carried through the chain in torch. A part's inputs are
-    the function's own tensors (model inputs and states, shared, never written:
-    :func:`~anefx.driver.validate.run_flat`) and the values earlier parts computed (dense: Core ML
-    takes dense inputs); what no later part reads (new states, the function's outputs) is dropped."""
-    per_part: list[list[list]] = [[] for _ in partition.parts]
+    """Per part of ``partition``: its input sets, the example's first (its ``example_inputs``, which
+    :func:`split` carried through the chain), then the whole function's other ``input_sets`` (flat, in
+    the partition's ``model_inputs`` order) carried through the chain in torch
+    (:meth:`Partition.carry`). A part's inputs are the function's own tensors (model inputs and
+    states, shared, never written) and the values earlier parts computed; what no later part reads
+    (new states, the function's outputs) is dropped."""
+    per_part: list[list[list]] = [[c.example_inputs] for c in partition.parts]
     for flat in input_sets:
-        env = dict(zip(partition.model_inputs, flat, strict=True))
-        for c, ins in zip(partition.parts, per_part, strict=True):
-            args = [env[n].contiguous() if isinstance(env[n], torch.Tensor) else env[n] for n in c.inputs]
-            env.update(zip(c.outputs, run_flat(c.graph_module, args), strict=True))
+        for ins, args in zip(per_part, partition.carry(flat)[0], strict=True):
             ins.append(args)
     return per_part
 
@@ -575,7 +579,7 @@ def split_artifact(artifact: Artifact, cap_mb: float, bytes_per_weight: float = 
         check_chain(partitions[fn], exported[fn], flats[fn], h.output_names, f"{fn}: " if several else "")
         if fn in sets and h.validator.options.mode in NUMERIC_MODES:
             _, inputs, _ = sets[fn]
-            chained[fn] = chain_sets(partitions[fn], [flats[fn], *inputs[1:]])
+            chained[fn] = chain_sets(partitions[fn], inputs[1:])  # the example's: split carried it
     programs = []
     owner: dict[str, int] = {}
     for i, group in enumerate(groups):
