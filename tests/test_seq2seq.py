@@ -431,18 +431,20 @@ def test_whisper_decoder_across_chunks_relays_the_encoder_mask(whisper_two_decod
 
 
 def test_t5_whose_encoder_amplifies_fp16_rounding_compiles_within_its_fp16_floor():
-    """A 4-layer T5 (unscaled attention, logits up to ~30) rounds its cross states in fp16 by more
-    than the fixed tolerance (0.03): PyTorch's own ``.half()`` errs as much. The check judges those
-    outputs against the graph executed with every value rounded to fp16: the program errs about as
-    fp16 itself does (a converter bug errs by the whole scale), so the package ships, its
-    teacher-forced agreement measured."""
-    model = tiny_t5(layers=4)
+    """A 6-layer T5 (unscaled attention, logits up to ~30) rounds its cross states in fp16 by more
+    than the fixed tolerance (0.03): PyTorch's own ``.half()`` errs as much (at 4 layers the first
+    cross state errs 0.031, too near 0.03 for an assertion on another CPU; at 6, 0.04-0.07). The
+    check judges those outputs against the graph executed with every value rounded to fp16: the
+    program errs about as fp16 itself does (a converter bug errs by the whole scale), so the package
+    ships, its teacher-forced agreement measured."""
+    layers = 6
+    model = tiny_t5(layers=layers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lm = anefx.compile_lm(model, context_length=CONTEXT, source_length=20)
     encode = lm.reports["encode"].artifact["encode"]
     judged = {k: v for k, v in encode["outputs"].items() if "fp16_floor" in v}
-    cross = {f"state:cross_{kv}_{i}" for kv in ("key", "value") for i in range(4)}
+    cross = {f"state:cross_{kv}_{i}" for kv in ("key", "value") for i in range(layers)}
     assert encode["ok"] and judged and set(judged) <= cross
     for v in judged.values():
         assert encode["tolerance"] < v["rel_error"] <= v["tolerance"] == min(0.1, 2 * v["fp16_floor"])
