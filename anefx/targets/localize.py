@@ -23,8 +23,9 @@ latent 64 holds 3.3 GiB of per-head attention scores per attention block). Which
 which node is known from the names before anything runs, so the walk knows when each value is
 read for the last time: a node's graph value is held while a graph node not yet run reads it or
 an op still to come compares with it (its own op, or a reader's local run); the program's value of
-a node while a reader's op is still to come. The graph runs in its own order, only as far as the
-program's ops ask (both are in nearly the same topological order).
+a node while a reader's op is still to come. The graph runs in the program's order: each node when
+an op asks for its value, after the nodes it reads (coremltools converts the nodes in the graph's
+order, then moves some casts and transposes next to their readers).
 """
 
 from __future__ import annotations
@@ -101,32 +102,53 @@ def graph_inputs(gm: torch.fx.GraphModule, inputs: Mapping[str, Any]) -> list[to
 
 
 class _Reference:
-    """``gm`` run node by node in its order, only as far as :meth:`value` asks, each value held
-    while a node not yet run reads it or the walk still needs it: ``need`` maps a node's name to
-    the index of the last op of the walk that reads its value; :meth:`walked` says an op is done."""
+    """``gm`` run node by node as :meth:`value` asks for its nodes (each with the nodes it reads not
+    yet run), so in the order the program's ops ask, each value held while a node still to run
+    reads it or the walk still needs it: ``need`` maps a node's name to the index of the last op of
+    the walk that reads its value; :meth:`walked` says an op is done. Nodes that neither the walk
+    nor a node it asks for reads never run."""
 
     def __init__(self, gm: torch.fx.GraphModule, inputs: Mapping[str, Any], need: Mapping[str, int]):
         self._interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
-        self._interpreter.args_iter = iter(graph_inputs(gm, inputs))
         self._values = self._interpreter.env  #: node → value, while held
-        self._pending = iter(gm.graph.nodes)
         self._nodes = {n.name: n for n in gm.graph.nodes}
-        self._readers = {n: len(n.users) for n in gm.graph.nodes}  #: readers not yet run
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._values.update(zip(placeholders, graph_inputs(gm, inputs)))
+        self._done: set[torch.fx.Node] = set(placeholders)
+        runs: set[torch.fx.Node] = set()  # the nodes the walk reads and the nodes they read
+        stack = [self._nodes[name] for name in need if name in self._nodes]
+        while stack:
+            node = stack.pop()
+            if node not in runs:
+                runs.add(node)
+                stack.extend(node.all_input_nodes)
+        self._readers = {n: sum(u in runs for u in n.users) for n in runs}  #: readers still to run
         self._need = need
-        self._done: set[torch.fx.Node] = set()
         self._walked = -1
         self._freed_at: dict[int, list[torch.fx.Node]] = {}
         for name, i in need.items():
             if name in self._nodes:
                 self._freed_at.setdefault(i, []).append(self._nodes[name])
+        for node in placeholders:
+            self._free(node)
 
     def value(self, name: str) -> torch.Tensor | None:
         """The node's tensor value (None for another kind of value, or no node of that name)."""
         node = self._nodes.get(name)
         if node is None:
             return None
-        while node not in self._done:
-            self._run(next(self._pending))
+        stack = [node]
+        while stack:  # the node after the nodes it reads, depth first
+            top = stack[-1]
+            if top in self._done:
+                stack.pop()
+                continue
+            waiting = [a for a in top.all_input_nodes if a not in self._done]
+            if waiting:
+                stack.extend(reversed(waiting))
+            else:
+                stack.pop()
+                self._run(top)
         if node not in self._values:
             raise AssertionError(f"anefx bug: the value of {describe(node)} was freed before op {self._walked + 1}")
         value = self._values[node]
@@ -152,7 +174,7 @@ class _Reference:
         self._free(node)
 
     def _free(self, node: torch.fx.Node) -> None:
-        if self._readers[node] == 0 and self._need.get(node.name, -1) <= self._walked:
+        if self._readers.get(node, 0) == 0 and self._need.get(node.name, -1) <= self._walked:
             self._values.pop(node, None)
 
 
