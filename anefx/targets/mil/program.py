@@ -136,7 +136,7 @@ class MILProgram(LoadedProgram):
         their held dtypes (:data:`~anefx.targets.mil.interpreter.HELD`). A value nothing reads any
         more is freed when the run resumes: a caller keeps what it needs beyond the op (to compare
         each op with a reference while holding only the live values). Stopping the iteration stops
-        the run."""
+        the run (a ``state`` is then left as far as the run went)."""
         name = self.function_name(function)
         plan = self._plans[name]
         ops = self.operations(name)
