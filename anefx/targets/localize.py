@@ -20,11 +20,11 @@ names the MIL op, its torch node and the source line the node came from.
 
 Memory: the walk holds what the two runs hold live, not their every value (every value of an
 SD-1.5 UNet's chunk at latent 64: 3.3 GiB of per-head attention scores per self-attention, and
-the check was killed at 17.1 GiB; the whole compile, check included, now peaks at 10.5 GiB). Which op compares
-which node is known from the names before anything runs, so the walk knows when each value is
-read for the last time: a node's graph value is held while a graph node not yet run reads it or
-an op still to come compares with it (its own op, or a reader's local run); the program's value of
-a node while a reader's op is still to come. The graph runs in the program's order: each node when
+the check was killed at 17.1 GiB; the whole compile, check included, now peaks at 10.5 GiB).
+Which op compares which node is known from the names before anything runs, so the walk knows when
+each value is read for the last time: a node's graph value is held while a graph node not yet run
+reads it or an op still to come compares with it (its own op, or a reader's local run); the
+program's value of a node while a reader's op is still to come. The graph runs in the program's order: each node when
 an op asks for its value, after the nodes it reads (coremltools converts the nodes in the graph's
 order, then moves some casts and transposes next to their readers).
 """
