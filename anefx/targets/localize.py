@@ -24,9 +24,9 @@ the check was killed at 17.1 GiB; the whole compile, check included, now peaks a
 Which op compares which node is known from the names before anything runs, so the walk knows when
 each value is read for the last time: a node's graph value is held while a graph node not yet run
 reads it or an op still to come compares with it (its own op, or a reader's local run); the
-program's value of a node while a reader's op is still to come. The graph runs in the program's order: each node when
-an op asks for its value, after the nodes it reads (coremltools converts the nodes in the graph's
-order, then moves some casts and transposes next to their readers).
+program's value of a node while a reader's op is still to come. The graph runs in the program's
+order: each node when an op asks for its value, after the nodes it reads (coremltools converts the
+nodes in the graph's order, then moves some casts and transposes next to their readers).
 """
 
 from __future__ import annotations
