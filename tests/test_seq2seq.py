@@ -454,3 +454,24 @@ def test_t5_whose_encoder_amplifies_fp16_rounding_compiles_within_its_fp16_floor
     for x, mask, hf_x, hf_mask in _unseen_inputs("t5"):
         tokens = lm.generate(x, attention_mask=mask, max_new_tokens=16).new_tokens
         assert tokens == _reference(model, hf_x, hf_mask, 16)[0]
+
+
+def test_example_mode_holds_the_example_references_only_after_the_passes():
+    """In ``validate="example"`` (the mode of Whisper-large-v3, whose references over its three step
+    functions are ~2.3 GB) each function's validator keeps only the example set's reference outputs
+    once its passes are done: the other sets' are its captured graph run again when a check reads
+    them (a new tensor at each read, the same values), and the artifact check still runs every set."""
+    from anefx.driver.validate import Recomputed, run_flat
+
+    model = tiny_whisper(frames=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = anefx.compile_lm(model, context_length=32, check_tokens=4, validate="example")
+    for fn, built in lm.build.functions.items():
+        for result in (built.result, built.unguarded):
+            refs = result.validator.references
+            assert isinstance(refs, Recomputed) and len(refs) == len(result.validator.input_sets) >= 2
+            assert refs[1][0] is not refs[1][0] and refs[0][0] is refs[0][0]
+            again = run_flat(built.captured.graph_module, result.validator.input_sets[1])
+            assert all(torch.equal(a, b) for a, b in zip(refs[1], again, strict=True))
+        assert lm.reports[fn].artifact[fn]["input_sets"] == len(built.result.validator.set_names)

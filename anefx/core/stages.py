@@ -154,6 +154,16 @@ def run_passes(
             )
         result, info = outcome.result, outcome.info
         info["seconds"] = round(events.events[-1].seconds or 0.0, 3)
+    # the passes are done. In the ``example`` mode (models where a run costs minutes, and whose
+    # references are gigabytes) the later checks read the sets after the example at most once each
+    # (the artifact check of an unchunked program; a chunked one never reads them), so those
+    # references are recomputed then rather than held from here to the end of the compile, through
+    # the other functions' passes and the conversion. In ``numeric`` mode each legalization step and
+    # the converter-input check read every set again: they stay held.
+    if pipeline.validation.mode == "example":
+        for done in (result, unguarded):
+            if done.validator is not None:
+                done.validator.release_references()
     return result, unguarded, info
 
 
