@@ -115,7 +115,9 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
     return artifact
 
 
-def _fp16_floors(program: Program, function: str, input_sets: list[str], program_outputs: list[str]) -> dict[str, float]:
+def _fp16_floors(
+    program: Program, function: str, input_sets: list[str], program_outputs: list[str]
+) -> dict[str, float]:
     """Per output, named as the check names it (the program's output name, matched to the graph's
     output as the check matches them: :func:`~anefx.targets.verify.match_outputs`; a state
     ``state:<state>``), the worst error over the input sets ``input_sets`` of the function's
