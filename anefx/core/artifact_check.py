@@ -69,6 +69,7 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
             report.artifact["status"] = f"not executed ({why})"
         return artifact
     for program in artifact.programs:
+        executor = shipped = None  # the previous chunk's program is released before this one loads
         try:
             executor = target.executor(program.package)
         except UnsupportedOpError as exc:  # the interpreter's gap, not the program's: said, not refused
