@@ -457,10 +457,12 @@ def test_t5_whose_encoder_amplifies_fp16_rounding_compiles_within_its_fp16_floor
 
 
 def test_example_mode_holds_the_example_references_only_after_the_passes():
-    """In ``validate="example"`` (the mode of Whisper-large-v3, whose references over its three step
-    functions are ~2.3 GB) each function's validator keeps only the example set's reference outputs
-    once its passes are done: the other sets' are its captured graph run again when a check reads
-    them (a new tensor at each read, the same values), and the artifact check still runs every set."""
+    """The eager outputs of the step functions (validated against their captured graphs) are
+    released after their passes. In ``validate="example"`` (the mode of Whisper-large-v3, whose
+    references over its three step functions are ~2.3 GB) each function's validator keeps only the
+    example set's reference outputs once its passes are done: the other sets' are its captured
+    graph run again when a check reads them (a new tensor at each read, the same values), and the
+    artifact check still runs every set."""
     from anefx.driver.validate import Recomputed, run_flat
 
     model = tiny_whisper(frames=64)
@@ -475,6 +477,9 @@ def test_example_mode_holds_the_example_references_only_after_the_passes():
             again = run_flat(built.captured.graph_module, result.validator.input_sets[1])
             assert all(torch.equal(a, b) for a, b in zip(refs[1], again, strict=True))
         assert lm.reports[fn].artifact[fn]["input_sets"] == len(built.result.validator.set_names)
+        # validated against the captured graph: the eager outputs (read for the tolerances' scale) are dropped
+        with pytest.raises(AnefxError, match=r"released: .* validated against its captured graph"):
+            list(built.captured.reference_outputs)
 
 
 def test_the_end_to_end_check_holds_one_chunk_of_a_chain_at_a_time(whisper_two_decoder_chunks, monkeypatch):

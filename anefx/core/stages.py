@@ -58,7 +58,8 @@ class FunctionSpec:
     ``output_names`` name its flat inputs and outputs (default: the captured names);
     ``states_in`` / ``states_out`` map some of them to the program's states. ``reference``:
     ``"model"`` validates against the model's own outputs at capture, ``"graph"`` against the
-    captured graph's (when eager and exported kernels differ in the last bits). ``tolerances``
+    captured graph's (when eager and exported kernels differ in the last bits; the eager outputs,
+    read only to scale the tolerances, are then released once the passes are done). ``tolerances``
     scales the validation tolerances to this function (applied when no ``ValidationOptions`` were
     given). ``param_prefix``: what the captured parameter names have that the user's lack (a
     wrapper's attribute)."""
@@ -202,6 +203,10 @@ def build(request: ProgramRequest, plan: Plan, events: Events) -> Build:
             _sub(events, spec.name, several),
         ):
             result, unguarded, info = run_passes(spec, captured, plan, events)
+        if spec.reference == "graph":
+            captured.release_reference_outputs(
+                f"{spec.name} was validated against its captured graph's outputs (run it for them)"
+            )
         report = Report(result.records, guard=info)
         handoff = _handoff(spec, captured, result, plan, report)
         functions[spec.name] = BuiltFunction(spec.name, captured, result, unguarded, report, handoff)
