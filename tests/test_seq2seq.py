@@ -456,19 +456,31 @@ def test_t5_whose_encoder_amplifies_fp16_rounding_compiles_within_its_fp16_floor
         assert tokens == _reference(model, hf_x, hf_mask, 16)[0]
 
 
-def test_example_mode_holds_the_example_references_only_after_the_passes():
+def test_example_mode_holds_the_example_references_only_after_the_passes(monkeypatch):
     """The eager outputs of the step functions (validated against their captured graphs) are
     released after their passes. In ``validate="example"`` (the mode of Whisper-large-v3, whose
     references over its three step functions are ~2.3 GB) each function's validator keeps only the
     example set's reference outputs once its passes are done: the other sets' are its captured
     graph run again when a check reads them (a new tensor at each read, the same values), and the
     artifact check still runs every set."""
+    from anefx.core import stages
     from anefx.driver.validate import Recomputed, run_flat
+
+    last: list[str] = [""]
+    collected: list[str] = []
+    collect = stages.collect
+    monkeypatch.setattr(stages, "collect", lambda: (collected.append(last[0]), collect()))
+
+    def progress(event):
+        if event.kind == "end":
+            last[0] = event.name
 
     model = tiny_whisper(frames=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lm = anefx.compile_lm(model, context_length=32, check_tokens=4, validate="example")
+        lm = anefx.compile_lm(model, context_length=32, check_tokens=4, validate="example", progress=progress)
+    # the cyclic garbage (discarded graphs, converted MIL programs) is collected at the stage boundaries
+    assert collected == ["passes"] * 4 + ["convert.decode"]  # each function's passes, before and after converting
     for fn, built in lm.build.functions.items():
         for result in (built.result, built.unguarded):
             refs = result.validator.references
@@ -509,3 +521,34 @@ def test_the_end_to_end_check_holds_one_chunk_of_a_chain_at_a_time(whisper_two_d
     assert len(lm.artifact.chunks) >= 3 and len(most) > len(lm.artifact.chunks) and max(most) == 1
     assert chunked.new_tokens == whole.new_tokens
     assert all(torch.equal(a, b) for a, b in zip(chunked.logits, whole.logits, strict=True))
+
+
+def test_loading_a_chunk_leaves_no_weights_in_cycles(whisper_two_decoder_chunks, monkeypatch):
+    """The MIL program read back from a package (coremltools' ``Program``: ``Var`` and
+    ``Operation`` objects pointing at each other, holding the weights) is collected as soon as the
+    interpreter has prepared its plan, not whenever Python's collector gets to the cycles: with
+    automatic collection off, nothing read stays alive after the load."""
+    import gc
+    import weakref
+
+    from anefx.targets.mil import program as mil_program
+
+    read = []
+
+    def recording(original):
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            read.append(weakref.ref(out.program))
+            return out
+
+        return wrapped
+
+    for name in ("read_package", "read_mlmodel"):
+        monkeypatch.setattr(mil_program, name, recording(getattr(mil_program, name)))
+    _, lm = whisper_two_decoder_chunks
+    gc.disable()
+    try:
+        executor = lm.artifact.target.executor(lm.artifact.chunks[-1].package)
+        assert len(read) == 1 and read[0]() is None and "decode" in executor.functions
+    finally:
+        gc.enable()
