@@ -567,3 +567,22 @@ def test_locate_runs_the_graph_in_the_programs_order():
             assert locate(program, torch.fx.symbolic_trace(TwoChains(n)), inputs) is None
         peaks.append(probe.peak)
     assert peaks[1] == peaks[0], [p / 2**20 for p in peaks]
+
+
+def test_the_fp16_floors_are_named_as_the_check_names_the_program_outputs():
+    """A program whose outputs ``ct.convert`` named after MIL values (``var_7``) is compared with the
+    graph's outputs by position (:func:`match_outputs`): its floors must be found under the same
+    names, or the floor never applies."""
+    from anefx.core.artifact_check import _fp16_floors
+    from anefx.targets.artifact import Program
+    from anefx.targets.handoff import HandOff
+
+    model = PeakyAttention()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    validator = Validator(gm, [x], ValidationOptions())
+    program = Program({"main": HandOff(gm, (x,), {}, ["x"], ["probs", "twice"], validator)})
+    by_graph = fp16_rounding_floor(gm, [x], validator.references[0], ["probs", "twice"])
+    floors = _fp16_floors(program, "main", ["example"], ["var_7", "var_9"])
+    assert floors == {"var_7": by_graph["probs"], "var_9": by_graph["twice"]}
+    assert _fp16_floors(program, "main", ["example"], ["twice", "probs"]) == by_graph  # by name where they agree

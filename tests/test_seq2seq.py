@@ -454,3 +454,101 @@ def test_t5_whose_encoder_amplifies_fp16_rounding_compiles_within_its_fp16_floor
     for x, mask, hf_x, hf_mask in _unseen_inputs("t5"):
         tokens = lm.generate(x, attention_mask=mask, max_new_tokens=16).new_tokens
         assert tokens == _reference(model, hf_x, hf_mask, 16)[0]
+
+
+def test_example_mode_holds_the_example_references_only_after_the_passes(monkeypatch):
+    """The eager outputs of the step functions (validated against their captured graphs) are
+    released after their passes. In ``validate="example"`` (the mode of Whisper-large-v3, whose
+    references over its three step functions are ~2.3 GB) each function's validator keeps only the
+    example set's reference outputs once its passes are done: the other sets' are its captured
+    graph run again when a check reads them (a new tensor at each read, the same values), and the
+    artifact check still runs every set."""
+    from anefx.core import stages
+    from anefx.driver.validate import Recomputed, run_flat
+
+    last: list[str] = [""]
+    collected: list[str] = []
+    collect = stages.collect
+    monkeypatch.setattr(stages, "collect", lambda: (collected.append(last[0]), collect()))
+
+    def progress(event):
+        if event.kind == "end":
+            last[0] = event.name
+
+    model = tiny_whisper(frames=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = anefx.compile_lm(model, context_length=32, check_tokens=4, validate="example", progress=progress)
+    # the cyclic garbage (discarded graphs, converted MIL programs) is collected at the stage boundaries
+    assert collected == ["passes"] * 4 + ["convert.decode"]  # each function's passes, before and after converting
+    for fn, built in lm.build.functions.items():
+        for result in (built.result, built.unguarded):
+            refs = result.validator.references
+            assert isinstance(refs, Recomputed) and len(refs) == len(result.validator.input_sets) >= 2
+            assert refs[1][0] is not refs[1][0] and refs[0][0] is refs[0][0]
+            again = run_flat(built.captured.graph_module, result.validator.input_sets[1])
+            assert all(torch.equal(a, b) for a, b in zip(refs[1], again, strict=True))
+        assert lm.reports[fn].artifact[fn]["input_sets"] == len(built.result.validator.set_names)
+        # validated against the captured graph: the eager outputs (read for the tolerances' scale) are dropped
+        with pytest.raises(AnefxError, match=r"released: .* validated against its captured graph"):
+            list(built.captured.reference_outputs)
+
+
+def test_the_end_to_end_check_holds_one_chunk_of_a_chain_at_a_time(whisper_two_decoder_chunks, monkeypatch):
+    """The end-to-end check runs the chain's packages with each chunk loaded for its call and
+    released after it (Whisper-large-v3's four chunks: 3.1 GB of fp16 weights, on top of what the
+    compile holds then), with the same tokens and logits as the chain loaded whole."""
+    import weakref
+
+    from anefx.targets.mil import MILProgram
+
+    _, lm = whisper_two_decoder_chunks
+    x = torch.randn((1, 80, 64), generator=torch.Generator().manual_seed(5))
+    whole = lm.generate(x, max_new_tokens=3, runtime="target")
+    live: list = []
+    most = []
+    init = MILProgram.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        live[:] = [r for r in live if r() is not None]
+        live.append(weakref.ref(self))
+        most.append(len(live))
+
+    monkeypatch.setattr(MILProgram, "__init__", tracked)
+    view = lm._checked_view("target")
+    chunked = view.generate(x, max_new_tokens=3, runtime="target")
+    assert len(lm.artifact.chunks) >= 3 and len(most) > len(lm.artifact.chunks) and max(most) == 1
+    assert chunked.new_tokens == whole.new_tokens
+    assert all(torch.equal(a, b) for a, b in zip(chunked.logits, whole.logits, strict=True))
+
+
+def test_loading_a_chunk_leaves_no_weights_in_cycles(whisper_two_decoder_chunks, monkeypatch):
+    """The MIL program read back from a package (coremltools' ``Program``: ``Var`` and
+    ``Operation`` objects pointing at each other, holding the weights) is collected as soon as the
+    interpreter has prepared its plan, not whenever Python's collector gets to the cycles: with
+    automatic collection off, nothing read stays alive after the load."""
+    import gc
+    import weakref
+
+    from anefx.targets.mil import program as mil_program
+
+    read = []
+
+    def recording(original):
+        def wrapped(*args, **kwargs):
+            out = original(*args, **kwargs)
+            read.append(weakref.ref(out.program))
+            return out
+
+        return wrapped
+
+    for name in ("read_package", "read_mlmodel"):
+        monkeypatch.setattr(mil_program, name, recording(getattr(mil_program, name)))
+    _, lm = whisper_two_decoder_chunks
+    gc.disable()
+    try:
+        executor = lm.artifact.target.executor(lm.artifact.chunks[-1].package)
+        assert len(read) == 1 and read[0]() is None and "decode" in executor.functions
+    finally:
+        gc.enable()

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import warnings
@@ -59,8 +60,11 @@ def mil_program(mlmodel):
 
 
 def forget_read_back() -> None:
-    """Drop the program :func:`mil_program` last read back from a released model's package."""
-    _read_back.clear()
+    """Drop the program :func:`mil_program` last read back from a released model's package, and
+    collect it now (a coremltools ``Program`` is a web of cycles holding its weights)."""
+    if _read_back:
+        _read_back.clear()
+        gc.collect()
 
 
 def drop_in_memory_program(mlmodel) -> None:

@@ -42,6 +42,7 @@ from anefx.targets.verify import (
     fp16_rounding_floor,
     input_sets_from_validator,
     judge_with_fp16_floor,
+    match_outputs,
 )
 
 
@@ -68,6 +69,7 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
             report.artifact["status"] = f"not executed ({why})"
         return artifact
     for program in artifact.programs:
+        executor = shipped = None  # the previous chunk's program is released before this one loads
         try:
             executor = target.executor(program.package)
         except UnsupportedOpError as exc:  # the interpreter's gap, not the program's: said, not refused
@@ -103,7 +105,8 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
                 options=options,
             )
             if not result.ok and not result.error and result.precision == "fp16" and options.fp16_noise_margin > 0:
-                judge_with_fp16_floor(result, _fp16_floors(program, fn, result.input_sets), options)
+                floors = _fp16_floors(program, fn, result.input_sets, list(shipped.outputs(fn)))
+                judge_with_fp16_floor(result, floors, options)
             reports[fn].artifact[_where(artifact, program, fn)] = result.summary()
             if not result.ok:
                 raise ArtifactError(f"{result.message()}. Nothing was written")
@@ -113,10 +116,14 @@ def check_converted(artifact: Artifact, reports: dict, options: ArtifactCheckOpt
     return artifact
 
 
-def _fp16_floors(program: Program, function: str, input_sets: list[str]) -> dict[str, float]:
-    """Per output (named as the check names it: ``name``, ``state:<state>``), the worst error over
-    the input sets ``input_sets`` of the function's validated graph executed with every value
-    rounded to fp16 (:func:`~anefx.targets.verify.fp16_rounding_floor`)."""
+def _fp16_floors(
+    program: Program, function: str, input_sets: list[str], program_outputs: list[str]
+) -> dict[str, float]:
+    """Per output, named as the check names it (the program's output name, matched to the graph's
+    output as the check matches them: :func:`~anefx.targets.verify.match_outputs`; a state
+    ``state:<state>``), the worst error over the input sets ``input_sets`` of the function's
+    validated graph executed with every value rounded to fp16
+    (:func:`~anefx.targets.verify.fp16_rounding_floor`)."""
     h = program.functions[function]
     validator = h.validator
     keys = [f"state:{h.states_out[n]}" if n in h.states_out else n for n in h.output_names]
@@ -128,7 +135,9 @@ def _fp16_floors(program: Program, function: str, input_sets: list[str]) -> dict
         flat, reference = validator.input_sets[k], validator.references[k]
         for key, floor in fp16_rounding_floor(h.graph_module, flat, reference, keys, undefined).items():
             floors[key] = max(floors.get(key, 0.0), floor)
-    return floors
+    matched = match_outputs(program_outputs, h.value_outputs)
+    by_program = {name: floors[graph] for name, graph in matched.items() if graph in floors}
+    return by_program | {k: v for k, v in floors.items() if k.startswith("state:")}
 
 
 def check_compressed(artifact: Artifact, reports: dict, options: ArtifactCheckOptions, events: Events) -> None:

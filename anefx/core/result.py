@@ -119,6 +119,18 @@ class Compiled:
         new.__dict__.pop("_ane_reports", None)
         return new
 
+    def _checked_view(self, runtime: str):
+        """What a front end's end-to-end check runs with ``runtime``: this compile (``"torch"``), or
+        its fp16 packages with their executor, a chain's loaded one chunk at a time (each for its
+        call, released after it: the packages of a chain are what is split to fit, and the compile
+        still holds everything else when the check runs)."""
+        if runtime == "torch":
+            return self
+        view = self._with_artifact(self.artifact.fp16())
+        executor = view.artifact.executor(None if runtime == "target" else runtime, one_part_at_a_time=True)
+        view.__dict__["_executors"] = {runtime: executor}
+        return view
+
     def _compressed(self, compression, progress=None) -> Artifact:
         """The artifact with ``compression`` applied to its converted fp16 programs (no new capture
         or conversion)."""

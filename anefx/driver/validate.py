@@ -416,6 +416,7 @@ class Validator:
         output elements that depend on fully masked attention rows on every set but the example
         even when no input of ``reference`` is mask-like (a chunk whose function has masks)."""
         self.options = options
+        self.reference = reference
         self.input_sets: list[list] = [list(flat_inputs)]
         self.set_names: list[str] = ["example"]
         self.masks: dict[int, MaskLike] = {}  # flat input index -> its mask values
@@ -474,6 +475,18 @@ class Validator:
             for pattern in STRESS_PATTERNS[: self.options.stress_inputs]:
                 self.input_sets.append(one_set(pattern, values))
                 self.set_names.append(f"stress: masks with {pattern.replace('_', ' ')}")
+
+    def release_references(self) -> None:
+        """Hold the example's reference outputs only: every other set's are ``reference`` run on
+        that set each time they are read (:class:`Recomputed`, which refuses if the reference graph
+        was changed in place since). For a validator kept after its pipeline ran (the hand-off's,
+        read again by the converter-input and artifact checks): an encoder-decoder's step functions
+        hold a new cache per layer per set (Whisper-large-v3: ~2.3 GB over its three functions),
+        which would otherwise stay alive from each function's passes to the end of the compile.
+        Each later read of a set costs one run of the reference graph on it."""
+        if isinstance(self.references, Recomputed) or len(self.references) < 2:
+            return
+        self.references = Recomputed(self.reference, self.input_sets, self.references[0])
 
     def keep_example_only(self) -> None:
         """Drop every input set but the example (with their references): for a graph whose further

@@ -31,7 +31,7 @@ import contextlib
 import inspect
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ import torch
 import torch.fx
 
 from anefx.compat import torch as pytree
-from anefx.ir.errors import CaptureError
+from anefx.ir.errors import AnefxError, CaptureError
 
 
 @dataclass
@@ -60,6 +60,32 @@ class Captured:
     @property
     def flat_inputs(self) -> list:
         return flatten_inputs(self.example_args, self.example_kwargs)
+
+    def release_reference_outputs(self, why: str) -> None:
+        """Drop the eager outputs (an encoder-decoder's step function validated against its captured
+        graph reads them only to scale its tolerances: Whisper-large-v3's cross states alone are
+        0.5 GB); reading them afterwards raises, saying ``why``."""
+        self.reference_outputs = Released(f"the eager reference outputs were released: {why}")
+
+
+class Released(Sequence):
+    """Values dropped to save memory: any read raises :class:`AnefxError` with the reason (an empty
+    list would let a comparison over them pass silently)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __len__(self) -> int:
+        raise AnefxError(self.message)
+
+    def __getitem__(self, k):
+        raise AnefxError(self.message)
+
+    def __iter__(self):
+        raise AnefxError(self.message)
+
+    def __repr__(self) -> str:
+        return f"Released({self.message!r})"
 
 
 @dataclass(frozen=True)

@@ -518,9 +518,10 @@ def compile_encoder_decoder(
         runtime = check_runtime or (
             "target" if compiled.artifact.converted and compiled.artifact.target.capabilities.executor else "torch"
         )
-        checked = compiled if runtime == "torch" else compiled._with_artifact(compiled.artifact.fp16())
+        checked = compiled._checked_view(runtime)
         with events.stage("check", runtime=runtime):
             compiled.check = end_to_end_check(checked, model, check_inputs, check_tokens, ignored, runtime)
+        del checked  # its executor: loaded packages
         check = compiled.check
         if runtime == "torch" and not check.tokens_equal:
             raise GenerationMismatch(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from anefx.driver.validate import run_flat
 from anefx.ir.errors import AnefxError, ConversionError
 from anefx.targets.base import Package, Target, write_atomically
 from anefx.targets.compression import Compressed, Compression, CompressionOptions, SharedKMeans, compress_function
-from anefx.targets.executor import ChainProgram, LoadedProgram, run_chain
+from anefx.targets.executor import ChainProgram, LoadedProgram, OnDemand, run_chain
 from anefx.targets.handoff import ProgramSpec, StateSpec
 
 MB = 1_000_000
@@ -251,13 +252,19 @@ class Artifact:
             inputs = dict(zip(self.inputs[function], inputs, strict=True))
         return list(self.call(function, inputs, states, variant).values())
 
-    def executor(self, runtime: str | None = None) -> LoadedProgram:
+    def executor(self, runtime: str | None = None, *, one_part_at_a_time: bool = False) -> LoadedProgram:
         """The converted packages ready to run outside PyTorch with the target's executor
         (``runtime``: one that the target's ``capabilities.runtimes`` lists; default its
         ``executor``): the program ``save`` would write, as ``anefx.load`` returns it; a chain is a
-        :class:`~anefx.targets.executor.ChainProgram` over one program per chunk."""
+        :class:`~anefx.targets.executor.ChainProgram` over one program per chunk.
+        ``one_part_at_a_time``: a chain's packages are each loaded for its call and released after it
+        (:class:`~anefx.targets.executor.OnDemand`): one chunk in memory at a time rather than all,
+        for a load per chunk per call."""
         self._need_converted()
-        parts = [self.target.executor(p.package, runtime) for p in self.programs]
+        if self.chunked and one_part_at_a_time:
+            parts = [OnDemand(functools.partial(self.target.executor, p.package, runtime)) for p in self.programs]
+        else:
+            parts = [self.target.executor(p.package, runtime) for p in self.programs]
         if not self.chunked:
             return parts[0]
         return ChainProgram(parts, self.inputs, self.outputs, self.default)

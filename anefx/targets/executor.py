@@ -304,3 +304,52 @@ class ChainProgram(LoadedProgram):
 
         env = run_chain([part for _, part in holding], values, lambda part: list(part.inputs(name)), call_held)
         return {n: env[n] for n in self._outputs[name]}
+
+
+class OnDemand(LoadedProgram):
+    """A program loaded for each call and released after it (``load()`` gives it): a part of a chain
+    whose parts would not all fit in memory at once (Whisper-large-v3's four chunks hold 3.1 GB of
+    fp16 weights, on top of everything the compile holds when its end-to-end check runs them). Its
+    interface (functions, inputs, outputs, states) is read at the first load; each call and each
+    :meth:`make_state` loads it again (a state outlives the program that made it)."""
+
+    def __init__(self, load: Callable[[], LoadedProgram]):
+        self._load = load
+        program = load()
+        self.runtime = program.runtime  # type: ignore[misc]
+        self.source = program.source
+        self._functions = list(program.functions)
+        self._default = program.default_function
+        self._io = {fn: (program.inputs(fn), program.outputs(fn), program.states(fn)) for fn in self._functions}
+        #: loads so far (the first one included)
+        self.loads = 1
+
+    def program(self) -> LoadedProgram:
+        """The program, loaded now (not kept)."""
+        self.loads += 1
+        return self._load()
+
+    @property
+    def functions(self) -> list[str]:
+        return list(self._functions)
+
+    @property
+    def default_function(self) -> str:
+        return self._default
+
+    def inputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return dict(self._io[self.function_name(function)][0])
+
+    def outputs(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return dict(self._io[self.function_name(function)][1])
+
+    def states(self, function: str | None = None) -> dict[str, TensorSpec]:
+        return dict(self._io[self.function_name(function)][2])
+
+    def make_state(self, function: str | None = None) -> State:
+        return self.program().make_state(self.function_name(function))
+
+    def __call__(
+        self, inputs: Mapping[str, Any], *, function: str | None = None, state: State | None = None
+    ) -> dict[str, np.ndarray]:
+        return self.program()(inputs, function=self.function_name(function), state=state)

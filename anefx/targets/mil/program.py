@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -77,15 +78,26 @@ class MILProgram(LoadedProgram):
 
     @classmethod
     def open(cls, path) -> MILProgram:
-        return cls(read_package(Path(path)))
+        return cls._prepared(lambda: read_package(Path(path)))
 
     @classmethod
     def from_mlmodel(cls, mlmodel) -> MILProgram:
-        return cls(read_mlmodel(mlmodel))
+        return cls._prepared(lambda: read_mlmodel(mlmodel))
 
     @classmethod
     def from_spec(cls, spec, weights_dir=None, source: str = "a Model protobuf") -> MILProgram:
-        return cls(read_spec(spec, Path(weights_dir) if weights_dir else None, source))
+        return cls._prepared(lambda: read_spec(spec, Path(weights_dir) if weights_dir else None, source))
+
+    @classmethod
+    def _prepared(cls, read) -> MILProgram:
+        """The program prepared from what ``read()`` reads, which is then collected: coremltools'
+        ``Program`` is a web of cycles (each ``Var`` and the ``Operation`` making it point at each
+        other) holding the package's weights as numpy arrays, freed only by a collection of the
+        oldest generation (Python runs one rarely in a process holding millions of objects, as a
+        compile does): a chunk's weights a second time per load until then."""
+        program = cls(read())
+        gc.collect()
+        return program
 
     # -- the interface ---------------------------------------------------------------------------
 
