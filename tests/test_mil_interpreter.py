@@ -210,11 +210,22 @@ def test_core_ml_itself_runs_on_macos_only(control_flow):
     pytest.skip(f"Core ML runtime: {runtime_available()[1]}")
 
 
-def test_trace_gives_every_value_by_its_mil_name(control_flow):
-    values = control_flow.trace({"x": torch.tensor([1.0, 2.0]), "n": torch.tensor([2], dtype=torch.int32)})
+def test_run_steps_yields_each_op_with_its_values_live_and_frees_them_after_their_last_read(control_flow):
+    feed = {"x": torch.tensor([1.0, 2.0]), "n": torch.tensor([2], dtype=torch.int32)}
+    values, live_names = {}, {}
+    for op, live in control_flow.run_steps(feed):
+        assert all(name in live for name in op.inputs + op.outputs)  # what it read is still live
+        values.update({name: live[name] for name in op.outputs})
+        live_names[op.name] = set(live)
+    assert [op.name for op in control_flow.operations()] == list(live_names)
     assert torch.equal(values["branch"], torch.tensor([2.0, 4.0]))
     assert torch.equal(values["loop_1"], torch.tensor([4.0, 8.0]))
     assert bool(values["positive"])
+    # the sum is read by 'positive' only, the predicate by 'branch' only: freed after them
+    total = next(op for op in control_flow.operations() if op.name == "positive").inputs[0]
+    assert total in live_names["positive"] and total not in live_names["branch"]
+    after_branch = list(live_names)[list(live_names).index("branch") + 1]
+    assert "positive" in live_names["branch"] and "positive" not in live_names[after_branch]
 
 
 # ---------------------------------------------------------------------------------------------

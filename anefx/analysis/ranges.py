@@ -18,6 +18,14 @@ import torch.fx
 FP16_MAX = 65504.0
 
 
+def finite_absmax(t: torch.Tensor) -> float:
+    """The largest finite magnitude of ``t`` (0.0 for an empty or a non-floating tensor, or one
+    with no finite element): infinities and NaN count as 0, without a copy of the finite elements."""
+    if not t.is_floating_point() or not t.numel():
+        return 0.0
+    return float(torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+
+
 class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, absmax: dict[str, float]):
         super().__init__(gm)
@@ -26,8 +34,7 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel():
-            # infinities and NaN count as 0: a finite maximum, without a copy of the finite elements
-            value = float(torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+            value = finite_absmax(out)
             self.absmax[n.name] = max(self.absmax.get(n.name, 0.0), value)
         return out
 

@@ -475,11 +475,12 @@ def check_and_fix(
     ops making its inputs, and their other readers); when nothing is left to grow, the rounds stop
     (fp32 does not fix it: not an fp16 problem). Returns the program to ship and its check, which may still fail
     (the caller raises: see :func:`require_ok`)."""
-    from anefx.targets.localize import fp16_region, graph_values, locate
+    from anefx.analysis.ranges import value_ranges
+    from anefx.targets.localize import fp16_region, graph_inputs, locate
 
     options = options or ArtifactCheckOptions()
     check = check_program(program, input_sets, function=function, options=options)
-    if check.ok or check.error or not options.localize or reference is None or not hasattr(program, "trace"):
+    if check.ok or check.error or not options.localize or reference is None or not hasattr(program, "run_steps"):
         return program, check
     name = program.function_name(function)
     if program.states(name):
@@ -506,7 +507,8 @@ def check_and_fix(
                 break
             region = grown
         else:
-            region |= fp16_region(divergence, reference, graph_values(reference, one.inputs), check.tolerance)
+            absmax = value_ranges(reference, [graph_inputs(reference, one.inputs)])
+            region |= fp16_region(divergence, reference, absmax, check.tolerance)
         rounds += 1
         candidate = reconvert(set(region))
         again = check_program(candidate, input_sets, function=function, options=options)

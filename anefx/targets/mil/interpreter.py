@@ -30,6 +30,7 @@ chunks, loaded together for the end-to-end check: 3.1 GB, not 6.2 GB).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -390,52 +391,99 @@ def _mark_last_uses(block: BlockPlan, keep: set[str]) -> None:
 
 
 def run_function(
-    plan: FunctionPlan, inputs: dict[str, torch.Tensor], states: dict[str, torch.Tensor], keep_all: bool = False
+    plan: FunctionPlan, inputs: dict[str, torch.Tensor], states: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
     """Run ``plan`` on held ``inputs`` (see :func:`coerce`), updating ``states`` (name → held value)
-    in place. Returns every value computed (``keep_all``) or the outputs, held."""
-    env = dict(plan.constants)
-    env.update(inputs)
-    with torch.inference_mode():
-        _run_block(plan.block, env, states, keep_all)
-    if keep_all:
-        return {k: _read(v) for k, v in env.items() if k not in plan.constants or k in plan.outputs}
+    in place. Returns the outputs, held."""
+    env = _environment(plan, inputs)
+    for _ in _run_steps(plan, env, states):
+        pass
     return {name: _read(env[name]) for name in plan.outputs}
 
 
-def _run_block(block: BlockPlan, env: dict, states: dict, keep_all: bool) -> None:
+def run_steps(
+    plan: FunctionPlan, inputs: dict[str, torch.Tensor], states: dict[str, torch.Tensor]
+) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """Run ``plan`` like :func:`run_function`, one top-level step at a time: after each, yields its
+    index in ``plan.block.steps`` and the values the run holds, by MIL name (:class:`LiveValues`):
+    its outputs, and every value it read, still live. Values nothing reads after a step are freed
+    when the run resumes, so a caller that keeps none holds no more than the run itself; a caller
+    that stops iterating stops the run."""
+    env = _environment(plan, inputs)
+    live = LiveValues(env)
+    for i in _run_steps(plan, env, states):
+        yield i, live
+
+
+class LiveValues(Mapping[str, Any]):
+    """A read-only view of a running function's values by MIL name, as held (fp16 values as float32
+    tensors holding fp16 values; see :func:`coerce`); a freed value is no longer listed."""
+
+    def __init__(self, env: dict[str, Any]):
+        self._env = env
+
+    def __getitem__(self, name: str) -> Any:
+        return _read(self._env[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+def _environment(plan: FunctionPlan, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    env = dict(plan.constants)
+    env.update(inputs)
+    return env
+
+
+def _run_steps(plan: FunctionPlan, env: dict, states: dict) -> Iterator[int]:
+    """Run the top-level steps, yielding each one's index after it ran and freeing the values read
+    for the last time there when resumed."""
+    for i, step in enumerate(plan.block.steps):
+        with torch.inference_mode():
+            _run_step(step, env, states)
+        yield i
+        for name in step.free:
+            env.pop(name, None)
+
+
+def _run_block(block: BlockPlan, env: dict, states: dict) -> None:
+    """Run a nested block (of ``cond`` / ``while_loop``): its values are freed with the op's."""
     for step in block.steps:
-        kind = step.kind
-        if kind == "kernel":
-            _run_kernel(step, env)
-        elif kind == "read_state":
-            env[step.outputs[0]] = states[step.state]
-        elif kind == "update_state":
-            value = coerce(_read(env[dict(step.params)["value"]]), step.state_dtype)
-            states[step.state] = value
-            if step.outputs:
-                env[step.outputs[0]] = value
-        elif kind == "cond":
-            pred = bool(env[dict(step.params)["pred"]])
-            chosen = step.blocks[0 if pred else 1]
-            _run_block(chosen, env, states, keep_all)
-            for name, out in zip(step.outputs, chosen.outputs):
-                env[name] = env[out]
-        else:  # while_loop: blocks (cond, body) take the loop variables as inputs
-            cond_block, body = step.blocks
-            values = [env[n] for n in dict(step.params)["loop_vars"]]
-            while True:
-                env.update(zip(cond_block.inputs, values))
-                _run_block(cond_block, env, states, keep_all)
-                if not bool(env[cond_block.outputs[0]]):
-                    break
-                env.update(zip(body.inputs, values))
-                _run_block(body, env, states, keep_all)
-                values = [env[n] for n in body.outputs]
-            env.update(zip(step.outputs, values))
-        if not keep_all:
-            for name in step.free:
-                env.pop(name, None)
+        _run_step(step, env, states)
+
+
+def _run_step(step: Step, env: dict, states: dict) -> None:
+    kind = step.kind
+    if kind == "kernel":
+        _run_kernel(step, env)
+    elif kind == "read_state":
+        env[step.outputs[0]] = states[step.state]
+    elif kind == "update_state":
+        value = coerce(_read(env[dict(step.params)["value"]]), step.state_dtype)
+        states[step.state] = value
+        if step.outputs:
+            env[step.outputs[0]] = value
+    elif kind == "cond":
+        pred = bool(env[dict(step.params)["pred"]])
+        chosen = step.blocks[0 if pred else 1]
+        _run_block(chosen, env, states)
+        for name, out in zip(step.outputs, chosen.outputs):
+            env[name] = env[out]
+    else:  # while_loop: blocks (cond, body) take the loop variables as inputs
+        cond_block, body = step.blocks
+        values = [env[n] for n in dict(step.params)["loop_vars"]]
+        while True:
+            env.update(zip(cond_block.inputs, values))
+            _run_block(cond_block, env, states)
+            if not bool(env[cond_block.outputs[0]]):
+                break
+            env.update(zip(body.inputs, values))
+            _run_block(body, env, states)
+            values = [env[n] for n in body.outputs]
+        env.update(zip(step.outputs, values))
 
 
 def _run_kernel(step: Step, env: dict) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +19,7 @@ from anefx.targets.mil.interpreter import (
     declared,
     plan_function,
     run_function,
+    run_steps,
 )
 from anefx.targets.mil.reader import ReadProgram, read_mlmodel, read_package, read_spec
 
@@ -138,23 +139,25 @@ class MILProgram(LoadedProgram):
         out = run_function(plan, self._held_inputs(name, inputs), self._states_of(name, state))
         return {k: _fresh(declared(v, plan.outputs[k]), v) for k, v in out.items()}
 
-    def trace(
-        self, inputs: Mapping[str, torch.Tensor], function: str | None = None, state: State | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Every value the function computes, by its MIL name, in its declared dtype (to find the
-        first op where the program departs from a reference)."""
+    def run_steps(
+        self, inputs: Mapping[str, Any], function: str | None = None, state: State | None = None
+    ) -> Iterator[tuple[MILOp, Mapping[str, Any]]]:
+        """Run the function one op at a time: after each op of :meth:`operations`, yields it and the
+        values the run holds by MIL name (its outputs, and its inputs, still live), as the
+        interpreter holds them: fp16 values as float32 tensors of fp16 values, other types in
+        their held dtypes (:data:`~anefx.targets.mil.interpreter.HELD`). A value nothing reads any
+        more is freed when the run resumes: a caller keeps what it needs beyond the op (to compare
+        each op with a reference while holding only the live values). Stopping the iteration stops
+        the run (a ``state`` is then left as far as the run went)."""
         name = self.function_name(function)
         plan = self._plans[name]
-        values = run_function(plan, self._held_inputs(name, inputs), self._states_of(name, state), keep_all=True)
-        dtypes = _value_dtypes(plan)
-        return {
-            k: declared(v, dtypes[k]) if k in dtypes else v for k, v in values.items() if isinstance(v, torch.Tensor)
-        }
+        ops = self.operations(name)
+        for i, live in run_steps(plan, self._held_inputs(name, inputs), self._states_of(name, state)):
+            yield ops[i], live
 
     def operations(self, function: str | None = None) -> list[MILOp]:
         """The ops ``function`` runs at call time, in order (top-level block; ops whose inputs are
-        all constants were evaluated on loading and are not listed): what :meth:`trace` values are
-        the outputs of."""
+        all constants were evaluated on loading and are not listed): what :meth:`run_steps` runs."""
         plan = self._plans[self.function_name(function)]
         ops = []
         for step in plan.block.steps:
