@@ -598,8 +598,9 @@ def bench_seq2seq(name: str, context: int | None = None) -> dict:
     decode = hists["decode"]
     console.print(
         f"decode layout changes: {decode['transpose']} transposes + {decode['reshape']} reshapes for {layers} "
-        f"decoder layers; cross states written {hists['encode']['coreml_update_state']}x by encode, read "
-        f"{decode['read_state']}x and written {decode['coreml_update_state']}x by decode"
+        f"decoder layers; state writes (self caches, cross states, mask): encode "
+        f"{hists['encode']['coreml_update_state']}, decode {decode['coreml_update_state']}; decode state reads "
+        f"{decode['read_state']}"
     )
     traffic = {fn: lm.traffic(fn) for fn in lm.functions}  # the causal-LM rows' estimate (anefx/ane/traffic.py)
     for fn in lm.functions:
