@@ -41,6 +41,7 @@ import resource
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -384,7 +385,6 @@ def _block_of(node, depth: int) -> str:
 def layout_per_block(compiled, depth: int = 3) -> list[tuple[str, int, int]]:
     """Estimated transposes + reshapes (the guard's count of FX nodes that become MIL layout ops) per
     module block, in the captured (stock) graph and in anefx's."""
-    from collections import Counter
 
     from anefx.driver.guard import layout_change
 
@@ -401,7 +401,6 @@ def layout_per_block(compiled, depth: int = 3) -> list[tuple[str, int, int]]:
 def diffusion_section(names=DIFFUSION) -> None:
     """Image generation components: the rows of ``bench`` plus layout changes per block, the moving
     ones (that copy memory in the ANE's padded layout) and the ANE estimate (stock vs anefx)."""
-    from collections import Counter
 
     from rich.console import Console
 
@@ -423,6 +422,21 @@ def diffusion_section(names=DIFFUSION) -> None:
         for label, report in reports.items():  # what the ANE rules flag, by rule and MIL op type
             flagged = Counter(f"{f.rule}: {f.op_type}" for f in report.findings)
             print(f"flagged ({label}): " + (", ".join(f"{k} x{v}" for k, v in sorted(flagged.items())) or "none"))
+
+
+def findings(report) -> str:
+    """An ANE report's findings by verdict and rule: what the rules say runs off the ANE (``off_ane``)
+    apart from what they say runs slowly on it (``slow``: rank-5 tensors, padded last axes). A chain's
+    report holds each chunk's (the integer position and mask arithmetic each decoder chunk redoes)."""
+    by = {}
+    for f in report.findings:
+        by.setdefault(f.verdict, Counter())[f.rule] += 1
+    if not by:
+        return "none"
+    return ", ".join(
+        f"{verdict} {sum(c.values())} (" + ", ".join(f"{r} x{n}" for r, n in sorted(c.items())) + ")"
+        for verdict, c in sorted(by.items())
+    )
 
 
 def sd15_unet(latent: int = 64, chunk_mb: float = 1000.0, queries: int = 512) -> None:
@@ -523,7 +537,7 @@ def bench_lm(name: str, context: int, prefill: int) -> None:
         d_ms = reports["decode"].estimate["ms_per_chip"][chip] + memory_ms
         est.add_row(chip, f"{p_ms:.3f}", f"{d_ms:.3f}", f"{1000 / d_ms:.0f}")
     console.print(est)
-    console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {len(r.findings)}" for fn, r in reports.items()))
+    console.print("ANE report findings: " + "; ".join(f"{fn}: {findings(r)}" for fn, r in reports.items()))
     for fn in lm.functions:
         console.print(escape(str(lm.traffic(fn))))
     interpreter_decode(lm, console)
@@ -608,8 +622,7 @@ def bench_seq2seq(name: str, context: int | None = None) -> dict:
     decode_traffic = traffic["decode"]
     top = ", ".join(f"{k} {v / 1e6:.2f}" for k, v in list(decode_traffic.by_op_type().items())[:6])
     console.print(escape(f"    decode by MIL op type (MB): {top}"))
-    flagged = {fn: len(lm.ane_report(fn).findings) for fn in lm.functions}
-    console.print("ops flagged off the ANE: " + ", ".join(f"{fn}: {n}" for fn, n in flagged.items()))
+    console.print("ANE report findings: " + "; ".join(f"{fn}: {findings(lm.ane_report(fn))}" for fn in lm.functions))
     result = {
         "name": name,
         "seconds": seconds,
