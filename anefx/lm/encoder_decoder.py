@@ -93,7 +93,8 @@ class CrossLayout(CacheLayout):
     scores' last axis (a one-token query pads nothing). The per-head form over keys stored by
     position ``(1, S, 1, C)`` split every state into heads at every step (a second copy of it) and
     padded its ``(1, S, 1, 1)`` scores 32x: Whisper-base's decode step moved 209.9 MB, 140.6 MB
-    this way (ESTIMATE against a 121.3 MB floor, ``passes_catalog/decode.md``)."""
+    this way (ESTIMATE against a 121.3 MB floor, on the code of the time; today's figures are in
+    ``passes_catalog/decode.md``)."""
 
     names: tuple[str, str] = CROSS_NAMES
 
