@@ -515,8 +515,11 @@ def test_the_end_to_end_check_holds_one_chunk_of_a_chain_at_a_time(whisper_two_d
         live.append(weakref.ref(self))
         most.append(len(live))
 
+    small = lm._checked_view("target")._executors["target"]  # a chain of a few MB: each chunk loaded once
+    assert all(type(part) is MILProgram for part in small.parts)
+    del small
     monkeypatch.setattr(MILProgram, "__init__", tracked)
-    view = lm._checked_view("target")
+    view = lm._checked_view("target", one_part_at_a_time=True)  # the rule above 1 GB of weights
     chunked = view.generate(x, max_new_tokens=3, runtime="target")
     assert len(lm.artifact.chunks) >= 3 and len(most) > len(lm.artifact.chunks) and max(most) == 1
     assert chunked.new_tokens == whole.new_tokens
@@ -545,6 +548,7 @@ def test_loading_a_chunk_leaves_no_weights_in_cycles(whisper_two_decoder_chunks,
 
     for name in ("read_package", "read_mlmodel"):
         monkeypatch.setattr(mil_program, name, recording(getattr(mil_program, name)))
+    monkeypatch.setattr(mil_program, "COLLECT_ABOVE_BYTES", 0)  # as for a chunk of a large model
     _, lm = whisper_two_decoder_chunks
     gc.disable()
     try:

@@ -25,6 +25,10 @@ from anefx.ir.errors import AnefxError
 from anefx.targets.artifact import Artifact
 from anefx.targets.compression import Compression, resolve
 
+#: the weight bytes above which the end-to-end check of a chain loads one chunk at a time
+#: (:meth:`Compiled._checked_view`): Whisper-large-v3's 3.1 GB chain is, a test's chain of a few MB is not
+ONE_PART_AT_A_TIME_ABOVE_BYTES = 1_000_000_000
+
 
 @dataclass
 class Compiled:
@@ -119,15 +123,21 @@ class Compiled:
         new.__dict__.pop("_ane_reports", None)
         return new
 
-    def _checked_view(self, runtime: str):
+    def _checked_view(self, runtime: str, one_part_at_a_time: bool | None = None):
         """What a front end's end-to-end check runs with ``runtime``: this compile (``"torch"``), or
-        its fp16 packages with their executor, a chain's loaded one chunk at a time (each for its
-        call, released after it: the packages of a chain are what is split to fit, and the compile
-        still holds everything else when the check runs)."""
+        its fp16 packages with their executor. A chain whose weights pass
+        :data:`ONE_PART_AT_A_TIME_ABOVE_BYTES` (or with ``one_part_at_a_time``) is loaded one chunk
+        at a time, each for its call and released after it: the packages of a chain are what is
+        split to fit, and the compile still holds everything else when the check runs; a smaller
+        chain is loaded once (a load per chunk per call costs more than its memory)."""
         if runtime == "torch":
             return self
         view = self._with_artifact(self.artifact.fp16())
-        executor = view.artifact.executor(None if runtime == "target" else runtime, one_part_at_a_time=True)
+        if one_part_at_a_time is None:
+            one_part_at_a_time = view.artifact.chunked and view.artifact.weight_bytes() > ONE_PART_AT_A_TIME_ABOVE_BYTES
+        executor = view.artifact.executor(
+            None if runtime == "target" else runtime, one_part_at_a_time=one_part_at_a_time
+        )
         view.__dict__["_executors"] = {runtime: executor}
         return view
 

@@ -23,6 +23,10 @@ from anefx.targets.mil.interpreter import (
 )
 from anefx.targets.mil.reader import ReadProgram, read_mlmodel, read_package, read_spec
 
+#: a program read with at least these weight bytes is collected right after its load (see
+#: :meth:`MILProgram._prepared`); below, Python's own collections free it in time
+COLLECT_ABOVE_BYTES = 64 * 2**20
+
 
 class MILOp(NamedTuple):
     """One op a function runs, as :meth:`MILProgram.operations` lists it."""
@@ -75,6 +79,8 @@ class MILProgram(LoadedProgram):
         }
         #: MIL op type → count, per function (nested blocks included); ``const`` excluded
         self.op_counts: dict[str, dict[str, int]] = {name: _op_counts(functions[name]) for name in self._info}
+        #: bytes of the weights the program holds (each distinct tensor once)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in constants.by_content.values())
 
     @classmethod
     def open(cls, path) -> MILProgram:
@@ -94,9 +100,12 @@ class MILProgram(LoadedProgram):
         ``Program`` is a web of cycles (each ``Var`` and the ``Operation`` making it point at each
         other) holding the package's weights as numpy arrays, freed only by a collection of the
         oldest generation (Python runs one rarely in a process holding millions of objects, as a
-        compile does): a chunk's weights a second time per load until then."""
+        compile does): a chunk's weights a second time per load until then. Only for programs whose
+        weights are worth a collection (:data:`COLLECT_ABOVE_BYTES`): a full collection costs about a
+        quarter of a second in a process holding many objects, more than loading a small program."""
         program = cls(read())
-        gc.collect()
+        if program.weight_bytes >= COLLECT_ABOVE_BYTES:
+            gc.collect()
         return program
 
     # -- the interface ---------------------------------------------------------------------------
